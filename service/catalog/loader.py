@@ -1,0 +1,124 @@
+"""Load the model, GPU and engine catalogs (and kernel calibration) from YAML/JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.planning.catalog import Catalog
+from service.planning.hf_config import model_from_hf_config
+from service.planning.kernels import KernelCalibration
+from service.planning.specs import DType, EngineSpec, GpuSpec, MLASpec, MoESpec, ModelSpec, PlanningError
+
+DATA_DIR = Path(__file__).parent / "data"
+# Extra catalog directories (os.pathsep-separated), each holding any of models/gpus/engines .yaml/.json.
+CATALOG_PATH_ENV = "SPLAN_CATALOG_PATH"
+
+
+def read_structured_file(path: Path) -> Any:
+    """Parse a YAML or JSON file, with a one-line error when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanningError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PlanningError(f"cannot parse {path}: {first_line}") from None
+
+
+def _model_from_entry(name: str, entry: Mapping[str, Any]) -> ModelSpec:
+    fields_ = dict(entry)
+    moe = fields_.pop("moe", None)
+    mla = fields_.pop("mla", None)
+    try:
+        return ModelSpec(
+            name=name,
+            moe=MoESpec(**moe) if moe else None,
+            mla=MLASpec(**mla) if mla else None,
+            **fields_,
+        )
+    except TypeError as exc:
+        raise PlanningError(f"model {name!r}: {exc}") from None
+
+
+def _gpu_from_entry(name: str, entry: Mapping[str, Any]) -> GpuSpec:
+    fields_ = dict(entry)
+    try:
+        fields_["peak_flops_per_s"] = {DType(k): float(v) for k, v in fields_.get("peak_flops_per_s", {}).items()}
+        return GpuSpec(name=name, **fields_)
+    except (TypeError, ValueError) as exc:
+        raise PlanningError(f"gpu {name!r}: {exc}") from None
+
+
+def _engine_from_entry(name: str, entry: Mapping[str, Any]) -> EngineSpec:
+    fields_ = dict(entry)
+    try:
+        fields_["default_kv_dtype"] = {DType(k): DType(v) for k, v in fields_.get("default_kv_dtype", {}).items()}
+        return EngineSpec(name=name, **fields_)
+    except (TypeError, ValueError) as exc:
+        raise PlanningError(f"engine {name!r}: {exc}") from None
+
+
+def _merge_dir(directory: Path, raw: dict[str, dict[str, Any]]) -> None:
+    for kind in ("models", "gpus", "engines", "calibration"):
+        for suffix in (".yaml", ".yml", ".json"):
+            path = directory / f"{kind}{suffix}"
+            if path.exists():
+                content = read_structured_file(path)
+                if not isinstance(content, dict):
+                    raise PlanningError(f"{path} must hold a mapping of names to entries")
+                raw[kind].update({str(k).lower(): v for k, v in content.items()})
+
+
+def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
+    """Load the built-in catalog merged with user directories (later entries override earlier)."""
+    raw: dict[str, dict[str, Any]] = {"models": {}, "gpus": {}, "engines": {}, "calibration": {}}
+    dirs = [DATA_DIR]
+    env = os.environ.get(CATALOG_PATH_ENV, "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs += list(extra_dirs)
+    for directory in dirs:
+        if not directory.is_dir():
+            raise PlanningError(f"catalog directory {directory} does not exist")
+        _merge_dir(directory, raw)
+    calibration_raw = raw["calibration"]
+    default_fields = calibration_raw.get("default", {}) or {}
+    try:
+        base = KernelCalibration().with_overrides(default_fields)
+        per_gpu = {
+            name: base.with_overrides(values or {}) for name, values in calibration_raw.items() if name != "default"
+        }
+    except ValueError as exc:
+        raise PlanningError(f"calibration: {exc}") from None
+    return Catalog(
+        models={k: _model_from_entry(k, v) for k, v in raw["models"].items()},
+        gpus={k: _gpu_from_entry(k, v) for k, v in raw["gpus"].items()},
+        engines={k: _engine_from_entry(k, v) for k, v in raw["engines"].items()},
+        calibration=base,
+        gpu_calibration=per_gpu,
+    )
+
+
+@lru_cache(maxsize=1)
+def default_catalog() -> Catalog:
+    """The catalog from built-in data and $SPLAN_CATALOG_PATH, loaded once."""
+    return load_catalog()
+
+
+def load_hf_model_config(path: Path, *, name: str | None = None) -> ModelSpec:
+    """Read a Hugging Face config.json from disk (never downloads) into a ModelSpec."""
+    target = path / "config.json" if path.is_dir() else path
+    content = read_structured_file(target)
+    if not isinstance(content, dict):
+        raise PlanningError(f"{target} is not a config.json object")
+    return model_from_hf_config(content, name=name or target.parent.name or target.stem)

@@ -1,0 +1,47 @@
+"""The catalog container: models, GPUs, engines and kernel calibration by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from service.planning.kernels import KernelCalibration
+from service.planning.specs import EngineSpec, GpuSpec, ModelSpec, PlanningError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Everything the planner knows by name: models, GPUs, engines and kernel calibration."""
+
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    gpus: dict[str, GpuSpec] = field(default_factory=dict)
+    engines: dict[str, EngineSpec] = field(default_factory=dict)
+    calibration: KernelCalibration = field(default_factory=KernelCalibration)
+    # Per-GPU calibration overrides (fitted on that GPU's own kernel measurements).
+    gpu_calibration: dict[str, KernelCalibration] = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelSpec:
+        """A model by catalog name (case-insensitive)."""
+        return _lookup(self.models, name, "model")
+
+    def gpu(self, name: str) -> GpuSpec:
+        """A GPU by catalog name."""
+        return _lookup(self.gpus, name, "GPU")
+
+    def engine(self, name: str) -> EngineSpec:
+        """An engine by catalog name."""
+        return _lookup(self.engines, name, "engine")
+
+    def calibration_for(self, gpu: GpuSpec) -> KernelCalibration:
+        """Kernel calibration for a GPU: its own fit when there is one, else the shared defaults."""
+        return self.gpu_calibration.get(gpu.name, self.calibration)
+
+
+def _lookup(table: dict[str, T], name: str, what: str) -> T:
+    key = name.strip().lower()
+    if key in table:
+        return table[key]
+    known = ", ".join(sorted(table))
+    raise PlanningError(f"unknown {what} {name!r}; known: {known}")

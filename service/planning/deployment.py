@@ -1,0 +1,255 @@
+"""A concrete deployment (collocated replicas or disaggregated pools) and its simulated estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+
+from service.planning.kernels import KernelCalibration
+from service.planning.memory import MemoryPlan, plan_memory, require_fit
+from service.planning.simulator import (
+    InstanceConfig,
+    KvTransfer,
+    Role,
+    SchedulerKnobs,
+    SimulationResult,
+    simulate,
+)
+from service.planning.stepcost import ParallelLayout, ReplicaStepCost, kv_bytes_per_token_per_gpu
+from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
+from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
+
+
+class Mode(StrEnum):
+    """Serving architecture."""
+
+    COLLOCATED = "collocated"
+    DISAGGREGATED = "disaggregated"
+
+
+@dataclass(frozen=True, slots=True)
+class KnobOverrides:
+    """Scheduler settings that replace the engine's defaults when set."""
+
+    max_batched_tokens: int | None = None
+    max_sequences: int | None = None
+    chunked_prefill: bool | None = None
+    memory_fraction: float | None = None
+
+    def knobs_for(self, engine: EngineSpec) -> SchedulerKnobs:
+        """The effective scheduler knobs on ``engine``."""
+        return SchedulerKnobs(
+            max_batched_tokens=self.max_batched_tokens or engine.max_num_batched_tokens,
+            max_sequences=self.max_sequences or engine.max_num_seqs,
+            chunked_prefill=engine.chunked_prefill if self.chunked_prefill is None else self.chunked_prefill,
+            mixed_batches=engine.mixed_batches,
+            kv_reserve_output_fraction=engine.kv_reserve_output_fraction,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """Everything needed to cost one serving strategy."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    engine: EngineSpec
+    weight_dtype: DType
+    kv_dtype: DType
+    calibration: KernelCalibration
+    mode: Mode = Mode.COLLOCATED
+    layout: ParallelLayout = ParallelLayout()
+    replicas: int = 1
+    prefill_layout: ParallelLayout = ParallelLayout()
+    prefill_workers: int = 0
+    decode_layout: ParallelLayout = ParallelLayout()
+    decode_workers: int = 0
+    knobs: KnobOverrides = KnobOverrides()
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the whole deployment uses."""
+        if self.mode is Mode.COLLOCATED:
+            return self.layout.gpus * self.replicas
+        return self.prefill_layout.gpus * self.prefill_workers + self.decode_layout.gpus * self.decode_workers
+
+    def describe_layout(self) -> dict[str, Any]:
+        """The parallel layout as a plain mapping."""
+        if self.mode is Mode.COLLOCATED:
+            return {"tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep, "replicas": self.replicas}
+        return {
+            "prefill": {
+                "tp": self.prefill_layout.tp,
+                "pp": self.prefill_layout.pp,
+                "ep": self.prefill_layout.ep,
+                "workers": self.prefill_workers,
+            },
+            "decode": {
+                "tp": self.decode_layout.tp,
+                "pp": self.decode_layout.pp,
+                "ep": self.decode_layout.ep,
+                "workers": self.decode_workers,
+            },
+        }
+
+    def label(self) -> str:
+        """Short human label of the strategy."""
+        if self.mode is Mode.COLLOCATED:
+            return f"{self.layout.label()} x{self.replicas}"
+        return (
+            f"P {self.prefill_layout.label()} x{self.prefill_workers} + "
+            f"D {self.decode_layout.label()} x{self.decode_workers}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltInstance:
+    """An instance config plus the memory plan behind its KV capacity."""
+
+    config: InstanceConfig
+    memory: MemoryPlan
+
+
+def build_instance(
+    deployment: Deployment, layout: ParallelLayout, role: Role, *, min_tokens: int
+) -> BuiltInstance:
+    """Cost model and KV capacity of one instance; refuses layouts that do not fit."""
+    engine = deployment.engine
+    knobs = deployment.knobs.knobs_for(engine)
+    if role is Role.DECODE:
+        # A decode instance never prefills, so its activation peak is set by the batch of sequences.
+        knobs = replace(knobs, max_batched_tokens=min(knobs.max_batched_tokens, knobs.max_sequences))
+    memory = plan_memory(
+        model=deployment.model,
+        gpu=deployment.gpu,
+        engine=engine,
+        layout=layout,
+        weight_dtype=deployment.weight_dtype,
+        kv_dtype=deployment.kv_dtype,
+        max_batched_tokens=knobs.max_batched_tokens,
+        memory_fraction=deployment.knobs.memory_fraction,
+    )
+    label = f"{deployment.model.name} {layout.label()} on {deployment.gpu.name} ({deployment.weight_dtype.value})"
+    require_fit(memory, min_tokens=min_tokens, label=label)
+    cost = ReplicaStepCost(
+        model=deployment.model,
+        gpu=deployment.gpu,
+        engine=engine,
+        layout=layout,
+        weight_dtype=deployment.weight_dtype,
+        kv_dtype=deployment.kv_dtype,
+        calibration=deployment.calibration,
+        max_tokens=max(knobs.max_batched_tokens, knobs.max_sequences) + 1,
+    )
+    return BuiltInstance(InstanceConfig(role, cost, memory.kv_capacity_tokens, knobs), memory)
+
+
+def transfer_model(deployment: Deployment) -> KvTransfer:
+    """KV transfer between pools: intra-node when both pools fit in one node, else over the NIC."""
+    gpu = deployment.gpu
+    same_node = deployment.gpus <= gpu.gpus_per_node
+    bandwidth = gpu.intra_node_bandwidth_bytes_per_s if same_node else gpu.inter_node_bandwidth_bytes_per_s
+    # Each GPU of the prefill instance sends its shard in parallel.
+    senders = deployment.prefill_layout.gpus
+    per_token = kv_bytes_per_token_per_gpu(deployment.model, deployment.prefill_layout, deployment.kv_dtype)
+    return KvTransfer(kv_bytes_per_token=per_token, bandwidth_bytes_per_s=bandwidth * 0.8 * max(1, senders) / senders)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Simulated latency and throughput of a deployment under a workload."""
+
+    deployment: Deployment
+    workload: Workload
+    result: SimulationResult
+    memory: dict[str, MemoryPlan]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        r = self.result
+        return {
+            "model": self.deployment.model.name,
+            "gpu": self.deployment.gpu.name,
+            "engine": self.deployment.engine.name,
+            "mode": self.deployment.mode.value,
+            "weight_dtype": self.deployment.weight_dtype.value,
+            "kv_dtype": self.deployment.kv_dtype.value,
+            "layout": self.deployment.describe_layout(),
+            "gpus": self.deployment.gpus,
+            "requests": r.offered,
+            "completed": r.completed,
+            "ttft_ms": r.ttft.as_dict(),
+            "tpot_ms": r.tpot.as_dict(),
+            "e2e_ms": r.e2e.as_dict(),
+            "throughput": {
+                "requests_per_s": r.requests_per_s,
+                "output_tokens_per_s": r.output_tokens_per_s,
+                "output_tokens_per_s_per_gpu": r.output_tokens_per_s / max(1, self.deployment.gpus),
+            },
+            "bottleneck": r.bottleneck(),
+            "preemptions": r.preemptions,
+            "peak_kv_fraction": r.peak_kv_fraction,
+            "memory": {
+                role: {
+                    "weights_gib": m.weight_bytes / 1024**3,
+                    "reserve_gib": m.reserve_bytes / 1024**3,
+                    "kv_cache_gib": m.kv_cache_bytes / 1024**3,
+                    "kv_capacity_tokens": m.kv_capacity_tokens,
+                }
+                for role, m in self.memory.items()
+            },
+        }
+
+
+def min_request_tokens(workload: Workload) -> int:
+    """KV tokens the longest request of the workload needs."""
+    return workload.input_length.max_tokens() + workload.output_length.max_tokens()
+
+
+def simulate_deployment(
+    deployment: Deployment,
+    workload: Workload,
+    *,
+    sample: RequestSample | None = None,
+    rate_per_s: float | None = None,
+    replicas_simulated: int | None = None,
+) -> Estimate:
+    """Simulate a deployment; collocated replicas share the load round-robin."""
+    sample = sample if sample is not None else sample_requests(workload)
+    need = min_request_tokens(workload)
+    rate = workload.rate_per_s if rate_per_s is None else rate_per_s
+    if deployment.mode is Mode.COLLOCATED:
+        if deployment.replicas < 1:
+            raise PlanningError("replicas must be at least 1")
+        built = build_instance(deployment, deployment.layout, Role.COLLOCATED, min_tokens=need)
+        count = deployment.replicas if replicas_simulated is None else replicas_simulated
+        result = simulate(
+            instances=[built.config] * count,
+            sample=sample,
+            arrival=workload.arrival,
+            rate_per_s=rate * count / deployment.replicas,
+            concurrency=workload.concurrency,
+        )
+        return Estimate(deployment, workload, result, {"replica": built.memory})
+    if deployment.prefill_workers < 1 or deployment.decode_workers < 1:
+        raise PlanningError("disaggregated serving needs at least one prefill and one decode worker")
+    prefill = build_instance(
+        deployment, deployment.prefill_layout, Role.PREFILL, min_tokens=workload.input_length.max_tokens() + 1
+    )
+    decode = build_instance(deployment, deployment.decode_layout, Role.DECODE, min_tokens=need)
+    result = simulate(
+        instances=[prefill.config] * deployment.prefill_workers,
+        decode_instances=[decode.config] * deployment.decode_workers,
+        transfer=transfer_model(deployment),
+        sample=sample,
+        arrival=workload.arrival,
+        rate_per_s=rate,
+        concurrency=workload.concurrency,
+    )
+    return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory})
+
+
+def closed_loop(workload: Workload) -> bool:
+    """Whether the workload is a closed loop at fixed concurrency."""
+    return workload.arrival is ArrivalKind.CLOSED

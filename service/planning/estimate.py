@@ -1,0 +1,175 @@
+"""Single-deployment estimate: resolve names against the catalog, build the deployment, simulate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from service.planning.catalog import Catalog
+from service.planning.deployment import Deployment, Estimate, KnobOverrides, Mode, simulate_deployment
+from service.planning.specs import WEIGHT_DTYPES, DType, ModelSpec, PlanningError
+from service.planning.stepcost import ParallelLayout, validate_layout
+from service.planning.workload import ArrivalKind, LengthDistribution, Workload
+
+MAX_REQUESTS = 20_000
+
+
+def parse_dtype(value: str, *, allowed: tuple[DType, ...], what: str) -> DType:
+    """A dtype by name, refused with the allowed names when unknown."""
+    try:
+        dtype = DType(value.strip().lower())
+    except ValueError:
+        dtype = None
+    if dtype is None or dtype not in allowed:
+        names = ", ".join(d.value for d in allowed)
+        raise PlanningError(f"unknown {what} {value!r}; use one of {names}")
+    return dtype
+
+
+def as_length(value: str | int | LengthDistribution) -> LengthDistribution:
+    """A length distribution from an int, a text form, or itself."""
+    if isinstance(value, LengthDistribution):
+        return value
+    if isinstance(value, int):
+        return LengthDistribution.fixed(value)
+    return LengthDistribution.parse(value)
+
+
+def default_requests(arrival: ArrivalKind, concurrency: int) -> int:
+    """Enough requests for stable means and tails, bounded for speed."""
+    if arrival is ArrivalKind.CLOSED:
+        return max(64, min(2000, 8 * concurrency))
+    return 600
+
+
+@dataclass(frozen=True, slots=True)
+class EstimateRequest:
+    """What `splan estimate` and POST /v1/estimates accept."""
+
+    model: str
+    gpu: str
+    isl: str | int | LengthDistribution
+    osl: str | int | LengthDistribution
+    engine: str = "vllm"
+    weight_dtype: str = "bf16"
+    kv_dtype: str | None = None
+    mode: Mode = Mode.COLLOCATED
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    replicas: int = 1
+    prefill_tp: int = 1
+    prefill_pp: int = 1
+    prefill_workers: int = 1
+    decode_tp: int = 1
+    decode_pp: int = 1
+    decode_workers: int = 1
+    concurrency: int | None = None
+    rate: float | None = None
+    arrival: str | None = None
+    cv: float = 1.0
+    requests: int | None = None
+    seed: int = 0
+    max_batched_tokens: int | None = None
+    max_sequences: int | None = None
+    chunked_prefill: bool | None = None
+    memory_fraction: float | None = None
+    gpu_price_per_hour: float | None = None
+    model_spec: ModelSpec | None = None
+
+
+def resolve_workload(request: EstimateRequest) -> Workload:
+    """The workload an estimate request describes."""
+    if request.concurrency is not None and request.rate is not None:
+        raise PlanningError("give either a concurrency (closed loop) or a rate, not both")
+    if request.concurrency is None and request.rate is None:
+        raise PlanningError("give a concurrency (closed loop) or a request rate")
+    if request.arrival:
+        try:
+            arrival = ArrivalKind(request.arrival)
+        except ValueError:
+            names = ", ".join(a.value for a in ArrivalKind)
+            raise PlanningError(f"unknown arrival {request.arrival!r}; use one of {names}") from None
+    else:
+        arrival = ArrivalKind.CLOSED if request.concurrency is not None else ArrivalKind.POISSON
+    if request.rate is not None and request.rate <= 0:
+        raise PlanningError(f"rate must be positive (got {request.rate:g})")
+    if request.concurrency is not None and request.concurrency < 1:
+        raise PlanningError(f"concurrency must be at least 1 (got {request.concurrency})")
+    concurrency = request.concurrency or 0
+    count = request.requests or default_requests(arrival, concurrency)
+    if not 1 <= count <= MAX_REQUESTS:
+        raise PlanningError(f"requests must be between 1 and {MAX_REQUESTS} (got {count})")
+    workload = Workload(
+        arrival=arrival,
+        input_length=as_length(request.isl),
+        output_length=as_length(request.osl),
+        rate_per_s=request.rate or 0.0,
+        concurrency=concurrency,
+        cv=request.cv,
+        num_requests=count,
+        seed=request.seed,
+    )
+    workload.validate()
+    return workload
+
+
+def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment:
+    """The deployment an estimate request describes, validated against the catalog."""
+    model = request.model_spec or catalog.model(request.model)
+    gpu = catalog.gpu(request.gpu)
+    if request.gpu_price_per_hour is not None:
+        gpu = replace(gpu, price_per_hour_usd=request.gpu_price_per_hour)
+    engine = catalog.engine(request.engine)
+    weight_dtype = parse_dtype(request.weight_dtype, allowed=WEIGHT_DTYPES, what="weight dtype")
+    kv_dtype = (
+        engine.kv_dtype_for(weight_dtype)
+        if request.kv_dtype is None
+        else parse_dtype(request.kv_dtype, allowed=(DType.BF16, DType.FP8), what="KV-cache dtype")
+    )
+    knobs = KnobOverrides(
+        max_batched_tokens=request.max_batched_tokens,
+        max_sequences=request.max_sequences,
+        chunked_prefill=request.chunked_prefill,
+        memory_fraction=request.memory_fraction,
+    )
+    if request.memory_fraction is not None and not 0.1 <= request.memory_fraction <= 1.0:
+        raise PlanningError("memory fraction must be between 0.1 and 1.0")
+    for value, what in ((request.max_batched_tokens, "max batched tokens"), (request.max_sequences, "max sequences")):
+        if value is not None and value < 1:
+            raise PlanningError(f"{what} must be at least 1")
+    common = {
+        "model": model,
+        "gpu": gpu,
+        "engine": engine,
+        "weight_dtype": weight_dtype,
+        "kv_dtype": kv_dtype,
+        "calibration": catalog.calibration_for(gpu),
+        "knobs": knobs,
+    }
+    if request.mode is Mode.COLLOCATED:
+        layout = ParallelLayout(request.tp, request.pp, request.ep)
+        validate_layout(model, layout)
+        if request.replicas < 1:
+            raise PlanningError("replicas must be at least 1")
+        return Deployment(**common, mode=Mode.COLLOCATED, layout=layout, replicas=request.replicas)  # type: ignore[arg-type]
+    prefill = ParallelLayout(request.prefill_tp, request.prefill_pp, 1)
+    decode = ParallelLayout(request.decode_tp, request.decode_pp, request.ep if request.ep <= request.decode_tp else 1)
+    validate_layout(model, prefill)
+    validate_layout(model, decode)
+    if request.prefill_workers < 1 or request.decode_workers < 1:
+        raise PlanningError("disaggregated serving needs at least one prefill and one decode worker")
+    return Deployment(  # type: ignore[arg-type]
+        **common,
+        mode=Mode.DISAGGREGATED,
+        prefill_layout=prefill,
+        prefill_workers=request.prefill_workers,
+        decode_layout=decode,
+        decode_workers=request.decode_workers,
+    )
+
+
+def run_estimate(request: EstimateRequest, *, catalog: Catalog) -> Estimate:
+    """Estimate latency and throughput of one deployment under one workload."""
+    workload = resolve_workload(request)
+    deployment = resolve_deployment(request, catalog)
+    return simulate_deployment(deployment, workload)

@@ -1,0 +1,404 @@
+"""Goodput search: enumerate strategies, prune analytically, bisect the rate by simulation, rank."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from service.planning.catalog import Catalog
+from service.planning.deployment import (
+    Deployment,
+    Estimate,
+    KnobOverrides,
+    Mode,
+    build_instance,
+    min_request_tokens,
+    simulate_deployment,
+)
+from service.planning.simulator import Role
+from service.planning.specs import WEIGHT_DTYPES, DType, ModelSpec, PlanningError
+from service.planning.stepcost import ParallelLayout, ReplicaStepCost, validate_layout
+from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
+
+MAX_SEARCH_SPACE = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """Latency objectives: both must hold for at least ``attainment`` of requests."""
+
+    ttft_ms: float
+    tpot_ms: float
+    attainment: float = 0.9
+
+    def validate(self) -> None:
+        """Refuse non-positive targets."""
+        if not (self.ttft_ms > 0 and self.tpot_ms > 0):
+            raise PlanningError("SLO ttft_ms and tpot_ms must be positive")
+        if not 0 < self.attainment <= 1:
+            raise PlanningError("SLO attainment must be in (0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class SearchLimits:
+    """Which parts of the strategy space to explore."""
+
+    modes: tuple[Mode, ...] = (Mode.COLLOCATED, Mode.DISAGGREGATED)
+    tp: tuple[int, ...] = (1, 2, 4, 8)
+    pp: tuple[int, ...] = (1, 2)
+    max_batched_tokens: tuple[int | None, ...] = (None,)
+    # Strategies simulated per mode after analytic ranking.
+    simulate_top: int = 6
+    requests: int = 300
+    rate_tolerance: float = 0.04
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    """A planning question: model on GPU type under workload and SLOs with a GPU budget."""
+
+    model: ModelSpec
+    gpu: str
+    max_gpus: int
+    workload: Workload
+    slo: Slo
+    engine: str = "vllm"
+    weight_dtype: str = "bf16"
+    kv_dtype: str | None = None
+    limits: SearchLimits = SearchLimits()
+    gpu_price_per_hour: float | None = None
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A strategy under consideration with its analytic bound and, once simulated, its goodput."""
+
+    deployment: Deployment
+    bound_rps: float
+    goodput_rps: float = 0.0
+    estimate: Estimate | None = None
+    simulated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A strategy dropped before simulation, and why."""
+
+    strategy: str
+    reason: str
+
+
+@dataclass(slots=True)
+class PlanResult:
+    """Ranked strategies, the Pareto frontier and what was pruned."""
+
+    strategies: list[dict[str, Any]] = field(default_factory=list)
+    frontier: list[int] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    evaluated: int = 0
+    enumerated: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready result."""
+        return {
+            "strategies": self.strategies,
+            "frontier": self.frontier,
+            "rejected": [{"strategy": r.strategy, "reason": r.reason} for r in self.rejected],
+            "strategies_evaluated": self.evaluated,
+            "strategies_enumerated": self.enumerated,
+        }
+
+
+ProgressCallback = Any
+
+
+def _base_deployment(request: PlanRequest, catalog: Catalog) -> Deployment:
+    gpu = catalog.gpu(request.gpu)
+    if request.gpu_price_per_hour is not None:
+        gpu = replace(gpu, price_per_hour_usd=request.gpu_price_per_hour)
+    engine = catalog.engine(request.engine)
+    try:
+        weight = DType(request.weight_dtype)
+    except ValueError:
+        weight = None
+    if weight not in WEIGHT_DTYPES or weight is None:
+        raise PlanningError(f"unknown weight dtype {request.weight_dtype!r}")
+    kv = engine.kv_dtype_for(weight) if request.kv_dtype is None else DType(request.kv_dtype)
+    return Deployment(request.model, gpu, engine, weight, kv, catalog.calibration_for(gpu))
+
+
+def _layouts(model: ModelSpec, limits: SearchLimits, max_gpus: int) -> list[ParallelLayout]:
+    layouts = []
+    for tp in limits.tp:
+        for pp in limits.pp:
+            if tp * pp > max_gpus:
+                continue
+            eps = [1]
+            if model.moe is not None and tp > 1 and model.moe.num_experts % tp == 0:
+                eps.append(tp)
+            for ep in eps:
+                layout = ParallelLayout(tp, pp, ep)
+                try:
+                    validate_layout(model, layout)
+                except PlanningError:
+                    continue
+                layouts.append(layout)
+    return layouts
+
+
+def count_search_space(request: PlanRequest) -> int:
+    """Number of strategies the request enumerates before pruning."""
+    layouts = _layouts(request.model, request.limits, request.max_gpus)
+    knobs = len(request.limits.max_batched_tokens)
+    total = 0
+    if Mode.COLLOCATED in request.limits.modes:
+        total += len(layouts) * knobs
+    if Mode.DISAGGREGATED in request.limits.modes:
+        total += len(layouts) ** 2 * knobs
+    return total
+
+
+def _decode_capacity(cost: ReplicaStepCost, kv_tokens: int, max_seqs: int, isl: float, osl: float, tpot_s: float) -> float:
+    """Requests/s one instance can decode with steps under the TPOT SLO (analytic)."""
+    context = isl + osl / 2
+    batch_cap = max(1, min(max_seqs, int(kv_tokens // max(1.0, isl + osl))))
+    best = 0.0
+    batch = 1
+    while batch <= batch_cap:
+        step = cost.step(decode_sequences=batch, decode_context_tokens=batch * context).total_s
+        if step > tpot_s:
+            break
+        best = batch / (osl * step)
+        batch = batch * 2 if batch < 16 else int(batch * 1.25) + 1
+    return best
+
+
+def _prefill_capacity(cost: ReplicaStepCost, budget: int, isl: float) -> float:
+    """Requests/s one instance can prefill at full token budget (analytic)."""
+    tokens = max(1, min(budget, cost.max_tokens - 1))
+    pairs = tokens * (isl / 2.0)
+    step = cost.step(prefill_tokens=tokens, prefill_key_pairs=pairs, prefill_kv_tokens=tokens, prefill_sequences=1)
+    return tokens / step.total_s / isl
+
+
+def _goodput(
+    candidate: Candidate, workload: Workload, sample: RequestSample, slo: Slo, limits: SearchLimits
+) -> None:
+    """Bisect the request rate (or concurrency) for the highest one meeting the SLO attainment."""
+    deployment = candidate.deployment
+    ttft_s, tpot_s = slo.ttft_ms / 1e3, slo.tpot_ms / 1e3
+    # Replicas behind a random router are independent: simulate one at its share of the rate.
+    collocated = deployment.mode is Mode.COLLOCATED
+    replicas = deployment.replicas if collocated else 1
+
+    def run(level: float) -> Estimate:
+        if workload.arrival is ArrivalKind.CLOSED:
+            wl = replace(workload, concurrency=max(1, int(level)))
+            return simulate_deployment(deployment, wl, sample=sample, replicas_simulated=1 if collocated else None)
+        return simulate_deployment(
+            deployment, workload, sample=sample, rate_per_s=level / replicas, replicas_simulated=1 if collocated else None
+        )
+
+    def ok(est: Estimate) -> bool:
+        return est.result.attainment(ttft_s, tpot_s) >= slo.attainment
+
+    closed = workload.arrival is ArrivalKind.CLOSED
+    if closed:
+        lo, hi = 0.0, float(max(2, min(2048, int(candidate.bound_rps * 4) + 2)))
+    else:
+        lo, hi = 0.0, max(candidate.bound_rps * 1.3, 1e-3)
+    best: Estimate | None = None
+    floor_est = run(1.0 if closed else hi * 0.02)
+    if not ok(floor_est):
+        candidate.goodput_rps = 0.0
+        candidate.estimate = floor_est
+        candidate.simulated = True
+        return
+    best, lo = floor_est, (1.0 if closed else hi * 0.02)
+    top = run(hi)
+    for _ in range(4):
+        if not ok(top):
+            break
+        best, lo = top, hi
+        hi *= 2
+        top = run(hi)
+    for _ in range(12):
+        if hi - lo <= max(limits.rate_tolerance * hi, 1.0 if closed else 0.0):
+            break
+        mid = (lo + hi) / 2
+        if closed:
+            mid = float(int(mid))
+            if mid <= lo:
+                break
+        est = run(mid)
+        if ok(est):
+            best, lo = est, mid
+        else:
+            hi = mid
+    candidate.estimate = best
+    candidate.goodput_rps = best.result.requests_per_s * replicas if closed else lo
+    candidate.simulated = True
+
+
+def _strategy_dict(candidate: Candidate, workload: Workload) -> dict[str, Any]:
+    deployment = candidate.deployment
+    gpus = deployment.gpus
+    goodput = candidate.goodput_rps
+    osl = workload.output_length.mean_tokens()
+    price = deployment.gpu.price_per_hour_usd * gpus
+    tokens_per_hour = goodput * osl * 3600.0
+    out: dict[str, Any] = {
+        "label": deployment.label(),
+        "mode": deployment.mode.value,
+        "gpus": gpus,
+        "layout": deployment.describe_layout(),
+        "max_batched_tokens": deployment.knobs.max_batched_tokens or deployment.engine.max_num_batched_tokens,
+        "goodput_rps": goodput,
+        "goodput_per_gpu": goodput / gpus if gpus else 0.0,
+        "cost_per_million_output_tokens_usd": price / tokens_per_hour * 1e6 if tokens_per_hour > 0 else None,
+        "analytic_bound_rps": candidate.bound_rps,
+    }
+    est = candidate.estimate
+    if est is not None:
+        r = est.result
+        out.update(
+            {
+                "ttft_ms": r.ttft.as_dict(),
+                "tpot_ms": r.tpot.as_dict(),
+                "e2e_ms": r.e2e.as_dict(),
+                "output_tokens_per_s": r.output_tokens_per_s * (deployment.replicas if deployment.mode is Mode.COLLOCATED else 1),
+                "bottleneck": r.bottleneck(),
+            }
+        )
+    return out
+
+
+def _pareto(strategies: list[dict[str, Any]]) -> list[int]:
+    """Indices not dominated on (goodput per GPU higher, median TPOT lower)."""
+    frontier = []
+    for i, s in enumerate(strategies):
+        if s["goodput_rps"] <= 0 or "tpot_ms" not in s:
+            continue
+        dominated = any(
+            o is not s
+            and o["goodput_rps"] > 0
+            and "tpot_ms" in o
+            and o["goodput_per_gpu"] >= s["goodput_per_gpu"]
+            and o["tpot_ms"]["p50"] <= s["tpot_ms"]["p50"]
+            and (o["goodput_per_gpu"] > s["goodput_per_gpu"] or o["tpot_ms"]["p50"] < s["tpot_ms"]["p50"])
+            for o in strategies
+        )
+        if not dominated:
+            frontier.append(i)
+    return frontier
+
+
+def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback | None = None) -> PlanResult:
+    """Search the strategy space and rank strategies by goodput per GPU."""
+    request.slo.validate()
+    if request.max_gpus < 1:
+        raise PlanningError("max_gpus must be at least 1")
+    workload = replace(request.workload, num_requests=request.limits.requests)
+    workload.validate()
+    space = count_search_space(request)
+    if space > MAX_SEARCH_SPACE:
+        raise PlanningError(f"search space has {space} strategies; the limit is {MAX_SEARCH_SPACE}")
+    base = _base_deployment(request, catalog)
+    limits = request.limits
+    result = PlanResult(enumerated=space)
+    layouts = _layouts(request.model, limits, request.max_gpus)
+    if not layouts:
+        raise PlanningError(f"no parallel layout of {request.model.name} fits in {request.max_gpus} GPUs")
+    isl = workload.input_length.mean_tokens()
+    osl = workload.output_length.mean_tokens()
+    need = min_request_tokens(workload)
+    tpot_s = request.slo.tpot_ms / 1e3
+    decode_caps: dict[tuple[ParallelLayout, int | None], float] = {}
+    prefill_caps: dict[tuple[ParallelLayout, int | None], float] = {}
+    for layout in layouts:
+        for mbt in limits.max_batched_tokens:
+            dep = replace(base, layout=layout, knobs=KnobOverrides(max_batched_tokens=mbt))
+            try:
+                built = build_instance(dep, layout, Role.COLLOCATED, min_tokens=need)
+            except PlanningError as exc:
+                result.rejected.append(Rejection(f"{layout.label()}", str(exc)))
+                continue
+            cost = built.config.cost
+            floor = cost.decode_floor_s()
+            if floor > tpot_s:
+                result.rejected.append(
+                    Rejection(layout.label(), f"TPOT floor {floor * 1e3:.1f} ms is above the SLO {request.slo.tpot_ms:g} ms")
+                )
+                continue
+            knobs = built.config.knobs
+            decode_caps[(layout, mbt)] = _decode_capacity(
+                cost, built.config.kv_capacity_tokens, knobs.max_sequences, isl, osl, tpot_s
+            )
+            prefill_caps[(layout, mbt)] = _prefill_capacity(cost, knobs.max_batched_tokens, isl)
+    candidates: dict[Mode, list[Candidate]] = {Mode.COLLOCATED: [], Mode.DISAGGREGATED: []}
+    for (layout, mbt), dcap in decode_caps.items():
+        pcap = prefill_caps[(layout, mbt)]
+        replicas = request.max_gpus // layout.gpus
+        if Mode.COLLOCATED in limits.modes and replicas >= 1 and dcap > 0:
+            # Collocated: prefill work steals time from decode steps.
+            per_replica = 1.0 / (1.0 / dcap + 1.0 / pcap)
+            dep = replace(base, layout=layout, replicas=replicas, knobs=KnobOverrides(max_batched_tokens=mbt))
+            candidates[Mode.COLLOCATED].append(Candidate(dep, per_replica * replicas))
+    if Mode.DISAGGREGATED in limits.modes and request.max_gpus >= 2:
+        for (p_layout, mbt), pcap in prefill_caps.items():
+            for (d_layout, d_mbt), dcap in decode_caps.items():
+                if d_mbt != mbt or dcap <= 0:
+                    continue
+                best: tuple[float, int, int] | None = None
+                for n_p in range(1, request.max_gpus // p_layout.gpus + 1):
+                    n_d = (request.max_gpus - n_p * p_layout.gpus) // d_layout.gpus
+                    if n_d < 1:
+                        break
+                    rate = min(n_p * pcap, n_d * dcap)
+                    gpus = n_p * p_layout.gpus + n_d * d_layout.gpus
+                    # Prefer the balanced pool sizes that need the fewest GPUs for the same rate.
+                    n_d_needed = max(1, math.ceil(rate / dcap - 1e-9))
+                    n_p_needed = max(1, math.ceil(rate / pcap - 1e-9))
+                    gpus = n_p_needed * p_layout.gpus + n_d_needed * d_layout.gpus
+                    score = rate / gpus
+                    if best is None or score > best[0] * 1.0001:
+                        best = (score, n_p_needed, n_d_needed)
+                if best is None:
+                    continue
+                _, n_p, n_d = best
+                dep = replace(
+                    base,
+                    mode=Mode.DISAGGREGATED,
+                    prefill_layout=replace(p_layout, ep=1),
+                    prefill_workers=n_p,
+                    decode_layout=d_layout,
+                    decode_workers=n_d,
+                    knobs=KnobOverrides(max_batched_tokens=mbt),
+                )
+                candidates[Mode.DISAGGREGATED].append(Candidate(dep, min(n_p * pcap, n_d * dcap)))
+    sample = sample_requests(workload)
+    chosen: list[Candidate] = []
+    for mode in limits.modes:
+        ranked = sorted(candidates[mode], key=lambda c: c.bound_rps / c.deployment.gpus, reverse=True)
+        for candidate in ranked[limits.simulate_top :]:
+            result.rejected.append(
+                Rejection(
+                    candidate.deployment.label(),
+                    f"analytic bound {candidate.bound_rps / candidate.deployment.gpus:.3g} req/s/GPU is below the leaders",
+                )
+            )
+        chosen.extend(ranked[: limits.simulate_top])
+    total = len(chosen)
+    for index, candidate in enumerate(chosen):
+        _goodput(candidate, workload, sample, request.slo, limits)
+        result.evaluated += 1
+        if progress is not None:
+            progress(index + 1, total)
+    chosen.sort(key=lambda c: (c.goodput_rps / c.deployment.gpus, -c.deployment.gpus), reverse=True)
+    result.strategies = [_strategy_dict(c, workload) for c in chosen]
+    result.frontier = _pareto(result.strategies)
+    for i, s in enumerate(result.strategies):
+        s["rank"] = i + 1
+        s["on_frontier"] = i in result.frontier
+    return result

@@ -1,0 +1,557 @@
+"""Event-driven simulation of continuous batching: collocated replicas and disaggregated pools."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from service.planning.memory import KV_BLOCK_TOKENS
+from service.planning.stepcost import ReplicaStepCost
+from service.planning.workload import ArrivalKind, FloatArray, RequestSample
+
+# A simulation that has not finished by this many steps is overloaded beyond any useful answer.
+MAX_STEPS = 2_000_000
+
+
+class Role(StrEnum):
+    """What an engine instance does."""
+
+    COLLOCATED = "collocated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerKnobs:
+    """Iteration-level scheduler settings of one instance."""
+
+    max_batched_tokens: int
+    max_sequences: int
+    chunked_prefill: bool
+    mixed_batches: bool
+    kv_reserve_output_fraction: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    """One engine instance to simulate: its role, step cost, KV capacity and scheduler."""
+
+    role: Role
+    cost: ReplicaStepCost
+    kv_capacity_tokens: int
+    knobs: SchedulerKnobs
+
+
+@dataclass(slots=True)
+class _Request:
+    index: int
+    input_tokens: int
+    output_tokens: int
+    arrival_s: float
+    prompt_tokens: int = 0
+    prefilled: int = 0
+    generated: int = 0
+    kv_alloc: int = 0
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    preemptions: int = 0
+
+    @property
+    def context(self) -> int:
+        return self.input_tokens + self.generated
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < self.prompt_tokens
+
+
+@dataclass(slots=True)
+class _Instance:
+    config: InstanceConfig
+    index: int
+    waiting: deque[_Request] = field(default_factory=deque)
+    running: list[_Request] = field(default_factory=list)
+    kv_used: int = 0
+    busy: bool = False
+    batch: list[tuple[_Request, int]] = field(default_factory=list)
+    busy_s: float = 0.0
+    gemm_s: float = 0.0
+    attention_s: float = 0.0
+    communication_s: float = 0.0
+    cpu_bound_s: float = 0.0
+    steps: int = 0
+    batch_tokens: int = 0
+    peak_kv: int = 0
+    preemptions: int = 0
+
+    @property
+    def kv_free(self) -> int:
+        return self.config.kv_capacity_tokens - self.kv_used
+
+    def load(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyStats:
+    """Mean and percentiles of one latency metric, in milliseconds."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values_s: FloatArray) -> LatencyStats:
+        """Summarise values given in seconds."""
+        if values_s.size == 0:
+            return cls(math.nan, math.nan, math.nan, math.nan)
+        ms = values_s * 1e3
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        return cls(float(np.mean(ms)), float(p50), float(p90), float(p99))
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain mapping for JSON output."""
+        return {"mean": self.mean, "p50": self.p50, "p90": self.p90, "p99": self.p99}
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationResult:
+    """Per-request latencies and the aggregate figures of one simulated run."""
+
+    ttft_s: FloatArray
+    tpot_s: FloatArray
+    e2e_s: FloatArray
+    output_tokens: FloatArray
+    duration_s: float
+    completed: int
+    offered: int
+    busy_fraction: float
+    gemm_share: float
+    attention_share: float
+    communication_share: float
+    cpu_bound_share: float
+    mean_batch_tokens: float
+    peak_kv_fraction: float
+    preemptions: int
+    queue_share: float
+
+    @property
+    def ttft(self) -> LatencyStats:
+        """Time to first token."""
+        return LatencyStats.of(self.ttft_s)
+
+    @property
+    def tpot(self) -> LatencyStats:
+        """Time per output token after the first."""
+        return LatencyStats.of(self.tpot_s)
+
+    @property
+    def e2e(self) -> LatencyStats:
+        """End-to-end latency."""
+        return LatencyStats.of(self.e2e_s)
+
+    @property
+    def requests_per_s(self) -> float:
+        """Completed requests per second of simulated time."""
+        return self.completed / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        """Generated tokens per second of simulated time."""
+        return float(self.output_tokens.sum()) / self.duration_s if self.duration_s > 0 else 0.0
+
+    def attainment(self, ttft_slo_s: float, tpot_slo_s: float) -> float:
+        """Share of offered requests that completed meeting both SLOs."""
+        if self.offered == 0:
+            return 0.0
+        ok = (self.ttft_s <= ttft_slo_s) & (self.tpot_s <= tpot_slo_s)
+        return float(np.count_nonzero(ok)) / self.offered
+
+    def bottleneck(self) -> str:
+        """The resource that limits this run most."""
+        if self.preemptions > 0 or self.peak_kv_fraction > 0.97:
+            return "kv_capacity"
+        if self.queue_share > 0.5:
+            return "queueing"
+        if self.cpu_bound_share > 0.5:
+            return "cpu_dispatch"
+        if self.communication_share > 0.3:
+            return "communication"
+        return "compute" if self.gemm_share * self.mean_batch_tokens > 0 and self.mean_batch_tokens > 256 else "memory_bandwidth"
+
+
+@dataclass(frozen=True, slots=True)
+class KvTransfer:
+    """Moving a request's KV cache from a prefill instance to a decode instance."""
+
+    kv_bytes_per_token: float
+    bandwidth_bytes_per_s: float
+    latency_s: float = 2.0e-4
+
+    def time_s(self, tokens: int) -> float:
+        """Transfer time of ``tokens`` tokens of KV cache."""
+        return self.latency_s + tokens * self.kv_bytes_per_token / self.bandwidth_bytes_per_s
+
+
+_ARRIVE, _DECODE_ARRIVE, _STEP_DONE = 0, 1, 2
+
+
+class _Simulation:
+    def __init__(
+        self,
+        entry: list[InstanceConfig],
+        decode: list[InstanceConfig],
+        transfer: KvTransfer | None,
+        sample: RequestSample,
+        arrival: ArrivalKind,
+        rate_per_s: float,
+        concurrency: int,
+    ) -> None:
+        self.entry = [_Instance(c, i) for i, c in enumerate(entry)]
+        self.decode = [_Instance(c, len(entry) + i) for i, c in enumerate(decode)]
+        self.instances = self.entry + self.decode
+        self.transfer = transfer
+        self.sample = sample
+        self.arrival = arrival
+        self.rate = rate_per_s
+        self.concurrency = concurrency
+        self.heap: list[tuple[float, int, int, int, _Request | None]] = []
+        self.counter = 0
+        self.issued = 0
+        self.finished: list[_Request] = []
+        self.next_entry = 0
+        self.now = 0.0
+
+    def push(self, time_s: float, kind: int, instance: int, request: _Request | None) -> None:
+        self.counter += 1
+        heapq.heappush(self.heap, (time_s, self.counter, kind, instance, request))
+
+    def issue(self, time_s: float) -> None:
+        i = self.issued
+        if i >= self.sample.input_tokens.size:
+            return
+        self.issued += 1
+        req = _Request(i, int(self.sample.input_tokens[i]), int(self.sample.output_tokens[i]), time_s)
+        req.prompt_tokens = req.input_tokens
+        self.push(time_s, _ARRIVE, 0, req)
+
+    def run(self) -> SimulationResult:
+        total = int(self.sample.input_tokens.size)
+        if self.arrival is ArrivalKind.CLOSED:
+            for _ in range(min(self.concurrency, total)):
+                self.issue(0.0)
+        else:
+            times = self.sample.arrivals_at(self.rate)
+            for _ in range(total):
+                self.issue(float(times[self.issued]))
+        steps = 0
+        while self.heap:
+            time_s, _, kind, idx, req = heapq.heappop(self.heap)
+            self.now = time_s
+            if kind == _ARRIVE:
+                assert req is not None
+                inst = self.entry[self.next_entry % len(self.entry)]
+                self.next_entry += 1
+                inst.waiting.append(req)
+                self.kick(inst)
+            elif kind == _DECODE_ARRIVE:
+                assert req is not None
+                inst = min(self.decode, key=_Instance.load)
+                inst.waiting.append(req)
+                self.kick(inst)
+            else:
+                inst = self.instances[idx]
+                self.finish_step(inst)
+                self.kick(inst)
+                steps += 1
+                if steps > MAX_STEPS:
+                    break
+        return self.result(total)
+
+    def kick(self, inst: _Instance) -> None:
+        if inst.busy:
+            return
+        batch = self.form_batch(inst)
+        if not batch:
+            return
+        inst.batch = batch
+        duration, repeat = self.batch_duration(inst, batch)
+        inst.busy = True
+        inst.steps += repeat
+        self.push(self.now + duration, _STEP_DONE, inst.index, None)
+        inst.busy_s += duration
+
+    # Scheduling -----------------------------------------------------------------------------------
+
+    def grow_kv(self, inst: _Instance, req: _Request, tokens: int) -> bool:
+        """Ensure ``req`` has KV blocks for ``tokens`` tokens; False when the cache is full."""
+        need = tokens - req.kv_alloc
+        if need <= 0:
+            return True
+        blocks = -(-need // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+        if blocks > inst.kv_free:
+            return False
+        req.kv_alloc += blocks
+        inst.kv_used += blocks
+        inst.peak_kv = max(inst.peak_kv, inst.kv_used)
+        return True
+
+    def release(self, inst: _Instance, req: _Request) -> None:
+        inst.kv_used -= req.kv_alloc
+        req.kv_alloc = 0
+
+    def preempt(self, inst: _Instance, victim: _Request) -> None:
+        # Recompute preemption: the request loses its cache and re-prefills prompt plus output so far.
+        inst.running.remove(victim)
+        self.release(inst, victim)
+        victim.prompt_tokens = victim.input_tokens + victim.generated
+        victim.prefilled = 0
+        victim.preemptions += 1
+        inst.preemptions += 1
+        inst.waiting.appendleft(victim)
+
+    def reserve_for(self, inst: _Instance, req: _Request) -> int:
+        """KV tokens admission must find free for ``req`` (prompt plus the reserved share of output)."""
+        fraction = inst.config.knobs.kv_reserve_output_fraction
+        remaining_output = req.output_tokens - req.generated
+        return req.prompt_tokens + int(fraction * remaining_output)
+
+    def reserved_growth(self, inst: _Instance) -> int:
+        fraction = inst.config.knobs.kv_reserve_output_fraction
+        if fraction <= 0:
+            return 0
+        return sum(
+            max(0, req.input_tokens + int(fraction * req.output_tokens) - req.kv_alloc) for req in inst.running
+        )
+
+    def form_batch(self, inst: _Instance) -> list[tuple[_Request, int]]:
+        knobs = inst.config.knobs
+        role = inst.config.role
+        budget = knobs.max_batched_tokens
+        decodes_allowed = role is not Role.PREFILL
+        mixed = knobs.mixed_batches or role is Role.DECODE
+        if not mixed and (inst.waiting or any(r.in_prefill for r in inst.running)):
+            # Engines that never mix (SGLang's default) run a prefill-only batch while prompts wait.
+            batch = self.admit(inst, budget, [])
+            if batch:
+                return batch
+        batch = []
+        if decodes_allowed:
+            for req in list(inst.running):
+                if req.in_prefill:
+                    continue
+                if budget <= 0:
+                    break
+                while not self.grow_kv(inst, req, req.context + 1):
+                    victim = inst.running[-1]
+                    self.preempt(inst, victim)
+                    if victim is req:
+                        break
+                if req in inst.running:
+                    batch.append((req, 1))
+                    budget -= 1
+        if not mixed and batch:
+            return batch
+        return self.admit(inst, budget, batch)
+
+    def admit(self, inst: _Instance, budget: int, batch: list[tuple[_Request, int]]) -> list[tuple[_Request, int]]:
+        knobs = inst.config.knobs
+        for req in inst.running:
+            if budget <= 0:
+                break
+            if req.in_prefill:
+                chunk = min(req.prompt_tokens - req.prefilled, budget)
+                if not knobs.chunked_prefill and chunk < req.prompt_tokens - req.prefilled:
+                    continue
+                if not self.grow_kv(inst, req, req.prefilled + chunk):
+                    continue
+                batch.append((req, chunk))
+                budget -= chunk
+        reserved = self.reserved_growth(inst)
+        while inst.waiting and budget > 0 and len(inst.running) < knobs.max_sequences:
+            req = inst.waiting[0]
+            remaining = req.prompt_tokens - req.prefilled
+            if inst.config.role is Role.DECODE:
+                # The KV cache arrived with the request: it needs room for its context and then decodes.
+                if inst.kv_free - reserved < self.reserve_for(inst, req) + 1:
+                    break
+                inst.waiting.popleft()
+                self.grow_kv(inst, req, req.context + 1)
+                inst.running.append(req)
+                if math.isnan(req.first_token_s):
+                    req.first_token_s = self.now
+                batch.append((req, 1))
+                budget -= 1
+                continue
+            chunk = min(remaining, budget)
+            if not knobs.chunked_prefill and chunk < remaining:
+                if remaining > knobs.max_batched_tokens and not batch:
+                    chunk = remaining  # a prompt longer than the budget runs alone
+                else:
+                    break
+            if inst.kv_free - reserved < self.reserve_for(inst, req):
+                break
+            inst.waiting.popleft()
+            self.grow_kv(inst, req, req.prefilled + chunk)
+            reserved += max(0, self.reserve_for(inst, req) - req.kv_alloc)
+            inst.running.append(req)
+            batch.append((req, chunk))
+            budget -= chunk
+        return batch
+
+    # Timing ---------------------------------------------------------------------------------------
+
+    def batch_duration(self, inst: _Instance, batch: list[tuple[_Request, int]]) -> tuple[float, int]:
+        prefill_tokens = decode_seqs = prefill_seqs = 0
+        key_pairs = kv_read = decode_ctx = blocks = 0.0
+        tile = inst.config.cost.calibration.attention_prefill_query_tile
+        for req, tokens in batch:
+            if req.in_prefill:
+                past = req.prefilled
+                prefill_tokens += tokens
+                key_pairs += tokens * (past + (tokens + 1) / 2.0)
+                kv_read += past + tokens
+                blocks += math.ceil(tokens / tile)
+                if past + tokens >= req.prompt_tokens:
+                    prefill_seqs += 1
+            else:
+                decode_seqs += 1
+                decode_ctx += req.context
+        cost = inst.config.cost
+        step = cost.step(
+            prefill_tokens=prefill_tokens,
+            prefill_key_pairs=key_pairs,
+            prefill_kv_tokens=kv_read,
+            prefill_sequences=prefill_seqs,
+            prefill_query_blocks=blocks,
+            decode_sequences=decode_seqs,
+            decode_context_tokens=decode_ctx,
+        )
+        repeat = 1
+        duration = step.total_s
+        if prefill_tokens == 0 and decode_seqs > 0:
+            duration, repeat = self.fast_forward(inst, batch, step.total_s, decode_seqs, decode_ctx)
+        inst.gemm_s += step.gemm_s * repeat
+        inst.attention_s += step.attention_s * repeat
+        inst.communication_s += step.communication_s * repeat
+        if step.cpu_s >= step.gpu_s:
+            inst.cpu_bound_s += duration
+        inst.batch_tokens += (prefill_tokens + decode_seqs) * repeat
+        return duration, repeat
+
+    def fast_forward(
+        self, inst: _Instance, batch: list[tuple[_Request, int]], first_s: float, seqs: int, ctx: float
+    ) -> tuple[float, int]:
+        """Run several identical decode steps at once while nothing else can change the batch."""
+        if inst.waiting and inst.config.role is not Role.PREFILL:
+            can_admit = len(inst.running) < inst.config.knobs.max_sequences and inst.kv_free > 0
+            if can_admit:
+                return first_s, 1
+        horizon = self.heap[0][0] if self.heap else math.inf
+        remaining = min(req.output_tokens - req.generated for req, _ in batch)
+        free_blocks = inst.kv_free // KV_BLOCK_TOKENS
+        kv_steps = KV_BLOCK_TOKENS * max(0, free_blocks // max(1, seqs) - 1)
+        limit = max(1, min(remaining, kv_steps + 1))
+        if limit == 1:
+            return first_s, 1
+        cost = inst.config.cost
+        total = first_s
+        steps = 1
+        # Decode step time is affine in the context sum; sample it at the end to interpolate.
+        last = cost.step(decode_sequences=seqs, decode_context_tokens=ctx + seqs * (limit - 1)).total_s
+        slope = (last - first_s) / (limit - 1)
+        while steps < limit and self.now + total < horizon:
+            total += first_s + slope * steps
+            steps += 1
+        inst.batch = [(req, steps) for req, _ in batch]
+        for req, _ in batch:
+            # KV for the extra tokens is claimed up front; it was checked against the free blocks.
+            self.grow_kv(inst, req, req.context + steps)
+        return total, steps
+
+    def finish_step(self, inst: _Instance) -> None:
+        inst.busy = False
+        for req, tokens in inst.batch:
+            if req.in_prefill:
+                req.prefilled += tokens
+                if req.in_prefill:
+                    continue
+                req.generated += 1
+                if math.isnan(req.first_token_s) and inst.config.role is not Role.PREFILL:
+                    req.first_token_s = self.now
+                if inst.config.role is Role.PREFILL and req.generated < req.output_tokens:
+                    inst.running.remove(req)
+                    self.release(inst, req)
+                    assert self.transfer is not None
+                    req.prefilled = req.prompt_tokens = req.context
+                    self.push(self.now + self.transfer.time_s(req.context), _DECODE_ARRIVE, 0, req)
+                    continue
+            else:
+                req.generated += tokens
+            if req.generated >= req.output_tokens:
+                if math.isnan(req.first_token_s):
+                    req.first_token_s = self.now
+                req.finish_s = self.now
+                inst.running.remove(req)
+                self.release(inst, req)
+                self.finished.append(req)
+                if self.arrival is ArrivalKind.CLOSED:
+                    self.issue(self.now)
+        inst.batch = []
+
+    def result(self, total: int) -> SimulationResult:
+        done = self.finished
+        arrival = np.array([r.arrival_s for r in done])
+        first = np.array([r.first_token_s for r in done])
+        finish = np.array([r.finish_s for r in done])
+        outputs = np.array([r.output_tokens for r in done], dtype=np.float64)
+        ttft = first - arrival
+        tpot = np.where(outputs > 1, (finish - first) / np.maximum(outputs - 1, 1), 0.0)
+        start = float(arrival.min()) if done else 0.0
+        duration = float(finish.max()) - start if done else 0.0
+        instances = self.entry + self.decode
+        busy = sum(i.busy_s for i in instances)
+        steps = sum(i.steps for i in instances)
+        span = max(duration, 1e-12) * len(instances)
+        queue = float(np.mean(ttft / np.maximum(finish - arrival, 1e-12))) if done else 0.0
+        return SimulationResult(
+            ttft_s=ttft,
+            tpot_s=tpot,
+            e2e_s=finish - arrival,
+            output_tokens=outputs,
+            duration_s=duration,
+            completed=len(done),
+            offered=total,
+            busy_fraction=busy / span,
+            gemm_share=sum(i.gemm_s for i in instances) / max(busy, 1e-12),
+            attention_share=sum(i.attention_s for i in instances) / max(busy, 1e-12),
+            communication_share=sum(i.communication_s for i in instances) / max(busy, 1e-12),
+            cpu_bound_share=sum(i.cpu_bound_s for i in instances) / max(busy, 1e-12),
+            mean_batch_tokens=sum(i.batch_tokens for i in instances) / max(steps, 1),
+            peak_kv_fraction=max(i.peak_kv / max(i.config.kv_capacity_tokens, 1) for i in instances),
+            preemptions=sum(i.preemptions for i in instances),
+            queue_share=queue,
+        )
+
+
+def simulate(
+    *,
+    instances: list[InstanceConfig],
+    sample: RequestSample,
+    arrival: ArrivalKind,
+    rate_per_s: float = 0.0,
+    concurrency: int = 0,
+    decode_instances: list[InstanceConfig] | None = None,
+    transfer: KvTransfer | None = None,
+) -> SimulationResult:
+    """Simulate requests through collocated instances, or prefill instances feeding decode instances."""
+    decode = decode_instances or []
+    if decode and transfer is None:
+        raise ValueError("disaggregated simulation needs a KV transfer model")
+    return _Simulation(instances, decode, transfer, sample, arrival, rate_per_s, concurrency).run()

@@ -1,0 +1,147 @@
+"""Typed specifications of models, GPUs, engines and dtypes used by the planning core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class PlanningError(ValueError):
+    """A planning request that cannot be answered as asked (bad input or an infeasible strategy)."""
+
+
+class DType(StrEnum):
+    """Numeric formats for weights and the KV cache."""
+
+    BF16 = "bf16"
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+    FP4 = "fp4"
+
+    @property
+    def bytes_per_element(self) -> float:
+        """Storage bytes per element (4-bit formats include their block scales)."""
+        return _DTYPE_BYTES[self]
+
+
+_DTYPE_BYTES: dict[DType, float] = {
+    DType.BF16: 2.0,
+    DType.FP8: 1.0,
+    DType.INT8: 1.0,
+    # 4-bit weights carry one 16-bit scale per group of 128 (int4) or one 8-bit scale per 16 (fp4).
+    DType.INT4: 0.5 + 2.0 / 128,
+    DType.FP4: 0.5 + 1.0 / 16,
+}
+
+WEIGHT_DTYPES: tuple[DType, ...] = (DType.BF16, DType.FP8, DType.INT4, DType.FP4)
+KV_DTYPES: tuple[DType, ...] = (DType.BF16, DType.FP8)
+
+
+@dataclass(frozen=True, slots=True)
+class MoESpec:
+    """Mixture-of-experts layout of a model's feed-forward blocks."""
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int = 0
+    # Leading layers that keep a dense FFN (DeepSeek-V3: first_k_dense_replace = 3).
+    num_dense_layers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MLASpec:
+    """Multi-head latent attention dimensions (DeepSeek-V2/V3)."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Architecture numbers of a decoder-only transformer."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    # SwiGLU-style FFNs have gate, up and down projections; OPT-style have only up and down.
+    ffn_gated: bool = True
+    max_position_embeddings: int = 131072
+    hf_id: str = ""
+    moe: MoESpec | None = None
+    mla: MLASpec | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether feed-forward blocks are mixtures of experts."""
+        return self.moe is not None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSpec:
+    """Datasheet numbers of one accelerator type."""
+
+    name: str
+    memory_bytes: float
+    hbm_bandwidth_bytes_per_s: float
+    # Dense (no sparsity) peak throughput per dtype; a dtype absent here has no tensor-core path.
+    peak_flops_per_s: dict[DType, float]
+    intra_node_bandwidth_bytes_per_s: float
+    inter_node_bandwidth_bytes_per_s: float
+    gpus_per_node: int
+    price_per_hour_usd: float
+    num_sms: int = 132
+    vendor: str = "nvidia"
+    description: str = ""
+
+    def peak_for(self, dtype: DType) -> float:
+        """Peak FLOP/s for a GEMM whose inputs are in ``dtype`` (falls back to bf16 math)."""
+        if dtype in self.peak_flops_per_s:
+            return self.peak_flops_per_s[dtype]
+        return self.peak_flops_per_s[DType.BF16]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """Serving-engine behaviour: CPU costs, CUDA graphs and default scheduler knobs."""
+
+    name: str
+    # CPU time the engine spends per step outside the GPU (schedule, prepare inputs, sample, detokenize).
+    step_overhead_s: float
+    # Extra CPU time per running sequence per step.
+    per_sequence_overhead_s: float
+    # CPU cost of launching one kernel eagerly (steps not captured in a CUDA graph).
+    kernel_launch_s: float
+    cuda_graphs: bool
+    cuda_graph_max_batch: int
+    # Whether the CPU work of step n+1 overlaps the GPU work of step n.
+    overlap_scheduling: bool
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    chunked_prefill: bool
+    # Whether a step can carry prefill chunks and decode tokens together.
+    mixed_batches: bool
+    gpu_memory_fraction: float
+    # Piecewise CUDA graphs (vLLM V1) also cover mixed prefill/decode steps, all but attention.
+    piecewise_cuda_graphs: bool = False
+    # Share of a request's output tokens whose KV blocks admission reserves up front: 0 allocates on
+    # demand and preempts when full (vLLM), 1 guarantees no eviction (TRT-LLM's default policy).
+    kv_reserve_output_fraction: float = 0.0
+    # KV-cache dtype used by default for a given weight dtype.
+    default_kv_dtype: dict[DType, DType] = field(default_factory=dict)
+    description: str = ""
+
+    def kv_dtype_for(self, weight_dtype: DType) -> DType:
+        """Default KV-cache dtype for weights in ``weight_dtype``."""
+        return self.default_kv_dtype.get(weight_dtype, DType.BF16)

@@ -1,0 +1,343 @@
+"""Cost of one engine step (a batch of prefill chunks and decode tokens) on one model replica."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.planning.kernels import (
+    FloatArray,
+    KernelCalibration,
+    attention_decode_time_s,
+    attention_prefill_time_s,
+    collective_time_s,
+    elementwise_time_s,
+    gemm_time_s,
+)
+from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
+
+# Kernels per decoder layer that an eager (non-graphed) step launches: norms, GEMMs, rotary,
+# attention, activation, collectives.
+KERNELS_PER_LAYER = 14
+# Activation bytes moved by element-wise kernels per token per layer, in units of hidden size.
+ELEMENTWISE_HIDDEN_PASSES = 10.0
+ELEMENTWISE_KERNELS_PER_LAYER = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelLayout:
+    """How one replica splits a model: tensor, pipeline and expert parallel degrees."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    @property
+    def gpus(self) -> int:
+        """GPUs in one replica."""
+        return self.tp * self.pp
+
+    def label(self) -> str:
+        """Short human label, e.g. tp4-pp2."""
+        parts = [f"tp{self.tp}"]
+        if self.pp > 1:
+            parts.append(f"pp{self.pp}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        return "-".join(parts)
+
+
+def validate_layout(model: ModelSpec, layout: ParallelLayout) -> None:
+    """Refuse layouts the model cannot be split into."""
+    if layout.tp < 1 or layout.pp < 1 or layout.ep < 1:
+        raise PlanningError("parallel degrees must be positive integers")
+    if model.num_attention_heads % layout.tp != 0:
+        raise PlanningError(
+            f"tp={layout.tp} does not divide the {model.num_attention_heads} attention heads of {model.name}"
+        )
+    if model.num_kv_heads % layout.tp != 0 and layout.tp % model.num_kv_heads != 0:
+        raise PlanningError(
+            f"tp={layout.tp} neither divides nor is a multiple of the {model.num_kv_heads} KV heads of {model.name}"
+        )
+    if layout.pp > model.num_layers:
+        raise PlanningError(f"pp={layout.pp} exceeds the {model.num_layers} layers of {model.name}")
+    if layout.ep > 1:
+        if model.moe is None:
+            raise PlanningError(f"expert parallelism needs an MoE model; {model.name} is dense")
+        if layout.tp % layout.ep != 0 or model.moe.num_experts % layout.ep != 0:
+            raise PlanningError(
+                f"ep={layout.ep} must divide tp={layout.tp} and the {model.moe.num_experts} experts"
+            )
+
+
+def kv_bytes_per_token_per_gpu(model: ModelSpec, layout: ParallelLayout, kv_dtype: DType) -> float:
+    """KV-cache bytes one token occupies on one GPU of the replica."""
+    layers = math.ceil(model.num_layers / layout.pp)
+    if model.mla is not None:
+        # The latent cache is shared by all heads, so tensor parallelism replicates it.
+        return layers * (model.mla.kv_lora_rank + model.mla.qk_rope_head_dim) * kv_dtype.bytes_per_element
+    kv_heads = max(1.0, model.num_kv_heads / layout.tp)
+    return layers * 2.0 * kv_heads * model.head_dim * kv_dtype.bytes_per_element
+
+
+@dataclass(frozen=True, slots=True)
+class StepTime:
+    """Breakdown of one step's duration in seconds."""
+
+    total_s: float
+    gpu_s: float
+    cpu_s: float
+    gemm_s: float
+    attention_s: float
+    communication_s: float
+
+
+class ReplicaStepCost:
+    """Precomputed step-cost function for one (model, GPU, engine, layout, dtypes) combination."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelSpec,
+        gpu: GpuSpec,
+        engine: EngineSpec,
+        layout: ParallelLayout,
+        weight_dtype: DType,
+        kv_dtype: DType,
+        calibration: KernelCalibration,
+        max_tokens: int,
+    ) -> None:
+        validate_layout(model, layout)
+        self.model = model
+        self.gpu = gpu
+        self.engine = engine
+        self.layout = layout
+        self.weight_dtype = weight_dtype
+        self.kv_dtype = kv_dtype
+        self.calibration = calibration
+        self.max_tokens = max(1, max_tokens)
+        tp = layout.tp
+        self.layers_per_stage = math.ceil(model.num_layers / layout.pp)
+        self.heads_per_gpu = model.num_attention_heads / tp
+        self.kv_heads_per_gpu = max(1.0, model.num_kv_heads / tp)
+        self.kv_bytes_per_token_layer = kv_bytes_per_token_per_gpu(model, layout, kv_dtype) / self.layers_per_stage
+        self.link_bandwidth = (
+            gpu.intra_node_bandwidth_bytes_per_s if tp <= gpu.gpus_per_node else gpu.inter_node_bandwidth_bytes_per_s
+        )
+        self.stage_link_bandwidth = (
+            gpu.intra_node_bandwidth_bytes_per_s
+            if layout.gpus <= gpu.gpus_per_node
+            else gpu.inter_node_bandwidth_bytes_per_s
+        )
+        m = np.arange(self.max_tokens + 1, dtype=np.float64)
+        self._dense_layer_gemm = self._attention_gemms(m) + self._dense_ffn_gemms(m)
+        self._moe_layer_gemm = self._attention_gemms(m) + self._moe_ffn_gemms(m) if model.moe else None
+        self._lm_head = gemm_time_s(
+            m, model.vocab_size / tp, model.hidden_size, gpu=gpu, weight_dtype=weight_dtype, calibration=calibration
+        )
+        if model.moe is not None:
+            self.moe_layers = self.layers_per_stage - min(self.layers_per_stage, model.moe.num_dense_layers)
+        else:
+            self.moe_layers = 0
+        self.dense_layers = self.layers_per_stage - self.moe_layers
+
+    def _gemm(self, m: FloatArray, n: float, k: float, *, grouped: bool = False) -> FloatArray:
+        return gemm_time_s(
+            m,
+            n,
+            k,
+            gpu=self.gpu,
+            weight_dtype=self.weight_dtype,
+            calibration=self.calibration,
+            grouped=grouped,
+        )
+
+    def _attention_gemms(self, m: FloatArray) -> FloatArray:
+        model, tp = self.model, self.layout.tp
+        hidden = model.hidden_size
+        mla = model.mla
+        if mla is None:
+            qkv_n = (self.heads_per_gpu + 2 * self.kv_heads_per_gpu) * model.head_dim
+            out: FloatArray = self._gemm(m, qkv_n, hidden) + self._gemm(m, hidden, self.heads_per_gpu * model.head_dim)
+            return out
+        qk_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        heads = self.heads_per_gpu
+        if mla.q_lora_rank > 0:
+            q = self._gemm(m, mla.q_lora_rank, hidden) + self._gemm(m, heads * qk_head, mla.q_lora_rank)
+        else:
+            q = self._gemm(m, heads * qk_head, hidden)
+        kv = self._gemm(m, mla.kv_lora_rank + mla.qk_rope_head_dim, hidden) + self._gemm(
+            m, heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank
+        )
+        o = self._gemm(m, hidden, heads * mla.v_head_dim)
+        total: FloatArray = q + kv + o
+        return total
+
+    def _ffn_gemms(self, m: FloatArray, ffn_per_gpu: float, *, grouped: bool = False) -> FloatArray:
+        hidden = self.model.hidden_size
+        up_n = (2.0 if self.model.ffn_gated else 1.0) * ffn_per_gpu
+        out: FloatArray = self._gemm(m, up_n, hidden, grouped=grouped) + self._gemm(
+            m, hidden, ffn_per_gpu, grouped=grouped
+        )
+        return out
+
+    def _dense_ffn_gemms(self, m: FloatArray) -> FloatArray:
+        return self._ffn_gemms(m, self.model.intermediate_size / self.layout.tp)
+
+    def _moe_ffn_gemms(self, m: FloatArray) -> FloatArray:
+        moe = self.model.moe
+        assert moe is not None
+        layout = self.layout
+        experts_local = moe.num_experts / layout.ep
+        expert_tp = layout.tp / layout.ep
+        route_fraction = moe.experts_per_token / moe.num_experts
+        # Expected distinct local experts hit by m tokens routed top-k out of E (uniform routing).
+        touched = experts_local * (1.0 - np.power(1.0 - route_fraction, m))
+        pairs_local = m * moe.experts_per_token / layout.ep
+        tokens_per_expert = np.where(touched > 0, pairs_local / np.maximum(touched, 1e-9), 0.0)
+        per_expert = self._ffn_gemms(tokens_per_expert, moe.expert_intermediate_size / expert_tp, grouped=True)
+        # A grouped GEMM launches once for all its experts.
+        launches = 2.0 * self.calibration.gemm_launch_s
+        experts = np.where(touched > 0, touched * (per_expert - launches) + launches, 0.0)
+        router = self._gemm(m, moe.num_experts, self.model.hidden_size)
+        shared: FloatArray = np.zeros_like(m)
+        if moe.num_shared_experts > 0:
+            shared_ffn = moe.num_shared_experts * (moe.shared_expert_intermediate_size or moe.expert_intermediate_size)
+            shared = self._ffn_gemms(m, shared_ffn / layout.tp)
+        total: FloatArray = experts + router + shared
+        return total
+
+    def _ffn_width_per_gpu(self) -> float:
+        moe = self.model.moe
+        if moe is None:
+            return self.model.intermediate_size / self.layout.tp
+        return moe.expert_intermediate_size * moe.experts_per_token / self.layout.tp
+
+    def _layer_gemms(self, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        if tokens > self.max_tokens:
+            # Beyond the table GEMM time is linear in m; scale from the largest entry.
+            return self._layer_gemms(self.max_tokens) * tokens / self.max_tokens
+        dense = float(self._dense_layer_gemm[tokens]) * self.dense_layers
+        moe = float(self._moe_layer_gemm[tokens]) * self.moe_layers if self._moe_layer_gemm is not None else 0.0
+        return dense + moe
+
+    def _lm_head_time(self, sequences: int) -> float:
+        if sequences <= 0:
+            return 0.0
+        if sequences > self.max_tokens:
+            return float(self._lm_head[self.max_tokens]) * sequences / self.max_tokens
+        return float(self._lm_head[sequences])
+
+    def step(
+        self,
+        *,
+        prefill_tokens: int = 0,
+        prefill_key_pairs: float = 0.0,
+        prefill_kv_tokens: float = 0.0,
+        prefill_sequences: int = 0,
+        prefill_query_blocks: float = 0.0,
+        decode_sequences: int = 0,
+        decode_context_tokens: float = 0.0,
+        sampled_sequences: int | None = None,
+    ) -> StepTime:
+        """Duration of one step that runs the given prefill chunks and decode tokens."""
+        pp = self.layout.pp
+        tokens = prefill_tokens + decode_sequences
+        if tokens <= 0:
+            return StepTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        # With pipeline parallelism the batch is split into pp micro-batches that flow through the
+        # stages back to back; a token sees every layer once, so the full-model time at batch/pp.
+        micro = max(1, math.ceil(tokens / pp))
+        scale = tokens / micro / pp if pp > 1 else 1.0
+        gemm = self._layer_gemms(micro) * pp * scale
+        model, c, gpu = self.model, self.calibration, self.gpu
+        layers_total = self.layers_per_stage * pp
+        attention = 0.0
+        if prefill_tokens > 0:
+            attention += layers_total * attention_prefill_time_s(
+                query_tokens=prefill_tokens,
+                attended_key_pairs=prefill_key_pairs,
+                query_blocks=max(prefill_query_blocks, prefill_tokens / c.attention_prefill_query_tile),
+                heads_per_gpu=self.heads_per_gpu,
+                kv_heads_per_gpu=self.kv_heads_per_gpu,
+                head_dim=self._attention_head_dim(),
+                kv_tokens_read=prefill_kv_tokens,
+                kv_dtype=self.kv_dtype,
+                gpu=gpu,
+                num_sms=gpu.num_sms,
+                calibration=c,
+            )
+        if decode_sequences > 0:
+            attention += layers_total * attention_decode_time_s(
+                sequences=decode_sequences,
+                context_tokens=decode_context_tokens,
+                kv_bytes_per_token=self.kv_bytes_per_token_layer,
+                kv_dtype=self.kv_dtype,
+                flops=self._decode_attention_flops(decode_context_tokens),
+                gpu=gpu,
+                calibration=c,
+            )
+        elementwise_bytes = tokens * (ELEMENTWISE_HIDDEN_PASSES * model.hidden_size + 3 * self._ffn_width_per_gpu()) * 2.0
+        elementwise = layers_total * elementwise_time_s(
+            elementwise_bytes, ELEMENTWISE_KERNELS_PER_LAYER, gpu=gpu, calibration=c
+        )
+        communication = 0.0
+        if self.layout.tp > 1:
+            per_layer = 2.0 * collective_time_s(
+                "all_reduce",
+                micro * model.hidden_size * 2.0,
+                self.layout.tp,
+                link_bandwidth_bytes_per_s=self.link_bandwidth,
+                calibration=c,
+            )
+            communication += per_layer * layers_total * scale
+        if pp > 1:
+            send = c.collective_base_latency_s + micro * model.hidden_size * 2.0 / (
+                self.stage_link_bandwidth * c.collective_bus_efficiency
+            )
+            communication += send * (pp - 1) * pp * scale
+        sampled = decode_sequences + prefill_sequences if sampled_sequences is None else sampled_sequences
+        lm_head = self._lm_head_time(sampled)
+        gpu_s = gemm + attention + elementwise + communication + lm_head
+        cpu_s, launch_s = self._cpu_time(prefill_tokens, decode_sequences, prefill_sequences)
+        gpu_s = max(gpu_s, launch_s)
+        total = max(gpu_s, cpu_s) if self.engine.overlap_scheduling else gpu_s + cpu_s
+        return StepTime(total, gpu_s, cpu_s, gemm + lm_head, attention, communication)
+
+    def _attention_head_dim(self) -> float:
+        mla = self.model.mla
+        if mla is None:
+            return float(self.model.head_dim)
+        return float(mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+
+    def _decode_attention_flops(self, context_tokens: float) -> float:
+        mla = self.model.mla
+        if mla is None:
+            return 4.0 * self.heads_per_gpu * self.model.head_dim * context_tokens
+        # Absorbed MLA decode attends every head over the latent (kv_lora + rope) vectors.
+        return 4.0 * self.heads_per_gpu * (mla.kv_lora_rank + mla.qk_rope_head_dim) * context_tokens
+
+    def _cpu_time(self, prefill_tokens: int, decode_sequences: int, prefill_sequences: int) -> tuple[float, float]:
+        """CPU time of the step and the eager kernel-launch time the GPU must wait for."""
+        engine = self.engine
+        sequences = decode_sequences + prefill_sequences
+        cpu = engine.step_overhead_s + engine.per_sequence_overhead_s * sequences
+        kernels = KERNELS_PER_LAYER * self.layers_per_stage
+        decode_only = prefill_tokens == 0
+        if engine.cuda_graphs and decode_only and decode_sequences <= engine.cuda_graph_max_batch:
+            launched = 0
+        elif engine.cuda_graphs and engine.piecewise_cuda_graphs and prefill_tokens + decode_sequences <= self.max_tokens:
+            # Piecewise graphs replay everything but attention, which launches eagerly.
+            launched = 2 * self.layers_per_stage
+        else:
+            launched = kernels
+        launch_s = launched * engine.kernel_launch_s
+        return cpu + launch_s, launch_s
+
+    def decode_floor_s(self) -> float:
+        """Step time of a single decode token at short context: the TPOT floor."""
+        return self.step(decode_sequences=1, decode_context_tokens=1).total_s

@@ -1,0 +1,222 @@
+"""Workloads: arrival processes and request-length distributions, sampled deterministically by seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+from service.planning.specs import PlanningError
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+class ArrivalKind(StrEnum):
+    """How requests arrive."""
+
+    POISSON = "poisson"
+    GAMMA = "gamma"
+    CONSTANT = "constant"
+    CLOSED = "closed"
+
+
+class LengthKind(StrEnum):
+    """Shapes of a token-length distribution."""
+
+    FIXED = "fixed"
+    UNIFORM = "uniform"
+    NORMAL = "normal"
+    LOGNORMAL = "lognormal"
+    SAMPLES = "samples"
+
+
+@dataclass(frozen=True, slots=True)
+class LengthDistribution:
+    """A distribution of token counts (fixed, uniform low..high, normal mean/std, lognormal, or samples)."""
+
+    kind: LengthKind
+    value: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+    mean: float = 0.0
+    std: float = 0.0
+    samples: tuple[int, ...] = ()
+
+    @classmethod
+    def fixed(cls, tokens: int) -> LengthDistribution:
+        """Every request has exactly ``tokens`` tokens."""
+        return cls(LengthKind.FIXED, value=float(tokens))
+
+    @classmethod
+    def parse(cls, text: str) -> LengthDistribution:
+        """Parse '1024', 'uniform:LOW:HIGH', 'normal:MEAN:STD' or 'lognormal:MEAN:STD'."""
+        parts = text.strip().split(":")
+        try:
+            if len(parts) == 1:
+                dist = cls.fixed(int(parts[0]))
+            elif parts[0] == "fixed" and len(parts) == 2:
+                dist = cls.fixed(int(parts[1]))
+            elif parts[0] == "uniform" and len(parts) == 3:
+                dist = cls(LengthKind.UNIFORM, low=float(parts[1]), high=float(parts[2]))
+            elif parts[0] in ("normal", "lognormal") and len(parts) == 3:
+                dist = cls(LengthKind(parts[0]), mean=float(parts[1]), std=float(parts[2]))
+            else:
+                raise ValueError
+        except ValueError:
+            raise PlanningError(
+                f"bad length {text!r}: use N, uniform:LOW:HIGH, normal:MEAN:STD or lognormal:MEAN:STD"
+            ) from None
+        dist.validate()
+        return dist
+
+    @classmethod
+    def from_samples(cls, samples: list[int] | tuple[int, ...]) -> LengthDistribution:
+        """Resample from observed lengths (a dataset's column)."""
+        dist = cls(LengthKind.SAMPLES, samples=tuple(int(s) for s in samples))
+        dist.validate()
+        return dist
+
+    def validate(self) -> None:
+        """Refuse non-positive or inverted parameters."""
+        bad = (
+            (self.kind is LengthKind.FIXED and self.value < 1)
+            or (self.kind is LengthKind.UNIFORM and not 1 <= self.low <= self.high)
+            or (self.kind in (LengthKind.NORMAL, LengthKind.LOGNORMAL) and (self.mean < 1 or self.std < 0))
+            or (self.kind is LengthKind.SAMPLES and (not self.samples or min(self.samples) < 1))
+        )
+        if bad:
+            raise PlanningError(f"invalid length distribution: {self.describe()}")
+
+    def describe(self) -> str:
+        """Short text form."""
+        if self.kind is LengthKind.FIXED:
+            return str(int(self.value))
+        if self.kind is LengthKind.UNIFORM:
+            return f"uniform:{self.low:g}:{self.high:g}"
+        if self.kind is LengthKind.SAMPLES:
+            return f"samples(n={len(self.samples)}, mean={np.mean(self.samples):.0f})"
+        return f"{self.kind.value}:{self.mean:g}:{self.std:g}"
+
+    def sample(self, rng: np.random.Generator, count: int) -> IntArray:
+        """Draw ``count`` lengths (at least 1 token each)."""
+        if self.kind is LengthKind.FIXED:
+            values = np.full(count, self.value)
+        elif self.kind is LengthKind.UNIFORM:
+            values = rng.uniform(self.low, self.high + 1, count)
+        elif self.kind is LengthKind.NORMAL:
+            values = rng.normal(self.mean, self.std, count)
+        elif self.kind is LengthKind.LOGNORMAL:
+            # Parameterised by the distribution's own mean and standard deviation.
+            sigma2 = np.log1p((self.std / self.mean) ** 2)
+            values = rng.lognormal(np.log(self.mean) - sigma2 / 2, np.sqrt(sigma2), count)
+        else:
+            values = rng.choice(np.asarray(self.samples, dtype=np.float64), count)
+        return np.maximum(1, np.floor(values)).astype(np.int64)
+
+    def mean_tokens(self) -> float:
+        """Expected length."""
+        if self.kind is LengthKind.FIXED:
+            return self.value
+        if self.kind is LengthKind.UNIFORM:
+            return (self.low + self.high) / 2
+        if self.kind is LengthKind.SAMPLES:
+            return float(np.mean(self.samples))
+        return self.mean
+
+    def max_tokens(self) -> int:
+        """A practical upper bound (the 99.9th percentile for unbounded shapes)."""
+        if self.kind is LengthKind.FIXED:
+            return int(self.value)
+        if self.kind is LengthKind.UNIFORM:
+            return int(self.high)
+        if self.kind is LengthKind.SAMPLES:
+            return max(self.samples)
+        if self.kind is LengthKind.NORMAL:
+            return int(self.mean + 3.1 * self.std)
+        sigma2 = np.log1p((self.std / self.mean) ** 2)
+        return int(np.exp(np.log(self.mean) - sigma2 / 2 + 3.1 * np.sqrt(sigma2)))
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Traffic offered to a deployment: how requests arrive and how long they are."""
+
+    arrival: ArrivalKind
+    input_length: LengthDistribution
+    output_length: LengthDistribution
+    rate_per_s: float = 0.0
+    concurrency: int = 0
+    # Coefficient of variation of inter-arrival gaps for the gamma process.
+    cv: float = 1.0
+    num_requests: int = 400
+    seed: int = 0
+    # Optional replayed arrival offsets in seconds (from a trace file), used as given.
+    arrival_times_s: tuple[float, ...] = field(default=())
+
+    def validate(self) -> None:
+        """Refuse workloads that cannot be simulated."""
+        if self.num_requests < 1:
+            raise PlanningError("requests must be at least 1")
+        if self.arrival is ArrivalKind.CLOSED:
+            if self.concurrency < 1:
+                raise PlanningError("closed-loop workloads need a concurrency of at least 1")
+        elif not self.arrival_times_s and not self.rate_per_s > 0:
+            raise PlanningError(f"{self.arrival.value} arrivals need a positive rate (got {self.rate_per_s:g})")
+        if self.arrival is ArrivalKind.GAMMA and not self.cv > 0:
+            raise PlanningError("gamma arrivals need a positive cv")
+        self.input_length.validate()
+        self.output_length.validate()
+
+    def with_rate(self, rate_per_s: float) -> Workload:
+        """The same workload at another request rate."""
+        return Workload(
+            self.arrival,
+            self.input_length,
+            self.output_length,
+            rate_per_s,
+            self.concurrency,
+            self.cv,
+            self.num_requests,
+            self.seed,
+            (),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSample:
+    """Sampled requests: lengths and unit-rate arrival offsets (scaled by 1/rate when simulated)."""
+
+    input_tokens: IntArray
+    output_tokens: IntArray
+    unit_arrival_s: FloatArray
+
+    def arrivals_at(self, rate_per_s: float) -> FloatArray:
+        """Arrival times at ``rate_per_s`` (common random numbers across rates)."""
+        scaled: FloatArray = self.unit_arrival_s / rate_per_s
+        return scaled
+
+
+def sample_requests(workload: Workload) -> RequestSample:
+    """Draw the request sample of a workload from its seed."""
+    workload.validate()
+    rng = np.random.default_rng(workload.seed)
+    count = workload.num_requests
+    inputs = workload.input_length.sample(rng, count)
+    outputs = workload.output_length.sample(rng, count)
+    if workload.arrival_times_s:
+        times = np.asarray(workload.arrival_times_s[:count], dtype=np.float64)
+        unit = (times - times[0]) * (workload.rate_per_s or 1.0)
+    elif workload.arrival is ArrivalKind.POISSON:
+        unit = np.cumsum(rng.exponential(1.0, count))
+    elif workload.arrival is ArrivalKind.GAMMA:
+        shape = 1.0 / workload.cv**2
+        unit = np.cumsum(rng.gamma(shape, 1.0 / shape, count))
+    elif workload.arrival is ArrivalKind.CONSTANT:
+        unit = np.arange(1, count + 1, dtype=np.float64)
+    else:
+        unit = np.zeros(count)
+    unit = unit - unit[0] if workload.arrival is not ArrivalKind.CLOSED else unit
+    return RequestSample(inputs, outputs, unit.astype(np.float64))
