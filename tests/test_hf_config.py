@@ -83,8 +83,10 @@ def test_llama_31_8b_maps_gqa_fields() -> None:
     assert (spec.name, spec.num_layers, spec.hidden_size) == ("llama-3.1-8b", 32, 4096)
     assert (spec.num_attention_heads, spec.num_kv_heads, spec.head_dim) == (32, 8, 128)
     assert (spec.intermediate_size, spec.vocab_size, spec.max_position_embeddings) == (14336, 128256, 131072)
-    assert spec.ffn_gated and not spec.tie_word_embeddings
-    assert spec.moe is None and spec.mla is None
+    assert spec.ffn_gated
+    assert not spec.tie_word_embeddings
+    assert spec.moe is None
+    assert spec.mla is None
 
 
 def test_mixtral_maps_local_experts() -> None:
@@ -184,7 +186,8 @@ def _parameter_count(spec: ModelSpec) -> int:
         + moe.num_shared_experts * matrices * h * moe.shared_expert_intermediate_size
     )
     moe_layers = spec.num_layers - moe.num_dense_layers
-    return embeddings + spec.num_layers * attention + moe.num_dense_layers * dense_ffn + moe_layers * sparse_ffn
+    ffn_total = moe.num_dense_layers * dense_ffn + moe_layers * sparse_ffn
+    return embeddings + spec.num_layers * attention + ffn_total
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ import yaml
 from service.planning.catalog import Catalog
 from service.planning.hf_config import model_from_hf_config
 from service.planning.kernels import KernelCalibration
-from service.planning.specs import DType, EngineSpec, GpuSpec, MLASpec, MoESpec, ModelSpec, PlanningError
+from service.planning.specs import DType, EngineSpec, GpuSpec, MLASpec, ModelSpec, MoESpec, PlanningError
 
 DATA_DIR = Path(__file__).parent / "data"
 # Extra catalog directories (os.pathsep-separated), each holding any of models/gpus/engines .yaml/.json.
@@ -36,8 +37,20 @@ def read_structured_file(path: Path) -> Any:
         raise PlanningError(f"cannot parse {path}: {first_line}") from None
 
 
+def _coerce_numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Cast numeric fields: YAML 1.1 reads exponents without a dot (3.35e12) as strings."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        if kinds.get(key) == "float" and isinstance(value, str | int):
+            out[key] = float(value)
+        elif kinds.get(key) == "int" and isinstance(value, str | float):
+            out[key] = int(float(value))
+    return out
+
+
 def _model_from_entry(name: str, entry: Mapping[str, Any]) -> ModelSpec:
-    fields_ = dict(entry)
+    fields_ = _coerce_numbers(ModelSpec, dict(entry))
     moe = fields_.pop("moe", None)
     mla = fields_.pop("mla", None)
     try:
@@ -52,7 +65,7 @@ def _model_from_entry(name: str, entry: Mapping[str, Any]) -> ModelSpec:
 
 
 def _gpu_from_entry(name: str, entry: Mapping[str, Any]) -> GpuSpec:
-    fields_ = dict(entry)
+    fields_ = _coerce_numbers(GpuSpec, dict(entry))
     try:
         fields_["peak_flops_per_s"] = {DType(k): float(v) for k, v in fields_.get("peak_flops_per_s", {}).items()}
         return GpuSpec(name=name, **fields_)
@@ -61,7 +74,7 @@ def _gpu_from_entry(name: str, entry: Mapping[str, Any]) -> GpuSpec:
 
 
 def _engine_from_entry(name: str, entry: Mapping[str, Any]) -> EngineSpec:
-    fields_ = dict(entry)
+    fields_ = _coerce_numbers(EngineSpec, dict(entry))
     try:
         fields_["default_kv_dtype"] = {DType(k): DType(v) for k, v in fields_.get("default_kv_dtype", {}).items()}
         return EngineSpec(name=name, **fields_)

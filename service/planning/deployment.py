@@ -16,8 +16,8 @@ from service.planning.simulator import (
     SimulationResult,
     simulate,
 )
-from service.planning.stepcost import ParallelLayout, ReplicaStepCost, kv_bytes_per_token_per_gpu
 from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
+from service.planning.stepcost import ParallelLayout, ReplicaStepCost, kv_bytes_per_token_per_gpu
 from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
 
 
@@ -77,7 +77,12 @@ class Deployment:
     def describe_layout(self) -> dict[str, Any]:
         """The parallel layout as a plain mapping."""
         if self.mode is Mode.COLLOCATED:
-            return {"tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep, "replicas": self.replicas}
+            return {
+                "tp": self.layout.tp,
+                "pp": self.layout.pp,
+                "ep": self.layout.ep,
+                "replicas": self.replicas,
+            }
         return {
             "prefill": {
                 "tp": self.prefill_layout.tp,
@@ -111,9 +116,7 @@ class BuiltInstance:
     memory: MemoryPlan
 
 
-def build_instance(
-    deployment: Deployment, layout: ParallelLayout, role: Role, *, min_tokens: int
-) -> BuiltInstance:
+def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *, min_tokens: int) -> BuiltInstance:
     """Cost model and KV capacity of one instance; refuses layouts that do not fit."""
     engine = deployment.engine
     knobs = deployment.knobs.knobs_for(engine)

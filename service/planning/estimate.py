@@ -134,32 +134,35 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
     )
     if request.memory_fraction is not None and not 0.1 <= request.memory_fraction <= 1.0:
         raise PlanningError("memory fraction must be between 0.1 and 1.0")
-    for value, what in ((request.max_batched_tokens, "max batched tokens"), (request.max_sequences, "max sequences")):
+    for value, what in (
+        (request.max_batched_tokens, "max batched tokens"),
+        (request.max_sequences, "max sequences"),
+    ):
         if value is not None and value < 1:
             raise PlanningError(f"{what} must be at least 1")
-    common = {
-        "model": model,
-        "gpu": gpu,
-        "engine": engine,
-        "weight_dtype": weight_dtype,
-        "kv_dtype": kv_dtype,
-        "calibration": catalog.calibration_for(gpu),
-        "knobs": knobs,
-    }
+    base = Deployment(
+        model=model,
+        gpu=gpu,
+        engine=engine,
+        weight_dtype=weight_dtype,
+        kv_dtype=kv_dtype,
+        calibration=catalog.calibration_for(gpu),
+        knobs=knobs,
+    )
     if request.mode is Mode.COLLOCATED:
         layout = ParallelLayout(request.tp, request.pp, request.ep)
         validate_layout(model, layout)
         if request.replicas < 1:
             raise PlanningError("replicas must be at least 1")
-        return Deployment(**common, mode=Mode.COLLOCATED, layout=layout, replicas=request.replicas)  # type: ignore[arg-type]
+        return replace(base, mode=Mode.COLLOCATED, layout=layout, replicas=request.replicas)
     prefill = ParallelLayout(request.prefill_tp, request.prefill_pp, 1)
     decode = ParallelLayout(request.decode_tp, request.decode_pp, request.ep if request.ep <= request.decode_tp else 1)
     validate_layout(model, prefill)
     validate_layout(model, decode)
     if request.prefill_workers < 1 or request.decode_workers < 1:
         raise PlanningError("disaggregated serving needs at least one prefill and one decode worker")
-    return Deployment(  # type: ignore[arg-type]
-        **common,
+    return replace(
+        base,
         mode=Mode.DISAGGREGATED,
         prefill_layout=prefill,
         prefill_workers=request.prefill_workers,

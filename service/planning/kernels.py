@@ -20,11 +20,14 @@ class KernelCalibration:
 
     # Dense GEMM: eff = peak_eff * m/(m+m_half) * n/(n+n_half) * k/(k+k_half), blended with the memory roof.
     gemm_peak_efficiency: dict[DType, float] = field(
-        default_factory=lambda: {DType.BF16: 0.90, DType.FP8: 0.80, DType.INT8: 0.75, DType.FP4: 0.55}
+        default_factory=lambda: {DType.BF16: 0.90, DType.FP8: 0.94, DType.INT8: 0.75, DType.FP4: 0.55}
     )
     gemm_m_half: float = 150.0
     gemm_n_half: float = 200.0
     gemm_k_half: float = 100.0
+    # Scaled (fp8/int8/fp4) GEMMs quantize activations and saturate only at much larger n and k.
+    scaled_gemm_n_half: float = 3300.0
+    scaled_gemm_k_half: float = 900.0
     gemm_bandwidth_efficiency: float = 0.86
     gemm_blend_power: float = 6.0
     gemm_launch_s: float = 3.0e-6
@@ -87,11 +90,12 @@ def gemm_time_s(
         eff *= c.weight_only_compute_factor
     if grouped:
         eff *= c.grouped_gemm_factor
-    shape_eff = (
-        eff * (m_arr / (m_arr + c.gemm_m_half)) * (n / (n + c.gemm_n_half)) * (k / (k + c.gemm_k_half))
-    )
+    scaled = math_dtype in (DType.FP8, DType.INT8, DType.FP4)
+    n_half = c.scaled_gemm_n_half if scaled else c.gemm_n_half
+    k_half = c.scaled_gemm_k_half if scaled else c.gemm_k_half
+    shape_eff = eff * (m_arr / (m_arr + c.gemm_m_half)) * (n / (n + n_half)) * (k / (k + k_half))
     flops = 2.0 * m_arr * n * k
-    act_bytes = 1.0 if math_dtype in (DType.FP8, DType.INT8, DType.FP4) else 2.0
+    act_bytes = 1.0 if scaled else 2.0
     moved_bytes = k * n * weight_dtype.bytes_per_element + m_arr * k * act_bytes + m_arr * n * 2.0
     t_compute = flops / (peak * np.maximum(shape_eff, 1e-6))
     t_memory = moved_bytes / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency)
@@ -132,7 +136,7 @@ def attention_prefill_time_s(
     moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2 * kv_dtype.bytes_per_element
     moved += 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0
     t_memory = moved / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency)
-    return c.attention_launch_s + t_compute + t_memory
+    return float(c.attention_launch_s + t_compute + t_memory)
 
 
 def attention_decode_time_s(
@@ -153,7 +157,7 @@ def attention_decode_time_s(
     t_memory = context_tokens * kv_bytes_per_token / (gpu.hbm_bandwidth_bytes_per_s * eff)
     t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency)
     per_sequence = c.attention_decode_per_sequence_s * sequences * (3.35e12 / gpu.hbm_bandwidth_bytes_per_s)
-    return c.attention_launch_s + per_sequence + max(t_memory, t_compute)
+    return float(c.attention_launch_s + per_sequence + max(t_memory, t_compute))
 
 
 def collective_time_s(

@@ -55,7 +55,9 @@ def parameter_counts(model: ModelSpec) -> ParameterCounts:
         heads = model.num_attention_heads
         qk_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
         q = mla.q_lora_rank * heads * qk_head if mla.q_lora_rank > 0 else hidden * heads * qk_head
-        sharded = q + mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim) + heads * mla.v_head_dim * hidden
+        sharded = (
+            q + mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim) + heads * mla.v_head_dim * hidden
+        )
         replicated = hidden * (mla.q_lora_rank + mla.kv_lora_rank + mla.qk_rope_head_dim)
     matrices = 3 if model.ffn_gated else 2
     dense_ffn = matrices * hidden * model.intermediate_size
@@ -68,7 +70,9 @@ def parameter_counts(model: ModelSpec) -> ParameterCounts:
         router = hidden * moe.num_experts
     embedding = float(model.vocab_size * hidden)
     lm_head = 0.0 if model.tie_word_embeddings else embedding
-    return ParameterCounts(embedding, lm_head, float(sharded), float(replicated), float(dense_ffn), experts, shared, router)
+    return ParameterCounts(
+        embedding, lm_head, float(sharded), float(replicated), float(dense_ffn), experts, shared, router
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,11 @@ def weight_bytes_per_gpu(model: ModelSpec, layout: ParallelLayout, weight_dtype:
 
 def activation_reserve_bytes(model: ModelSpec, layout: ParallelLayout, engine: EngineSpec, max_tokens: int) -> float:
     """Peak activation and sampler memory the engine keeps free of KV blocks."""
-    ffn = model.intermediate_size if model.moe is None else model.moe.expert_intermediate_size * model.moe.experts_per_token
+    ffn = (
+        model.intermediate_size
+        if model.moe is None
+        else model.moe.expert_intermediate_size * model.moe.experts_per_token
+    )
     activations = max_tokens * (18.0 * model.hidden_size + 4.0 * ffn / layout.tp) * 2.0
     sampler = min(engine.max_num_seqs, max_tokens) * model.vocab_size * 4.0
     graphs = CUDA_GRAPH_RESERVE_BYTES if engine.cuda_graphs else 0.0

@@ -49,8 +49,8 @@ class SearchLimits:
     pp: tuple[int, ...] = (1, 2)
     max_batched_tokens: tuple[int | None, ...] = (None,)
     # Strategies simulated per mode after analytic ranking.
-    simulate_top: int = 6
-    requests: int = 300
+    simulate_top: int = 5
+    requests: int = 200
     rate_tolerance: float = 0.04
 
 
@@ -159,7 +159,9 @@ def count_search_space(request: PlanRequest) -> int:
     return total
 
 
-def _decode_capacity(cost: ReplicaStepCost, kv_tokens: int, max_seqs: int, isl: float, osl: float, tpot_s: float) -> float:
+def _decode_capacity(
+    cost: ReplicaStepCost, kv_tokens: int, max_seqs: int, isl: float, osl: float, tpot_s: float
+) -> float:
     """Requests/s one instance can decode with steps under the TPOT SLO (analytic)."""
     context = isl + osl / 2
     batch_cap = max(1, min(max_seqs, int(kv_tokens // max(1.0, isl + osl))))
@@ -182,9 +184,7 @@ def _prefill_capacity(cost: ReplicaStepCost, budget: int, isl: float) -> float:
     return tokens / step.total_s / isl
 
 
-def _goodput(
-    candidate: Candidate, workload: Workload, sample: RequestSample, slo: Slo, limits: SearchLimits
-) -> None:
+def _goodput(candidate: Candidate, workload: Workload, sample: RequestSample, slo: Slo, limits: SearchLimits) -> None:
     """Bisect the request rate (or concurrency) for the highest one meeting the SLO attainment."""
     deployment = candidate.deployment
     ttft_s, tpot_s = slo.ttft_ms / 1e3, slo.tpot_ms / 1e3
@@ -197,7 +197,11 @@ def _goodput(
             wl = replace(workload, concurrency=max(1, int(level)))
             return simulate_deployment(deployment, wl, sample=sample, replicas_simulated=1 if collocated else None)
         return simulate_deployment(
-            deployment, workload, sample=sample, rate_per_s=level / replicas, replicas_simulated=1 if collocated else None
+            deployment,
+            workload,
+            sample=sample,
+            rate_per_s=level / replicas,
+            replicas_simulated=1 if collocated else None,
         )
 
     def ok(est: Estimate) -> bool:
@@ -267,7 +271,8 @@ def _strategy_dict(candidate: Candidate, workload: Workload) -> dict[str, Any]:
                 "ttft_ms": r.ttft.as_dict(),
                 "tpot_ms": r.tpot.as_dict(),
                 "e2e_ms": r.e2e.as_dict(),
-                "output_tokens_per_s": r.output_tokens_per_s * (deployment.replicas if deployment.mode is Mode.COLLOCATED else 1),
+                "output_tokens_per_s": r.output_tokens_per_s
+                * (deployment.replicas if deployment.mode is Mode.COLLOCATED else 1),
                 "bottleneck": r.bottleneck(),
             }
         )
@@ -328,7 +333,10 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
             floor = cost.decode_floor_s()
             if floor > tpot_s:
                 result.rejected.append(
-                    Rejection(layout.label(), f"TPOT floor {floor * 1e3:.1f} ms is above the SLO {request.slo.tpot_ms:g} ms")
+                    Rejection(
+                        layout.label(),
+                        f"TPOT floor {floor * 1e3:.1f} ms is above the SLO {request.slo.tpot_ms:g} ms",
+                    )
                 )
                 continue
             knobs = built.config.knobs
@@ -385,7 +393,8 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
             result.rejected.append(
                 Rejection(
                     candidate.deployment.label(),
-                    f"analytic bound {candidate.bound_rps / candidate.deployment.gpus:.3g} req/s/GPU is below the leaders",
+                    f"analytic bound {candidate.bound_rps / candidate.deployment.gpus:.3g} req/s/GPU "
+                    "is below the leaders",
                 )
             )
         chosen.extend(ranked[: limits.simulate_top])

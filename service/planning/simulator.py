@@ -47,7 +47,7 @@ class InstanceConfig:
     knobs: SchedulerKnobs
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Request:
     index: int
     input_tokens: int
@@ -70,7 +70,7 @@ class _Request:
         return self.prefilled < self.prompt_tokens
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Instance:
     config: InstanceConfig
     index: int
@@ -183,7 +183,11 @@ class SimulationResult:
             return "cpu_dispatch"
         if self.communication_share > 0.3:
             return "communication"
-        return "compute" if self.gemm_share * self.mean_batch_tokens > 0 and self.mean_batch_tokens > 256 else "memory_bandwidth"
+        return (
+            "compute"
+            if self.gemm_share * self.mean_batch_tokens > 0 and self.mean_batch_tokens > 256
+            else "memory_bandwidth"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,9 +330,7 @@ class _Simulation:
         fraction = inst.config.knobs.kv_reserve_output_fraction
         if fraction <= 0:
             return 0
-        return sum(
-            max(0, req.input_tokens + int(fraction * req.output_tokens) - req.kv_alloc) for req in inst.running
-        )
+        return sum(max(0, req.input_tokens + int(fraction * req.output_tokens) - req.kv_alloc) for req in inst.running)
 
     def form_batch(self, inst: _Instance) -> list[tuple[_Request, int]]:
         knobs = inst.config.knobs

@@ -133,6 +133,8 @@ class EngineSpec:
     # Whether a step can carry prefill chunks and decode tokens together.
     mixed_batches: bool
     gpu_memory_fraction: float
+    # GPU-idle time per step that overlapping cannot hide (host sync, sampling copies).
+    step_gap_s: float = 0.0
     # Piecewise CUDA graphs (vLLM V1) also cover mixed prefill/decode steps, all but attention.
     piecewise_cuda_graphs: bool = False
     # Share of a request's output tokens whose KV blocks admission reserves up front: 0 allocates on

@@ -67,9 +67,7 @@ def validate_layout(model: ModelSpec, layout: ParallelLayout) -> None:
         if model.moe is None:
             raise PlanningError(f"expert parallelism needs an MoE model; {model.name} is dense")
         if layout.tp % layout.ep != 0 or model.moe.num_experts % layout.ep != 0:
-            raise PlanningError(
-                f"ep={layout.ep} must divide tp={layout.tp} and the {model.moe.num_experts} experts"
-            )
+            raise PlanningError(f"ep={layout.ep} must divide tp={layout.tp} and the {model.moe.num_experts} experts")
 
 
 def kv_bytes_per_token_per_gpu(model: ModelSpec, layout: ParallelLayout, kv_dtype: DType) -> float:
@@ -135,7 +133,12 @@ class ReplicaStepCost:
         self._dense_layer_gemm = self._attention_gemms(m) + self._dense_ffn_gemms(m)
         self._moe_layer_gemm = self._attention_gemms(m) + self._moe_ffn_gemms(m) if model.moe else None
         self._lm_head = gemm_time_s(
-            m, model.vocab_size / tp, model.hidden_size, gpu=gpu, weight_dtype=weight_dtype, calibration=calibration
+            m,
+            model.vocab_size / tp,
+            model.hidden_size,
+            gpu=gpu,
+            weight_dtype=weight_dtype,
+            calibration=calibration,
         )
         if model.moe is not None:
             self.moe_layers = self.layers_per_stage - min(self.layers_per_stage, model.moe.num_dense_layers)
@@ -155,7 +158,7 @@ class ReplicaStepCost:
         )
 
     def _attention_gemms(self, m: FloatArray) -> FloatArray:
-        model, tp = self.model, self.layout.tp
+        model = self.model
         hidden = model.hidden_size
         mla = model.mla
         if mla is None:
@@ -281,7 +284,9 @@ class ReplicaStepCost:
                 gpu=gpu,
                 calibration=c,
             )
-        elementwise_bytes = tokens * (ELEMENTWISE_HIDDEN_PASSES * model.hidden_size + 3 * self._ffn_width_per_gpu()) * 2.0
+        elementwise_bytes = (
+            tokens * (ELEMENTWISE_HIDDEN_PASSES * model.hidden_size + 3 * self._ffn_width_per_gpu()) * 2.0
+        )
         elementwise = layers_total * elementwise_time_s(
             elementwise_bytes, ELEMENTWISE_KERNELS_PER_LAYER, gpu=gpu, calibration=c
         )
@@ -305,7 +310,7 @@ class ReplicaStepCost:
         gpu_s = gemm + attention + elementwise + communication + lm_head
         cpu_s, launch_s = self._cpu_time(prefill_tokens, decode_sequences, prefill_sequences)
         gpu_s = max(gpu_s, launch_s)
-        total = max(gpu_s, cpu_s) if self.engine.overlap_scheduling else gpu_s + cpu_s
+        total = max(gpu_s, cpu_s) + self.engine.step_gap_s if self.engine.overlap_scheduling else gpu_s + cpu_s
         return StepTime(total, gpu_s, cpu_s, gemm + lm_head, attention, communication)
 
     def _attention_head_dim(self) -> float:
@@ -330,7 +335,9 @@ class ReplicaStepCost:
         decode_only = prefill_tokens == 0
         if engine.cuda_graphs and decode_only and decode_sequences <= engine.cuda_graph_max_batch:
             launched = 0
-        elif engine.cuda_graphs and engine.piecewise_cuda_graphs and prefill_tokens + decode_sequences <= self.max_tokens:
+        elif (
+            engine.cuda_graphs and engine.piecewise_cuda_graphs and prefill_tokens + decode_sequences <= self.max_tokens
+        ):
             # Piecewise graphs replay everything but attention, which launches eagerly.
             launched = 2 * self.layers_per_stage
         else:

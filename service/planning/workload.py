@@ -114,7 +114,8 @@ class LengthDistribution:
             values = rng.lognormal(np.log(self.mean) - sigma2 / 2, np.sqrt(sigma2), count)
         else:
             values = rng.choice(np.asarray(self.samples, dtype=np.float64), count)
-        return np.maximum(1, np.floor(values)).astype(np.int64)
+        lengths: IntArray = np.maximum(1, np.floor(values)).astype(np.int64)
+        return lengths
 
     def mean_tokens(self) -> float:
         """Expected length."""

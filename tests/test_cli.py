@@ -1,0 +1,223 @@
+"""The splan command: output shapes and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_estimate_json_has_latency_stats(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        [
+            "estimate",
+            "--model",
+            "llama-3.1-8b",
+            "--gpu",
+            "h100-sxm",
+            "--isl",
+            "512",
+            "--osl",
+            "64",
+            "--concurrency",
+            "4",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        assert set(out[key]) >= {"mean", "p50", "p90", "p99"}
+    assert out["throughput"]["requests_per_s"] > 0
+    assert out["throughput"]["output_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["estimate", "--model", "nope", "--gpu", "h100-sxm", "--isl", "1", "--osl", "1", "--rate", "1"],
+            "unknown model",
+        ),
+        (
+            [
+                "estimate",
+                "--model",
+                "llama-3.1-8b",
+                "--gpu",
+                "tpu",
+                "--isl",
+                "1",
+                "--osl",
+                "1",
+                "--rate",
+                "1",
+            ],
+            "unknown GPU",
+        ),
+        (
+            [
+                "estimate",
+                "--model",
+                "llama-3.1-8b",
+                "--gpu",
+                "h100-sxm",
+                "--tp",
+                "3",
+                "--isl",
+                "1",
+                "--osl",
+                "1",
+                "--rate",
+                "1",
+            ],
+            "does not divide",
+        ),
+        (
+            [
+                "estimate",
+                "--model",
+                "llama-3.1-8b",
+                "--gpu",
+                "h100-sxm",
+                "--isl",
+                "1",
+                "--osl",
+                "1",
+                "--rate",
+                "-2",
+            ],
+            "rate must be positive",
+        ),
+        (
+            [
+                "estimate",
+                "--model",
+                "llama-3.1-405b",
+                "--gpu",
+                "h100-sxm",
+                "--isl",
+                "1",
+                "--osl",
+                "1",
+                "--rate",
+                "1",
+            ],
+            "does not fit",
+        ),
+        (
+            [
+                "estimate",
+                "--model",
+                "llama-3.1-8b",
+                "--gpu",
+                "h100-sxm",
+                "--isl",
+                "file:/no/such.csv",
+                "--osl",
+                "1",
+                "--rate",
+                "1",
+            ],
+            "cannot read",
+        ),
+        (["plan", "/no/such/spec.yaml"], "cannot read"),
+        (["estimate", "--gpu", "h100-sxm"], "required"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_lengths_from_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "lengths.csv"
+    data.write_text("prompt_tokens,other\n100,x\n300,y\n200,z\n")
+    rc = main(
+        [
+            "estimate",
+            "--model",
+            "llama-3.1-8b",
+            "--gpu",
+            "h100-sxm",
+            "--isl",
+            f"file:{data}",
+            "--osl",
+            "32",
+            "--rate",
+            "2",
+            "--requests",
+            "30",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 30
+
+
+def test_model_config_from_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 16,
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    rc = main(
+        [
+            "estimate",
+            "--model-config",
+            str(tmp_path),
+            "--gpu",
+            "l40s",
+            "--isl",
+            "256",
+            "--osl",
+            "32",
+            "--concurrency",
+            "2",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["tpot_ms"]["mean"] > 0
+
+
+def test_plan_example_ranks_strategies(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["plan", str(REPO / "examples" / "llama8b-h100-closed.yaml"), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    strategies = out["strategies"]
+    assert strategies
+    per_gpu = [s["goodput_per_gpu"] for s in strategies]
+    assert per_gpu == sorted(per_gpu, reverse=True)
+    assert all(s["mode"] in ("collocated", "disaggregated") for s in strategies)
+    assert out["frontier"]
+
+
+def test_plan_spec_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: llama-3.1-8b\ngpu: h100-sxm\nmax_gpus: 2\n"
+        "workload: {isl: 10, osl: 10}\nslo: {ttft_ms: -1, tpot_ms: 5}\n"
+    )
+    assert main(["plan", str(spec)]) == 2
+    assert "slo.ttft_ms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["models", "gpus", "engines"])
+def test_catalog_lists(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["catalog", kind]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 3
