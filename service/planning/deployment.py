@@ -153,10 +153,9 @@ def transfer_model(deployment: Deployment) -> KvTransfer:
     gpu = deployment.gpu
     same_node = deployment.gpus <= gpu.gpus_per_node
     bandwidth = gpu.intra_node_bandwidth_bytes_per_s if same_node else gpu.inter_node_bandwidth_bytes_per_s
-    # Each GPU of the prefill instance sends its shard in parallel.
-    senders = deployment.prefill_layout.gpus
+    # Each GPU of the prefill instance sends its own shard over its own link, in parallel.
     per_token = kv_bytes_per_token_per_gpu(deployment.model, deployment.prefill_layout, deployment.kv_dtype)
-    return KvTransfer(kv_bytes_per_token=per_token, bandwidth_bytes_per_s=bandwidth * 0.8 * max(1, senders) / senders)
+    return KvTransfer(kv_bytes_per_token=per_token, bandwidth_bytes_per_s=bandwidth * 0.8)
 
 
 @dataclass(frozen=True, slots=True)
