@@ -38,7 +38,7 @@ def _int(value: str) -> int:
     return int(float(value)) if value else 0
 
 
-def request_for_row(row: dict[str, str]) -> EstimateRequest:
+def request_for_row(row: dict[str, str], *, client_start: str = "burst") -> EstimateRequest:
     """The estimate request that reproduces one measured run."""
     weight = "fp8" if row["precision"] == "fp8" else "bf16"
     concurrency = _int(row["concurrency"]) or _int(row["batch_size"])
@@ -49,6 +49,7 @@ def request_for_row(row: dict[str, str]) -> EstimateRequest:
         "weight_dtype": weight,
         "isl": row["isl"],
         "osl": row["osl"],
+        "client_start": client_start,
     }
     if row["mode"] == "disagg":
         workers = _int(row["decode_num_workers"])
@@ -92,6 +93,7 @@ def main() -> int:
     parser.add_argument("--reference", type=Path, default=default_reference_dir())
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--client-start", choices=["burst", "staggered"], default="burst")
     args = parser.parse_args()
     rows = list(csv.DictReader((args.reference / "e2e_h100_sxm.csv").open()))
     if args.limit:
@@ -100,7 +102,7 @@ def main() -> int:
     results: list[dict[str, object]] = []
     started = time.perf_counter()
     for row in rows:
-        request = request_for_row(row)
+        request = request_for_row(row, client_start=args.client_start)
         estimate = run_estimate(request, catalog=catalog)
         ttft = estimate.result.ttft.mean
         tpot = estimate.result.tpot.mean

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float)
     est.add_argument("--arrival", choices=["poisson", "gamma", "constant"], default=None)
     est.add_argument("--cv", type=float, default=1.0)
+    est.add_argument(
+        "--client-start",
+        choices=["burst", "staggered"],
+        default="burst",
+        help="closed loop: all clients start at t=0 (burst) or spread over one request lifetime",
+    )
     est.add_argument("--requests", type=int, default=None)
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--max-batched-tokens", type=int, default=None)
@@ -148,6 +154,7 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         rate=args.rate,
         arrival=args.arrival,
         cv=args.cv,
+        client_start=args.client_start,
         requests=args.requests,
         seed=args.seed,
         max_batched_tokens=args.max_batched_tokens,

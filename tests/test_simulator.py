@@ -85,3 +85,16 @@ def test_tp_must_divide_heads(catalog: Catalog) -> None:
 def test_moe_model_estimates(catalog: Catalog) -> None:
     out = _est(catalog, model="mixtral-8x7b", tp=2, ep=2, concurrency=8, requests=32)
     assert out["tpot_ms"]["mean"] > 0
+
+
+def test_staggered_clients_avoid_the_burst_queue(catalog: Catalog) -> None:
+    burst = _est(catalog, concurrency=32, requests=128)
+    staggered = _est(catalog, concurrency=32, requests=128, client_start="staggered")
+    # A burst queues 32 prefills behind each other; staggered clients mostly prefill alone.
+    assert staggered["ttft_ms"]["mean"] < 0.5 * burst["ttft_ms"]["mean"]
+    assert staggered["completed"] == burst["completed"] == 128
+
+
+def test_unknown_client_start_is_refused(catalog: Catalog) -> None:
+    with pytest.raises(PlanningError, match="client start"):
+        _est(catalog, concurrency=4, client_start="sometimes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -232,6 +233,7 @@ def simulate_deployment(
             arrival=workload.arrival,
             rate_per_s=rate * count / deployment.replicas,
             concurrency=workload.concurrency,
+            closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, sample, workload, count),
         )
         return Estimate(deployment, workload, result, {"replica": built.memory})
     if deployment.prefill_workers < 1 or deployment.decode_workers < 1:
@@ -248,8 +250,24 @@ def simulate_deployment(
         arrival=workload.arrival,
         rate_per_s=rate,
         concurrency=workload.concurrency,
+        closed_loop_ramp_s=_closed_loop_ramp_s(decode.config.cost, sample, workload, deployment.decode_workers),
     )
     return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory})
+
+
+def _closed_loop_ramp_s(cost: ReplicaStepCost, sample: RequestSample, workload: Workload, instances: int) -> float:
+    """Steady-state spread of closed-loop clients: one request lifetime at the per-instance concurrency."""
+    if workload.arrival is not ArrivalKind.CLOSED or not workload.closed_loop_staggered:
+        return 0.0
+    # Real clients drift apart within a few requests (jitter, chunking, preemption); starting them one
+    # lifetime apart simulates that steady state instead of a synchronized burst that never dissolves.
+    input_tokens = float(sample.input_tokens.mean())
+    output_tokens = float(sample.output_tokens.mean())
+    batch = max(1, min(cost.max_tokens - 1, math.ceil(workload.concurrency / instances)))
+    prefill_s = cost.step(prefill_tokens=int(input_tokens), prefill_sequences=1).total_s
+    context_tokens = batch * (input_tokens + output_tokens / 2)
+    decode_s = cost.step(decode_sequences=batch, decode_context_tokens=context_tokens).total_s
+    return prefill_s + max(0.0, output_tokens - 1) * decode_s
 
 
 def closed_loop(workload: Workload) -> bool:

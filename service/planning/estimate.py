@@ -67,6 +67,7 @@ class EstimateRequest:
     rate: float | None = None
     arrival: str | None = None
     cv: float = 1.0
+    client_start: str = "burst"
     requests: int | None = None
     seed: int = 0
     max_batched_tokens: int | None = None
@@ -75,6 +76,13 @@ class EstimateRequest:
     memory_fraction: float | None = None
     gpu_price_per_hour: float | None = None
     model_spec: ModelSpec | None = None
+
+
+def client_staggered(client_start: str) -> bool:
+    """Whether closed-loop clients start staggered (`staggered`) or together (`burst`)."""
+    if client_start not in ("burst", "staggered"):
+        raise PlanningError(f"unknown client start {client_start!r}; use burst or staggered")
+    return client_start == "staggered"
 
 
 def resolve_workload(request: EstimateRequest) -> Workload:
@@ -108,6 +116,7 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         cv=request.cv,
         num_requests=count,
         seed=request.seed,
+        closed_loop_staggered=client_staggered(request.client_start),
     )
     workload.validate()
     return workload

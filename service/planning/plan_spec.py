@@ -25,6 +25,7 @@ class WorkloadSpec(BaseModel):
     rate: float | None = Field(default=None, gt=0)
     concurrency: int | None = Field(default=None, ge=1)
     cv: float = Field(default=1.0, gt=0)
+    client_start: Literal["burst", "staggered"] = "burst"
     seed: int = 0
 
     @field_validator("isl", "osl")
@@ -122,6 +123,7 @@ def parse_plan_spec(
         cv=wl.cv,
         num_requests=spec.search.requests,
         seed=wl.seed,
+        closed_loop_staggered=wl.client_start == "staggered",
     )
     if any(t < 1 for t in spec.search.tp + spec.search.pp):
         raise PlanningError("search tp and pp degrees must be positive")

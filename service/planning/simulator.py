@@ -216,7 +216,9 @@ class _Simulation:
         arrival: ArrivalKind,
         rate_per_s: float,
         concurrency: int,
+        closed_loop_ramp_s: float = 0.0,
     ) -> None:
+        self.ramp_s = closed_loop_ramp_s
         self.entry = [_Instance(c, i) for i, c in enumerate(entry)]
         self.decode = [_Instance(c, len(entry) + i) for i, c in enumerate(decode)]
         self.instances = self.entry + self.decode
@@ -248,8 +250,9 @@ class _Simulation:
     def run(self) -> SimulationResult:
         total = int(self.sample.input_tokens.size)
         if self.arrival is ArrivalKind.CLOSED:
-            for _ in range(min(self.concurrency, total)):
-                self.issue(0.0)
+            clients = min(self.concurrency, total)
+            for client in range(clients):
+                self.issue(self.ramp_s * client / clients)
         else:
             times = self.sample.arrivals_at(self.rate)
             for _ in range(total):
@@ -551,9 +554,10 @@ def simulate(
     concurrency: int = 0,
     decode_instances: list[InstanceConfig] | None = None,
     transfer: KvTransfer | None = None,
+    closed_loop_ramp_s: float = 0.0,
 ) -> SimulationResult:
     """Simulate requests through collocated instances, or prefill instances feeding decode instances."""
     decode = decode_instances or []
     if decode and transfer is None:
         raise ValueError("disaggregated simulation needs a KV transfer model")
-    return _Simulation(instances, decode, transfer, sample, arrival, rate_per_s, concurrency).run()
+    return _Simulation(instances, decode, transfer, sample, arrival, rate_per_s, concurrency, closed_loop_ramp_s).run()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import numpy as np
@@ -156,6 +156,8 @@ class Workload:
     seed: int = 0
     # Optional replayed arrival offsets in seconds (from a trace file), used as given.
     arrival_times_s: tuple[float, ...] = field(default=())
+    # Closed-loop clients start all at t=0 (a benchmark burst) or spread over one request lifetime.
+    closed_loop_staggered: bool = False
 
     def validate(self) -> None:
         """Refuse workloads that cannot be simulated."""
@@ -173,17 +175,7 @@ class Workload:
 
     def with_rate(self, rate_per_s: float) -> Workload:
         """The same workload at another request rate."""
-        return Workload(
-            self.arrival,
-            self.input_length,
-            self.output_length,
-            rate_per_s,
-            self.concurrency,
-            self.cv,
-            self.num_requests,
-            self.seed,
-            (),
-        )
+        return replace(self, rate_per_s=rate_per_s, arrival_times_s=())
 
 
 @dataclass(frozen=True, slots=True)
