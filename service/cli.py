@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from service.catalog.loader import load_catalog, load_hf_model_config, read_structured_file
+from service.cli_service import ServiceCliError, add_service_commands, run_service_command
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
 from service.planning.estimate import EstimateRequest, run_estimate
@@ -18,6 +19,8 @@ from service.planning.plan_spec import parse_plan_spec
 from service.planning.search import plan
 from service.planning.specs import PlanningError
 from service.planning.workload import LengthDistribution
+
+SERVICE_COMMANDS = ("serve", "worker", "submit", "status", "db", "openapi")
 
 
 class CliError(Exception):
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("catalog", help="list models, GPUs or engines")
     cat.add_argument("kind", choices=["models", "gpus", "engines"])
     cat.add_argument("--json", action="store_true")
+    add_service_commands(sub)
     return parser
 
 
@@ -213,9 +217,7 @@ def _catalog(args: argparse.Namespace, catalog: Catalog) -> int:
     }
     table = tables[args.kind]
     if args.json:
-        from dataclasses import asdict
-
-        print(json.dumps({k: asdict(v) for k, v in table.items()}, indent=2, default=str))
+        print(json.dumps(catalog.table(args.kind), indent=2))
         return 0
     for name, spec in sorted(table.items()):
         if args.kind == "models":
@@ -239,10 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `splan` console script."""
     try:
         args = build_parser().parse_args(argv)
+        if args.command in SERVICE_COMMANDS:
+            return run_service_command(args)
         catalog = load_catalog(tuple(args.catalog))
         handler = {"estimate": _estimate, "plan": _plan, "catalog": _catalog}[args.command]
         return handler(args, catalog)
-    except (CliError, PlanningError) as exc:
+    except (CliError, PlanningError, ServiceCliError) as exc:
         print(f"splan: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TypeVar
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypeVar
 
 from service.planning.kernels import KernelCalibration
 from service.planning.specs import EngineSpec, GpuSpec, ModelSpec, PlanningError
@@ -33,6 +34,13 @@ class Catalog:
     def engine(self, name: str) -> EngineSpec:
         """An engine by catalog name."""
         return _lookup(self.engines, name, "engine")
+
+    def table(self, kind: Literal["models", "gpus", "engines"]) -> dict[str, dict[str, Any]]:
+        """One catalog table as JSON-ready dictionaries keyed by name."""
+        tables: dict[str, dict[str, Any]] = {"models": self.models, "gpus": self.gpus, "engines": self.engines}
+        entries = tables[kind]
+        # A JSON round trip turns enums and tuples into plain values.
+        return {name: json.loads(json.dumps(asdict(spec), default=str)) for name, spec in sorted(entries.items())}
 
     def calibration_for(self, gpu: GpuSpec) -> KernelCalibration:
         """Kernel calibration for a GPU: its own fit when there is one, else the shared defaults."""

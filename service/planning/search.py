@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -110,7 +111,7 @@ class PlanResult:
         }
 
 
-ProgressCallback = Any
+ProgressCallback = Callable[[int, int], None]
 
 
 def _base_deployment(request: PlanRequest, catalog: Catalog) -> Deployment:

@@ -1,0 +1,63 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.errors import install_problem_handlers
+from service.api.metrics import ApiMetrics, PlanCollector
+from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from service.api.routers import catalog, estimates, health, plans
+from service.catalog.loader import default_catalog
+from service.db.session import SessionFactory, make_engine, make_session_factory
+from service.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
+from service.settings import Execution, Settings, get_settings
+
+API_VERSION = "1.0.0"
+
+
+def make_dispatcher(settings: Settings, session_factory: SessionFactory) -> Dispatcher:
+    """Celery when a broker is configured, else the in-process pool."""
+    if settings.execution is Execution.CELERY:
+        return CeleryDispatcher(settings)
+    return InProcessDispatcher(settings, session_factory)
+
+
+def create_app(settings: Settings | None = None, *, start_executor: bool = True) -> FastAPI:
+    """The API app; `start_executor=False` builds it without an executor (for the OpenAPI document)."""
+    settings = settings or get_settings()
+    engine = make_engine(settings)
+    session_factory = make_session_factory(engine)
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start_executor:
+            app.state.dispatcher = make_dispatcher(settings, session_factory)
+            metrics.registry.register(PlanCollector(session_factory, app.state.dispatcher.queue_depth))
+        try:
+            yield
+        finally:
+            if start_executor:
+                app.state.dispatcher.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="serving-planner",
+        version=API_VERSION,
+        summary="Plans how to serve large language models: strategy search, latency estimates, placement.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.catalog = default_catalog()
+    app.state.metrics = metrics
+    install_problem_handlers(app)
+    for router in (plans.router, estimates.router, catalog.router, health.router):
+        app.include_router(router)
+    app.add_middleware(RequestMetricsMiddleware, histogram=metrics.request_latency)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,90 @@
+"""RFC 9457 problem details for every error the API returns."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.planning.specs import PlanningError
+
+PROBLEM_JSON = "application/problem+json"
+log = structlog.get_logger("splan.api")
+
+
+class ProblemError(Exception):
+    """An error the API answers with a problem document."""
+
+    def __init__(self, status: int, detail: str, *, title: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title or HTTPStatus(status).phrase
+        self.extra = extra
+
+
+def problem_response(
+    status: int, detail: str, *, title: str | None = None, instance: str | None = None, **extra: Any
+) -> JSONResponse:
+    """A problem+json response."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    errors = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            errors.append({"location": "body", "message": "the request body is not valid JSON"})
+            continue
+        location = ".".join(str(part) for part in err.get("loc", ()) if part != "body") or "body"
+        errors.append({"location": location, "message": str(err.get("msg", "invalid"))})
+    first = errors[0] if errors else {"location": "body", "message": "invalid request"}
+    return f"invalid request at {first['location']}: {first['message']}", errors
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Make every 4xx/5xx, validation errors included, a problem document."""
+
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ProblemError)
+        return problem_response(exc.status, exc.detail, title=exc.title, instance=request.url.path, **exc.extra)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        detail, errors = _validation_detail(exc)
+        return problem_response(422, detail, instance=request.url.path, errors=errors)
+
+    async def on_planning(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(422, str(exc), title="Unprocessable plan", instance=request.url.path)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        response = problem_response(exc.status_code, detail, instance=request.url.path)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("api.unhandled", path=request.url.path)
+        return problem_response(500, "internal error; the request was not completed", instance=request.url.path)
+
+    app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(PlanningError, on_planning)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,23 @@
+"""Synchronous single-deployment estimates, bounded to answer within about a second."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from service.api.deps import CatalogDep
+from service.api.routers.plans import PROBLEMS
+from service.api.schemas import EstimateBody
+from service.planning.deployment import Mode
+from service.planning.estimate import EstimateRequest, run_estimate
+
+router = APIRouter(prefix="/v1/estimates", tags=["estimates"])
+
+
+@router.post("", operation_id="createEstimate", summary="Estimate one deployment", responses=PROBLEMS)
+def create_estimate(body: EstimateBody, catalog: CatalogDep) -> dict[str, Any]:
+    """Latency and throughput of one deployment under one workload (as `splan estimate --json`)."""
+    fields = body.model_dump()
+    fields["mode"] = Mode.COLLOCATED if body.mode == "collocated" else Mode.DISAGGREGATED
+    return run_estimate(EstimateRequest(**fields), catalog=catalog).as_dict()

@@ -1,0 +1,158 @@
+"""Plans: submit (idempotent), read, list (cursor-paginated), cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Header, Query, Response
+
+from service.api.deps import CatalogDep, DispatcherDep, SessionDep
+from service.api.errors import ProblemError
+from service.api.schemas import PlanList, PlanResource, StrategyPlanBody
+from service.db import plans as plan_store
+from service.db.models import PlanStatus
+from service.planning.plan_spec import parse_plan_spec
+from service.planning.search import MAX_SEARCH_SPACE, count_search_space
+
+router = APIRouter(prefix="/v1/plans", tags=["plans"])
+log = structlog.get_logger("splan.api.plans")
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"application/problem+json": {}}}
+    for status, description in (
+        (404, "No plan with that id"),
+        (409, "The plan cannot change state"),
+        (413, "Body too large"),
+        (422, "Invalid spec, idempotency key reused with another body, or search space too large"),
+    )
+}
+
+
+def encode_cursor(seq: int) -> str:
+    """An opaque cursor for the plan after which the next page starts."""
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The sequence number inside a cursor; 422 when it is not one of ours."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, value = text.partition(":")
+        if prefix != "seq" or not value.isdigit():
+            raise ValueError(text)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ProblemError(422, "invalid cursor; pass the next_cursor of a previous page") from None
+
+
+@router.post(
+    "",
+    status_code=202,
+    operation_id="createPlan",
+    summary="Submit a plan",
+    response_model=PlanResource,
+    responses={
+        **PROBLEMS,
+        200: {"description": "Same Idempotency-Key and body: the existing plan", "model": PlanResource},
+    },
+)
+def create_plan(
+    body: StrategyPlanBody,
+    response: Response,
+    session: SessionDep,
+    catalog: CatalogDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> PlanResource:
+    """Validate the spec, store the plan as queued (with its idempotency key) and enqueue it after commit."""
+    spec = body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"kind"})
+    request = parse_plan_spec(spec, catalog=catalog)
+    space = count_search_space(request)
+    if space > MAX_SEARCH_SPACE:
+        raise ProblemError(
+            422,
+            f"the search space has {space} strategies; the limit is {MAX_SEARCH_SPACE}: narrow search.tp, "
+            "search.pp, search.modes or max_gpus",
+            title="Search space too large",
+            search_space=space,
+            limit=MAX_SEARCH_SPACE,
+        )
+    try:
+        plan, created = plan_store.create_plan(
+            session,
+            spec=spec,
+            kind=body.kind,
+            model=request.model.name,
+            gpu=request.gpu,
+            total=space,
+            idempotency_key=idempotency_key,
+        )
+    except plan_store.IdempotencyConflictError:
+        raise ProblemError(
+            422,
+            "this Idempotency-Key was already used with a different request body",
+            title="Idempotency key reused",
+        ) from None
+    response.headers["Location"] = f"/v1/plans/{plan.id}"
+    if not created:
+        response.status_code = 200
+        return PlanResource.of(plan)
+    try:
+        dispatcher.submit(plan.id)
+        plan_store.mark_enqueued(session, plan_id=plan.id)
+    except Exception:
+        # The plan is committed as queued; the sweeper enqueues it once the broker is back.
+        log.warning("plan.enqueue_deferred", plan_id=plan.id)
+    return PlanResource.of(plan)
+
+
+@router.get(
+    "", operation_id="listPlans", summary="List plans, newest first", response_model=PlanList, responses=PROBLEMS
+)
+def list_plans(
+    session: SessionDep,
+    status: PlanStatus | None = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> PlanList:
+    """A page of plans; pass `next_cursor` back as `cursor` for the next one."""
+    before = decode_cursor(cursor) if cursor else None
+    page = plan_store.list_plans(
+        session, status=status.value if status else None, model=model, before_seq=before, limit=limit
+    )
+    return PlanList(
+        items=[PlanResource.of(p, with_result=False) for p in page.items],
+        next_cursor=encode_cursor(page.next_cursor) if page.next_cursor is not None else None,
+    )
+
+
+@router.get(
+    "/{plan_id}", operation_id="getPlan", summary="Read a plan", response_model=PlanResource, responses=PROBLEMS
+)
+def get_plan(plan_id: str, session: SessionDep) -> PlanResource:
+    """Status, progress, and the result once succeeded (or a problem detail once failed)."""
+    try:
+        return PlanResource.of(plan_store.get_plan(session, plan_id=plan_id))
+    except plan_store.PlanNotFoundError:
+        raise ProblemError(404, f"no plan with id {plan_id}") from None
+
+
+@router.post(
+    "/{plan_id}/cancel",
+    operation_id="cancelPlan",
+    summary="Cancel a plan",
+    response_model=PlanResource,
+    responses=PROBLEMS,
+)
+def cancel_plan(plan_id: str, session: SessionDep) -> PlanResource:
+    """Cancel a queued or running plan; finished plans answer 409."""
+    try:
+        return PlanResource.of(plan_store.cancel_plan(session, plan_id=plan_id))
+    except plan_store.PlanNotFoundError:
+        raise ProblemError(404, f"no plan with id {plan_id}") from None
+    except plan_store.PlanStateError as exc:
+        raise ProblemError(409, str(exc)) from None

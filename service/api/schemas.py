@@ -1,0 +1,111 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.db.models import Plan
+from service.planning.plan_spec import PlanSpec
+
+MAX_ESTIMATE_REQUESTS = 1000
+
+
+class StrategyPlanBody(PlanSpec):
+    """`POST /v1/plans` body: the `splan plan` spec as JSON."""
+
+    kind: Literal["strategy"] = "strategy"
+
+
+class Progress(BaseModel):
+    """Strategies evaluated so far of the total to evaluate."""
+
+    done: int
+    total: int
+
+
+class PlanResource(BaseModel):
+    """A plan as the API shows it."""
+
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    model: str
+    gpu: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempt: int
+    progress: Progress
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, plan: Plan, *, with_result: bool = True) -> PlanResource:
+        """The resource view of a stored plan."""
+        return cls(
+            id=plan.id,
+            kind=plan.kind,
+            status=plan.status,  # type: ignore[arg-type]
+            model=plan.model,
+            gpu=plan.gpu,
+            created_at=plan.created_at,
+            updated_at=plan.updated_at,
+            started_at=plan.started_at,
+            finished_at=plan.finished_at,
+            attempt=plan.attempt,
+            progress=Progress(done=plan.progress_done, total=plan.progress_total),
+            result=plan.result if with_result else None,
+            error=plan.error,
+        )
+
+
+class PlanList(BaseModel):
+    """A page of plans, newest first."""
+
+    items: list[PlanResource]
+    next_cursor: str | None
+
+
+class EstimateBody(BaseModel):
+    """`POST /v1/estimates` body: the options of `splan estimate`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=200)
+    gpu: str = Field(max_length=100)
+    engine: str = "vllm"
+    weight_dtype: str = "bf16"
+    kv_dtype: str | None = None
+    mode: Literal["collocated", "disaggregated"] = "collocated"
+    tp: int = Field(default=1, ge=1, le=64)
+    pp: int = Field(default=1, ge=1, le=64)
+    ep: int = Field(default=1, ge=1, le=256)
+    replicas: int = Field(default=1, ge=1, le=256)
+    prefill_tp: int = Field(default=1, ge=1, le=64)
+    prefill_pp: int = Field(default=1, ge=1, le=64)
+    prefill_workers: int = Field(default=1, ge=1, le=256)
+    decode_tp: int = Field(default=1, ge=1, le=64)
+    decode_pp: int = Field(default=1, ge=1, le=64)
+    decode_workers: int = Field(default=1, ge=1, le=256)
+    isl: int | str = Field(description="N, uniform:LO:HI, normal:MEAN:STD or lognormal:MEAN:STD")
+    osl: int | str = Field(description="same forms as isl")
+    concurrency: int | None = Field(default=None, ge=1, le=4096)
+    rate: float | None = Field(default=None, gt=0, le=100_000)
+    arrival: Literal["poisson", "gamma", "constant"] | None = None
+    cv: float = Field(default=1.0, gt=0, le=100)
+    client_start: Literal["burst", "staggered"] = "burst"
+    requests: int | None = Field(default=None, ge=1, le=MAX_ESTIMATE_REQUESTS)
+    seed: int = 0
+    max_batched_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
+    max_sequences: int | None = Field(default=None, ge=1, le=65_536)
+    gpu_price_per_hour: float | None = Field(default=None, gt=0)
+
+
+class HealthStatus(BaseModel):
+    """Liveness or readiness."""
+
+    status: Literal["ok"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,192 @@
+"""`splan serve|worker|submit|status|db|openapi`: run the service and talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.catalog.loader import read_structured_file
+from service.planning.specs import PlanningError
+
+OPENAPI_PATH = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
+FINAL = ("succeeded", "failed", "canceled")
+
+
+class ServiceCliError(Exception):
+    """A service command failed in a way the user can fix: one line on stderr, exit code 2."""
+
+
+def add_service_commands(sub: Any) -> None:
+    """Register the service subcommands on the `splan` parser."""
+    serve = sub.add_parser("serve", help="run the HTTP API (embedded SQLite + in-process unless configured)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+
+    worker = sub.add_parser("worker", help="run a Celery worker (needs BROKER_URL and DATABASE_URL)")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--no-beat", action="store_true", help="do not run the stale-plan sweeper schedule")
+    worker.add_argument("--loglevel", default="INFO")
+
+    submit = sub.add_parser("submit", help="submit a plan spec to a server")
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
+    submit.add_argument("--wait", action="store_true", help="poll until the plan finishes")
+    submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait")
+    submit.add_argument("--idempotency-key", default=None)
+
+    status = sub.add_parser("status", help="show a plan's status (and result once finished)")
+    status.add_argument("plan_id")
+    status.add_argument("--server", required=True)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=sub._parser_class)
+    db_sub.add_parser("upgrade", help="apply the Alembic migrations to DATABASE_URL (or the embedded SQLite file)")
+
+    openapi = sub.add_parser("openapi", help="write the OpenAPI document")
+    openapi.add_argument("--out", type=Path, default=OPENAPI_PATH)
+    openapi.add_argument("--check", action="store_true", help="exit 2 if the file differs from the app")
+
+
+def openapi_document() -> str:
+    """The app's OpenAPI document as stable, sorted JSON."""
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(database_url="sqlite://", broker_url=None), start_executor=False)
+    return json.dumps(app.openapi(), indent=2, sort_keys=True) + "\n"
+
+
+def run_service_command(args: argparse.Namespace) -> int:
+    """Dispatch a service subcommand."""
+    handler = {
+        "serve": _serve,
+        "worker": _worker,
+        "submit": _submit,
+        "status": _status,
+        "db": _db,
+        "openapi": _openapi,
+    }[args.command]
+    return handler(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.db.migrate import upgrade
+    from service.settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url is None:
+        # Embedded mode must work on a fresh machine: create or update the SQLite file first.
+        upgrade(settings)
+    print(
+        f"splan: serving on http://{args.host}:{args.port} (database {settings.sqlalchemy_url().split('://')[0]}, "
+        f"plans run {settings.execution.value})",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        "service.api.asgi:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="warning",
+        access_log=False,
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+
+    settings = get_settings()
+    if not settings.broker_url or not settings.database_url:
+        raise ServiceCliError(
+            "splan worker needs BROKER_URL and DATABASE_URL (the embedded mode runs plans in-process)"
+        )
+    from workers.celery_app import app
+
+    argv = ["worker", f"--loglevel={args.loglevel}", "--queues", settings.queue_name, "--without-gossip"]
+    argv += ["--without-mingle", f"--concurrency={args.concurrency or settings.worker_concurrency}"]
+    if not args.no_beat:
+        argv.append("--beat")
+    app.worker_main(argv)
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from service.db.migrate import upgrade
+    from service.settings import get_settings
+
+    upgrade(get_settings())
+    print("splan: database schema is up to date", file=sys.stderr)
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    document = openapi_document()
+    if args.check:
+        current = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
+        if current != document:
+            raise ServiceCliError(f"{args.out} is out of date; run `splan openapi`")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(document, encoding="utf-8")
+    print(f"splan: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _client(server: str) -> httpx.Client:
+    return httpx.Client(base_url=server.rstrip("/"), timeout=30.0)
+
+
+def _check(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+            detail = body.get("detail") or body.get("title") or response.text
+        except ValueError:
+            detail = response.text.strip()[:200]
+        raise ServiceCliError(f"server answered {response.status_code}: {detail}")
+    payload: dict[str, Any] = response.json()
+    return payload
+
+
+def _submit(args: argparse.Namespace) -> int:
+    spec = read_structured_file(args.spec)
+    if not isinstance(spec, dict):
+        raise PlanningError(f"{args.spec} must hold a mapping (a plan spec)")
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    try:
+        with _client(args.server) as client:
+            plan = _check(client.post("/v1/plans", json=spec, headers=headers))
+            if args.wait:
+                deadline = time.monotonic() + args.timeout
+                while plan["status"] not in FINAL:
+                    if time.monotonic() > deadline:
+                        raise ServiceCliError(f"plan {plan['id']} still {plan['status']} after {args.timeout:g} s")
+                    time.sleep(0.25)
+                    plan = _check(client.get(f"/v1/plans/{plan['id']}"))
+    except httpx.HTTPError as exc:
+        raise ServiceCliError(f"cannot reach {args.server}: {exc}") from None
+    print(json.dumps(plan if args.wait else {k: plan[k] for k in ("id", "status", "created_at")}, indent=2))
+    if args.wait and plan["status"] == "failed":
+        detail = (plan.get("error") or {}).get("detail", "failed")
+        raise ServiceCliError(f"plan {plan['id']} failed: {detail}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        with _client(args.server) as client:
+            plan = _check(client.get(f"/v1/plans/{args.plan_id}"))
+    except httpx.HTTPError as exc:
+        raise ServiceCliError(f"cannot reach {args.server}: {exc}") from None
+    print(json.dumps(plan, indent=2))
+    return 0

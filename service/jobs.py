@@ -1,0 +1,140 @@
+"""run_plan(plan_id): the one entry point that executes a stored plan, in-process or on a Celery worker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from service.catalog.loader import default_catalog
+from service.db import plans as plan_store
+from service.db.models import utcnow
+from service.db.session import SessionFactory
+from service.planning.catalog import Catalog
+from service.planning.plan_spec import parse_plan_spec
+from service.planning.search import plan as search_plan
+from service.planning.specs import PlanningError
+from service.settings import Settings
+
+log = structlog.get_logger("splan.jobs")
+
+PROGRESS_INTERVAL_S = 0.5
+
+
+class PlanAbortedError(Exception):
+    """The plan was canceled, or another attempt owns it now."""
+
+
+class PlanTimeLimitError(Exception):
+    """The plan ran past its time limit."""
+
+
+def worker_name() -> str:
+    """Who is running plans in this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def problem(title: str, status: int, detail: str) -> dict[str, Any]:
+    """An RFC 9457 problem document."""
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+
+
+def execute_spec(
+    kind: str, spec: dict[str, Any], *, catalog: Catalog, progress: Callable[[int, int], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one stored spec: the result document and its summary columns."""
+    request = parse_plan_spec(spec, catalog=catalog)
+    result = search_plan(request, catalog=catalog, progress=progress).as_dict()
+    best = result["strategies"][0] if result["strategies"] else None
+    summary = {
+        "best_goodput_rps": best["goodput_rps"] if best else None,
+        "best_gpus": best["gpus"] if best else None,
+    }
+    return result, summary
+
+
+def run_plan(
+    plan_id: str,
+    *,
+    session_factory: SessionFactory,
+    settings: Settings,
+    catalog: Catalog | None = None,
+    worker: str | None = None,
+) -> str:
+    """Claim the plan, run it, write its outcome guarded by the attempt; returns what happened."""
+    worker = worker or worker_name()
+    with session_factory() as session:
+        attempt = plan_store.claim_plan(
+            session,
+            plan_id=plan_id,
+            worker=worker,
+            lease_s=settings.plan_lease_s,
+            max_attempts=settings.max_attempts,
+        )
+        if attempt is None:
+            log.info("plan.not_claimed", plan_id=plan_id)
+            return "not-claimed"
+        stored = plan_store.get_plan(session, plan_id=plan_id)
+        kind, spec = stored.kind, stored.spec
+    log.info("plan.started", plan_id=plan_id, attempt=attempt, worker=worker)
+    started = time.monotonic()
+    last_report = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last_report
+        now = time.monotonic()
+        if now - started > settings.plan_time_limit_s:
+            raise PlanTimeLimitError
+        if done < total and now - last_report < PROGRESS_INTERVAL_S:
+            return
+        last_report = now
+        with session_factory() as session:
+            owned = plan_store.record_progress(
+                session, plan_id=plan_id, attempt=attempt, done=done, total=total, lease_s=settings.plan_lease_s
+            )
+        if not owned:
+            raise PlanAbortedError
+
+    result: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    try:
+        progress(0, 1)
+        result, summary = execute_spec(kind, spec, catalog=catalog or default_catalog(), progress=progress)
+    except PlanAbortedError:
+        log.info("plan.aborted", plan_id=plan_id, attempt=attempt)
+        return "aborted"
+    except PlanningError as exc:
+        error = problem("Plan failed", 422, str(exc))
+    except PlanTimeLimitError:
+        error = problem("Plan timed out", 504, f"the plan ran past its {settings.plan_time_limit_s:g} s time limit")
+    except Exception as exc:  # a bug must fail the plan, not leave it running until the lease expires
+        log.exception("plan.crashed", plan_id=plan_id)
+        error = problem("Plan failed", 500, f"internal error while planning ({type(exc).__name__})")
+    with session_factory() as session:
+        written = plan_store.finish_plan(
+            session, plan_id=plan_id, attempt=attempt, result=result, error=error, summary=summary
+        )
+    outcome = ("succeeded" if error is None else "failed") if written else "superseded"
+    log.info("plan.finished", plan_id=plan_id, attempt=attempt, outcome=outcome, run_s=time.monotonic() - started)
+    return outcome
+
+
+def requeue_stale(*, session_factory: SessionFactory, settings: Settings, dispatch: Callable[[str], None]) -> int:
+    """Hand plans stuck in queued, or running with an expired lease, to the executor again."""
+    now = utcnow()
+    with session_factory() as session:
+        stale = plan_store.plans_to_requeue(
+            session, queued_before=now - timedelta(seconds=settings.requeue_queued_after_s), now=now
+        )
+        for plan_id in stale:
+            dispatch(plan_id)
+            plan_store.mark_enqueued(session, plan_id=plan_id)
+    if stale:
+        log.info("plans.requeued", count=len(stale))
+    return len(stale)

@@ -1,0 +1,56 @@
+"""Service settings from the environment: embedded (SQLite, in-process) unless DATABASE_URL/BROKER_URL say otherwise."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Execution(StrEnum):
+    """Where plans run: in the API process, or on Celery workers through the broker."""
+
+    IN_PROCESS = "in-process"
+    CELERY = "celery"
+
+
+class Settings(BaseSettings):
+    """Everything the API, the workers and the CLI read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLAN_", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "SPLAN_DATABASE_URL"))
+    broker_url: str | None = Field(default=None, validation_alias=AliasChoices("BROKER_URL", "SPLAN_BROKER_URL"))
+    data_dir: Path = Path()
+    queue_name: str = "splan-plans"
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    plan_lease_s: float = Field(default=60.0, gt=0)
+    plan_time_limit_s: float = Field(default=600.0, gt=0)
+    requeue_queued_after_s: float = Field(default=120.0, gt=0)
+    sweep_interval_s: float = Field(default=15.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    in_process_workers: int = Field(default=2, ge=1)
+    estimate_max_requests: int = Field(default=1000, ge=1)
+    worker_concurrency: int = Field(default=2, ge=1)
+
+    @property
+    def execution(self) -> Execution:
+        """Celery when a broker is configured, else in-process; never a fallback from one to the other."""
+        return Execution.CELERY if self.broker_url else Execution.IN_PROCESS
+
+    def sqlalchemy_url(self) -> str:
+        """The database URL with an explicit driver; a SQLite file in the data directory by default."""
+        url = self.database_url or f"sqlite:///{(self.data_dir / 'splan.db').resolve()}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process."""
+    return Settings()
