@@ -102,12 +102,19 @@ class InProcessDispatcher:
             log.exception("plan.run_failed", plan_id=plan_id)
 
     def _sweep_forever(self) -> None:
-        # The first sweep runs at once: plans queued before a restart are picked up again.
+        # The first sweep takes every queued plan: nothing is in flight in a process that just started.
+        first = True
         while not self.stopping.is_set():
             try:
-                requeue_stale(session_factory=self.session_factory, settings=self.settings, dispatch=self.submit)
+                requeue_stale(
+                    session_factory=self.session_factory,
+                    settings=self.settings,
+                    dispatch=self.submit,
+                    every_queued=first,
+                )
             except Exception:
                 log.exception("sweep.failed")
+            first = False
             self.stopping.wait(self.settings.sweep_interval_s)
 
     def queue_depth(self) -> int | None:

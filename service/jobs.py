@@ -125,13 +125,18 @@ def run_plan(
     return outcome
 
 
-def requeue_stale(*, session_factory: SessionFactory, settings: Settings, dispatch: Callable[[str], None]) -> int:
-    """Hand plans stuck in queued, or running with an expired lease, to the executor again."""
+def requeue_stale(
+    *,
+    session_factory: SessionFactory,
+    settings: Settings,
+    dispatch: Callable[[str], None],
+    every_queued: bool = False,
+) -> int:
+    """Hand plans stuck in queued (all queued ones with `every_queued`), or with an expired lease, to the executor."""
     now = utcnow()
+    queued_before = now if every_queued else now - timedelta(seconds=settings.requeue_queued_after_s)
     with session_factory() as session:
-        stale = plan_store.plans_to_requeue(
-            session, queued_before=now - timedelta(seconds=settings.requeue_queued_after_s), now=now
-        )
+        stale = plan_store.plans_to_requeue(session, queued_before=queued_before, now=now)
         for plan_id in stale:
             dispatch(plan_id)
             plan_store.mark_enqueued(session, plan_id=plan_id)

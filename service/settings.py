@@ -20,7 +20,7 @@ class Execution(StrEnum):
 class Settings(BaseSettings):
     """Everything the API, the workers and the CLI read from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="SPLAN_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="SPLAN_", extra="ignore", frozen=True, populate_by_name=True)
 
     database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "SPLAN_DATABASE_URL"))
     broker_url: str | None = Field(default=None, validation_alias=AliasChoices("BROKER_URL", "SPLAN_BROKER_URL"))

@@ -244,10 +244,8 @@ def finish_plan(
 def plans_to_requeue(session: Session, *, queued_before: datetime, now: datetime, limit: int = 500) -> list[str]:
     """Plans stuck in queued since before a moment, or running with an expired lease."""
     stuck = or_(
-        and_(
-            Plan.status == PlanStatus.QUEUED,
-            or_(Plan.enqueued_at.is_(None), Plan.enqueued_at < queued_before),
-        ),
+        # A plan is handed over right after its insert commits, so judge it by its creation until then.
+        and_(Plan.status == PlanStatus.QUEUED, func.coalesce(Plan.enqueued_at, Plan.created_at) < queued_before),
         and_(Plan.status == PlanStatus.RUNNING, Plan.lease_expires_at < now),
     )
     return list(session.scalars(select(Plan.id).where(stuck).order_by(Plan.seq).limit(limit)))

@@ -1,0 +1,203 @@
+"""The production setup for real: PostgreSQL, Redis, a Celery worker process and the API under uvicorn on loopback.
+
+Also the embedded default (`splan serve` with no settings: SQLite file, in-process plans) as a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import REDIS_URL, REPO
+from tests.test_jobs import SPEC
+
+SPLAN = [sys.executable, "-m", "service.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become ready")
+
+
+def start_quiet(command: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a `splan` subcommand with its output discarded; `serve` gets a free loopback port."""
+    port = free_port()
+    argv = [*SPLAN, *command, *(["--port", str(port)] if command[0] == "serve" else [])]
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_final(client: httpx.Client, plan_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        plan: dict[str, Any] = client.get(f"/v1/plans/{plan_id}").json()
+        if plan["status"] in ("succeeded", "failed", "canceled"):
+            return plan
+        assert time.monotonic() < deadline, f"plan {plan_id} still {plan['status']}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def production(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """`splan db upgrade`, `splan worker` and `splan serve` on the real PostgreSQL and Redis."""
+    workdir = tmp_path_factory.mktemp("production")
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres_url,
+        "BROKER_URL": REDIS_URL,
+        "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}",
+        "SPLAN_SWEEP_INTERVAL_S": "2",
+        "PYTHONPATH": str(REPO),
+    }
+    subprocess.run([*SPLAN, "db", "upgrade"], env=env, cwd=workdir, check=True, capture_output=True)
+    port = free_port()
+    worker_log = (workdir / "worker.log").open("wb")
+    api_log = (workdir / "api.log").open("wb")
+    worker = subprocess.Popen(
+        [*SPLAN, "worker", "--concurrency", "2"], env=env, cwd=workdir, stdout=worker_log, stderr=subprocess.STDOUT
+    )
+    api = subprocess.Popen(
+        [*SPLAN, "serve", "--port", str(port)], env=env, cwd=workdir, stdout=api_log, stderr=subprocess.STDOUT
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base_url, api)
+        yield base_url, env
+    finally:
+        stop(api)
+        stop(worker)
+        worker_log.close()
+        api_log.close()
+
+
+def test_plan_over_http_runs_on_the_celery_worker(production: tuple[str, dict[str, str]]) -> None:
+    base_url, _ = production
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        ready = client.get("/readyz").json()
+        assert ready["checks"] == {"database": "ok", "broker": "ok"}
+        response = client.post("/v1/plans", json=SPEC, headers={"Idempotency-Key": uuid.uuid4().hex})
+        assert response.status_code == 202
+        plan = wait_final(client, response.json()["id"])
+        assert plan["status"] == "succeeded", plan
+        assert plan["attempt"] == 1
+        assert plan["result"]["strategies"][0]["goodput_rps"] > 0
+        listed = client.get("/v1/plans", params={"status": "succeeded", "model": "llama-3.1-8b"}).json()
+        assert plan["id"] in [p["id"] for p in listed["items"]]
+        metrics = client.get("/metrics").text
+        assert "splan_queue_depth" in metrics
+        assert 'splan_plans{status="succeeded"}' in metrics
+
+
+def test_cli_submit_wait_and_status(production: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    base_url, env = production
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC))
+    done = subprocess.run(
+        [*SPLAN, "submit", str(spec_file), "--server", base_url, "--wait", "--timeout", "120"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    plan = json.loads(done.stdout)
+    assert plan["status"] == "succeeded"
+    status = subprocess.run(
+        [*SPLAN, "status", plan["id"], "--server", base_url], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(status.stdout)["id"] == plan["id"]
+    missing = subprocess.run([*SPLAN, "status", "nope", "--server", base_url], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1
+    assert "404" in missing.stderr
+
+
+def test_cancel_over_http(production: tuple[str, dict[str, str]]) -> None:
+    base_url, _ = production
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        plan_id = client.post("/v1/plans", json={**SPEC, "max_gpus": 1}).json()["id"]
+        cancel = client.post(f"/v1/plans/{plan_id}/cancel")
+        # Either canceled before it finished, or already succeeded (409): never both, never lost.
+        final = wait_final(client, plan_id)
+        assert (cancel.status_code, final["status"]) in ((200, "canceled"), (409, "succeeded"))
+
+
+def test_plan_queued_without_a_worker_runs_once_one_starts(
+    production: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    _, env = production
+    env = {**env, "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}"}
+    api, base_url = start_quiet(["serve"], env, tmp_path)
+    worker = None
+    try:
+        wait_ready(base_url, api)
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            plan_id = client.post("/v1/plans", json=SPEC).json()["id"]
+            time.sleep(1.0)
+            assert client.get(f"/v1/plans/{plan_id}").json()["status"] == "queued"
+            worker, _ = start_quiet(["worker", "--concurrency", "1"], env, tmp_path)
+            plan = wait_final(client, plan_id)
+            assert plan["status"] == "succeeded"
+            assert plan["attempt"] == 1
+    finally:
+        stop(api)
+        if worker is not None:
+            stop(worker)
+
+
+def test_embedded_serve_needs_nothing_else(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+    env["PYTHONPATH"] = str(REPO)
+    api, base_url = start_quiet(["serve"], env, tmp_path)
+    try:
+        wait_ready(base_url, api)
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            assert client.get("/readyz").json()["checks"] == {"database": "ok"}
+            plan_id = client.post("/v1/plans", json=SPEC).json()["id"]
+            assert wait_final(client, plan_id)["status"] == "succeeded"
+    finally:
+        stop(api)
+    assert (tmp_path / "splan.db").exists()
+
+
+def test_worker_refuses_to_start_without_a_broker(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+    done = subprocess.run([*SPLAN, "worker"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "BROKER_URL" in done.stderr
+    assert "Traceback" not in done.stderr
