@@ -12,23 +12,14 @@ from service.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+def estimate_args(*extra: str, model: str = "llama-3.1-8b", gpu: str = "h100-sxm", isl: str = "1") -> list[str]:
+    """`splan estimate` arguments: a small model on one GPU at rate 1, unless overridden."""
+    base = ["estimate", "--model", model, "--gpu", gpu, "--isl", isl, "--osl", "1"]
+    return [*base, *(extra or ("--rate", "1"))]
+
+
 def test_estimate_json_has_latency_stats(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(
-        [
-            "estimate",
-            "--model",
-            "llama-3.1-8b",
-            "--gpu",
-            "h100-sxm",
-            "--isl",
-            "512",
-            "--osl",
-            "64",
-            "--concurrency",
-            "4",
-            "--json",
-        ]
-    )
+    rc = main([*estimate_args("--concurrency", "4", isl="512"), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
@@ -40,94 +31,15 @@ def test_estimate_json_has_latency_stats(capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (
-            ["estimate", "--model", "nope", "--gpu", "h100-sxm", "--isl", "1", "--osl", "1", "--rate", "1"],
-            "unknown model",
-        ),
-        (
-            [
-                "estimate",
-                "--model",
-                "llama-3.1-8b",
-                "--gpu",
-                "tpu",
-                "--isl",
-                "1",
-                "--osl",
-                "1",
-                "--rate",
-                "1",
-            ],
-            "unknown GPU",
-        ),
-        (
-            [
-                "estimate",
-                "--model",
-                "llama-3.1-8b",
-                "--gpu",
-                "h100-sxm",
-                "--tp",
-                "3",
-                "--isl",
-                "1",
-                "--osl",
-                "1",
-                "--rate",
-                "1",
-            ],
-            "does not divide",
-        ),
-        (
-            [
-                "estimate",
-                "--model",
-                "llama-3.1-8b",
-                "--gpu",
-                "h100-sxm",
-                "--isl",
-                "1",
-                "--osl",
-                "1",
-                "--rate",
-                "-2",
-            ],
-            "rate must be positive",
-        ),
-        (
-            [
-                "estimate",
-                "--model",
-                "llama-3.1-405b",
-                "--gpu",
-                "h100-sxm",
-                "--isl",
-                "1",
-                "--osl",
-                "1",
-                "--rate",
-                "1",
-            ],
-            "does not fit",
-        ),
-        (
-            [
-                "estimate",
-                "--model",
-                "llama-3.1-8b",
-                "--gpu",
-                "h100-sxm",
-                "--isl",
-                "file:/no/such.csv",
-                "--osl",
-                "1",
-                "--rate",
-                "1",
-            ],
-            "cannot read",
-        ),
+        (estimate_args(model="nope"), "unknown model"),
+        (estimate_args(gpu="tpu"), "unknown GPU"),
+        (estimate_args("--tp", "3", "--rate", "1"), "does not divide"),
+        (estimate_args("--rate", "-2"), "rate must be positive"),
+        (estimate_args(model="llama-3.1-405b"), "does not fit"),
+        (estimate_args(isl="file:/no/such.csv"), "cannot read"),
         (["plan", "/no/such/spec.yaml"], "cannot read"),
         (["estimate", "--gpu", "h100-sxm"], "required"),
+        (estimate_args("--concurrency", "2", "--client-start", "sometimes"), "invalid choice"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,24 +53,7 @@ def test_bad_input_is_one_line_exit_2(args: list[str], needle: str, capsys: pyte
 def test_lengths_from_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "lengths.csv"
     data.write_text("prompt_tokens,other\n100,x\n300,y\n200,z\n")
-    rc = main(
-        [
-            "estimate",
-            "--model",
-            "llama-3.1-8b",
-            "--gpu",
-            "h100-sxm",
-            "--isl",
-            f"file:{data}",
-            "--osl",
-            "32",
-            "--rate",
-            "2",
-            "--requests",
-            "30",
-            "--json",
-        ]
-    )
+    rc = main([*estimate_args("--rate", "2", "--requests", "30", isl=f"file:{data}"), "--json"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["completed"] == 30
 
