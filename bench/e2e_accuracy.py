@@ -38,6 +38,14 @@ def _int(value: str) -> int:
     return int(float(value)) if value else 0
 
 
+def engine_for(row: dict[str, str]) -> str:
+    """The catalog engine of a run: vLLM before 0.14 schedules synchronously."""
+    version = row.get("backend_version", "")
+    if row["backend"] == "vllm" and version and tuple(int(p) for p in version.split(".")[:2]) < (0, 14):
+        return "vllm-0.12"
+    return row["backend"]
+
+
 def request_for_row(row: dict[str, str], *, client_start: str = "burst") -> EstimateRequest:
     """The estimate request that reproduces one measured run."""
     weight = "fp8" if row["precision"] == "fp8" else "bf16"
@@ -45,7 +53,7 @@ def request_for_row(row: dict[str, str], *, client_start: str = "burst") -> Esti
     common = {
         "model": MODEL_NAMES[row["model"].lower()],
         "gpu": "h100-sxm",
-        "engine": row["backend"],
+        "engine": engine_for(row),
         "weight_dtype": weight,
         "isl": row["isl"],
         "osl": row["osl"],

@@ -22,10 +22,11 @@ class KernelCalibration:
     gemm_peak_efficiency: dict[DType, float] = field(
         default_factory=lambda: {DType.BF16: 0.90, DType.FP8: 0.94, DType.INT8: 0.75, DType.FP4: 0.55}
     )
-    gemm_m_half: float = 150.0
+    gemm_m_half: float = 90.0
     gemm_n_half: float = 200.0
     gemm_k_half: float = 100.0
     # Scaled (fp8/int8/fp4) GEMMs quantize activations and saturate only at much larger n and k.
+    scaled_gemm_m_half: float = 200.0
     scaled_gemm_n_half: float = 3300.0
     scaled_gemm_k_half: float = 900.0
     gemm_bandwidth_efficiency: float = 0.86
@@ -91,9 +92,10 @@ def gemm_time_s(
     if grouped:
         eff *= c.grouped_gemm_factor
     scaled = math_dtype in (DType.FP8, DType.INT8, DType.FP4)
+    m_half = c.scaled_gemm_m_half if scaled else c.gemm_m_half
     n_half = c.scaled_gemm_n_half if scaled else c.gemm_n_half
     k_half = c.scaled_gemm_k_half if scaled else c.gemm_k_half
-    shape_eff = eff * (m_arr / (m_arr + c.gemm_m_half)) * (n / (n + n_half)) * (k / (k + k_half))
+    shape_eff = eff * (m_arr / (m_arr + m_half)) * (n / (n + n_half)) * (k / (k + k_half))
     flops = 2.0 * m_arr * n * k
     act_bytes = 1.0 if scaled else 2.0
     moved_bytes = k * n * weight_dtype.bytes_per_element + m_arr * k * act_bytes + m_arr * n * 2.0
