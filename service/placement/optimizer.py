@@ -1,0 +1,614 @@
+"""Placement: where the next instances of a model start soonest, with free GPUs now or by migrating others away.
+
+For each server the optimizer takes the cheaper of two options (ServerlessLLM's locality-aware scheduler):
+A, free GPUs now, costing the load time from the server's fastest tier behind its loading queue; and B, when
+the server lacks free GPUs, moving some of its running instances to other servers (each costs its own load
+there plus KV recomputation) and loading here meanwhile. B's startup is
+``max(load here, migrations done + host-to-GPU copy)``: staging the checkpoint into host memory overlaps the
+migrations, but the last copy needs the GPUs the migrated instances leave. B never beats A on the same server
+(same load, later start), so B is only evaluated for servers without enough free GPUs, and only while its
+lower bound (the load alone) can still enter the ranking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.placement.cluster import (
+    Cluster,
+    ClusterError,
+    Degree,
+    DTypeField,
+    LoadingTask,
+    Name,
+    Reservation,
+    RunningInstance,
+    TierKind,
+    validation_summary,
+)
+from service.placement.estimators import (
+    ClusterView,
+    EstimatorOptions,
+    LoadEstimate,
+    MigrationEstimate,
+    RecomputeCost,
+    ServerStatic,
+    checkpoint_bytes,
+    derived_recompute_cost,
+    recompute_cost,
+    shard_bytes,
+)
+from service.planning.catalog import Catalog
+from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError
+from service.planning.stepcost import ParallelLayout, validate_layout
+
+GIB = 1024.0**3
+MAX_INSTANCES_PER_REQUEST = 64
+
+
+class PlacementRequest(BaseModel):
+    """Where should ``instances`` new instances of a model start?"""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    model: Name = Field(description="catalog model name")
+    weight_dtype: DTypeField = DType.BF16
+    tp: Degree = 1
+    pp: Degree = 1
+    gpus: Degree | None = Field(default=None, description="GPUs per instance; default tp * pp")
+    instances: Annotated[int, Field(ge=1, le=MAX_INSTANCES_PER_REQUEST)] = 1
+    allow_migration: bool = True
+    gpu_type: Name | None = Field(default=None, description="only GPUs of this catalog type")
+    engine: Name = Field(default="vllm", description="engine whose prefill cost prices KV recomputation")
+    checkpoint: Name | None = Field(default=None, description="checkpoint name in the tiers; default: model")
+    max_candidates: Annotated[int, Field(ge=1, le=256)] = 8
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoadBreakdown(_Out):
+    """Queue wait and transfer of one checkpoint load."""
+
+    tier: TierKind
+    queue_wait_s: float
+    transfer_s: float
+    bandwidth_bytes_per_s: float
+    checkpoint_bytes: float
+    total_s: float
+
+    @classmethod
+    def of(cls, load: LoadEstimate) -> LoadBreakdown:
+        """From the estimator's dataclass."""
+        return cls(
+            tier=load.tier,
+            queue_wait_s=load.queue_wait_s,
+            transfer_s=load.transfer_s,
+            bandwidth_bytes_per_s=load.bandwidth_bytes_per_s,
+            checkpoint_bytes=load.checkpoint_bytes,
+            total_s=load.total_s,
+        )
+
+
+class PlannedMigration(_Out):
+    """A running instance the decision moves away, where to, and what it costs."""
+
+    instance_id: str
+    checkpoint: str
+    from_server: str
+    to_server: str
+    to_gpu_ids: list[int]
+    load: LoadBreakdown
+    tokens: int
+    recompute_s: float
+    recompute_source: str
+    finish_s: float
+
+
+class Candidate(_Out):
+    """One way to start an instance: server, GPUs, the tier it loads from and the estimated startup latency."""
+
+    server: str
+    gpu_type: str
+    gpu_ids: list[int]
+    tier: TierKind
+    startup_latency_s: float
+    load: LoadBreakdown
+    migration_s: float = Field(description="when the migrations free the GPUs (0 without migration)")
+    migrations: list[PlannedMigration]
+
+
+class Exclusion(_Out):
+    """A server that cannot host the instance, and why."""
+
+    server: str
+    reason: str
+
+
+class PlacementDecision(_Out):
+    """The chosen placements (one per instance, chosen greedily), the ranked options for the first, exclusions."""
+
+    model: str
+    checkpoint: str
+    weight_dtype: DType
+    gpus_per_instance: int
+    requested_instances: int
+    placements: list[Candidate]
+    candidates: list[Candidate]
+    excluded: list[Exclusion]
+    unplaced_reason: str | None = None
+
+
+@dataclass(slots=True)
+class PlacementOption:
+    startup_s: float
+    server: str
+    gpu_type: str
+    gpu_ids: list[int]
+    load: LoadEstimate
+    migrations: tuple[MigrationEstimate, ...] = ()
+
+    @property
+    def migration_s(self) -> float:
+        """When the migrations free the GPUs (0 without migration)."""
+        return max((m.finish_s for m in self.migrations), default=0.0)
+
+    def sort_key(self) -> tuple[float, int, str]:
+        """Soonest start first, then fewer migrations, then server name (deterministic ties)."""
+        return (self.startup_s, len(self.migrations), self.server)
+
+    def to_candidate(self) -> Candidate:
+        """The output model of this option."""
+        return Candidate(
+            server=self.server,
+            gpu_type=self.gpu_type,
+            gpu_ids=self.gpu_ids,
+            tier=self.load.tier,
+            startup_latency_s=self.startup_s,
+            load=LoadBreakdown.of(self.load),
+            migration_s=self.migration_s,
+            migrations=[
+                PlannedMigration(
+                    instance_id=m.instance_id,
+                    checkpoint=m.checkpoint,
+                    from_server=m.from_server,
+                    to_server=m.to_server,
+                    to_gpu_ids=list(m.to_gpu_ids),
+                    load=LoadBreakdown.of(m.load),
+                    tokens=m.tokens,
+                    recompute_s=m.recompute_s,
+                    recompute_source=m.recompute_source,
+                    finish_s=m.finish_s,
+                )
+                for m in self.migrations
+            ],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceNeed:
+    """What one instance of the requested model needs."""
+
+    checkpoint: str
+    checkpoint_bytes: float
+    shard_bytes: float
+    gpus: int
+    gpu_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MovableInstance:
+    """A running instance priced for migration."""
+
+    instance: RunningInstance
+    gpu_type: str
+    need: InstanceNeed
+    recompute: RecomputeCost
+
+
+@dataclass(slots=True)
+class PlacementContext:
+    """Per-call caches: catalog lookups, instance pricing, destination rankings."""
+
+    catalog: Catalog
+    engine: EngineSpec
+    fit_reasons: dict[str, str | None] = field(default_factory=dict)
+    movables: dict[str, MovableInstance | None] = field(default_factory=dict)
+    destinations: dict[tuple[str, float, int, str], list[tuple[float, str, TierKind, float]]] = field(
+        default_factory=dict
+    )
+
+    def fit_reason(self, gpu_type: str, *, need: InstanceNeed, request: PlacementRequest) -> str | None:
+        """Why the weights do not fit on that GPU type (None when they fit or the type is unknown)."""
+        if gpu_type not in self.fit_reasons:
+            reason = None
+            gpu = self.catalog.gpus.get(gpu_type.lower())
+            if gpu is not None:
+                usable = gpu.memory_bytes * self.engine.gpu_memory_fraction
+                if need.shard_bytes >= usable:
+                    reason = (
+                        f"{need.shard_bytes / GIB:.1f} GiB of weights per GPU at tp={request.tp} pp={request.pp} "
+                        f"exceed the {usable / GIB:.1f} GiB usable on {gpu_type}"
+                    )
+            self.fit_reasons[gpu_type] = reason
+        return self.fit_reasons[gpu_type]
+
+    def movable(self, view: ClusterView, *, inst: RunningInstance) -> MovableInstance | None:
+        """Price an instance for migration once per call; None when its model or GPU is not in the catalog."""
+        if inst.id not in self.movables:
+            self.movables[inst.id] = self._price(view, inst)
+        return self.movables[inst.id]
+
+    def _price(self, view: ClusterView, inst: RunningInstance) -> MovableInstance | None:
+        gpu_type = view.static.gpu_type_of_instance[inst.id]
+        try:
+            model = self.catalog.model(inst.model)
+            gpu = self.catalog.gpu(gpu_type)
+            engine = self.catalog.engine(inst.engine)
+            derived = derived_recompute_cost(
+                model,
+                gpu=gpu,
+                engine=engine,
+                calibration=self.catalog.calibration_for(gpu),
+                weight_dtype=inst.weight_dtype,
+                tp=inst.tp,
+                pp=inst.pp,
+            )
+        except PlanningError:
+            return None
+        learned = view.static.learned_migrations.get((inst.model, gpu_type, inst.tp))
+        need = InstanceNeed(
+            checkpoint=inst.checkpoint_name,
+            checkpoint_bytes=checkpoint_bytes(model, weight_dtype=inst.weight_dtype),
+            shard_bytes=shard_bytes(model, weight_dtype=inst.weight_dtype, tp=inst.tp, pp=inst.pp),
+            gpus=len(inst.gpu_ids),
+            gpu_type=gpu_type,
+        )
+        return MovableInstance(inst, gpu_type, need, recompute_cost(learned, derived=derived))
+
+    def destinations_for(self, view: ClusterView, *, need: InstanceNeed) -> list[tuple[float, str, TierKind, float]]:
+        """Servers with room for ``need`` as (load total, server, tier, transfer), soonest first; valid until
+        the view changes."""
+        assert need.gpu_type is not None
+        key = (need.checkpoint, need.shard_bytes, need.gpus, need.gpu_type)
+        ranked = self.destinations.get(key)
+        if ranked is None:
+            ranked = []
+            gpu_type, gpus = need.gpu_type, need.gpus
+            for name, by_type in view.free.items():
+                if len(by_type.get(gpu_type, ())) >= gpus:
+                    transfer_s, tier = view.transfer(
+                        name,
+                        checkpoint=need.checkpoint,
+                        checkpoint_bytes=need.checkpoint_bytes,
+                        shard_bytes=need.shard_bytes,
+                    )
+                    ranked.append((view.queue_wait_s[name] + transfer_s, name, tier, transfer_s))
+            ranked.sort()
+            self.destinations[key] = ranked
+        return ranked
+
+
+def resolve_need(request: PlacementRequest, *, model: ModelSpec) -> InstanceNeed:
+    """What one instance of the request needs; PlanningError when the layout does not suit the model."""
+    validate_layout(model, ParallelLayout(request.tp, request.pp))
+    gpus = request.gpus if request.gpus is not None else request.tp * request.pp
+    if gpus < request.tp * request.pp:
+        raise PlanningError(f"gpus={gpus} is fewer than tp*pp = {request.tp * request.pp}")
+    return InstanceNeed(
+        checkpoint=request.checkpoint or request.model,
+        checkpoint_bytes=checkpoint_bytes(model, weight_dtype=request.weight_dtype),
+        shard_bytes=shard_bytes(model, weight_dtype=request.weight_dtype, tp=request.tp, pp=request.pp),
+        gpus=gpus,
+        gpu_type=request.gpu_type,
+    )
+
+
+def _migration_option(
+    view: ClusterView,
+    ctx: PlacementContext,
+    st: ServerStatic,
+    gpu_type: str,
+    free: list[int],
+    load: LoadEstimate,
+    need: InstanceNeed,
+) -> PlacementOption | str:
+    """Option B on one server: move instances away until enough GPUs are free; a reason when impossible."""
+    held = view.reserved.get(st.name, set())
+    movable: list[MovableInstance] = []
+    for inst in st.instances:
+        if inst.id in view.moved or view.static.gpu_type_of_instance[inst.id] != gpu_type:
+            continue
+        if held and not held.isdisjoint(inst.gpu_ids):
+            continue
+        priced = ctx.movable(view, inst=inst)
+        if priced is not None:
+            movable.append(priced)
+    have = len(free)
+    freeable = sum(m.need.gpus for m in movable)
+    if have + freeable < need.gpus:
+        return (
+            f"needs {need.gpus} free {gpu_type} GPUs, has {have}; moving its {len(movable)} movable "
+            f"instances would free only {freeable} more"
+        )
+    # Cheapest unconstrained destination of each instance orders the greedy choice.
+    ranked: list[tuple[float, MovableInstance]] = []
+    for m in movable:
+        for total_s, dest, _, _ in ctx.destinations_for(view, need=m.need):
+            if dest != st.name:
+                tokens = m.instance.input_tokens + m.instance.generated_tokens
+                ranked.append((total_s + m.recompute.time_s(tokens), m))
+                break
+    ranked.sort(key=lambda item: (item[0], item[1].instance.id))
+    used: dict[str, int] = {}
+    extra_wait_s: dict[str, float] = {}
+    chosen: list[MigrationEstimate] = []
+    freed: list[int] = []
+    for _, m in ranked:
+        if have + len(freed) >= need.gpus:
+            break
+        for _, dest, tier, transfer_s in ctx.destinations_for(view, need=m.need):
+            room = view.free[dest][gpu_type]
+            start = used.get(dest, 0)
+            if dest == st.name or len(room) - start < m.need.gpus:
+                continue
+            dest_load = view.estimate(dest, tier=tier, transfer_s=transfer_s, checkpoint_bytes=m.need.checkpoint_bytes)
+            if dest in extra_wait_s:
+                dest_load = replace(dest_load, queue_wait_s=dest_load.queue_wait_s + extra_wait_s[dest])
+            used[dest] = start + m.need.gpus
+            extra_wait_s[dest] = extra_wait_s.get(dest, 0.0) + dest_load.transfer_s
+            tokens = m.instance.input_tokens + m.instance.generated_tokens
+            chosen.append(
+                MigrationEstimate(
+                    instance_id=m.instance.id,
+                    checkpoint=m.need.checkpoint,
+                    from_server=st.name,
+                    to_server=dest,
+                    to_gpu_ids=tuple(room[start : start + m.need.gpus]),
+                    load=dest_load,
+                    tokens=tokens,
+                    recompute_s=m.recompute.time_s(tokens),
+                    recompute_source=m.recompute.source,
+                )
+            )
+            freed.extend(m.instance.gpu_ids)
+            break
+    if have + len(freed) < need.gpus:
+        return (
+            f"needs {need.gpus} free {gpu_type} GPUs, has {have}; other servers lack room for enough of its instances"
+        )
+    gpu_ids = sorted([*free, *sorted(freed)][: need.gpus])
+    migration_s = max(m.finish_s for m in chosen)
+    startup_s = max(load.total_s, migration_s + view.gpu_stage_s(st.name, shard_bytes=need.shard_bytes))
+    return PlacementOption(startup_s, st.name, gpu_type, gpu_ids, load, tuple(chosen))
+
+
+def rank_options(
+    view: ClusterView,
+    *,
+    ctx: PlacementContext,
+    request: PlacementRequest,
+    need: InstanceNeed,
+    keep: int,
+) -> tuple[list[PlacementOption], list[Exclusion]]:
+    """Best options (at most ``keep``, ranked) for one instance, and the servers that cannot host it."""
+    options: list[PlacementOption] = []
+    reasons: dict[str, list[str]] = {}
+    deferred: list[tuple[float, ServerStatic, str, list[int], LoadEstimate]] = []
+    hosted: set[str] = set()
+    for st in view.static.servers:
+        types = st.gpu_ids_by_type
+        if need.gpu_type is not None and need.gpu_type not in types:
+            reasons[st.name] = [f"no {need.gpu_type} GPUs (has {', '.join(sorted(types))})"]
+            continue
+        for gpu_type, all_ids in types.items():
+            if need.gpu_type is not None and gpu_type != need.gpu_type:
+                continue
+            fit = ctx.fit_reason(gpu_type, need=need, request=request)
+            if fit is not None:
+                reasons.setdefault(st.name, []).append(fit)
+                continue
+            if len(all_ids) < need.gpus:
+                reasons.setdefault(st.name, []).append(
+                    f"has only {len(all_ids)} {gpu_type} GPUs, an instance needs {need.gpus}"
+                )
+                continue
+            free = view.free[st.name][gpu_type]
+            load = view.load(
+                st.name,
+                checkpoint=need.checkpoint,
+                checkpoint_bytes=need.checkpoint_bytes,
+                shard_bytes=need.shard_bytes,
+            )
+            if len(free) >= need.gpus:
+                options.append(PlacementOption(load.total_s, st.name, gpu_type, free[: need.gpus], load))
+                hosted.add(st.name)
+            elif not request.allow_migration:
+                reserved = len(view.reserved.get(st.name, ()))
+                held = f" ({reserved} reserved)" if reserved else ""
+                reasons.setdefault(st.name, []).append(
+                    f"needs {need.gpus} free {gpu_type} GPUs, has {len(free)}{held}; migration not allowed"
+                )
+            else:
+                deferred.append((load.total_s, st, gpu_type, free, load))
+    options.sort(key=PlacementOption.sort_key)
+    deferred.sort(key=lambda item: (item[0], item[1].name))
+    for lower_bound_s, st, gpu_type, free, load in deferred:
+        bound_s = options[keep - 1].startup_s if len(options) >= keep else float("inf")
+        if lower_bound_s >= bound_s:
+            # Option B starts no earlier than its load; the ranking is already full of faster options.
+            reasons.setdefault(st.name, []).append(
+                f"needs {need.gpus} free {gpu_type} GPUs, has {len(free)}; with migration it would start no "
+                f"sooner than {lower_bound_s:.2f} s, slower than the {keep} best options"
+            )
+            continue
+        option = _migration_option(view, ctx, st, gpu_type, free, load, need)
+        if isinstance(option, str):
+            reasons.setdefault(st.name, []).append(option)
+            continue
+        hosted.add(st.name)
+        options.append(option)
+        options.sort(key=PlacementOption.sort_key)
+    excluded = [Exclusion(server=name, reason="; ".join(r)) for name, r in reasons.items() if name not in hosted]
+    return options[:keep], excluded
+
+
+def commit_option(view: ClusterView, *, option: PlacementOption) -> None:
+    """Apply a chosen option to the working view: GPUs taken, loads queued, instances moved."""
+    view.take(option.server, gpu_ids=option.gpu_ids)
+    view.enqueue(option.server, load=option.load)
+    for m in option.migrations:
+        view.take(m.to_server, gpu_ids=list(m.to_gpu_ids))
+        view.enqueue(m.to_server, load=m.load)
+        view.moved.add(m.instance_id)
+
+
+def place(
+    cluster: Cluster,
+    request: PlacementRequest,
+    *,
+    now_s: float,
+    catalog: Catalog,
+    model_spec: ModelSpec | None = None,
+    options: EstimatorOptions | None = None,
+) -> PlacementDecision:
+    """Choose servers and GPUs for ``request.instances`` new instances, soonest startup first.
+
+    Instances are placed greedily, each on a working copy that already holds the previous choices (GPUs taken,
+    loads queued, instances moved), so two instances never share GPUs. Raises PlanningError on a bad request.
+    """
+    model = model_spec or catalog.model(request.model)
+    engine = catalog.engine(request.engine)
+    need = resolve_need(request, model=model)
+    view = ClusterView(cluster, now_s=now_s, options=options)
+    ctx = PlacementContext(catalog=catalog, engine=engine)
+    placements: list[Candidate] = []
+    ranked: list[Candidate] = []
+    excluded: list[Exclusion] = []
+    unplaced: str | None = None
+    for index in range(request.instances):
+        ctx.destinations.clear()
+        keep = request.max_candidates if index == 0 else 1
+        best, excluded_now = rank_options(view, ctx=ctx, request=request, need=need, keep=keep)
+        if index == 0:
+            ranked = [o.to_candidate() for o in best]
+            excluded = excluded_now
+        if not best:
+            what = f"{need.gpus} {need.gpu_type or ''} GPUs".replace("  ", " ")
+            unplaced = (
+                f"no server can host an instance on {what} (see excluded)"
+                if index == 0
+                else f"placed {index} of {request.instances} instances; no server has room for more"
+            )
+            break
+        commit_option(view, option=best[0])
+        placements.append(ranked[0] if index == 0 else best[0].to_candidate())
+    return PlacementDecision(
+        model=request.model,
+        checkpoint=need.checkpoint,
+        weight_dtype=request.weight_dtype,
+        gpus_per_instance=need.gpus,
+        requested_instances=request.instances,
+        placements=placements,
+        candidates=ranked,
+        excluded=excluded,
+        unplaced_reason=unplaced,
+    )
+
+
+def _reservation_id(existing: set[str], *parts: object) -> str:
+    """A deterministic id for the same inputs, unique among ``existing``."""
+    salt = 0
+    while True:
+        digest = hashlib.blake2b(repr((*parts, salt)).encode(), digest_size=6).hexdigest()
+        rid = f"rsv-{digest}"
+        if rid not in existing:
+            existing.add(rid)
+            return rid
+        salt += 1
+
+
+def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_s: float) -> Cluster:
+    """A new Cluster that holds what the decision uses (its GPUs, migration destinations and queued loads)
+    until ``now_s + ttl_s``; expired reservations are dropped. Raises ClusterError when the decision no
+    longer fits the cluster."""
+    if ttl_s <= 0:
+        raise ClusterError(f"ttl_s must be positive (got {ttl_s:g})")
+    view = ClusterView(cluster, now_s=now_s)
+    kept = [r for r in cluster.reservations if r.active(now_s)]
+    kept_ids = {r.id for r in kept}
+    ids = set(kept_ids)
+    instances = {i.id: i for i in cluster.instances}
+    queues: dict[str, list[LoadingTask]] = {
+        s.name: [t for t in s.loading_queue if t.reservation_id is None or t.reservation_id in kept_ids]
+        for s in cluster.servers
+    }
+    new: list[Reservation] = []
+    expires_at_s = now_s + ttl_s
+
+    def hold(server: str, gpu_ids: list[int], checkpoint: str, load: LoadBreakdown, movable: Iterable[int]) -> str:
+        if server not in queues:
+            raise ClusterError(f"decision uses unknown server {server!r}")
+        free = {g for ids_ in view.free[server].values() for g in ids_}
+        allowed = free | set(movable)
+        taken = [g for g in gpu_ids if g not in allowed]
+        if taken:
+            raise ClusterError(f"GPUs {taken} on {server!r} are no longer free; place again")
+        view.take(server, gpu_ids=gpu_ids)
+        rid = _reservation_id(ids, server, tuple(gpu_ids), checkpoint, now_s)
+        queues[server].append(
+            LoadingTask(
+                model=checkpoint,
+                tier=load.tier,
+                remaining_bytes=load.checkpoint_bytes,
+                bandwidth_bytes_per_s=load.bandwidth_bytes_per_s,
+                reservation_id=rid,
+            )
+        )
+        return rid
+
+    for placement in decision.placements:
+        leaving: list[int] = []
+        for m in placement.migrations:
+            inst = instances.get(m.instance_id)
+            if inst is None or inst.server != placement.server:
+                raise ClusterError(f"instance {m.instance_id!r} is no longer on {placement.server!r}; place again")
+            leaving.extend(inst.gpu_ids)
+            rid = hold(m.to_server, m.to_gpu_ids, m.checkpoint, m.load, ())
+            new.append(
+                Reservation(
+                    id=rid,
+                    server=m.to_server,
+                    gpu_ids=list(m.to_gpu_ids),
+                    model=m.checkpoint,
+                    expires_at_s=expires_at_s,
+                    migrating_instance=m.instance_id,
+                )
+            )
+        rid = hold(placement.server, placement.gpu_ids, decision.checkpoint, placement.load, leaving)
+        new.append(
+            Reservation(
+                id=rid,
+                server=placement.server,
+                gpu_ids=list(placement.gpu_ids),
+                model=decision.checkpoint,
+                expires_at_s=expires_at_s,
+            )
+        )
+    servers = [s.model_copy(update={"loading_queue": queues[s.name]}) for s in cluster.servers]
+    try:
+        return Cluster(
+            servers=servers,
+            instances=list(cluster.instances),
+            remote_store_bandwidth_bytes_per_s=cluster.remote_store_bandwidth_bytes_per_s,
+            reservations=[*kept, *new],
+            learned=cluster.learned,
+        )
+    except ValidationError as exc:
+        raise ClusterError(f"reserving leaves an inconsistent cluster: {validation_summary(exc)}") from None
