@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from service.catalog.loader import load_catalog, load_hf_model_config, read_structured_file
 from service.cli_service import ServiceCliError, add_service_commands, run_service_command
+from service.placement.cluster import ClusterError
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
 from service.planning.estimate import EstimateRequest, run_estimate
@@ -20,7 +21,7 @@ from service.planning.search import plan
 from service.planning.specs import PlanningError
 from service.planning.workload import LengthDistribution
 
-SERVICE_COMMANDS = ("serve", "worker", "submit", "status", "db", "openapi")
+SERVICE_COMMANDS = ("serve", "worker", "submit", "status", "db", "openapi", "place")
 
 
 class CliError(Exception):
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         catalog = load_catalog(tuple(args.catalog))
         handler = {"estimate": _estimate, "plan": _plan, "catalog": _catalog}[args.command]
         return handler(args, catalog)
-    except (CliError, PlanningError, ServiceCliError) as exc:
+    except (CliError, PlanningError, ServiceCliError, ClusterError) as exc:
         print(f"splan: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

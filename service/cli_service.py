@@ -49,6 +49,21 @@ def add_service_commands(sub: Any) -> None:
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=sub._parser_class)
     db_sub.add_parser("upgrade", help="apply the Alembic migrations to DATABASE_URL (or the embedded SQLite file)")
 
+    place = sub.add_parser("place", help="where to start new instances on a cluster file (no server needed)")
+    place.add_argument("--cluster", type=Path, required=True, help="cluster state, YAML or JSON")
+    place.add_argument("--model", required=True)
+    place.add_argument("--weight-dtype", default="bf16")
+    place.add_argument("--tp", type=int, default=1)
+    place.add_argument("--pp", type=int, default=1)
+    place.add_argument("--gpus", type=int, default=None, help="GPUs per instance (default tp x pp)")
+    place.add_argument("--instances", type=int, default=1)
+    place.add_argument("--gpu-type", default=None)
+    place.add_argument("--engine", default="vllm")
+    place.add_argument("--checkpoint", default=None, help="checkpoint name in the tiers (default: the model)")
+    place.add_argument("--no-migration", action="store_true")
+    place.add_argument("--candidates", type=int, default=8)
+    place.add_argument("--json", action="store_true")
+
     openapi = sub.add_parser("openapi", help="write the OpenAPI document")
     openapi.add_argument("--out", type=Path, default=OPENAPI_PATH)
     openapi.add_argument("--check", action="store_true", help="exit 2 if the file differs from the app")
@@ -72,6 +87,7 @@ def run_service_command(args: argparse.Namespace) -> int:
         "status": _status,
         "db": _db,
         "openapi": _openapi,
+        "place": _place,
     }[args.command]
     return handler(args)
 
@@ -159,9 +175,7 @@ def _check(response: httpx.Response) -> dict[str, Any]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    spec = read_structured_file(args.spec)
-    if not isinstance(spec, dict):
-        raise PlanningError(f"{args.spec} must hold a mapping (a plan spec)")
+    spec = _mapping(read_structured_file(args.spec), args.spec)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     try:
         with _client(args.server) as client:
@@ -190,3 +204,57 @@ def _status(args: argparse.Namespace) -> int:
         raise ServiceCliError(f"cannot reach {args.server}: {exc}") from None
     print(json.dumps(plan, indent=2))
     return 0
+
+
+def _place(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.catalog.loader import load_catalog
+    from service.placement.cluster import parse_cluster
+    from service.placement.optimizer import PlacementRequest, place
+
+    cluster = parse_cluster(_mapping(read_structured_file(args.cluster), args.cluster))
+    try:
+        request = PlacementRequest(
+            model=args.model,
+            weight_dtype=args.weight_dtype,
+            tp=args.tp,
+            pp=args.pp,
+            gpus=args.gpus,
+            instances=args.instances,
+            allow_migration=not args.no_migration,
+            gpu_type=args.gpu_type,
+            engine=args.engine,
+            checkpoint=args.checkpoint,
+            max_candidates=args.candidates,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ServiceCliError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    decision = place(cluster, request, now_s=time.time(), catalog=load_catalog(tuple(args.catalog)))
+    if args.json:
+        print(decision.model_dump_json(indent=2))
+        return 0
+    print(
+        f"{'#':>2s} {'server':16s} {'GPUs':14s} {'tier':6s} {'startup s':>9s} {'queue s':>8s} {'load s':>7s}  migration"
+    )
+    chosen = {(c.server, tuple(c.gpu_ids)) for c in decision.placements}
+    for rank, c in enumerate(decision.candidates, 1):
+        moves = ", ".join(f"{m.instance_id} -> {m.to_server}" for m in c.migrations) or "-"
+        mark = "*" if (c.server, tuple(c.gpu_ids)) in chosen else " "
+        gpus = ",".join(str(g) for g in c.gpu_ids)
+        print(
+            f"{rank:2d}{mark}{c.server:16s} {gpus:14s} {c.tier.value:6s} {c.startup_latency_s:9.2f} "
+            f"{c.load.queue_wait_s:8.2f} {c.load.transfer_s:7.2f}  {moves}"
+        )
+    for ex in decision.excluded:
+        print(f"   excluded {ex.server}: {ex.reason}")
+    if decision.unplaced_reason:
+        print(f"unplaced: {decision.unplaced_reason}")
+    return 0
+
+
+def _mapping(document: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(document, dict):
+        raise PlanningError(f"{path} must hold a mapping")
+    return document

@@ -18,6 +18,10 @@ OPERATION_IDS = {
     "livez",
     "readyz",
     "metrics",
+    "putCluster",
+    "getCluster",
+    "postClusterEvents",
+    "createPlacement",
 }
 
 

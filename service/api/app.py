@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,10 +11,11 @@ from fastapi import FastAPI
 from service.api.errors import install_problem_handlers
 from service.api.metrics import ApiMetrics, PlanCollector
 from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
-from service.api.routers import catalog, estimates, health, plans
+from service.api.routers import catalog, clusters, estimates, health, placements, plans
 from service.catalog.loader import default_catalog
 from service.db.session import SessionFactory, make_engine, make_session_factory
 from service.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
+from service.placement_service import ClusterCache
 from service.settings import Execution, Settings, get_settings
 
 API_VERSION = "1.0.0"
@@ -36,6 +38,9 @@ def create_app(settings: Settings | None = None, *, start_executor: bool = True)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if start_executor:
+            # Long-lived objects (catalog, parsed clusters) out of the collector's way: shorter GC pauses.
+            gc.collect()
+            gc.freeze()
             app.state.dispatcher = make_dispatcher(settings, session_factory)
             metrics.registry.register(PlanCollector(session_factory, app.state.dispatcher.queue_depth))
         try:
@@ -55,8 +60,9 @@ def create_app(settings: Settings | None = None, *, start_executor: bool = True)
     app.state.session_factory = session_factory
     app.state.catalog = default_catalog()
     app.state.metrics = metrics
+    app.state.cluster_cache = ClusterCache()
     install_problem_handlers(app)
-    for router in (plans.router, estimates.router, catalog.router, health.router):
+    for router in (plans.router, estimates.router, clusters.router, placements.router, catalog.router, health.router):
         app.include_router(router)
     app.add_middleware(RequestMetricsMiddleware, histogram=metrics.request_latency)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

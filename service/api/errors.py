@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.placement.cluster import ClusterError
 from service.planning.specs import PlanningError
 
 PROBLEM_JSON = "application/problem+json"
@@ -71,6 +72,9 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_planning(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(422, str(exc), title="Unprocessable plan", instance=request.url.path)
 
+    async def on_cluster(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(422, str(exc), title="Invalid cluster", instance=request.url.path)
+
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
@@ -86,5 +90,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(PlanningError, on_planning)
+    app.add_exception_handler(ClusterError, on_cluster)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

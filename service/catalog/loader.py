@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,29 @@ DATA_DIR = Path(__file__).parent / "data"
 CATALOG_PATH_ENV = "SPLAN_CATALOG_PATH"
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """Safe YAML loader that reads YAML 1.2 floats such as 25e9 (YAML 1.1 leaves them strings)."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text, reading exponent floats without a dot (25e9) as numbers."""
+    return yaml.load(text, Loader=_Yaml12FloatLoader)
+
+
 def read_structured_file(path: Path) -> Any:
     """Parse a YAML or JSON file, with a one-line error when it cannot be read."""
     try:
@@ -31,7 +55,7 @@ def read_structured_file(path: Path) -> Any:
     try:
         if path.suffix == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PlanningError(f"cannot parse {path}: {first_line}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self, TypeVar
 
@@ -252,15 +252,7 @@ def _consistency_problems(cluster: Cluster) -> list[str]:
         if len(set(kinds)) != len(kinds):
             problems.append(f"server {server.name!r} lists a tier kind twice")
     owner: dict[tuple[str, int], str] = {}
-    seen_instances: set[str] = set()
-    for inst in cluster.instances:
-        if inst.id in seen_instances:
-            problems.append(f"instance {inst.id!r} is listed twice")
-        seen_instances.add(inst.id)
-        gpus = gpus_by_server.get(inst.server)
-        if gpus is None:
-            problems.append(f"instance {inst.id!r} runs on unknown server {inst.server!r}")
-            continue
+    for inst, gpus in _on_known_servers(cluster.instances, "instance", "runs on", gpus_by_server, problems):
         if len(set(inst.gpu_ids)) != len(inst.gpu_ids):
             problems.append(f"instance {inst.id!r} lists a GPU twice")
         if len(inst.gpu_ids) < inst.tp * inst.pp:
@@ -280,15 +272,7 @@ def _consistency_problems(cluster: Cluster) -> list[str]:
             owner[(inst.server, gid)] = inst.id
         if len(types) > 1:
             problems.append(f"instance {inst.id!r} spans GPU types {sorted(types)}")
-    seen_reservations: set[str] = set()
-    for res in cluster.reservations:
-        if res.id in seen_reservations:
-            problems.append(f"reservation {res.id!r} is listed twice")
-        seen_reservations.add(res.id)
-        gpus = gpus_by_server.get(res.server)
-        if gpus is None:
-            problems.append(f"reservation {res.id!r} is on unknown server {res.server!r}")
-            continue
+    for res, gpus in _on_known_servers(cluster.reservations, "reservation", "is on", gpus_by_server, problems):
         missing = [g for g in res.gpu_ids if g not in gpus]
         if missing:
             problems.append(f"reservation {res.id!r} holds GPUs {missing} that {res.server!r} does not have")
@@ -298,14 +282,44 @@ def _consistency_problems(cluster: Cluster) -> list[str]:
     return problems
 
 
+# Cluster entries with an id that sit on one server.
+_OnServer = TypeVar("_OnServer", RunningInstance, Reservation)
+
+
+def _on_known_servers(
+    items: Iterable[_OnServer],
+    kind: str,
+    on: str,
+    gpus_by_server: Mapping[str, dict[int, Gpu]],
+    problems: list[str],
+) -> Iterator[tuple[_OnServer, dict[int, Gpu]]]:
+    """Each item whose server exists, with that server's GPUs; duplicate ids and unknown servers go to
+    ``problems`` (as the items are consumed, so the problems stay in item order)."""
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            problems.append(f"{kind} {item.id!r} is listed twice")
+        seen.add(item.id)
+        gpus = gpus_by_server.get(item.server)
+        if gpus is None:
+            problems.append(f"{kind} {item.id!r} {on} unknown server {item.server!r}")
+            continue
+        yield item, gpus
+
+
+def validated(what: str, build: Callable[[], T]) -> T:
+    """``build()``, with a validation error turned into a one-paragraph ClusterError that starts with ``what``."""
+    try:
+        return build()
+    except ValidationError as exc:
+        raise ClusterError(f"{what}: {validation_summary(exc)}") from None
+
+
 def parse_cluster(data: Mapping[str, Any] | Cluster) -> Cluster:
     """A Cluster from plain data (a parsed YAML/JSON document), with a one-paragraph ClusterError when invalid."""
     if isinstance(data, Cluster):
         return data
-    try:
-        return Cluster.model_validate(data)
-    except ValidationError as exc:
-        raise ClusterError(f"invalid cluster: {validation_summary(exc)}") from None
+    return validated("invalid cluster", lambda: Cluster.model_validate(data))
 
 
 def validation_summary(exc: ValidationError, *, limit: int = 5) -> str:
@@ -350,22 +364,26 @@ class InstanceStopped(_Strict):
     id: Name
 
 
-class CheckpointCached(_Strict):
+class _TierCheckpointEvent(_Strict):
+    """A change to the checkpoints one server tier holds."""
+
+    # Declared here so that it stays the first field; each subclass narrows it to its Literal tag.
+    type: str
+    server: Name
+    tier: TierField
+    model: Name
+
+
+class CheckpointCached(_TierCheckpointEvent):
     """A server tier now holds a checkpoint."""
 
     type: Literal["checkpoint_cached"]
-    server: Name
-    tier: TierField
-    model: Name
 
 
-class CheckpointEvicted(_Strict):
+class CheckpointEvicted(_TierCheckpointEvent):
     """A server tier dropped a checkpoint."""
 
     type: Literal["checkpoint_evicted"]
-    server: Name
-    tier: TierField
-    model: Name
 
 
 class LoadFinished(_Strict):
@@ -437,10 +455,7 @@ EVENTS_ADAPTER: TypeAdapter[list[ClusterEvent]] = TypeAdapter(
 
 def parse_events(data: Iterable[Mapping[str, Any]]) -> list[ClusterEvent]:
     """Events from plain data, with a ClusterError naming the first bad ones."""
-    try:
-        return EVENTS_ADAPTER.validate_python(list(data))
-    except ValidationError as exc:
-        raise ClusterError(f"invalid events: {validation_summary(exc)}") from None
+    return validated("invalid events", lambda: EVENTS_ADAPTER.validate_python(list(data)))
 
 
 class _Draft:
@@ -495,16 +510,16 @@ class _Draft:
             for s in self.servers.values()
         ]
         learned = Learned(bandwidths=list(self.bandwidths.values()), migrations=list(self.migrations.values()))
-        try:
-            return Cluster(
+        return validated(
+            "events leave an inconsistent cluster",
+            lambda: Cluster(
                 servers=servers,
                 instances=list(self.instances.values()),
                 remote_store_bandwidth_bytes_per_s=self.cluster.remote_store_bandwidth_bytes_per_s,
                 reservations=list(self.reservations.values()),
                 learned=learned,
-            )
-        except ValidationError as exc:
-            raise ClusterError(f"events leave an inconsistent cluster: {validation_summary(exc)}") from None
+            ),
+        )
 
 
 def apply_events(cluster: Cluster, events: Iterable[ClusterEvent], *, now_s: float | None = None) -> Cluster:

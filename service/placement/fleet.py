@@ -9,18 +9,24 @@ placed whole or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.placement.cluster import Cluster, Degree, DTypeField, Name, TierKind
 from service.placement.estimators import ClusterView, shard_bytes
-from service.placement.optimizer import PlacementContext, PlacementRequest, commit_option, rank_options, resolve_need
+from service.placement.optimizer import (
+    PlacementContext,
+    PlacementRequest,
+    commit_option,
+    rank_options,
+    resolve_need,
+    weights_fit_reason,
+)
 from service.planning.catalog import Catalog
 from service.planning.specs import DType, PlanningError
 
-GIB = 1024.0**3
 MAX_DEPLOYMENTS = 1024
 MAX_INSTANCES_PER_DEPLOYMENT = 4096
 
@@ -103,14 +109,9 @@ def _fit_reason(deployment: FleetDeployment, catalog: Catalog) -> str | None:
     gpu = catalog.gpus.get(deployment.gpu_type.lower())
     if gpu is None:
         return None
-    usable = gpu.memory_bytes * catalog.engine(deployment.engine).gpu_memory_fraction
+    engine = catalog.engine(deployment.engine)
     shard = shard_bytes(model, weight_dtype=deployment.weight_dtype, tp=tp, pp=pp)
-    if shard >= usable:
-        return (
-            f"{shard / GIB:.1f} GiB of weights per GPU at tp={tp} pp={pp} exceed the {usable / GIB:.1f} GiB "
-            f"usable on {gpu.name}"
-        )
-    return None
+    return weights_fit_reason(shard, gpu=gpu, engine=engine, tp=tp, pp=pp, label=gpu.name)
 
 
 def _ordered(deployments: Sequence[FleetDeployment]) -> list[FleetDeployment]:
@@ -134,41 +135,73 @@ def pack_fleet(
     """Pack deployments onto GPU counts by type, or onto the free GPUs of a cluster when one is given."""
     ordered = _ordered(deployments)
     if cluster is not None:
-        return _pack_on_cluster(ordered, catalog=catalog, cluster=cluster, now_s=now_s)
+        view = ClusterView(cluster, now_s=now_s)
+        return _pack(
+            ordered,
+            catalog=catalog,
+            available=_free_by_type(view),
+            place_one=lambda d, gpu_type: _place_on_view(view, d, gpu_type=gpu_type, catalog=catalog),
+            left=lambda: _free_by_type(view),
+        )
     if gpus_by_type is None:
         raise PlanningError("give the fleet as GPU counts by type or as a cluster")
     if any(count < 0 for count in gpus_by_type.values()):
         raise PlanningError("GPU counts must not be negative")
     available = {t.lower(): int(c) for t, c in gpus_by_type.items()}
     left = dict(available)
+    return _pack(
+        ordered,
+        catalog=catalog,
+        available=available,
+        place_one=lambda d, gpu_type: _take_counts(left, d, gpu_type=gpu_type),
+        left=lambda: left,
+    )
+
+
+def _pack(
+    ordered: list[FleetDeployment],
+    *,
+    catalog: Catalog,
+    available: dict[str, int],
+    place_one: Callable[[FleetDeployment, str], list[PackedInstance] | str],
+    left: Callable[[], Mapping[str, int]],
+) -> FleetPlan:
+    """Place each deployment whose weights fit with ``place_one`` (its instances, or why it does not fit);
+    ``left`` gives the GPUs still free by type at the end."""
     placed: list[PackedDeployment] = []
     unplaced: list[UnplacedDeployment] = []
     for d in ordered:
         gpu_type = d.gpu_type.lower()
         reason = _fit_reason(d, catalog)
-        have = left.get(gpu_type, 0)
-        if reason is None and have < d.gpus_per_instance:
-            reason = f"needs {d.gpus_per_instance} {gpu_type} GPUs per instance, only {have} left"
-        elif reason is None and have < d.total_gpus:
-            reason = (
-                f"needs {d.total_gpus} {gpu_type} GPUs ({d.instances} instances x {d.gpus_per_instance}), "
-                f"only {have} left"
-            )
-        if reason is not None:
-            unplaced.append(UnplacedDeployment(name=d.name, reason=reason))
+        outcome = place_one(d, gpu_type) if reason is None else reason
+        if isinstance(outcome, str):
+            unplaced.append(UnplacedDeployment(name=d.name, reason=outcome))
             continue
-        left[gpu_type] = have - d.total_gpus
         placed.append(
             PackedDeployment(
                 name=d.name,
                 model=d.model,
                 gpu_type=gpu_type,
                 gpus_per_instance=d.gpus_per_instance,
-                instances=[PackedInstance() for _ in range(d.instances)],
+                instances=outcome,
             )
         )
-    used = {t: available[t] - left[t] for t in available}
+    remaining = left()
+    used = {t: available[t] - remaining.get(t, 0) for t in available}
     return FleetPlan(placed=placed, unplaced=unplaced, gpus_available_by_type=available, gpus_used_by_type=used)
+
+
+def _take_counts(left: dict[str, int], d: FleetDeployment, *, gpu_type: str) -> list[PackedInstance] | str:
+    """Take all GPUs of the deployment from the counts left, or say why there are too few."""
+    have = left.get(gpu_type, 0)
+    if have < d.gpus_per_instance:
+        return f"needs {d.gpus_per_instance} {gpu_type} GPUs per instance, only {have} left"
+    if have < d.total_gpus:
+        return (
+            f"needs {d.total_gpus} {gpu_type} GPUs ({d.instances} instances x {d.gpus_per_instance}), only {have} left"
+        )
+    left[gpu_type] = have - d.total_gpus
+    return [PackedInstance() for _ in range(d.instances)]
 
 
 def _free_by_type(view: ClusterView) -> dict[str, int]:
@@ -179,64 +212,40 @@ def _free_by_type(view: ClusterView) -> dict[str, int]:
     return counts
 
 
-def _pack_on_cluster(ordered: list[FleetDeployment], *, catalog: Catalog, cluster: Cluster, now_s: float) -> FleetPlan:
-    view = ClusterView(cluster, now_s=now_s)
-    available = _free_by_type(view)
-    placed: list[PackedDeployment] = []
-    unplaced: list[UnplacedDeployment] = []
-    for d in ordered:
-        gpu_type = d.gpu_type.lower()
-        reason = _fit_reason(d, catalog)
-        if reason is not None:
-            unplaced.append(UnplacedDeployment(name=d.name, reason=reason))
-            continue
-        tp, pp = d.layout()
-        request = PlacementRequest(
-            model=d.model,
-            weight_dtype=d.weight_dtype,
-            tp=tp,
-            pp=pp,
-            gpus=d.gpus_per_instance,
-            gpu_type=gpu_type,
-            allow_migration=False,
-            checkpoint=d.checkpoint,
-            engine=d.engine,
-            max_candidates=1,
-        )
-        model = catalog.model(d.model)
-        need = resolve_need(request, model=model)
-        ctx = PlacementContext(catalog=catalog, engine=catalog.engine(request.engine))
-        saved = view.snapshot()
-        instances: list[PackedInstance] = []
-        for index in range(d.instances):
-            best, _ = rank_options(view, ctx=ctx, request=request, need=need, keep=1)
-            if not best:
-                most = max((len(f.get(gpu_type, ())) for f in view.free.values()), default=0)
-                reason = (
-                    f"needs {d.gpus_per_instance} {gpu_type} GPUs per instance on one server; after placing "
-                    f"{index} of {d.instances} instances the most free on any server is {most}"
-                )
-                break
-            option = best[0]
-            commit_option(view, option=option)
-            instances.append(
-                PackedInstance(
-                    server=option.server, gpu_ids=option.gpu_ids, tier=option.load.tier, load_s=option.startup_s
-                )
-            )
-        if reason is not None:
+def _place_on_view(
+    view: ClusterView, d: FleetDeployment, *, gpu_type: str, catalog: Catalog
+) -> list[PackedInstance] | str:
+    """Place all instances of the deployment on the view, or leave the view as it was and say why not."""
+    tp, pp = d.layout()
+    request = PlacementRequest(
+        model=d.model,
+        weight_dtype=d.weight_dtype,
+        tp=tp,
+        pp=pp,
+        gpus=d.gpus_per_instance,
+        gpu_type=gpu_type,
+        allow_migration=False,
+        checkpoint=d.checkpoint,
+        engine=d.engine,
+        max_candidates=1,
+    )
+    model = catalog.model(d.model)
+    need = resolve_need(request, model=model)
+    ctx = PlacementContext(catalog=catalog, engine=catalog.engine(request.engine))
+    saved = view.snapshot()
+    instances: list[PackedInstance] = []
+    for index in range(d.instances):
+        best, _ = rank_options(view, ctx=ctx, request=request, need=need, keep=1)
+        if not best:
+            most = max((len(f.get(gpu_type, ())) for f in view.free.values()), default=0)
             view.restore(saved)
-            unplaced.append(UnplacedDeployment(name=d.name, reason=reason))
-            continue
-        placed.append(
-            PackedDeployment(
-                name=d.name,
-                model=d.model,
-                gpu_type=gpu_type,
-                gpus_per_instance=d.gpus_per_instance,
-                instances=instances,
+            return (
+                f"needs {d.gpus_per_instance} {gpu_type} GPUs per instance on one server; after placing "
+                f"{index} of {d.instances} instances the most free on any server is {most}"
             )
+        option = best[0]
+        commit_option(view, option=option)
+        instances.append(
+            PackedInstance(server=option.server, gpu_ids=option.gpu_ids, tier=option.load.tier, load_s=option.startup_s)
         )
-    left = _free_by_type(view)
-    used = {t: available[t] - left.get(t, 0) for t in available}
-    return FleetPlan(placed=placed, unplaced=unplaced, gpus_available_by_type=available, gpus_used_by_type=used)
+    return instances

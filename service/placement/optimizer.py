@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.placement.cluster import (
     Cluster,
@@ -29,7 +29,7 @@ from service.placement.cluster import (
     Reservation,
     RunningInstance,
     TierKind,
-    validation_summary,
+    validated,
 )
 from service.placement.estimators import (
     ClusterView,
@@ -44,7 +44,7 @@ from service.placement.estimators import (
     shard_bytes,
 )
 from service.planning.catalog import Catalog
-from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError
+from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
 from service.planning.stepcost import ParallelLayout, validate_layout
 
 GIB = 1024.0**3
@@ -201,6 +201,39 @@ class InstanceNeed:
     gpus: int
     gpu_type: str | None
 
+    @classmethod
+    def of(
+        cls,
+        model: ModelSpec,
+        *,
+        checkpoint: str,
+        weight_dtype: DType,
+        tp: int,
+        pp: int,
+        gpus: int,
+        gpu_type: str | None,
+    ) -> InstanceNeed:
+        """The need of one instance of ``model`` in that dtype and layout."""
+        return cls(
+            checkpoint=checkpoint,
+            checkpoint_bytes=checkpoint_bytes(model, weight_dtype=weight_dtype),
+            shard_bytes=shard_bytes(model, weight_dtype=weight_dtype, tp=tp, pp=pp),
+            gpus=gpus,
+            gpu_type=gpu_type,
+        )
+
+
+def weights_fit_reason(shard: float, *, gpu: GpuSpec, engine: EngineSpec, tp: int, pp: int, label: str) -> str | None:
+    """Why a shard of ``shard`` bytes per GPU does not fit the memory the engine may use on ``gpu`` (None when it
+    fits); ``label`` names the GPU type in the message."""
+    usable = gpu.memory_bytes * engine.gpu_memory_fraction
+    if shard < usable:
+        return None
+    return (
+        f"{shard / GIB:.1f} GiB of weights per GPU at tp={tp} pp={pp} exceed the {usable / GIB:.1f} GiB usable on "
+        f"{label}"
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class MovableInstance:
@@ -230,12 +263,9 @@ class PlacementContext:
             reason = None
             gpu = self.catalog.gpus.get(gpu_type.lower())
             if gpu is not None:
-                usable = gpu.memory_bytes * self.engine.gpu_memory_fraction
-                if need.shard_bytes >= usable:
-                    reason = (
-                        f"{need.shard_bytes / GIB:.1f} GiB of weights per GPU at tp={request.tp} pp={request.pp} "
-                        f"exceed the {usable / GIB:.1f} GiB usable on {gpu_type}"
-                    )
+                reason = weights_fit_reason(
+                    need.shard_bytes, gpu=gpu, engine=self.engine, tp=request.tp, pp=request.pp, label=gpu_type
+                )
             self.fit_reasons[gpu_type] = reason
         return self.fit_reasons[gpu_type]
 
@@ -263,10 +293,12 @@ class PlacementContext:
         except PlanningError:
             return None
         learned = view.static.learned_migrations.get((inst.model, gpu_type, inst.tp))
-        need = InstanceNeed(
+        need = InstanceNeed.of(
+            model,
             checkpoint=inst.checkpoint_name,
-            checkpoint_bytes=checkpoint_bytes(model, weight_dtype=inst.weight_dtype),
-            shard_bytes=shard_bytes(model, weight_dtype=inst.weight_dtype, tp=inst.tp, pp=inst.pp),
+            weight_dtype=inst.weight_dtype,
+            tp=inst.tp,
+            pp=inst.pp,
             gpus=len(inst.gpu_ids),
             gpu_type=gpu_type,
         )
@@ -301,10 +333,12 @@ def resolve_need(request: PlacementRequest, *, model: ModelSpec) -> InstanceNeed
     gpus = request.gpus if request.gpus is not None else request.tp * request.pp
     if gpus < request.tp * request.pp:
         raise PlanningError(f"gpus={gpus} is fewer than tp*pp = {request.tp * request.pp}")
-    return InstanceNeed(
+    return InstanceNeed.of(
+        model,
         checkpoint=request.checkpoint or request.model,
-        checkpoint_bytes=checkpoint_bytes(model, weight_dtype=request.weight_dtype),
-        shard_bytes=shard_bytes(model, weight_dtype=request.weight_dtype, tp=request.tp, pp=request.pp),
+        weight_dtype=request.weight_dtype,
+        tp=request.tp,
+        pp=request.pp,
         gpus=gpus,
         gpu_type=request.gpu_type,
     )
@@ -552,7 +586,15 @@ def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_
     new: list[Reservation] = []
     expires_at_s = now_s + ttl_s
 
-    def hold(server: str, gpu_ids: list[int], checkpoint: str, load: LoadBreakdown, movable: Iterable[int]) -> str:
+    def hold(
+        server: str,
+        gpu_ids: list[int],
+        checkpoint: str,
+        load: LoadBreakdown,
+        movable: Iterable[int],
+        migrating_instance: str | None = None,
+    ) -> None:
+        """Reserve the GPUs for the checkpoint (a new reservation) and queue its load on the server."""
         if server not in queues:
             raise ClusterError(f"decision uses unknown server {server!r}")
         free = {g for ids_ in view.free[server].values() for g in ids_}
@@ -571,7 +613,16 @@ def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_
                 reservation_id=rid,
             )
         )
-        return rid
+        new.append(
+            Reservation(
+                id=rid,
+                server=server,
+                gpu_ids=list(gpu_ids),
+                model=checkpoint,
+                expires_at_s=expires_at_s,
+                migrating_instance=migrating_instance,
+            )
+        )
 
     for placement in decision.placements:
         leaving: list[int] = []
@@ -580,35 +631,16 @@ def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_
             if inst is None or inst.server != placement.server:
                 raise ClusterError(f"instance {m.instance_id!r} is no longer on {placement.server!r}; place again")
             leaving.extend(inst.gpu_ids)
-            rid = hold(m.to_server, m.to_gpu_ids, m.checkpoint, m.load, ())
-            new.append(
-                Reservation(
-                    id=rid,
-                    server=m.to_server,
-                    gpu_ids=list(m.to_gpu_ids),
-                    model=m.checkpoint,
-                    expires_at_s=expires_at_s,
-                    migrating_instance=m.instance_id,
-                )
-            )
-        rid = hold(placement.server, placement.gpu_ids, decision.checkpoint, placement.load, leaving)
-        new.append(
-            Reservation(
-                id=rid,
-                server=placement.server,
-                gpu_ids=list(placement.gpu_ids),
-                model=decision.checkpoint,
-                expires_at_s=expires_at_s,
-            )
-        )
+            hold(m.to_server, m.to_gpu_ids, m.checkpoint, m.load, (), migrating_instance=m.instance_id)
+        hold(placement.server, placement.gpu_ids, decision.checkpoint, placement.load, leaving)
     servers = [s.model_copy(update={"loading_queue": queues[s.name]}) for s in cluster.servers]
-    try:
-        return Cluster(
+    return validated(
+        "reserving leaves an inconsistent cluster",
+        lambda: Cluster(
             servers=servers,
             instances=list(cluster.instances),
             remote_store_bandwidth_bytes_per_s=cluster.remote_store_bandwidth_bytes_per_s,
             reservations=[*kept, *new],
             learned=cluster.learned,
-        )
-    except ValidationError as exc:
-        raise ClusterError(f"reserving leaves an inconsistent cluster: {validation_summary(exc)}") from None
+        ),
+    )

@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -53,7 +54,7 @@ from service.placement.estimators import (
     derived_recompute_cost,
     shard_bytes,
 )
-from service.placement.optimizer import Candidate, LoadBreakdown, PlacementRequest, place, reserve
+from service.placement.optimizer import Candidate, PlacementOption, PlacementRequest, place, reserve
 from service.planning.catalog import Catalog
 from service.planning.specs import DType, ModelSpec, PlanningError
 
@@ -171,6 +172,21 @@ class _Checkpoint:
     size_bytes: float
     shard_bytes: float
 
+    def running(
+        self, instance_id: str, *, server: str, gpu_ids: list[int], input_tokens: int, generated_tokens: int
+    ) -> RunningInstance:
+        """An instance of this checkpoint as the cluster lists it."""
+        return RunningInstance(
+            id=instance_id,
+            model=self.model.name,
+            checkpoint=self.name,
+            server=server,
+            gpu_ids=gpu_ids,
+            tp=self.tp,
+            input_tokens=input_tokens,
+            generated_tokens=generated_tokens,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _ServerTruth:
@@ -193,6 +209,39 @@ class _Trace:
     checkpoint_index: np.ndarray
     lifetime_s: np.ndarray
     input_tokens: np.ndarray
+
+
+def _server(
+    config: ReplayConfig,
+    truth: _ServerTruth,
+    *,
+    busy: Container[int],
+    dram: list[str],
+    ssd: list[str],
+    queue: list[LoadingTask],
+) -> Server:
+    """A simulated server as the cluster lists it: nominal bandwidths, the given busy GPUs, cache and queue."""
+    return Server(
+        name=truth.name,
+        gpus=[Gpu(id=g, type=config.gpu_type, busy=g in busy) for g in range(config.gpus_per_server)],
+        tiers=[
+            StorageTier(
+                kind=TierKind.DRAM,
+                capacity_bytes=config.dram_bytes,
+                read_bandwidth_bytes_per_s=config.dram_read_bytes_per_s,
+                checkpoints=dram,
+            ),
+            StorageTier(
+                kind=TierKind.SSD,
+                capacity_bytes=config.ssd_bytes,
+                read_bandwidth_bytes_per_s=config.ssd_read_bytes_per_s,
+                checkpoints=ssd,
+            ),
+        ],
+        network_bandwidth_bytes_per_s=truth.network_bytes_per_s,
+        pcie_bandwidth_bytes_per_s=config.pcie_bytes_per_s,
+        loading_queue=queue,
+    )
 
 
 def _checkpoints(config: ReplayConfig, catalog: Catalog) -> tuple[_Checkpoint, ...]:
@@ -517,29 +566,13 @@ class _Simulation:
                     )
             names = [c.name for c in self.trace.checkpoints]
             servers.append(
-                Server(
-                    name=truth.name,
-                    gpus=[
-                        Gpu(id=g, type=config.gpu_type, busy=with_state and g not in self.free[i])
-                        for g in range(config.gpus_per_server)
-                    ],
-                    tiers=[
-                        StorageTier(
-                            kind=TierKind.DRAM,
-                            capacity_bytes=config.dram_bytes,
-                            read_bandwidth_bytes_per_s=config.dram_read_bytes_per_s,
-                            checkpoints=[names[c] for c in self.dram[i]] if with_state else [],
-                        ),
-                        StorageTier(
-                            kind=TierKind.SSD,
-                            capacity_bytes=config.ssd_bytes,
-                            read_bandwidth_bytes_per_s=config.ssd_read_bytes_per_s,
-                            checkpoints=[names[c] for c in self.ssd[i]] if with_state else [],
-                        ),
-                    ],
-                    network_bandwidth_bytes_per_s=truth.network_bytes_per_s,
-                    pcie_bandwidth_bytes_per_s=config.pcie_bytes_per_s,
-                    loading_queue=queue,
+                _server(
+                    config,
+                    truth,
+                    busy=set(range(config.gpus_per_server)) - self.free[i] if with_state else (),
+                    dram=[names[c] for c in self.dram[i]] if with_state else [],
+                    ssd=[names[c] for c in self.ssd[i]] if with_state else [],
+                    queue=queue,
                 )
             )
         instances = []
@@ -550,13 +583,10 @@ class _Simulation:
                 ckpt = self.trace.checkpoints[inst.checkpoint]
                 t_in, t_out = self.tokens_at(inst, time_s)
                 instances.append(
-                    RunningInstance(
-                        id=str(inst.request),
-                        model=ckpt.model.name,
-                        checkpoint=ckpt.name,
+                    ckpt.running(
+                        str(inst.request),
                         server=self.trace.servers[inst.server].name,
                         gpu_ids=sorted(inst.gpu_ids),
-                        tp=ckpt.tp,
                         input_tokens=t_in,
                         generated_tokens=t_out,
                     )
@@ -596,16 +626,7 @@ class _Simulation:
             load = ClusterView(view, now_s=time_s).load(
                 name, checkpoint=ckpt.name, checkpoint_bytes=ckpt.size_bytes, shard_bytes=ckpt.shard_bytes
             )
-            return Candidate(
-                server=name,
-                gpu_type=self.config.gpu_type,
-                gpu_ids=free[: ckpt.tp],
-                tier=load.tier,
-                startup_latency_s=load.total_s,
-                load=LoadBreakdown.of(load),
-                migration_s=0.0,
-                migrations=[],
-            )
+            return PlacementOption(load.total_s, name, self.config.gpu_type, free[: ckpt.tp], load).to_candidate()
         request_model = PlacementRequest(model=ckpt.model.name, tp=ckpt.tp, checkpoint=ckpt.name, max_candidates=1)
         decision = place(view, request_model, now_s=time_s, catalog=self.catalog, options=self.options)
         if not decision.placements:
@@ -711,13 +732,10 @@ def synthetic_cluster(
         gpu_ids = free[: ckpt.tp]
         busy[s].update(gpu_ids)
         running.append(
-            RunningInstance(
-                id=f"inst-{n}",
-                model=ckpt.model.name,
-                checkpoint=ckpt.name,
+            ckpt.running(
+                f"inst-{n}",
                 server=trace.servers[s].name,
                 gpu_ids=gpu_ids,
-                tp=ckpt.tp,
                 input_tokens=int(rng.integers(64, 8000)),
                 generated_tokens=int(rng.integers(0, 2000)),
             )
@@ -737,27 +755,7 @@ def synthetic_cluster(
                 )
             )
         server_models.append(
-            Server(
-                name=truth.name,
-                gpus=[Gpu(id=g, type=config.gpu_type, busy=g in busy[i]) for g in range(gpus_per_server)],
-                tiers=[
-                    StorageTier(
-                        kind=TierKind.DRAM,
-                        capacity_bytes=config.dram_bytes,
-                        read_bandwidth_bytes_per_s=config.dram_read_bytes_per_s,
-                        checkpoints=dram,
-                    ),
-                    StorageTier(
-                        kind=TierKind.SSD,
-                        capacity_bytes=config.ssd_bytes,
-                        read_bandwidth_bytes_per_s=config.ssd_read_bytes_per_s,
-                        checkpoints=[names[c] for c in trace.initial_ssd[i]],
-                    ),
-                ],
-                network_bandwidth_bytes_per_s=truth.network_bytes_per_s,
-                pcie_bandwidth_bytes_per_s=config.pcie_bytes_per_s,
-                loading_queue=queue,
-            )
+            _server(config, truth, busy=busy[i], dram=dram, ssd=[names[c] for c in trace.initial_ssd[i]], queue=queue)
         )
     return Cluster(
         servers=server_models,

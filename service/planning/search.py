@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from service.planning.catalog import Catalog
 from service.planning.deployment import (
     Deployment,
@@ -23,6 +25,9 @@ from service.planning.stepcost import ParallelLayout, ReplicaStepCost, validate_
 from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
 
 MAX_SEARCH_SPACE = 5000
+# Arrivals must span this many mean request lifetimes for a run to show steady-state queueing.
+STEADY_STATE_LIFETIMES = 2.5
+MAX_STEADY_STATE_REQUESTS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,17 +198,39 @@ def _goodput(candidate: Candidate, workload: Workload, sample: RequestSample, sl
     collocated = deployment.mode is Mode.COLLOCATED
     replicas = deployment.replicas if collocated else 1
 
+    lifetime_s = 0.0
+
     def run(level: float) -> Estimate:
+        nonlocal lifetime_s
         if workload.arrival is ArrivalKind.CLOSED:
             wl = replace(workload, concurrency=max(1, int(level)))
             return simulate_deployment(deployment, wl, sample=sample, replicas_simulated=1 if collocated else None)
-        return simulate_deployment(
-            deployment,
-            workload,
-            sample=sample,
-            rate_per_s=level / replicas,
-            replicas_simulated=1 if collocated else None,
-        )
+        # A short burst never reaches the steady-state concurrency and looks better than the real thing:
+        # replay the sample until arrivals span several request lifetimes (known from the previous run).
+        span_s = float(sample.unit_arrival_s[-1]) / (level / replicas) if level > 0 else 0.0
+        est: Estimate | None = None
+        for _ in range(2):
+            times = 1
+            if span_s > 0 and lifetime_s > 0:
+                times = math.ceil(STEADY_STATE_LIFETIMES * lifetime_s / span_s)
+                times = max(1, min(times, MAX_STEADY_STATE_REQUESTS // max(1, sample.input_tokens.size)))
+            # simulate_deployment gives the one simulated replica its 1/replicas share of the total rate.
+            est = simulate_deployment(
+                deployment,
+                workload,
+                sample=sample.repeated(times),
+                rate_per_s=level,
+                replicas_simulated=1 if collocated else None,
+            )
+            observed = float(np.mean(est.result.e2e_s)) if est.result.e2e_s.size else 0.0
+            long_enough = observed <= max(lifetime_s, 1e-9) * 1.5 or times * sample.input_tokens.size >= (
+                MAX_STEADY_STATE_REQUESTS
+            )
+            lifetime_s = max(lifetime_s, observed)
+            if long_enough:
+                break
+        assert est is not None
+        return est
 
     def ok(est: Estimate) -> bool:
         return est.result.attainment(ttft_s, tpot_s) >= slo.attainment

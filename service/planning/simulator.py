@@ -349,18 +349,23 @@ class _Simulation:
         batch = []
         if decodes_allowed:
             for req in list(inst.running):
-                if req.in_prefill:
+                if req.prefilled < req.prompt_tokens:
                     continue
                 if budget <= 0:
                     break
-                while not self.grow_kv(inst, req, req.context + 1):
-                    victim = inst.running[-1]
-                    self.preempt(inst, victim)
-                    if victim is req:
-                        break
-                if req in inst.running:
-                    batch.append((req, 1))
-                    budget -= 1
+                # Most steps need no new KV block: skip the allocator (a hot path).
+                if req.input_tokens + req.generated + 1 > req.kv_alloc:
+                    preempted_self = False
+                    while not self.grow_kv(inst, req, req.context + 1):
+                        victim = inst.running[-1]
+                        self.preempt(inst, victim)
+                        if victim is req:
+                            preempted_self = True
+                            break
+                    if preempted_self:
+                        continue
+                batch.append((req, 1))
+                budget -= 1
         if not mixed and batch:
             return batch
         return self.admit(inst, budget, batch)
@@ -471,6 +476,23 @@ class _Simulation:
         # Decode step time is affine in the context sum; sample it at the end to interpolate.
         last = cost.step(decode_sequences=seqs, decode_context_tokens=ctx + seqs * (limit - 1)).total_s
         slope = (last - first_s) / (limit - 1)
+        # Steps k = 0..n-1 take first_s + slope*k; run while the next event has not arrived.
+        # Closed form of the step-by-step loop, then a short exact walk to absorb rounding.
+        room = horizon - self.now
+        if math.isinf(room):
+            steps = limit
+        else:
+            if slope > 0:
+                disc = (first_s - slope / 2) ** 2 + 2 * slope * room
+                guess = int(((-(first_s - slope / 2)) + math.sqrt(max(disc, 0.0))) / slope)
+            else:
+                guess = int(room / first_s) if first_s > 0 else limit
+            steps = max(1, min(limit, guess - 1))
+        total = steps * first_s + slope * steps * (steps - 1) / 2
+        while steps > 1 and self.now + total - (first_s + slope * (steps - 1)) >= horizon:
+            # The guess ran past the event: step back until the last step started before it.
+            steps -= 1
+            total -= first_s + slope * steps
         while steps < limit and self.now + total < horizon:
             total += first_s + slope * steps
             steps += 1

@@ -191,6 +191,20 @@ class RequestSample:
         scaled: FloatArray = self.unit_arrival_s / rate_per_s
         return scaled
 
+    def repeated(self, times: int) -> RequestSample:
+        """The sample played `times` times back to back (a longer run with the same statistics)."""
+        if times <= 1:
+            return self
+        size = self.input_tokens.size
+        gap = float(self.unit_arrival_s[-1]) / max(1, size - 1) if size > 1 else 1.0
+        period = float(self.unit_arrival_s[-1]) + gap
+        offsets = np.repeat(np.arange(times, dtype=np.float64) * period, size)
+        return RequestSample(
+            np.tile(self.input_tokens, times),
+            np.tile(self.output_tokens, times),
+            np.tile(self.unit_arrival_s, times) + offsets,
+        )
+
 
 def sample_requests(workload: Workload) -> RequestSample:
     """Draw the request sample of a workload from its seed."""

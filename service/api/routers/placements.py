@@ -1,0 +1,62 @@
+"""Placement for autoscalers: where should the next instance start so that it loads fastest."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from service.api.deps import CatalogDep, MetricsDep, SessionDep
+from service.api.errors import ProblemError
+from service.api.routers.clusters import PROBLEMS, ClusterName, cache_of, stale
+from service.db import clusters as cluster_store
+from service.placement.optimizer import PlacementRequest
+from service.placement_service import place_on_cluster
+
+router = APIRouter(prefix="/v1/placements", tags=["placements"])
+
+
+class PlacementBody(PlacementRequest):
+    """`POST /v1/placements` body: the cluster, what to start, and whether to reserve it."""
+
+    cluster: ClusterName
+    dry_run: bool = False
+    ttl_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=60.0, description="how long the reservation holds unless an instance_started event confirms it"
+    )
+
+
+@router.post("", operation_id="createPlacement", summary="Place new instances on a cluster", responses=PROBLEMS)
+def create_placement(
+    body: PlacementBody, request: Request, session: SessionDep, catalog: CatalogDep, metrics: MetricsDep
+) -> dict[str, Any]:
+    """Ranked candidates with startup-latency breakdowns, exclusions, and (unless dry_run) reserved GPUs."""
+    started = time.perf_counter()
+    placement = PlacementRequest.model_validate(body.model_dump(exclude={"cluster", "dry_run", "ttl_s"}))
+    try:
+        outcome = place_on_cluster(
+            session,
+            cache=cache_of(request),
+            catalog=catalog,
+            name=body.cluster,
+            request=placement,
+            dry_run=body.dry_run,
+            ttl_s=body.ttl_s,
+        )
+    except cluster_store.ClusterNotFoundError:
+        raise ProblemError(404, f"no cluster named {body.cluster!r}; PUT /v1/clusters/{body.cluster} first") from None
+    except cluster_store.StaleVersionError as exc:
+        raise stale(exc) from None
+    for chosen in outcome.decision.placements:
+        metrics.placement_decisions.labels(chosen.tier.value).inc()
+        metrics.migrations.inc(len(chosen.migrations))
+    metrics.placement_latency.observe(time.perf_counter() - started)
+    return {
+        **outcome.decision.model_dump(mode="json"),
+        "cluster": body.cluster,
+        "cluster_version": outcome.cluster_version,
+        "dry_run": outcome.dry_run,
+        "reservation_ids": outcome.reservation_ids,
+    }
