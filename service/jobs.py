@@ -12,9 +12,12 @@ from typing import Any
 import structlog
 
 from service.catalog.loader import default_catalog
+from service.db import clusters as cluster_store
 from service.db import plans as plan_store
 from service.db.models import utcnow
 from service.db.session import SessionFactory
+from service.placement.cluster import Cluster, ClusterError, parse_cluster
+from service.placement.fleet_plan import parse_fleet_spec, plan_fleet
 from service.planning.catalog import Catalog
 from service.planning.plan_spec import parse_plan_spec
 from service.planning.search import plan as search_plan
@@ -45,9 +48,23 @@ def problem(title: str, status: int, detail: str) -> dict[str, Any]:
 
 
 def execute_spec(
-    kind: str, spec: dict[str, Any], *, catalog: Catalog, progress: Callable[[int, int], None]
+    kind: str,
+    spec: dict[str, Any],
+    *,
+    catalog: Catalog,
+    progress: Callable[[int, int], None],
+    cluster_loader: Callable[[str], Cluster] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one stored spec: the result document and its summary columns."""
+    if kind == "fleet":
+        fleet = parse_fleet_spec(spec)
+        cluster = None
+        if fleet.cluster is not None:
+            if cluster_loader is None:
+                raise PlanningError("this executor cannot read stored clusters")
+            cluster = cluster_loader(fleet.cluster)
+        result = plan_fleet(fleet, catalog=catalog, cluster=cluster, now_s=time.time(), progress=progress)
+        return result, {"best_gpus": result["total_gpus"]}
     request = parse_plan_spec(spec, catalog=catalog)
     result = search_plan(request, catalog=catalog, progress=progress).as_dict()
     best = result["strategies"][0] if result["strategies"] else None
@@ -105,7 +122,13 @@ def run_plan(
     error: dict[str, Any] | None = None
     try:
         progress(0, 1)
-        result, summary = execute_spec(kind, spec, catalog=catalog or default_catalog(), progress=progress)
+        result, summary = execute_spec(
+            kind,
+            spec,
+            catalog=catalog or default_catalog(),
+            progress=progress,
+            cluster_loader=lambda name: load_cluster(session_factory, name),
+        )
     except PlanAbortedError:
         log.info("plan.aborted", plan_id=plan_id, attempt=attempt)
         return "aborted"
@@ -123,6 +146,19 @@ def run_plan(
     outcome = ("succeeded" if error is None else "failed") if written else "superseded"
     log.info("plan.finished", plan_id=plan_id, attempt=attempt, outcome=outcome, run_s=time.monotonic() - started)
     return outcome
+
+
+def load_cluster(session_factory: SessionFactory, name: str) -> Cluster:
+    """A stored cluster, parsed; a missing one fails the plan with a clear reason."""
+    with session_factory() as session:
+        try:
+            stored = cluster_store.get_cluster(session, name=name)
+        except cluster_store.ClusterNotFoundError:
+            raise PlanningError(f"no cluster named {name!r}") from None
+    try:
+        return parse_cluster(stored.state)
+    except ClusterError as exc:
+        raise PlanningError(str(exc)) from None
 
 
 def requeue_stale(

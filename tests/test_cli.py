@@ -116,3 +116,29 @@ def test_plan_spec_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_catalog_lists(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["catalog", kind]) == 0
     assert len(capsys.readouterr().out.splitlines()) >= 3
+
+
+def test_place_on_a_cluster_file(capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = str(REPO / "examples" / "cluster.yaml")
+    assert main(["place", "--cluster", cluster, "--model", "llama-3.1-70b", "--tp", "4", "--json"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["placements"][0]["tier"] == "dram"
+    assert main(["place", "--cluster", cluster, "--model", "llama-3.1-70b", "--tp", "4", "--no-migration"]) == 0
+    table = capsys.readouterr().out
+    assert "startup s" in table
+    assert "node-" in table
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--cluster", "/no/such.yaml", "--model", "llama-3.1-8b"], "cannot read"),
+        (["--cluster", str(REPO / "examples" / "cluster.yaml"), "--model", "gpt-9"], "unknown model"),
+        (["--cluster", str(REPO / "examples" / "llama70b-h100.yaml"), "--model", "llama-3.1-8b"], "servers"),
+    ],
+)
+def test_place_bad_input(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["place", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1

@@ -201,3 +201,26 @@ def test_worker_refuses_to_start_without_a_broker(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "BROKER_URL" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_concurrent_placements_never_share_gpus(production: tuple[str, dict[str, str]]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.catalog.loader import read_structured_file
+
+    base_url, _ = production
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    cluster = read_structured_file(REPO / "examples" / "cluster.yaml")
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        assert client.put(f"/v1/clusters/{name}", json=cluster).status_code == 201
+
+    def one(_: int) -> list[tuple[str, int]]:
+        body = {"cluster": name, "model": "llama-3.1-8b", "tp": 1, "allow_migration": False}
+        with httpx.Client(base_url=base_url, timeout=30) as c:
+            out = c.post("/v1/placements", json=body).json()
+        return [(p["server"], g) for p in out.get("placements", []) for g in p["gpu_ids"]]
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        claims = [gpu for result in pool.map(one, range(24)) for gpu in result]
+    assert claims, "no placement succeeded"
+    assert len(claims) == len(set(claims)), "two placements got the same GPU"

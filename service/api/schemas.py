@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from service.db.models import Plan
+from service.placement.fleet_plan import FleetSpec
 from service.planning.plan_spec import PlanSpec
 
 MAX_ESTIMATE_REQUESTS = 1000
@@ -17,6 +18,18 @@ class StrategyPlanBody(PlanSpec):
     """`POST /v1/plans` body: the `splan plan` spec as JSON."""
 
     kind: Literal["strategy"] = "strategy"
+
+
+def _plan_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "strategy"))
+    return str(getattr(value, "kind", "strategy"))
+
+
+PlanBody = Annotated[
+    Annotated[StrategyPlanBody, Tag("strategy")] | Annotated[FleetSpec, Tag("fleet")],
+    Discriminator(_plan_kind),
+]
 
 
 class Progress(BaseModel):

@@ -8,12 +8,16 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.orm import Session
 
 from service.api.deps import CatalogDep, DispatcherDep, SessionDep
 from service.api.errors import ProblemError
-from service.api.schemas import PlanList, PlanResource, StrategyPlanBody
+from service.api.schemas import PlanBody, PlanList, PlanResource
+from service.db import clusters as cluster_store
 from service.db import plans as plan_store
 from service.db.models import PlanStatus
+from service.dispatch import Dispatcher
+from service.placement.fleet_plan import FleetSpec
 from service.planning.plan_spec import parse_plan_spec
 from service.planning.search import MAX_SEARCH_SPACE, count_search_space
 
@@ -60,14 +64,38 @@ def decode_cursor(cursor: str) -> int:
     },
 )
 def create_plan(
-    body: StrategyPlanBody,
+    body: PlanBody,
     response: Response,
     session: SessionDep,
     catalog: CatalogDep,
     dispatcher: DispatcherDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> PlanResource:
-    """Validate the spec, store the plan as queued (with its idempotency key) and enqueue it after commit."""
+    """Validate the spec, store the plan as queued (with its idempotency key) and enqueue it after commit.
+
+    `kind: fleet` plans many deployments at once onto a fleet (GPU counts by type, or a stored cluster).
+    """
+    if isinstance(body, FleetSpec):
+        fleet = body.model_dump(mode="json", exclude_unset=True)
+        fleet["kind"] = "fleet"
+        for deployment in body.deployments:
+            catalog.model(deployment.model)
+            catalog.engine(deployment.engine)
+        if body.cluster is not None and cluster_store.current_version(session, name=body.cluster) is None:
+            raise ProblemError(422, f"no cluster named {body.cluster!r}; PUT /v1/clusters/{body.cluster} first")
+        models = ",".join(sorted({d.model for d in body.deployments}))
+        gpus = ",".join(sorted(body.gpus or {})) or f"cluster:{body.cluster}"
+        return _store_and_enqueue(
+            session,
+            dispatcher,
+            response,
+            spec=fleet,
+            kind="fleet",
+            model=models[:200],
+            gpu=gpus[:100],
+            total=len(body.deployments),
+            idempotency_key=idempotency_key,
+        )
     spec = body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"kind"})
     request = parse_plan_spec(spec, catalog=catalog)
     space = count_search_space(request)
@@ -80,14 +108,40 @@ def create_plan(
             search_space=space,
             limit=MAX_SEARCH_SPACE,
         )
+    return _store_and_enqueue(
+        session,
+        dispatcher,
+        response,
+        spec=spec,
+        kind=body.kind,
+        model=request.model.name,
+        gpu=request.gpu,
+        total=space,
+        idempotency_key=idempotency_key,
+    )
+
+
+def _store_and_enqueue(
+    session: Session,
+    dispatcher: Dispatcher,
+    response: Response,
+    *,
+    spec: dict[str, Any],
+    kind: str,
+    model: str,
+    gpu: str,
+    total: int,
+    idempotency_key: str | None,
+) -> PlanResource:
+    """Commit the plan, then hand it to the executor; a replayed idempotent request gets the stored plan."""
     try:
         plan, created = plan_store.create_plan(
             session,
             spec=spec,
-            kind=body.kind,
-            model=request.model.name,
-            gpu=request.gpu,
-            total=space,
+            kind=kind,
+            model=model,
+            gpu=gpu,
+            total=total,
             idempotency_key=idempotency_key,
         )
     except plan_store.IdempotencyConflictError:

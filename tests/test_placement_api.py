@@ -1,0 +1,153 @@
+"""Clusters, placements and fleet plans over HTTP (embedded mode): versions, conflicts, reservations, errors."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.catalog.loader import read_structured_file
+from tests.conftest import REPO, migrated_settings
+from tests.test_api import assert_problem, wait_final
+
+CLUSTER: dict[str, Any] = read_structured_file(REPO / "examples" / "cluster.yaml")
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    settings = migrated_settings(f"sqlite:///{tmp_path / 'api.db'}", tmp_path)
+    with TestClient(create_app(settings)) as test_client:
+        assert test_client.put("/v1/clusters/demo", json=CLUSTER).status_code == 201
+        yield test_client
+
+
+def place(client: TestClient, **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/placements", json={"cluster": "demo", **body})
+    assert response.status_code == 200, response.text
+    out: dict[str, Any] = response.json()
+    return out
+
+
+def test_put_get_and_stale_writes(client: TestClient) -> None:
+    got = client.get("/v1/clusters/demo")
+    assert got.headers["etag"] == '"1"'
+    assert got.json()["version"] == 1
+    again = client.put("/v1/clusters/demo", json=CLUSTER, headers={"If-Match": '"1"'})
+    assert again.status_code == 200
+    assert again.json()["version"] == 2
+    stale = assert_problem(client.put("/v1/clusters/demo", json=CLUSTER, headers={"If-Match": '"1"'}), 409)
+    assert stale["current_version"] == 2
+    assert_problem(client.get("/v1/clusters/missing"), 404)
+    broken = copy.deepcopy(CLUSTER)
+    broken["servers"][0]["gpus"][0]["id"] = 1
+    assert_problem(client.put("/v1/clusters/demo", json=broken), 422)
+    assert client.get("/v1/clusters/demo").json()["version"] == 2
+
+
+def test_events_apply_in_order_or_not_at_all(client: TestClient) -> None:
+    events = [
+        {"type": "checkpoint_cached", "server": "node-c", "tier": "dram", "model": "qwen3-32b"},
+        {"type": "instance_stopped", "id": "nope"},
+    ]
+    bad = assert_problem(client.post("/v1/clusters/demo/events", json={"events": events}), 422)
+    assert "event 1" in bad["detail"]
+    assert "nope" in bad["detail"]
+    assert client.get("/v1/clusters/demo").json()["version"] == 1
+    ok = client.post("/v1/clusters/demo/events", json={"events": events[:1]}, headers={"If-Match": '"1"'})
+    assert ok.status_code == 200
+    state = client.get("/v1/clusters/demo").json()["state"]
+    node_c = next(s for s in state["servers"] if s["name"] == "node-c")
+    assert "qwen3-32b" in next(t for t in node_c["tiers"] if t["kind"] == "dram")["checkpoints"]
+    assert_problem(client.post("/v1/clusters/demo/events", json={"events": events[:1]}, headers={"If-Match": "1"}), 409)
+    assert_problem(client.post("/v1/clusters/missing/events", json={"events": events[:1]}), 404)
+
+
+def test_dry_run_ranks_and_reserves_nothing(client: TestClient) -> None:
+    out = place(client, model="llama-3.1-70b", tp=4, dry_run=True)
+    assert out["dry_run"]
+    assert out["reservation_ids"] == []
+    candidates = out["candidates"]
+    latencies = [c["startup_latency_s"] for c in candidates]
+    assert latencies == sorted(latencies)
+    best = candidates[0]
+    assert best["tier"] == "dram"
+    assert set(best["load"]) >= {"queue_wait_s", "transfer_s", "tier"}
+    assert client.get("/v1/clusters/demo").json()["version"] == 1
+
+
+def test_reservations_never_hand_out_the_same_gpus(client: TestClient) -> None:
+    taken: set[tuple[str, int]] = set()
+    for _ in range(6):
+        out = place(client, model="llama-3.1-8b", tp=1, allow_migration=False)
+        if not out["placements"]:
+            assert out["unplaced_reason"]
+            break
+        chosen = out["placements"][0]
+        gpus = {(chosen["server"], g) for g in chosen["gpu_ids"]}
+        assert not gpus & taken
+        taken |= gpus
+        assert out["reservation_ids"]
+    state = client.get("/v1/clusters/demo").json()["state"]
+    assert len(state["reservations"]) == len(taken)
+
+
+def test_placement_errors(client: TestClient) -> None:
+    assert_problem(client.post("/v1/placements", json={"cluster": "missing", "model": "llama-3.1-8b"}), 404)
+    assert (
+        "unknown model"
+        in assert_problem(client.post("/v1/placements", json={"cluster": "demo", "model": "x"}), 422)["detail"]
+    )
+    assert_problem(client.post("/v1/placements", json={"cluster": "demo", "model": "llama-3.1-8b", "tp": 0}), 422)
+    huge = place(client, model="llama-3.1-405b", tp=8, gpu_type="h100-sxm", dry_run=True)
+    assert huge["placements"] == []
+    assert huge["unplaced_reason"]
+    assert huge["excluded"]
+
+
+def test_fleet_plan_sizes_and_places_every_deployment(client: TestClient) -> None:
+    fleet = {
+        "kind": "fleet",
+        "cluster": "demo",
+        "deployments": [
+            {
+                "name": "chat",
+                "model": "llama-3.1-8b",
+                "workload": {"arrival": "poisson", "isl": 1024, "osl": 256, "rate": 20},
+                "slo": {"ttft_ms": 500, "tpot_ms": 40},
+                "search": {"tp": [1, 2], "pp": [1], "requests": 60},
+            },
+            {
+                "name": "impossible",
+                "model": "llama-3.1-70b",
+                "workload": {"arrival": "poisson", "isl": 2048, "osl": 256, "rate": 3},
+                "slo": {"ttft_ms": 5, "tpot_ms": 1},
+                "search": {"tp": [4], "pp": [1], "requests": 40},
+            },
+        ],
+    }
+    response = client.post("/v1/plans", json=fleet)
+    assert response.status_code == 202, response.text
+    plan = wait_final(client, response.json()["id"], timeout_s=120)
+    assert plan["status"] == "succeeded", plan
+    result = plan["result"]
+    chat = result["deployments"][0]
+    assert chat["name"] == "chat"
+    assert chat["placed"]
+    assert chat["instances"] * chat["goodput_per_instance_rps"] >= 20
+    assert all(i["server"] for i in chat["instances_placed"])
+    assert [u["name"] for u in result["unmet"]] == ["impossible"]
+    assert not result["all_slos_met"]
+    assert_problem(client.post("/v1/plans", json={**fleet, "cluster": "nope"}), 422)
+    assert_problem(client.post("/v1/plans", json={**fleet, "gpus": {"h100-sxm": 8}}), 422)
+
+
+def test_placement_metrics(client: TestClient) -> None:
+    place(client, model="llama-3.1-8b", tp=1)
+    text = client.get("/metrics").text
+    assert "splan_placement_duration_seconds_count 1.0" in text
+    assert "splan_placement_decisions_total{tier=" in text
