@@ -35,15 +35,8 @@ def sessions(db_settings: Settings) -> Iterator[SessionFactory]:
 
 def _create(sessions: SessionFactory, key: str | None = None, spec: dict[str, Any] | None = None) -> str:
     with sessions() as session:
-        plan, _ = plan_store.create_plan(
-            session,
-            spec=spec or SPEC,
-            kind="strategy",
-            model="llama-3.1-8b",
-            gpu="h100-sxm",
-            total=2,
-            idempotency_key=key,
-        )
+        new = plan_store.NewPlan(spec or SPEC, "strategy", "llama-3.1-8b", "h100-sxm", 2)
+        plan, _ = plan_store.create_plan(session, new=new, idempotency_key=key)
         return plan.id
 
 

@@ -33,17 +33,20 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def create_plan(
-    session: Session,
-    *,
-    spec: dict[str, Any],
-    kind: str,
-    model: str,
-    gpu: str,
-    total: int,
-    idempotency_key: str | None,
-) -> tuple[Plan, bool]:
+@dataclass(frozen=True)
+class NewPlan:
+    """What a submitted plan is: its spec, kind, summary labels and the work it will do."""
+
+    spec: dict[str, Any]
+    kind: str
+    model: str
+    gpu: str
+    total: int
+
+
+def create_plan(session: Session, *, new: NewPlan, idempotency_key: str | None) -> tuple[Plan, bool]:
     """Insert a queued plan and commit; with a known key and the same body return the existing plan."""
+    spec, kind = new.spec, new.kind
     digest = spec_hash({"kind": kind, "spec": spec})
     if idempotency_key is not None:
         existing = _by_key(session, idempotency_key)
@@ -54,8 +57,8 @@ def create_plan(
         id=str(uuid.uuid4()),
         kind=kind,
         status=PlanStatus.QUEUED,
-        model=model,
-        gpu=gpu,
+        model=new.model,
+        gpu=new.gpu,
         spec=spec,
         spec_hash=digest,
         idempotency_key=idempotency_key,
@@ -63,7 +66,7 @@ def create_plan(
         updated_at=now,
         attempt=0,
         progress_done=0,
-        progress_total=total,
+        progress_total=new.total,
     )
     session.add(plan)
     try:

@@ -85,17 +85,8 @@ def create_plan(
             raise ProblemError(422, f"no cluster named {body.cluster!r}; PUT /v1/clusters/{body.cluster} first")
         models = ",".join(sorted({d.model for d in body.deployments}))
         gpus = ",".join(sorted(body.gpus or {})) or f"cluster:{body.cluster}"
-        return _store_and_enqueue(
-            session,
-            dispatcher,
-            response,
-            spec=fleet,
-            kind="fleet",
-            model=models[:200],
-            gpu=gpus[:100],
-            total=len(body.deployments),
-            idempotency_key=idempotency_key,
-        )
+        new = plan_store.NewPlan(fleet, "fleet", models[:200], gpus[:100], len(body.deployments))
+        return _store_and_enqueue(session, dispatcher, response, new=new, idempotency_key=idempotency_key)
     spec = body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"kind"})
     request = parse_plan_spec(spec, catalog=catalog)
     space = count_search_space(request)
@@ -108,17 +99,8 @@ def create_plan(
             search_space=space,
             limit=MAX_SEARCH_SPACE,
         )
-    return _store_and_enqueue(
-        session,
-        dispatcher,
-        response,
-        spec=spec,
-        kind=body.kind,
-        model=request.model.name,
-        gpu=request.gpu,
-        total=space,
-        idempotency_key=idempotency_key,
-    )
+    new = plan_store.NewPlan(spec, body.kind, request.model.name, request.gpu, space)
+    return _store_and_enqueue(session, dispatcher, response, new=new, idempotency_key=idempotency_key)
 
 
 def _store_and_enqueue(
@@ -126,24 +108,12 @@ def _store_and_enqueue(
     dispatcher: Dispatcher,
     response: Response,
     *,
-    spec: dict[str, Any],
-    kind: str,
-    model: str,
-    gpu: str,
-    total: int,
+    new: plan_store.NewPlan,
     idempotency_key: str | None,
 ) -> PlanResource:
     """Commit the plan, then hand it to the executor; a replayed idempotent request gets the stored plan."""
     try:
-        plan, created = plan_store.create_plan(
-            session,
-            spec=spec,
-            kind=kind,
-            model=model,
-            gpu=gpu,
-            total=total,
-            idempotency_key=idempotency_key,
-        )
+        plan, created = plan_store.create_plan(session, new=new, idempotency_key=idempotency_key)
     except plan_store.IdempotencyConflictError:
         raise ProblemError(
             422,
