@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.db import clusters as cluster_store
-from service.placement.cluster import Cluster, ClusterError, apply_events, parse_cluster, parse_events
-from service.placement.optimizer import PlacementDecision, PlacementRequest, place, reserve
+from service.placement.cluster import Cluster, ClusterError, Hold, apply_events, parse_cluster, parse_events
+from service.placement.optimizer import PlacementDecision, PlacementRequest, hold_decision, place, with_holds
 from service.planning.catalog import Catalog
 
 RESERVE_RETRIES = 5
@@ -28,12 +28,20 @@ class PlacementOutcome:
 
 
 class ClusterCache:
-    """Parsed clusters by (name, version): a placement reads one version number, not the whole document."""
+    """Parsed clusters by (name, version) and parsed holds by id: a placement reads a version and hold ids."""
 
-    def __init__(self, max_entries: int = 64) -> None:
+    def __init__(self, max_entries: int = 64, max_holds: int = 100_000) -> None:
         self.max_entries = max_entries
+        self.max_holds = max_holds
         self._entries: dict[str, tuple[int, Cluster]] = {}
+        self._holds: dict[str, Hold] = {}
         self._lock = threading.Lock()
+        self._writers: dict[str, threading.Lock] = {}
+
+    def writer_lock(self, name: str) -> threading.Lock:
+        """Serializes this process's reservations on one cluster: no conflict storms among its own threads."""
+        with self._lock:
+            return self._writers.setdefault(name, threading.Lock())
 
     def load(self, session: Session, *, name: str) -> tuple[int, Cluster]:
         """The current version of a cluster, parsed."""
@@ -56,11 +64,40 @@ class ClusterCache:
                 self._entries.pop(next(iter(self._entries)))
             self._entries[name] = (version, cluster)
 
+    def holds(self, session: Session, *, name: str, now_s: float) -> list[Hold]:
+        """The cluster's unexpired holds; only ones not seen before are fetched and parsed."""
+        ids = cluster_store.active_hold_ids(session, name=name, now_s=now_s)
+        with self._lock:
+            missing = [i for i in ids if i not in self._holds]
+        if missing:
+            fetched = {
+                i: Hold.model_validate(doc) for i, doc in cluster_store.holds_by_id(session, ids=missing).items()
+            }
+            self.remember_holds(list(fetched.values()))
+        with self._lock:
+            return [self._holds[i] for i in ids if i in self._holds]
+
+    def remember_holds(self, holds: list[Hold]) -> None:
+        """Keep parsed holds (the oldest are dropped past the limit; they are fetched again if still live)."""
+        with self._lock:
+            for hold in holds:
+                self._holds[hold.reservation.id] = hold
+            while len(self._holds) > self.max_holds:
+                self._holds.pop(next(iter(self._holds)))
+
+
+def current_state(session: Session, *, cache: ClusterCache, name: str) -> tuple[int, Cluster]:
+    """The stored cluster with its outstanding holds shown as reservations."""
+    version, cluster = cache.load(session, name=name)
+    now_s = time.time()
+    holds = cache.holds(session, name=name, now_s=now_s)
+    return version, with_holds(cluster, holds, now_s=now_s) if holds else cluster
+
 
 def put_cluster(
     session: Session, *, cache: ClusterCache, name: str, document: dict[str, Any], if_match: int | None
 ) -> tuple[int, bool, Cluster]:
-    """Validate and store a whole cluster state."""
+    """Validate and store a whole cluster state (outstanding holds stay until they expire)."""
     cluster = parse_cluster(document)
     state = cluster.model_dump(mode="json")
     version, created = cluster_store.put_cluster(session, name=name, state=state, if_match=if_match)
@@ -76,21 +113,26 @@ def post_events(
     events: list[dict[str, Any]],
     if_match: int | None,
 ) -> tuple[int, Cluster]:
-    """Apply events to the current state; without If-Match a concurrent write is retried on the new state."""
+    """Apply events to the state with its holds folded in; without If-Match a concurrent write is retried."""
     parsed_events = parse_events(events)
     for _ in range(RESERVE_RETRIES):
         version, cluster = cache.load(session, name=name)
         if if_match is not None and version != if_match:
             raise cluster_store.StaleVersionError(version)
-        updated = apply_events(cluster, parsed_events, now_s=time.time())
         try:
-            new_version = cluster_store.write_cluster(
+            if cluster_store.lock_version(session, name=name) != version:
+                session.rollback()
+                continue
+            now_s = time.time()
+            holds = [Hold.model_validate(doc) for doc in cluster_store.take_all_holds(session, name=name)]
+            updated = apply_events(with_holds(cluster, holds, now_s=now_s), parsed_events, now_s=now_s)
+            new_version = cluster_store.write_cluster_in_transaction(
                 session, name=name, state=updated.model_dump(mode="json"), expected_version=version
             )
-        except cluster_store.StaleVersionError:
-            if if_match is not None:
-                raise
-            continue
+            session.commit()
+        except Exception:
+            session.rollback()
+            raise
         cache.remember(name, new_version, updated)
         return new_version, updated
     raise cluster_store.StaleVersionError(cluster_store.current_version(session, name=name))
@@ -106,26 +148,54 @@ def place_on_cluster(
     dry_run: bool,
     ttl_s: float,
 ) -> PlacementOutcome:
-    """Decide, and unless dry-run reserve what the decision uses with a version-checked write (retried)."""
+    """Decide, and unless dry-run hold what the decision uses: GPU claims that two requests cannot share."""
+    if dry_run:
+        return _place_once(session, cache=cache, catalog=catalog, name=name, request=request, dry_run=True, ttl_s=ttl_s)
+    # Identical requests rank the same GPUs first; deciding one at a time per process avoids retries, and
+    # the GPU claims in the database still arbitrate between processes.
+    with cache.writer_lock(name):
+        return _place_once(
+            session, cache=cache, catalog=catalog, name=name, request=request, dry_run=False, ttl_s=ttl_s
+        )
+
+
+def _place_once(
+    session: Session,
+    *,
+    cache: ClusterCache,
+    catalog: Catalog,
+    name: str,
+    request: PlacementRequest,
+    dry_run: bool,
+    ttl_s: float,
+) -> PlacementOutcome:
     for _ in range(RESERVE_RETRIES):
         version, cluster = cache.load(session, name=name)
         now_s = time.time()
-        decision = place(cluster, request, now_s=now_s, catalog=catalog)
+        holds = cache.holds(session, name=name, now_s=now_s)
+        session.rollback()  # end the read transaction; the write below locks afresh
+        decision = place(cluster, request, now_s=now_s, catalog=catalog, holds=holds)
         if dry_run or not decision.placements:
             return PlacementOutcome(decision, [], version, dry_run)
         try:
-            held = reserve(cluster, decision, now_s=now_s, ttl_s=ttl_s)
+            new = hold_decision(cluster, decision, now_s=now_s, ttl_s=ttl_s, holds=holds)
         except ClusterError:
             continue
-        before = {r.id for r in cluster.reservations}
-        new_ids = [r.id for r in held.reservations if r.id not in before]
-        try:
-            new_version = cluster_store.write_cluster(
-                session, name=name, state=held.model_dump(mode="json"), expected_version=version
+        rows = [
+            (
+                h.reservation.id,
+                h.reservation.server,
+                h.reservation.gpu_ids,
+                h.reservation.expires_at_s,
+                h.model_dump(mode="json"),
             )
-        except cluster_store.StaleVersionError:
-            # Someone else changed the cluster (maybe took these GPUs): decide again on the new state.
+            for h in new
+        ]
+        try:
+            cluster_store.insert_holds(session, name=name, expected_version=version, holds=rows, now_s=now_s)
+        except (cluster_store.HoldConflictError, cluster_store.StaleVersionError):
+            # Someone else took one of these GPUs or changed the cluster: decide again on the new state.
             continue
-        cache.remember(name, new_version, held)
-        return PlacementOutcome(decision, new_ids, new_version, dry_run)
+        cache.remember_holds(new)
+        return PlacementOutcome(decision, [h.reservation.id for h in new], version, dry_run)
     raise cluster_store.StaleVersionError(cluster_store.current_version(session, name=name))

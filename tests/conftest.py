@@ -67,6 +67,7 @@ def db_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     settings = Settings(database_url=url, broker_url=None, data_dir=tmp_path)
     engine = make_engine(settings)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS plans, clusters, alembic_version"))
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return migrated_settings(url, tmp_path)

@@ -151,3 +151,24 @@ def test_placement_metrics(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert "splan_placement_duration_seconds_count 1.0" in text
     assert "splan_placement_decisions_total{tier=" in text
+
+
+def test_instance_started_confirms_a_held_placement(client: TestClient) -> None:
+    out = place(client, model="llama-3.1-8b", tp=1, allow_migration=False)
+    chosen = out["placements"][0]
+    started = {
+        "type": "instance_started",
+        "id": "new-8b",
+        "model": "llama-3.1-8b",
+        "server": chosen["server"],
+        "gpu_ids": chosen["gpu_ids"],
+    }
+    response = client.post("/v1/clusters/demo/events", json={"events": [started]})
+    assert response.status_code == 200, response.text
+    state = client.get("/v1/clusters/demo").json()["state"]
+    assert "new-8b" in {i["id"] for i in state["instances"]}
+    assert out["reservation_ids"][0] not in {r["id"] for r in state["reservations"]}
+    # A GPU held for another checkpoint cannot be started with a different model.
+    held = place(client, model="qwen3-32b", tp=1, allow_migration=False)["placements"][0]
+    other = {**started, "id": "intruder", "server": held["server"], "gpu_ids": held["gpu_ids"]}
+    assert_problem(client.post("/v1/clusters/demo/events", json={"events": [other]}), 422)

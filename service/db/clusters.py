@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.models import ClusterState, utcnow
+from service.db.models import ClusterState, GpuClaim, PlacementHold, utcnow
 
 
 class ClusterNotFoundError(Exception):
@@ -65,12 +65,82 @@ def put_cluster(session: Session, *, name: str, state: dict[str, Any], if_match:
 
 def write_cluster(session: Session, *, name: str, state: dict[str, Any], expected_version: int) -> int:
     """Replace the state if the stored version is still `expected_version`; the new version."""
+    try:
+        version = write_cluster_in_transaction(session, name=name, state=state, expected_version=expected_version)
+    except StaleVersionError:
+        session.rollback()
+        raise
+    session.commit()
+    return version
+
+
+class HoldConflictError(Exception):
+    """Another placement claimed one of the GPUs first."""
+
+
+def lock_version(session: Session, *, name: str) -> int | None:
+    """The cluster's version, locking its row until the transaction ends (writers on one cluster serialize)."""
+    version = session.scalar(select(ClusterState.version).where(ClusterState.name == name).with_for_update())
+    return int(version) if version is not None else None
+
+
+def active_hold_ids(session: Session, *, name: str, now_s: float) -> list[str]:
+    """Ids of the holds that have not expired."""
+    query = select(PlacementHold.id).where(PlacementHold.cluster == name, PlacementHold.expires_at_s > now_s)
+    return list(session.scalars(query))
+
+
+def holds_by_id(session: Session, *, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Hold documents by id."""
+    if not ids:
+        return {}
+    return {row.id: row.hold for row in session.scalars(select(PlacementHold).where(PlacementHold.id.in_(ids)))}
+
+
+def insert_holds(
+    session: Session,
+    *,
+    name: str,
+    expected_version: int,
+    holds: list[tuple[str, str, list[int], float, dict[str, Any]]],
+    now_s: float,
+) -> None:
+    """Store holds (id, server, GPU ids, expiry, document) if the cluster is still at `expected_version`."""
+    try:
+        if lock_version(session, name=name) != expected_version:
+            raise StaleVersionError(current_version(session, name=name))
+        session.execute(delete(GpuClaim).where(GpuClaim.cluster == name, GpuClaim.expires_at_s <= now_s))
+        session.execute(delete(PlacementHold).where(PlacementHold.cluster == name, PlacementHold.expires_at_s <= now_s))
+        for hold_id, server, gpu_ids, expires_at_s, document in holds:
+            session.add(PlacementHold(id=hold_id, cluster=name, expires_at_s=expires_at_s, hold=document))
+            for gpu_id in gpu_ids:
+                session.add(
+                    GpuClaim(cluster=name, server=server, gpu_id=gpu_id, hold_id=hold_id, expires_at_s=expires_at_s)
+                )
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise HoldConflictError from None
+    except Exception:
+        session.rollback()
+        raise
+
+
+def take_all_holds(session: Session, *, name: str) -> list[dict[str, Any]]:
+    """Every hold of the cluster, removed in the current transaction (the caller writes them into the state)."""
+    documents = [row.hold for row in session.scalars(select(PlacementHold).where(PlacementHold.cluster == name))]
+    session.execute(delete(GpuClaim).where(GpuClaim.cluster == name))
+    session.execute(delete(PlacementHold).where(PlacementHold.cluster == name))
+    return documents
+
+
+def write_cluster_in_transaction(session: Session, *, name: str, state: dict[str, Any], expected_version: int) -> int:
+    """Like write_cluster, inside the caller's transaction (no commit)."""
     result = session.execute(
         update(ClusterState)
         .where(ClusterState.name == name, ClusterState.version == expected_version)
         .values(state=state, version=expected_version + 1, updated_at=utcnow())
     )
-    session.commit()
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise StaleVersionError(current_version(session, name=name))
     return expected_version + 1

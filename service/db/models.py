@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, TypeDecorator
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -90,3 +90,28 @@ class ClusterState(Base):
     version: Mapped[int] = mapped_column(Integer)
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class PlacementHold(Base):
+    """A placement reservation kept beside the cluster document until confirmed, released or expired."""
+
+    __tablename__ = "placement_holds"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cluster: Mapped[str] = mapped_column(String(100))
+    expires_at_s: Mapped[float] = mapped_column(Float)
+    hold: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (Index("ix_placement_holds_cluster_expires", "cluster", "expires_at_s"),)
+
+
+class GpuClaim(Base):
+    """One GPU held by a placement: the primary key makes two holds on one GPU impossible."""
+
+    __tablename__ = "gpu_claims"
+
+    cluster: Mapped[str] = mapped_column(String(100), primary_key=True)
+    server: Mapped[str] = mapped_column(String(200), primary_key=True)
+    gpu_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hold_id: Mapped[str] = mapped_column(String(64))
+    expires_at_s: Mapped[float] = mapped_column(Float)

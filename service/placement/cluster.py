@@ -233,6 +233,20 @@ class Cluster(_Strict):
         return servers[name]
 
 
+class HeldLoad(_Strict):
+    """A load a hold queued on a server."""
+
+    server: Name
+    task: LoadingTask
+
+
+class Hold(_Strict):
+    """A reservation kept outside the cluster document, with the loads it queued."""
+
+    reservation: Reservation
+    loads: list[HeldLoad] = Field(default_factory=list, max_length=MAX_QUEUE_ENTRIES)
+
+
 def _consistency_problems(cluster: Cluster) -> list[str]:
     problems: list[str] = []
     gpus_by_server: dict[str, dict[int, Gpu]] = {}

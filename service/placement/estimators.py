@@ -18,12 +18,13 @@ ssd the SSD read, remote the server's download link.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 
-from service.placement.cluster import Cluster, LearnedMigration, RunningInstance, TierKind
+from service.placement.cluster import Cluster, Hold, LearnedMigration, LoadingTask, RunningInstance, TierKind
 from service.planning.kernels import KernelCalibration
 from service.planning.memory import weight_bytes_per_gpu
 from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec
@@ -171,15 +172,24 @@ class ClusterView:
     The optimizer commits its choices here (GPUs taken, loads queued) so later choices see them.
     """
 
-    def __init__(self, cluster: Cluster, *, now_s: float, options: EstimatorOptions | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        now_s: float,
+        options: EstimatorOptions | None = None,
+        holds: Sequence[Hold] = (),
+    ) -> None:
         self.cluster = cluster
         self.now_s = now_s
         self.options = options or EstimatorOptions()
         self.static = cluster_static(cluster)
         self.remote_total_bytes_per_s = cluster.remote_store_bandwidth_bytes_per_s
-        active = {r.id for r in cluster.reservations if r.active(now_s)}
+        held_reservations = [h.reservation for h in holds]
+        reservations = [*cluster.reservations, *held_reservations]
+        active = {r.id for r in reservations if r.active(now_s)}
         self.reserved: dict[str, set[int]] = {}
-        for res in cluster.reservations:
+        for res in reservations:
             if res.id in active:
                 self.reserved.setdefault(res.server, set()).update(res.gpu_ids)
         self.free: dict[str, dict[str, list[int]]] = {}
@@ -200,9 +210,13 @@ class ClusterView:
             self.network_rate[st.name] = net if use_learned and net is not None else st.network_bytes_per_s
         self.queue_wait_s: dict[str, float] = {}
         self.downloading: set[str] = set()
+        held_loads: dict[str, list[LoadingTask]] = {}
+        for hold in holds:
+            for load in hold.loads:
+                held_loads.setdefault(load.server, []).append(load.task)
         for s in cluster.servers:
             wait = 0.0
-            for task in s.loading_queue:
+            for task in (*s.loading_queue, *held_loads.get(s.name, ())):
                 if task.remaining_bytes <= 0 or (task.reservation_id is not None and task.reservation_id not in active):
                     continue
                 wait += task.finish_in_s

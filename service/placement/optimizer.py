@@ -13,7 +13,7 @@ lower bound (the load alone) can still enter the ranking.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
@@ -24,6 +24,8 @@ from service.placement.cluster import (
     ClusterError,
     Degree,
     DTypeField,
+    HeldLoad,
+    Hold,
     LoadingTask,
     Name,
     Reservation,
@@ -511,6 +513,7 @@ def place(
     catalog: Catalog,
     model_spec: ModelSpec | None = None,
     options: EstimatorOptions | None = None,
+    holds: Sequence[Hold] = (),
 ) -> PlacementDecision:
     """Choose servers and GPUs for ``request.instances`` new instances, soonest startup first.
 
@@ -520,7 +523,7 @@ def place(
     model = model_spec or catalog.model(request.model)
     engine = catalog.engine(request.engine)
     need = resolve_need(request, model=model)
-    view = ClusterView(cluster, now_s=now_s, options=options)
+    view = ClusterView(cluster, now_s=now_s, options=options, holds=holds)
     ctx = PlacementContext(catalog=catalog, engine=engine)
     placements: list[Candidate] = []
     ranked: list[Candidate] = []
@@ -568,22 +571,24 @@ def _reservation_id(existing: set[str], *parts: object) -> str:
         salt += 1
 
 
-def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_s: float) -> Cluster:
-    """A new Cluster that holds what the decision uses (its GPUs, migration destinations and queued loads)
-    until ``now_s + ttl_s``; expired reservations are dropped. Raises ClusterError when the decision no
-    longer fits the cluster."""
+def hold_decision(
+    cluster: Cluster,
+    decision: PlacementDecision,
+    *,
+    now_s: float,
+    ttl_s: float,
+    holds: Sequence[Hold] = (),
+) -> list[Hold]:
+    """What the decision uses (its GPUs, migration destinations and queued loads) as holds until now + ttl.
+
+    Raises ClusterError when the decision no longer fits the cluster and the holds already taken."""
     if ttl_s <= 0:
         raise ClusterError(f"ttl_s must be positive (got {ttl_s:g})")
-    view = ClusterView(cluster, now_s=now_s)
-    kept = [r for r in cluster.reservations if r.active(now_s)]
-    kept_ids = {r.id for r in kept}
-    ids = set(kept_ids)
+    view = ClusterView(cluster, now_s=now_s, holds=holds)
+    ids = {r.id for r in cluster.reservations} | {h.reservation.id for h in holds}
+    servers = {s.name for s in cluster.servers}
     instances = {i.id: i for i in cluster.instances}
-    queues: dict[str, list[LoadingTask]] = {
-        s.name: [t for t in s.loading_queue if t.reservation_id is None or t.reservation_id in kept_ids]
-        for s in cluster.servers
-    }
-    new: list[Reservation] = []
+    new: list[Hold] = []
     expires_at_s = now_s + ttl_s
 
     def hold(
@@ -595,7 +600,7 @@ def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_
         migrating_instance: str | None = None,
     ) -> None:
         """Reserve the GPUs for the checkpoint (a new reservation) and queue its load on the server."""
-        if server not in queues:
+        if server not in servers:
             raise ClusterError(f"decision uses unknown server {server!r}")
         free = {g for ids_ in view.free[server].values() for g in ids_}
         allowed = free | set(movable)
@@ -604,25 +609,22 @@ def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_
             raise ClusterError(f"GPUs {taken} on {server!r} are no longer free; place again")
         view.take(server, gpu_ids=gpu_ids)
         rid = _reservation_id(ids, server, tuple(gpu_ids), checkpoint, now_s)
-        queues[server].append(
-            LoadingTask(
-                model=checkpoint,
-                tier=load.tier,
-                remaining_bytes=load.checkpoint_bytes,
-                bandwidth_bytes_per_s=load.bandwidth_bytes_per_s,
-                reservation_id=rid,
-            )
+        task = LoadingTask(
+            model=checkpoint,
+            tier=load.tier,
+            remaining_bytes=load.checkpoint_bytes,
+            bandwidth_bytes_per_s=load.bandwidth_bytes_per_s,
+            reservation_id=rid,
         )
-        new.append(
-            Reservation(
-                id=rid,
-                server=server,
-                gpu_ids=list(gpu_ids),
-                model=checkpoint,
-                expires_at_s=expires_at_s,
-                migrating_instance=migrating_instance,
-            )
+        reservation = Reservation(
+            id=rid,
+            server=server,
+            gpu_ids=list(gpu_ids),
+            model=checkpoint,
+            expires_at_s=expires_at_s,
+            migrating_instance=migrating_instance,
         )
+        new.append(Hold(reservation=reservation, loads=[HeldLoad(server=server, task=task)]))
 
     for placement in decision.placements:
         leaving: list[int] = []
@@ -633,6 +635,24 @@ def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_
             leaving.extend(inst.gpu_ids)
             hold(m.to_server, m.to_gpu_ids, m.checkpoint, m.load, (), migrating_instance=m.instance_id)
         hold(placement.server, placement.gpu_ids, decision.checkpoint, placement.load, leaving)
+    return new
+
+
+def with_holds(cluster: Cluster, holds: Sequence[Hold], *, now_s: float) -> Cluster:
+    """The cluster with the holds written into it (reservations and queued loads); expired ones dropped."""
+    kept = [r for r in cluster.reservations if r.active(now_s)]
+    kept_ids = {r.id for r in kept}
+    live = [h for h in holds if h.reservation.active(now_s)]
+    kept_ids |= {h.reservation.id for h in live}
+    queues: dict[str, list[LoadingTask]] = {
+        s.name: [t for t in s.loading_queue if t.reservation_id is None or t.reservation_id in kept_ids]
+        for s in cluster.servers
+    }
+    for h in live:
+        for load in h.loads:
+            if load.server not in queues:
+                raise ClusterError(f"a reservation uses unknown server {load.server!r}")
+            queues[load.server].append(load.task)
     servers = [s.model_copy(update={"loading_queue": queues[s.name]}) for s in cluster.servers]
     return validated(
         "reserving leaves an inconsistent cluster",
@@ -640,7 +660,13 @@ def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_
             servers=servers,
             instances=list(cluster.instances),
             remote_store_bandwidth_bytes_per_s=cluster.remote_store_bandwidth_bytes_per_s,
-            reservations=[*kept, *new],
+            reservations=[*kept, *(h.reservation for h in live)],
             learned=cluster.learned,
         ),
     )
+
+
+def reserve(cluster: Cluster, decision: PlacementDecision, *, now_s: float, ttl_s: float) -> Cluster:
+    """A new Cluster that holds what the decision uses until ``now_s + ttl_s``; expired reservations are
+    dropped. Raises ClusterError when the decision no longer fits the cluster."""
+    return with_holds(cluster, hold_decision(cluster, decision, now_s=now_s, ttl_s=ttl_s), now_s=now_s)

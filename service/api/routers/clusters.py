@@ -11,7 +11,7 @@ from service.api.deps import SessionDep
 from service.api.errors import ProblemError
 from service.db import clusters as cluster_store
 from service.placement.cluster import MAX_EVENTS, Cluster
-from service.placement_service import ClusterCache, post_events, put_cluster
+from service.placement_service import ClusterCache, current_state, post_events, put_cluster
 
 router = APIRouter(prefix="/v1/clusters", tags=["clusters"])
 
@@ -121,7 +121,7 @@ def put(
 def get(name: ClusterName, request: Request, response: Response, session: SessionDep) -> dict[str, Any]:
     """The current state with its version (also in the ETag header)."""
     try:
-        version, cluster = cache_of(request).load(session, name=name)
+        version, cluster = current_state(session, cache=cache_of(request), name=name)
     except cluster_store.ClusterNotFoundError:
         raise ProblemError(404, f"no cluster named {name!r}") from None
     response.headers["ETag"] = f'"{version}"'

@@ -1,0 +1,195 @@
+"""Latency of POST /v1/placements at a fixed request rate on a 64-server / 512-GPU cluster, on loopback.
+
+Usage: python bench/placement_load.py [--rate 200] [--seconds 20] [--pg-admin URL]
+
+Starts `splan serve` on a throw-away PostgreSQL database (no broker: placements never touch it), stores a
+synthetic busy cluster (64 servers x 8 h100-sxm, 200 running instances, cached checkpoints, queued loads) with
+PUT /v1/clusters/bench, then sends placements open-loop at --rate for --seconds, twice: dry runs, then real
+placements that reserve GPUs (ttl 2 s, so reservations expire and the cluster does not fill up). Latency is
+measured from each request's scheduled send time (no coordinated omission). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.api_load import BenchError, check_services, free_port, fresh_database, splan_executable, start
+from service.catalog.loader import default_catalog
+from service.placement.replay import synthetic_cluster
+
+TARGET_P99_MS = 10.0
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection for JSON POSTs."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> int:
+        """POST on the kept-alive connection; once more on a new one if the server closed it while idle."""
+        if self.writer is not None:
+            try:
+                return await self._post(path, body)
+            except (OSError, asyncio.IncompleteReadError):
+                self.writer.close()
+                self.reader = self.writer = None
+        return await self._post(path, body)
+
+    async def _post(self, path: str, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        response = await self.reader.readuntil(b"\r\n\r\n")
+        lines = response.decode("latin-1").split("\r\n")
+        length = next(int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length")
+        await self.reader.readexactly(length)
+        return int(lines[0].split(" ", 2)[1])
+
+
+async def open_loop(port: int, bodies: list[bytes], rate: float) -> tuple[list[float], dict[int, int]]:
+    """Send bodies at `rate` per second; latency in ms from each scheduled send time."""
+    idle: list[Connection] = []
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    start_s = time.perf_counter() + 0.05
+
+    async def one(index: int, body: bytes) -> None:
+        scheduled = start_s + index / rate
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        conn = idle.pop() if idle else Connection("127.0.0.1", port)
+        status = await conn.post("/v1/placements", body)
+        latencies.append((time.perf_counter() - scheduled) * 1e3)
+        statuses[status] = statuses.get(status, 0) + 1
+        idle.append(conn)
+
+    await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+    for conn in idle:
+        if conn.writer is not None:
+            conn.writer.close()
+    return latencies, statuses
+
+
+def bodies_for(cluster: Any, count: int, *, dry_run: bool, seed: int) -> list[bytes]:
+    """Placement requests for checkpoints the cluster knows, in popularity-like proportions."""
+    rng = np.random.default_rng(seed)
+    instances = cluster.instances
+    out = []
+    for _ in range(count):
+        pick = instances[int(rng.integers(len(instances)))]
+        body = {
+            "cluster": "bench",
+            "model": pick.model,
+            "checkpoint": pick.checkpoint_name,
+            "tp": pick.tp,
+            "weight_dtype": pick.weight_dtype.value,
+            "dry_run": dry_run,
+            "ttl_s": 2.0,
+        }
+        out.append(json.dumps(body).encode())
+    return out
+
+
+def summary(name: str, latencies: list[float], statuses: dict[int, int], seconds: float) -> str:
+    values = np.array(latencies)
+    p50, p90, p99 = (float(np.percentile(values, q)) for q in (50, 90, 99))
+    codes = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
+    return (
+        f"| {name} | {len(values)} | {len(values) / seconds:.0f} | {p50:.2f} | {p90:.2f} | {p99:.2f} | "
+        f"{values.max():.1f} | {codes} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both phases and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--reserve-rates", default="200,100", help="comma-separated rates of the reserving phase")
+    parser.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args(argv)
+    try:
+        check_services(args.pg_admin, "redis://127.0.0.1:6379/0")
+    except BenchError as exc:
+        print(f"placement_load: {exc}", file=sys.stderr)
+        return 2
+    cluster = synthetic_cluster(catalog=default_catalog(), servers=64, gpus_per_server=8, instances=200)
+    rows = []
+    try:
+        run_phases(args, cluster, rows)
+    except BenchError as exc:
+        print(f"placement_load: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"Date {dt.date.today()}, {os.cpu_count()} cores; command: `python -m bench.placement_load --rate "
+        f"{args.rate:g} --seconds {args.seconds:g} --reserve-rates {args.reserve_rates}`; "
+        f"target p99 <= {TARGET_P99_MS:g} ms.\n"
+    )
+    print("| placements | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | statuses |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for row in rows:
+        print(row)
+    return 0
+
+
+def run_phases(args: argparse.Namespace, cluster: Any, rows: list[str]) -> None:
+    """Start the server on a fresh database and run the warm-up and both measured phases."""
+    with fresh_database(args.pg_admin) as db_url, tempfile.TemporaryDirectory() as logs:
+        env = {**os.environ, "DATABASE_URL": db_url}
+        env.pop("BROKER_URL", None)
+        splan = splan_executable()
+        import subprocess
+
+        subprocess.run([splan, "db", "upgrade"], env=env, check=True, capture_output=True)
+        port = free_port()
+        server = start("serve", [splan, "serve", "--port", str(port)], env, Path(logs))
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                server.check_alive()
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise BenchError("server not ready")
+                time.sleep(0.2)
+            put = httpx.put(f"{base}/v1/clusters/bench", json=cluster.model_dump(mode="json"), timeout=30)
+            put.raise_for_status()
+            warm = bodies_for(cluster, 200, dry_run=True, seed=99)
+            asyncio.run(open_loop(port, warm, args.rate))
+            phases = [("dry run", True, args.rate)]
+            phases += [("reserve (ttl 2 s)", False, float(r)) for r in args.reserve_rates.split(",") if r]
+            for name, dry_run, rate in phases:
+                bodies = bodies_for(cluster, int(rate * args.seconds), dry_run=dry_run, seed=1 if dry_run else 2)
+                latencies, statuses = asyncio.run(open_loop(port, bodies, rate))
+                rows.append(summary(name, latencies, statuses, args.seconds))
+                time.sleep(3.0)  # let this phase's holds expire
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise BenchError(f"{type(exc).__name__}: {exc}; server log:\n{server.tail(40)}") from None
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
