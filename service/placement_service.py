@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -149,17 +150,15 @@ def place_on_cluster(
     ttl_s: float,
 ) -> PlacementOutcome:
     """Decide, and unless dry-run hold what the decision uses: GPU claims that two requests cannot share."""
-    if dry_run:
-        return _place_once(session, cache=cache, catalog=catalog, name=name, request=request, dry_run=True, ttl_s=ttl_s)
-    # Identical requests rank the same GPUs first; deciding one at a time per process avoids retries, and
+    # Identical requests rank the same GPUs first; reserving one at a time per process avoids retries, and
     # the GPU claims in the database still arbitrate between processes.
-    with cache.writer_lock(name):
-        return _place_once(
-            session, cache=cache, catalog=catalog, name=name, request=request, dry_run=False, ttl_s=ttl_s
+    with contextlib.nullcontext() if dry_run else cache.writer_lock(name):
+        return _decide_and_hold(
+            session, cache=cache, catalog=catalog, name=name, request=request, dry_run=dry_run, ttl_s=ttl_s
         )
 
 
-def _place_once(
+def _decide_and_hold(
     session: Session,
     *,
     cache: ClusterCache,
