@@ -39,7 +39,9 @@ def _metrics(request: Request) -> ApiMetrics:
     return metrics
 
 
-SessionDep = Annotated[Session, Depends(_session)]
+# Function scope closes the session when the endpoint returns, before the response is serialized, so a
+# connection is never held while a request waits for a thread (which deadlocks the pool under load).
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -26,7 +26,8 @@ def make_engine(settings: Settings) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # As many connections as the API's request threads (40), so a request never waits on the pool.
+    return create_engine(url, pool_size=40, max_overflow=10, pool_pre_ping=True, pool_recycle=300)
 
 
 def make_session_factory(engine: Engine) -> SessionFactory:

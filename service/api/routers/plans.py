@@ -125,8 +125,8 @@ def _store_and_enqueue(
         response.status_code = 200
         return PlanResource.of(plan)
     try:
+        # No second write: the sweeper judges a never-marked plan by its creation time.
         dispatcher.submit(plan.id)
-        plan_store.mark_enqueued(session, plan_id=plan.id)
     except Exception:
         # The plan is committed as queued; the sweeper enqueues it once the broker is back.
         log.warning("plan.enqueue_deferred", plan_id=plan.id)
