@@ -92,6 +92,7 @@ def current_state(session: Session, *, cache: ClusterCache, name: str) -> tuple[
     version, cluster = cache.load(session, name=name)
     now_s = time.time()
     holds = cache.holds(session, name=name, now_s=now_s)
+    session.rollback()  # hand the connection back before the (thread-bound) response serialization
     return version, with_holds(cluster, holds, now_s=now_s) if holds else cluster
 
 

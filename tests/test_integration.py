@@ -224,3 +224,23 @@ def test_concurrent_placements_never_share_gpus(production: tuple[str, dict[str,
         claims = [gpu for result in pool.map(one, range(24)) for gpu in result]
     assert claims, "no placement succeeded"
     assert len(claims) == len(set(claims)), "two placements got the same GPU"
+
+
+def test_many_concurrent_replays_do_not_exhaust_the_pool(production: tuple[str, dict[str, str]]) -> None:
+    import asyncio
+
+    base_url, _ = production
+    key = uuid.uuid4().hex
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        first = client.post("/v1/plans", json=SPEC, headers={"Idempotency-Key": key}).json()["id"]
+
+    async def replay_all() -> list[tuple[int, str]]:
+        limits = httpx.Limits(max_connections=250)
+        async with httpx.AsyncClient(base_url=base_url, timeout=25, limits=limits) as c:
+            responses = await asyncio.gather(
+                *(c.post("/v1/plans", json=SPEC, headers={"Idempotency-Key": key}) for _ in range(200))
+            )
+        return [(r.status_code, r.json().get("id", "")) for r in responses]
+
+    # Far more requests in flight than request threads plus pooled connections.
+    assert asyncio.run(replay_all()) == [(200, first)] * 200

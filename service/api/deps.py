@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,7 +14,9 @@ from service.planning.catalog import Catalog
 from service.settings import Settings
 
 
-def _session(request: Request) -> Iterator[Session]:
+async def _session(request: Request) -> AsyncIterator[Session]:
+    # An async generator: its teardown (closing the session, returning the connection) runs on the event
+    # loop and never waits for a worker thread, which are all busy when the pool is contended.
     with request.app.state.session_factory() as session:
         yield session
 
@@ -39,9 +41,9 @@ def _metrics(request: Request) -> ApiMetrics:
     return metrics
 
 
-# Function scope closes the session when the endpoint returns, before the response is serialized, so a
-# connection is never held while a request waits for a thread (which deadlocks the pool under load).
-SessionDep = Annotated[Session, Depends(_session, scope="function")]
+# Sync endpoints serialize their response on a worker thread before dependency teardown runs, so read
+# paths end their transaction themselves (service.db.plans.release) instead of holding a connection.
+SessionDep = Annotated[Session, Depends(_session)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -28,6 +28,11 @@ class PlanStateError(Exception):
     """The plan is in a state that does not allow the operation."""
 
 
+def release(session: Session) -> None:
+    """End the read transaction so the connection goes back to the pool now, not when the request ends."""
+    session.commit()
+
+
 def spec_hash(spec: dict[str, Any]) -> str:
     """A stable digest of a spec document (key order does not matter)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -50,6 +55,7 @@ def create_plan(session: Session, *, new: NewPlan, idempotency_key: str | None) 
     digest = spec_hash({"kind": kind, "spec": spec})
     if idempotency_key is not None:
         existing = _by_key(session, idempotency_key)
+        release(session)
         if existing is not None:
             return _same_body(existing, digest), False
     now = utcnow()
@@ -94,6 +100,7 @@ def _same_body(plan: Plan, digest: str) -> Plan:
 def get_plan(session: Session, *, plan_id: str) -> Plan:
     """The plan with that id."""
     plan = session.scalar(select(Plan).where(Plan.id == plan_id))
+    release(session)
     if plan is None:
         raise PlanNotFoundError(plan_id)
     return plan
@@ -119,6 +126,7 @@ def list_plans(
     if before_seq is not None:
         query = query.where(Plan.seq < before_seq)
     rows = list(session.scalars(query))
+    release(session)
     more = len(rows) > limit
     items = rows[:limit]
     return PlanPage(items, items[-1].seq if more and items else None)
@@ -139,6 +147,7 @@ def cancel_plan(session: Session, *, plan_id: str) -> Plan:
         if plan.status != PlanStatus.CANCELED:
             raise PlanStateError(f"plan {plan_id} already {plan.status}")
     session.refresh(plan)
+    release(session)
     return plan
 
 

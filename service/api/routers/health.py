@@ -26,6 +26,7 @@ def readyz(session: SessionDep, settings: SettingsDep) -> HealthStatus:
     checks: dict[str, str] = {}
     try:
         session.execute(text("SELECT 1"))
+        session.rollback()
         checks["database"] = "ok"
     except Exception as exc:
         raise ProblemError(503, f"database unreachable ({type(exc).__name__})", title="Not ready") from None
