@@ -41,6 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reference", type=Path, default=default_reference_dir())
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--engine", default="vllm", help="catalog engine to model the runs with")
     args = parser.parse_args()
     suite = args.reference / "peer_suite"
     runs = [r for r in csv.DictReader((suite / "vllm_h100_runs.csv").open()) if int(r["stage"]) >= 0]
@@ -55,7 +56,7 @@ def main() -> int:
         request = EstimateRequest(
             model=MODELS[run["model"]],
             gpu="h100-sxm",
-            engine="vllm",
+            engine=args.engine,
             weight_dtype="bf16",
             tp=int(run["tp"]),
             isl=round(float(run["prompt_len_mean"])),

@@ -95,13 +95,12 @@ def run_service_command(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.db.migrate import upgrade
     from service.settings import get_settings
 
     settings = get_settings()
     if settings.database_url is None:
         # Embedded mode must work on a fresh machine: create or update the SQLite file first.
-        upgrade(settings)
+        _upgrade(settings)
     print(
         f"splan: serving on http://{args.host}:{args.port} (database {settings.sqlalchemy_url().split('://')[0]}, "
         f"plans run {settings.execution.value})",
@@ -137,12 +136,24 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _db(args: argparse.Namespace) -> int:
-    from service.db.migrate import upgrade
     from service.settings import get_settings
 
-    upgrade(get_settings())
+    _upgrade(get_settings())
     print("splan: database schema is up to date", file=sys.stderr)
     return 0
+
+
+def _upgrade(settings: Any) -> None:
+    """Apply the migrations; an unreachable or unwritable database is one line, not a traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.db.migrate import upgrade
+
+    try:
+        upgrade(settings)
+    except (SQLAlchemyError, OSError) as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ServiceCliError(f"cannot upgrade the database at {settings.sqlalchemy_url()}: {first}") from None
 
 
 def _openapi(args: argparse.Namespace) -> int:

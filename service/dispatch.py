@@ -54,16 +54,9 @@ class CeleryDispatcher:
         self.app = celery_client(settings)
 
     @retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.05, max=0.5), reraise=True)
-    def _send(self, plan_id: str) -> None:
-        self.app.send_task(RUN_PLAN_TASK, args=[plan_id], queue=self.settings.queue_name)
-
     def submit(self, plan_id: str) -> None:
-        """Enqueue the plan; the plan row is already committed, so a lost send is re-sent by the sweeper."""
-        try:
-            self._send(plan_id)
-        except Exception:
-            log.exception("dispatch.send_failed", plan_id=plan_id)
-            raise
+        """Enqueue the plan (retried); the row is already committed, so a lost send is re-sent by the sweeper."""
+        self.app.send_task(RUN_PLAN_TASK, args=[plan_id], queue=self.settings.queue_name)
 
     def queue_depth(self) -> int | None:
         """Length of the Redis list behind the plan queue."""

@@ -154,48 +154,33 @@ def place_on_cluster(
     # Identical requests rank the same GPUs first; reserving one at a time per process avoids retries, and
     # the GPU claims in the database still arbitrate between processes.
     with contextlib.nullcontext() if dry_run else cache.writer_lock(name):
-        return _decide_and_hold(
-            session, cache=cache, catalog=catalog, name=name, request=request, dry_run=dry_run, ttl_s=ttl_s
-        )
-
-
-def _decide_and_hold(
-    session: Session,
-    *,
-    cache: ClusterCache,
-    catalog: Catalog,
-    name: str,
-    request: PlacementRequest,
-    dry_run: bool,
-    ttl_s: float,
-) -> PlacementOutcome:
-    for _ in range(RESERVE_RETRIES):
-        version, cluster = cache.load(session, name=name)
-        now_s = time.time()
-        holds = cache.holds(session, name=name, now_s=now_s)
-        session.rollback()  # end the read transaction; the write below locks afresh
-        decision = place(cluster, request, now_s=now_s, catalog=catalog, holds=holds)
-        if dry_run or not decision.placements:
-            return PlacementOutcome(decision, [], version, dry_run)
-        try:
-            new = hold_decision(cluster, decision, now_s=now_s, ttl_s=ttl_s, holds=holds)
-        except ClusterError:
-            continue
-        rows = [
-            (
-                h.reservation.id,
-                h.reservation.server,
-                h.reservation.gpu_ids,
-                h.reservation.expires_at_s,
-                h.model_dump(mode="json"),
-            )
-            for h in new
-        ]
-        try:
-            cluster_store.insert_holds(session, name=name, expected_version=version, holds=rows, now_s=now_s)
-        except (cluster_store.HoldConflictError, cluster_store.StaleVersionError):
-            # Someone else took one of these GPUs or changed the cluster: decide again on the new state.
-            continue
-        cache.remember_holds(new)
-        return PlacementOutcome(decision, [h.reservation.id for h in new], version, dry_run)
-    raise cluster_store.StaleVersionError(cluster_store.current_version(session, name=name))
+        for _ in range(RESERVE_RETRIES):
+            version, cluster = cache.load(session, name=name)
+            now_s = time.time()
+            holds = cache.holds(session, name=name, now_s=now_s)
+            session.rollback()  # end the read transaction; the write below locks afresh
+            decision = place(cluster, request, now_s=now_s, catalog=catalog, holds=holds)
+            if dry_run or not decision.placements:
+                return PlacementOutcome(decision, [], version, dry_run)
+            try:
+                new = hold_decision(cluster, decision, now_s=now_s, ttl_s=ttl_s, holds=holds)
+            except ClusterError:
+                continue
+            rows = [
+                (
+                    h.reservation.id,
+                    h.reservation.server,
+                    h.reservation.gpu_ids,
+                    h.reservation.expires_at_s,
+                    h.model_dump(mode="json"),
+                )
+                for h in new
+            ]
+            try:
+                cluster_store.insert_holds(session, name=name, expected_version=version, holds=rows, now_s=now_s)
+            except (cluster_store.HoldConflictError, cluster_store.StaleVersionError):
+                # Someone else took one of these GPUs or changed the cluster: decide again on the new state.
+                continue
+            cache.remember_holds(new)
+            return PlacementOutcome(decision, [h.reservation.id for h in new], version, dry_run)
+        raise cluster_store.StaleVersionError(cluster_store.current_version(session, name=name))

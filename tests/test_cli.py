@@ -142,3 +142,17 @@ def test_place_bad_input(args: list[str], needle: str, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert needle in err
     assert err.count("\n") == 1
+
+
+def test_db_upgrade_on_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nothing", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "cannot upgrade the database" in done.stderr

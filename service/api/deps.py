@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
@@ -21,30 +21,19 @@ async def _session(request: Request) -> AsyncIterator[Session]:
         yield session
 
 
-def _catalog(request: Request) -> Catalog:
-    catalog: Catalog = request.app.state.catalog
-    return catalog
+def _state(name: str) -> Callable[[Request], Any]:
+    """A dependency returning one attribute of the app state (built once by create_app)."""
 
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
 
-def _dispatcher(request: Request) -> Dispatcher:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    return dispatcher
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _metrics(request: Request) -> ApiMetrics:
-    metrics: ApiMetrics = request.app.state.metrics
-    return metrics
+    return get
 
 
 # Sync endpoints serialize their response on a worker thread before dependency teardown runs, so read
 # paths end their transaction themselves (service.db.plans.release) instead of holding a connection.
 SessionDep = Annotated[Session, Depends(_session)]
-CatalogDep = Annotated[Catalog, Depends(_catalog)]
-DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
-MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
+CatalogDep = Annotated[Catalog, Depends(_state("catalog"))]
+DispatcherDep = Annotated[Dispatcher, Depends(_state("dispatcher"))]
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+MetricsDep = Annotated[ApiMetrics, Depends(_state("metrics"))]

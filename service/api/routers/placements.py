@@ -34,14 +34,13 @@ def create_placement(
 ) -> dict[str, Any]:
     """Ranked candidates with startup-latency breakdowns, exclusions, and (unless dry_run) reserved GPUs."""
     started = time.perf_counter()
-    placement = PlacementRequest.model_validate(body.model_dump(exclude={"cluster", "dry_run", "ttl_s"}))
     try:
         outcome = place_on_cluster(
             session,
             cache=cache_of(request),
             catalog=catalog,
             name=body.cluster,
-            request=placement,
+            request=body,
             dry_run=body.dry_run,
             ttl_s=body.ttl_s,
         )
