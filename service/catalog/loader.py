@@ -92,6 +92,8 @@ def _gpu_from_entry(name: str, entry: Mapping[str, Any]) -> GpuSpec:
     fields_ = _coerce_numbers(GpuSpec, dict(entry))
     try:
         fields_["peak_flops_per_s"] = {DType(k): float(v) for k, v in fields_.get("peak_flops_per_s", {}).items()}
+        if "weight_only_dtypes" in fields_:
+            fields_["weight_only_dtypes"] = tuple(DType(v) for v in fields_["weight_only_dtypes"])
         return GpuSpec(name=name, **fields_)
     except (TypeError, ValueError) as exc:
         raise PlanningError(f"gpu {name!r}: {exc}") from None

@@ -17,7 +17,10 @@ class DType(StrEnum):
     FP8 = "fp8"
     INT8 = "int8"
     INT4 = "int4"
+    # NVIDIA fp4 (e2m1 with an fp8 scale per 16 elements), the Blackwell tensor-core format.
     FP4 = "fp4"
+    # OCP microscaling fp4 (e2m1 with an e8m0 scale per 32 elements), e.g. gpt-oss experts.
+    MXFP4 = "mxfp4"
 
     @property
     def bytes_per_element(self) -> float:
@@ -32,9 +35,14 @@ _DTYPE_BYTES: dict[DType, float] = {
     # 4-bit weights carry one 16-bit scale per group of 128 (int4) or one 8-bit scale per 16 (fp4).
     DType.INT4: 0.5 + 2.0 / 128,
     DType.FP4: 0.5 + 1.0 / 16,
+    DType.MXFP4: 0.5 + 1.0 / 32,
 }
 
-WEIGHT_DTYPES: tuple[DType, ...] = (DType.BF16, DType.FP8, DType.INT4, DType.FP4)
+WEIGHT_DTYPES: tuple[DType, ...] = (DType.BF16, DType.FP8, DType.INT4, DType.FP4, DType.MXFP4)
+# Names accepted for a dtype beside its value.
+DTYPE_ALIASES: dict[str, DType] = {"nvfp4": DType.FP4, "fp8_block": DType.FP8, "w4a16_mxfp4": DType.MXFP4}
+# 4-bit formats: they run on fp4 tensor cores where the GPU has them, else as weight-only (dequantised) GEMMs.
+FOUR_BIT_DTYPES: tuple[DType, ...] = (DType.INT4, DType.FP4, DType.MXFP4)
 KV_DTYPES: tuple[DType, ...] = (DType.BF16, DType.FP8)
 
 
@@ -78,6 +86,9 @@ class ModelSpec:
     # SwiGLU-style FFNs have gate, up and down projections; OPT-style have only up and down.
     ffn_gated: bool = True
     max_position_embeddings: int = 131072
+    # Sliding-window attention: window in tokens and the share of layers that use it (gpt-oss: 128, 0.5).
+    sliding_window_tokens: int = 0
+    sliding_window_layer_fraction: float = 0.0
     hf_id: str = ""
     moe: MoESpec | None = None
     mla: MLASpec | None = None
@@ -101,15 +112,33 @@ class GpuSpec:
     inter_node_bandwidth_bytes_per_s: float
     gpus_per_node: int
     price_per_hour_usd: float
-    num_sms: int = 132
+    num_sms: int
     vendor: str = "nvidia"
+    # GPUs joined by the scale-up fabric (NVLink switch domain): 8 on HGX boards, 72 on GB200 NVL72.
+    # 0 means one node.
+    nvlink_domain_gpus: int = 0
+    # Weight formats the GPU's kernels dequantise to bf16 math (no tensor-core path of their own).
+    weight_only_dtypes: tuple[DType, ...] = (DType.INT4, DType.MXFP4)
     description: str = ""
+
+    @property
+    def scale_up_domain_gpus(self) -> int:
+        """GPUs that reach each other over the scale-up links rather than the network."""
+        return self.nvlink_domain_gpus or self.gpus_per_node
 
     def peak_for(self, dtype: DType) -> float:
         """Peak FLOP/s for a GEMM whose inputs are in ``dtype`` (falls back to bf16 math)."""
         if dtype in self.peak_flops_per_s:
             return self.peak_flops_per_s[dtype]
         return self.peak_flops_per_s[DType.BF16]
+
+    def runs_natively(self, dtype: DType) -> bool:
+        """Whether GEMMs with ``dtype`` weights run on this GPU's tensor cores in that format."""
+        return dtype in self.peak_flops_per_s
+
+    def supports_weights(self, dtype: DType) -> bool:
+        """Whether the GPU can serve weights stored in ``dtype`` at all (natively or dequantised)."""
+        return dtype is DType.BF16 or self.runs_natively(dtype) or dtype in self.weight_only_dtypes
 
 
 @dataclass(frozen=True, slots=True)
