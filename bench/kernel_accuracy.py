@@ -1,47 +1,54 @@
 """Print the kernel-level error (median / p90 absolute %) of the calibrated roofline on the reference kernels.
 
 Usage: python bench/kernel_accuracy.py [--reference DIR]
+
+For each GPU with reference tables (h100-sxm, b200) and each op kind: rows, then median / p90 absolute % error
+with the catalog calibration (calibration.yaml, as fitted by bench/calibrate.py), on the shapes the fit held out,
+and with the other GPU's calibration transferred (its constants, this GPU's datasheet peaks).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.calibrate import GPUS, default_reference_dir, load_tables
 from service.catalog.loader import default_catalog
-from service.planning.kernel_accuracy import (
-    attention_context_errors,
-    attention_generation_errors,
-    collective_errors,
-    gemm_errors,
-)
+from service.planning.calibration_fit import holdout_mask
+from service.planning.kernel_accuracy import ErrorSummary, kernel_errors
+
+
+def _cell(s: ErrorSummary | None) -> str:
+    return "–" if s is None else f"{s.median_pct:6.1f}% {s.p90_pct:6.1f}%"
 
 
 def main() -> None:
-    """Evaluate every op kind and print one line each."""
-    default = Path(os.environ.get("SPLAN_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reference", type=Path, default=default)
+    """Evaluate every op kind on every GPU and print one line each."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, default=default_reference_dir())
     ref = parser.parse_args().reference
-
-    def load(name: str) -> np.ndarray:
-        return np.genfromtxt(ref / name, delimiter=",", names=True, dtype=None, encoding=None)
-
     catalog = default_catalog()
-    gpu = catalog.gpu("h100-sxm")
-    cal = catalog.calibration_for(gpu)
-    rows = [
-        *gemm_errors(load("h100_sxm_gemm.csv"), gpu=gpu, calibration=cal),
-        attention_context_errors(load("h100_sxm_attention_context.csv"), gpu=gpu, calibration=cal),
-        attention_generation_errors(load("h100_sxm_attention_generation.csv"), gpu=gpu, calibration=cal),
-        *collective_errors(load("h100_sxm_nccl.csv"), gpu=gpu, calibration=cal),
-    ]
-    print(f"{'op kind':20s} {'rows':>6s} {'median':>8s} {'p90':>8s}")
-    for s in rows:
-        print(f"{s.kind:20s} {s.rows:6d} {s.median_pct:7.1f}% {s.p90_pct:7.1f}%")
+    header = f"{'gpu':9s} {'op kind':26s} {'rows':>6s} {'median':>7s} {'p90':>7s}"
+    print(f"{header} {'held-out med':>12s} {'p90':>7s} {'transf. med':>11s} {'p90':>7s}  transferred from")
+    for gpu_name, prefix in GPUS.items():
+        tables = load_tables(ref, prefix)
+        if not tables:
+            continue
+        other = next(g for g in GPUS if g != gpu_name)
+        gpu = catalog.gpu(gpu_name)
+        own = catalog.calibration_for(gpu)
+        moved = catalog.calibration_for(catalog.gpu(other))
+        masks = {t: holdout_mask(t, rows) for t, rows in tables.items()}
+        held = {s.kind: s for s in kernel_errors(tables, gpu=gpu, calibration=own, masks=masks)}
+        transferred = {s.kind: s for s in kernel_errors(tables, gpu=gpu, calibration=moved)}
+        for s in kernel_errors(tables, gpu=gpu, calibration=own):
+            print(
+                f"{gpu_name:9s} {s.kind:26s} {s.rows:6d} {s.median_pct:6.1f}% {s.p90_pct:6.1f}% "
+                f"{_cell(held.get(s.kind)):>20s} {_cell(transferred.get(s.kind)):>19s}  {other}"
+            )
 
 
 if __name__ == "__main__":

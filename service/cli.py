@@ -90,16 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--weight-dtype", default="bf16")
     est.add_argument("--kv-dtype", default=None)
     est.add_argument("--mode", choices=["collocated", "disagg", "disaggregated"], default="collocated")
-    est.add_argument("--tp", type=int, default=1)
+    est.add_argument("--moe-weight-dtype", default=None, help="dtype of the routed experts (default: --weight-dtype)")
+    est.add_argument("--tp", type=int, default=1, help="attention tensor parallelism per data-parallel rank")
     est.add_argument("--pp", type=int, default=1)
-    est.add_argument("--ep", type=int, default=1)
+    est.add_argument("--attention-dp", type=int, default=1, help="attention data-parallel ranks per replica")
+    est.add_argument("--moe-tp", type=int, default=None, help="slices per expert (default: tp x dp / moe-ep)")
+    est.add_argument("--moe-ep", type=int, default=None, help="expert-parallel groups (default 1)")
+    est.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
     est.add_argument("--replicas", type=int, default=1)
-    est.add_argument("--prefill-tp", type=int, default=1)
-    est.add_argument("--prefill-pp", type=int, default=1)
-    est.add_argument("--prefill-workers", type=int, default=1)
-    est.add_argument("--decode-tp", type=int, default=1)
-    est.add_argument("--decode-pp", type=int, default=1)
-    est.add_argument("--decode-workers", type=int, default=1)
+    for pool in ("prefill", "decode"):
+        est.add_argument(f"--{pool}-tp", type=int, default=1)
+        est.add_argument(f"--{pool}-pp", type=int, default=1)
+        est.add_argument(f"--{pool}-attention-dp", type=int, default=1)
+        est.add_argument(f"--{pool}-moe-tp", type=int, default=None)
+        est.add_argument(f"--{pool}-moe-ep", type=int, default=None)
+        est.add_argument(f"--{pool}-workers", type=int, default=1)
     est.add_argument("--isl", required=True, help="N, uniform:LO:HI, normal:MEAN:STD, lognormal:MEAN:STD, file:PATH")
     est.add_argument("--osl", required=True, help="same forms as --isl")
     load = est.add_mutually_exclusive_group(required=True)
@@ -109,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--cv", type=float, default=1.0)
     est.add_argument(
         "--client-start",
-        choices=["burst", "staggered"],
-        default="burst",
-        help="closed loop: all clients start at t=0 (burst) or spread over one request lifetime",
+        choices=["benchmark", "burst", "staggered"],
+        default="benchmark",
+        help="closed loop: the benchmark client's protocol (20 requests per client, all start at t=0), "
+        "all clients at t=0 (burst) or spread over one request lifetime (staggered)",
     )
     est.add_argument("--requests", type=int, default=None)
     est.add_argument("--seed", type=int, default=0)
@@ -143,15 +149,25 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         weight_dtype=args.weight_dtype,
         kv_dtype=args.kv_dtype,
         mode=Mode.COLLOCATED if args.mode == "collocated" else Mode.DISAGGREGATED,
+        moe_weight_dtype=args.moe_weight_dtype,
         tp=args.tp,
         pp=args.pp,
+        attention_dp=args.attention_dp,
+        moe_tp=args.moe_tp,
+        moe_ep=args.moe_ep,
         ep=args.ep,
         replicas=args.replicas,
         prefill_tp=args.prefill_tp,
         prefill_pp=args.prefill_pp,
+        prefill_attention_dp=args.prefill_attention_dp,
+        prefill_moe_tp=args.prefill_moe_tp,
+        prefill_moe_ep=args.prefill_moe_ep or 1,
         prefill_workers=args.prefill_workers,
         decode_tp=args.decode_tp,
         decode_pp=args.decode_pp,
+        decode_attention_dp=args.decode_attention_dp,
+        decode_moe_tp=args.decode_moe_tp,
+        decode_moe_ep=args.decode_moe_ep,
         decode_workers=args.decode_workers,
         isl=_length(args.isl),
         osl=_length(args.osl),

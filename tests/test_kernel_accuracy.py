@@ -1,60 +1,248 @@
-"""Kernel-level error of the calibrated roofline on the measured H100 kernels (bounds reached, asserted)."""
+"""Kernel-level error of the calibrated roofline on the measured H100 and B200 kernels, and exact formula checks."""
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.planning.catalog import Catalog
-from service.planning.kernel_accuracy import (
-    attention_context_errors,
-    attention_generation_errors,
-    collective_errors,
-    gemm_errors,
+from service.planning.kernel_accuracy import kernel_errors
+from service.planning.kernels import (
+    KernelCalibration,
+    attention_decode_time_s,
+    attention_prefill_time_s,
+    collective_time_s,
+    gemm_time_s,
+    tp_all_reduce_time_s,
 )
+from service.planning.specs import DType, GpuSpec
 
-# Median / p90 absolute % error reached on ../shared/reference (see bench/RESULTS.md).
-BOUNDS = {
-    "gemm_bf16": (10.0, 28.0),
-    "gemm_fp8": (19.0, 38.0),
-    "attention_prefill": (14.0, 40.0),
-    "attention_decode": (12.0, 37.0),
-    "all_reduce": (17.0, 37.0),
-    "all_gather": (21.0, 41.0),
-    "reduce_scatter": (23.0, 43.0),
-    "alltoall": (26.0, 53.0),
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Median / p90 absolute % error reached with calibration.yaml (bench/RESULTS.md "Kernel accuracy"), a little slack
+# above the achieved figures; a regression past them fails.
+BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
+    "h100-sxm": {
+        "gemm_bf16": (8.0, 28.0),
+        "gemm_fp8": (12.5, 37.0),
+        "attention_prefill": (14.0, 40.0),
+        "attention_decode": (12.0, 37.0),
+        "all_gather": (12.0, 32.0),
+        "all_reduce": (12.0, 27.0),
+        "alltoall": (18.0, 65.0),
+        "reduce_scatter": (8.5, 31.0),
+        "custom_all_reduce_graph": (10.0, 44.0),
+    },
+    "b200": {
+        "gemm_bf16": (8.0, 34.0),
+        "gemm_fp8": (16.0, 52.0),
+        "gemm_fp8_block": (11.0, 36.0),
+        "gemm_nvfp4": (11.0, 29.0),
+        "attention_prefill": (23.0, 60.0),
+        "attention_decode": (11.0, 42.0),
+        "all_gather": (12.0, 39.0),
+        "all_reduce": (12.0, 30.0),
+        "alltoall": (18.0, 43.0),
+        "reduce_scatter": (12.5, 39.0),
+    },
 }
+PREFIXES = {"h100-sxm": "h100_sxm", "b200": "b200_sxm"}
 
 
-def _load(path: Path) -> np.ndarray:
-    return np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding=None)
+@pytest.fixture(scope="module")
+def kernel_reference_dir() -> Path:
+    """The reference tables; missing data fails under CI (it must not skip silently there), else skips."""
+    path = Path(os.environ.get("SPLAN_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+    if not (path / "h100_sxm_gemm.csv").exists():
+        message = f"kernel reference tables not found at {path} (set SPLAN_REFERENCE_DIR)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
-def test_kernel_errors_within_bounds(catalog: Catalog, reference_dir: Path) -> None:
-    gpu = catalog.gpu("h100-sxm")
-    cal = catalog.calibration_for(gpu)
-    summaries = [
-        *gemm_errors(_load(reference_dir / "h100_sxm_gemm.csv"), gpu=gpu, calibration=cal),
-        attention_context_errors(_load(reference_dir / "h100_sxm_attention_context.csv"), gpu=gpu, calibration=cal),
-        attention_generation_errors(
-            _load(reference_dir / "h100_sxm_attention_generation.csv"), gpu=gpu, calibration=cal
-        ),
-        *collective_errors(_load(reference_dir / "h100_sxm_nccl.csv"), gpu=gpu, calibration=cal),
-    ]
-    assert {s.kind for s in summaries} == set(BOUNDS)
+@pytest.mark.parametrize("gpu_name", sorted(BOUNDS))
+def test_kernel_errors_within_bounds(catalog: Catalog, kernel_reference_dir: Path, gpu_name: str) -> None:
+    from bench.calibrate import load_tables
+
+    tables = load_tables(kernel_reference_dir, PREFIXES[gpu_name])
+    gpu = catalog.gpu(gpu_name)
+    summaries = kernel_errors(tables, gpu=gpu, calibration=catalog.calibration_for(gpu))
+    assert {s.kind for s in summaries} == set(BOUNDS[gpu_name])
     for s in summaries:
-        median_bound, p90_bound = BOUNDS[s.kind]
+        median_bound, p90_bound = BOUNDS[gpu_name][s.kind]
         assert s.median_pct <= median_bound, s
         assert s.p90_pct <= p90_bound, s
 
 
+def _gpu(**overrides: object) -> GpuSpec:
+    fields: dict[str, object] = {
+        "name": "test-gpu",
+        "memory_bytes": 80e9,
+        "hbm_bandwidth_bytes_per_s": 2.0e12,
+        "peak_flops_per_s": {DType.BF16: 1.0e15, DType.FP8: 2.0e15},
+        "intra_node_bandwidth_bytes_per_s": 400e9,
+        "inter_node_bandwidth_bytes_per_s": 50e9,
+        "gpus_per_node": 8,
+        "price_per_hour_usd": 1.0,
+        "num_sms": 100,
+    }
+    fields.update(overrides)
+    return GpuSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_gemm_time_exact_bf16() -> None:
+    c = KernelCalibration()
+    gpu = _gpu()
+    m, n, k = 256.0, 1024.0, 4096.0
+    # 2 x 8 = 16 tiles of 128x128 < 100 SMs: split-k by min(floor(100/16)=6, floor(4096/256)=16) = 6 -> 96 CTAs.
+    occupancy = 96 / 100
+    k_over = c.gemm_k_overhead_elems[DType.BF16]
+    t_compute = (
+        2
+        * 256
+        * 1024
+        * (4096 + k_over)
+        / (1e15 * c.gemm_peak_efficiency[DType.BF16] * occupancy**c.gemm_occupancy_power)
+    )
+    t_memory = (4096 * 1024 * 2 + 256 * 4096 * 2 + 256 * 1024 * 2) / (2e12 * c.gemm_bandwidth_efficiency)
+    p = c.gemm_blend_power
+    expected = (t_compute**p + t_memory**p) ** (1 / p) + c.gemm_launch_s
+    got = float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.BF16, calibration=c))
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_gemm_time_exact_fp8_and_block_scaled() -> None:
+    c = KernelCalibration()
+    gpu = _gpu()
+    m, n, k = 300.0, 512.0, 1024.0
+    # ceil(300/128)=3 x 4 = 12 tiles: split-k min(floor(100/12)=8, floor(1024/256)=4) = 4 -> 48 CTAs; m padded to 384.
+    occupancy = 48 / 100
+    t_memory = (1024 * 512 * 1 + 300 * 1024 * 1 + 300 * 512 * 2) / (2e12 * c.gemm_bandwidth_efficiency)
+    p = c.gemm_blend_power
+
+    def compute(eff: float) -> float:
+        k_over = c.gemm_k_overhead_elems[DType.FP8]
+        return 2 * 384 * 512 * (1024 + k_over) / (2e15 * eff * occupancy**c.gemm_occupancy_power)
+
+    roof = (compute(c.gemm_peak_efficiency[DType.FP8]) ** p + t_memory**p) ** (1 / p)
+    quant = (
+        c.gemm_quant_launch_s[DType.FP8]
+        + c.gemm_quant_per_row_s[DType.FP8] * 300
+        + 300 * 1024 * 3 / (2e12 * c.gemm_bandwidth_efficiency)
+    )
+    got = float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP8, calibration=c))
+    assert got == pytest.approx(roof + c.gemm_launch_s + quant, rel=1e-12)
+    block_roof = (compute(c.gemm_block_scaled_efficiency) ** p + t_memory**p) ** (1 / p)
+    got_block = float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP8, calibration=c, block_scaled=True))
+    assert got_block == pytest.approx(block_roof + c.gemm_launch_s + c.gemm_block_scaled_launch_s, rel=1e-12)
+
+
+def test_fp4_is_weight_only_without_fp4_tensor_cores() -> None:
+    c = KernelCalibration()
+    no_fp4, with_fp4 = _gpu(), _gpu(peak_flops_per_s={DType.BF16: 1e15, DType.FP8: 2e15, DType.FP4: 4e15})
+    m, n, k = 1.0, 8192.0, 8192.0
+    # m = 1: memory bound on the 4-bit weight bytes in both cases; weight-only adds no activation quantisation.
+    weight_only = float(gemm_time_s(m, n, k, gpu=no_fp4, weight_dtype=DType.FP4, calibration=c))
+    native = float(gemm_time_s(m, n, k, gpu=with_fp4, weight_dtype=DType.FP4, calibration=c))
+    bf16 = float(gemm_time_s(m, n, k, gpu=no_fp4, weight_dtype=DType.BF16, calibration=c))
+    assert weight_only < 0.6 * bf16  # 0.5625 of the bf16 weight bytes, plus the same launch floor
+    assert native > weight_only  # the native path pays its activation-quantisation kernel
+
+
+def test_gemm_vectorised_over_m_matches_scalar() -> None:
+    c, gpu = KernelCalibration(), _gpu()
+    m = np.arange(0, 600, dtype=np.float64)
+    vec = gemm_time_s(m, 4096, 4096, gpu=gpu, weight_dtype=DType.BF16, calibration=c)
+    assert vec[0] == 0.0
+    for i in (1, 17, 129, 599):
+        assert vec[i] == float(gemm_time_s(float(i), 4096, 4096, gpu=gpu, weight_dtype=DType.BF16, calibration=c))
+
+
+def test_collective_time_exact() -> None:
+    c = KernelCalibration().with_overrides(
+        {"collective_kind_base_latency_s": {"all_gather": 5e-6}, "collective_kind_bus_efficiency": {"all_gather": 0.5}}
+    )
+    size = 1e6
+    expected_ar = (
+        c.collective_base_latency_s
+        + c.collective_latency_per_log2_gpu_s * 2
+        + 2 * 3 / 4 * size / (400e9 * c.collective_bus_efficiency)
+    )
+    got_ar = collective_time_s("all_reduce", size, 4, link_bandwidth_bytes_per_s=400e9, calibration=c)
+    assert got_ar == pytest.approx(expected_ar, rel=1e-12)
+    expected_ag = 5e-6 + c.collective_latency_per_log2_gpu_s * 3 + 7 / 8 * size / (400e9 * 0.5)
+    got_ag = collective_time_s("all_gather", size, 8, link_bandwidth_bytes_per_s=400e9, calibration=c)
+    assert got_ag == pytest.approx(expected_ag, rel=1e-12)
+    assert collective_time_s("all_reduce", size, 1, link_bandwidth_bytes_per_s=400e9, calibration=c) == 0.0
+    # TP all-reduce: vLLM's custom all-reduce below its buffer size, NCCL above.
+    small = tp_all_reduce_time_s(size, 4, link_bandwidth_bytes_per_s=400e9, calibration=c)
+    expected_small = (
+        c.custom_all_reduce_base_latency_s
+        + c.custom_all_reduce_latency_per_gpu_s * 4
+        + 1.5 * size / (400e9 * c.custom_all_reduce_bus_efficiency)
+    )
+    assert small == pytest.approx(expected_small, rel=1e-12)
+    big = 2 * c.custom_all_reduce_max_bytes
+    assert tp_all_reduce_time_s(big, 4, link_bandwidth_bytes_per_s=400e9, calibration=c) == collective_time_s(
+        "all_reduce", big, 4, link_bandwidth_bytes_per_s=400e9, calibration=c
+    )
+
+
+def test_attention_exact() -> None:
+    c, gpu = KernelCalibration(), _gpu()
+    # Prefill: 2 sequences of 256 tokens, 8 heads (2 KV heads) of 128: 2 x 2 query blocks x 8 heads = 32 CTAs.
+    pairs = 2 * 256 * (257 / 2)
+    occupancy = (32 / 100) ** c.attention_prefill_occupancy_power
+    flops = 4 * 8 * 128 * (pairs + c.attention_prefill_overhead_keys * 512)
+    moved = 512 * 2 * 128 * 2 * 2 + 2 * 512 * 8 * 128 * 2
+    expected = (
+        c.attention_launch_s
+        + flops / (1e15 * c.attention_prefill_efficiency * occupancy)
+        + moved / (2e12 * c.gemm_bandwidth_efficiency)
+    )
+    got = attention_prefill_time_s(
+        query_tokens=512,
+        attended_key_pairs=pairs,
+        query_blocks=4,
+        heads_per_gpu=8,
+        kv_heads_per_gpu=2,
+        head_dim=128,
+        kv_tokens_read=512,
+        kv_dtype=DType.BF16,
+        gpu=gpu,
+        num_sms=gpu.num_sms,
+        calibration=c,
+    )
+    assert got == pytest.approx(expected, rel=1e-12)
+    # Decode: 16 sequences of 1000 tokens, fp8 KV, 4096 bytes per token.
+    eff = c.attention_decode_bandwidth_efficiency[DType.FP8]
+    t_memory = 16000 * 4096 / (2e12 * eff)
+    t_compute = 1e9 / (1e15 * c.attention_prefill_efficiency)
+    expected_decode = (
+        c.attention_decode_launch_s + c.attention_decode_per_sequence_bytes * 16 / 2e12 + max(t_memory, t_compute)
+    )
+    got_decode = attention_decode_time_s(
+        sequences=16,
+        context_tokens=16000,
+        kv_bytes_per_token=4096,
+        kv_dtype=DType.FP8,
+        flops=1e9,
+        gpu=gpu,
+        calibration=c,
+    )
+    assert got_decode == pytest.approx(expected_decode, rel=1e-12)
+    assert not math.isnan(got_decode)
+
+
 @pytest.mark.parametrize("m", [1, 64, 4096])
 def test_gemm_time_grows_with_work(catalog: Catalog, m: int) -> None:
-    from service.planning.kernels import gemm_time_s
-    from service.planning.specs import DType
-
     gpu = catalog.gpu("h100-sxm")
     cal = catalog.calibration_for(gpu)
     small = float(gemm_time_s(m, 4096, 4096, gpu=gpu, weight_dtype=DType.BF16, calibration=cal))

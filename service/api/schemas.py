@@ -93,15 +93,25 @@ class EstimateBody(BaseModel):
     weight_dtype: str = "bf16"
     kv_dtype: str | None = None
     mode: Literal["collocated", "disaggregated"] = "collocated"
-    tp: int = Field(default=1, ge=1, le=64)
+    moe_weight_dtype: str | None = None
+    tp: int = Field(default=1, ge=1, le=64, description="attention tensor parallelism per data-parallel rank")
     pp: int = Field(default=1, ge=1, le=64)
-    ep: int = Field(default=1, ge=1, le=256)
+    attention_dp: int = Field(default=1, ge=1, le=256, description="attention data-parallel ranks per replica")
+    moe_tp: int | None = Field(default=None, ge=1, le=256, description="slices per expert (default tp*dp/moe_ep)")
+    moe_ep: int | None = Field(default=None, ge=1, le=1024, description="expert-parallel groups (default 1)")
+    ep: int = Field(default=1, ge=1, le=1024, description="older name of moe_ep")
     replicas: int = Field(default=1, ge=1, le=256)
     prefill_tp: int = Field(default=1, ge=1, le=64)
     prefill_pp: int = Field(default=1, ge=1, le=64)
+    prefill_attention_dp: int = Field(default=1, ge=1, le=256)
+    prefill_moe_tp: int | None = Field(default=None, ge=1, le=256)
+    prefill_moe_ep: int = Field(default=1, ge=1, le=1024)
     prefill_workers: int = Field(default=1, ge=1, le=256)
     decode_tp: int = Field(default=1, ge=1, le=64)
     decode_pp: int = Field(default=1, ge=1, le=64)
+    decode_attention_dp: int = Field(default=1, ge=1, le=256)
+    decode_moe_tp: int | None = Field(default=None, ge=1, le=256)
+    decode_moe_ep: int | None = Field(default=None, ge=1, le=1024)
     decode_workers: int = Field(default=1, ge=1, le=256)
     isl: int | str = Field(description="N, uniform:LO:HI, normal:MEAN:STD or lognormal:MEAN:STD")
     osl: int | str = Field(description="same forms as isl")
@@ -109,7 +119,7 @@ class EstimateBody(BaseModel):
     rate: float | None = Field(default=None, gt=0, le=100_000)
     arrival: Literal["poisson", "gamma", "constant"] | None = None
     cv: float = Field(default=1.0, gt=0, le=100)
-    client_start: Literal["burst", "staggered"] = "burst"
+    client_start: Literal["benchmark", "burst", "staggered"] = "benchmark"
     requests: int | None = Field(default=None, ge=1, le=MAX_ESTIMATE_REQUESTS)
     seed: int = 0
     max_batched_tokens: int | None = Field(default=None, ge=1, le=1_048_576)

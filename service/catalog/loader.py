@@ -16,6 +16,7 @@ import yaml
 from service.planning.catalog import Catalog
 from service.planning.hf_config import model_from_hf_config
 from service.planning.kernels import KernelCalibration
+from service.planning.moe_cost import MoeCalibration
 from service.planning.specs import DType, EngineSpec, GpuSpec, MLASpec, ModelSpec, MoESpec, PlanningError
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -109,7 +110,7 @@ def _engine_from_entry(name: str, entry: Mapping[str, Any]) -> EngineSpec:
 
 
 def _merge_dir(directory: Path, raw: dict[str, dict[str, Any]]) -> None:
-    for kind in ("models", "gpus", "engines", "calibration"):
+    for kind in ("models", "gpus", "engines", "calibration", "moe_calibration"):
         for suffix in (".yaml", ".yml", ".json"):
             path = directory / f"{kind}{suffix}"
             if path.exists():
@@ -121,7 +122,13 @@ def _merge_dir(directory: Path, raw: dict[str, dict[str, Any]]) -> None:
 
 def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
     """Load the built-in catalog merged with user directories (later entries override earlier)."""
-    raw: dict[str, dict[str, Any]] = {"models": {}, "gpus": {}, "engines": {}, "calibration": {}}
+    raw: dict[str, dict[str, Any]] = {
+        "models": {},
+        "gpus": {},
+        "engines": {},
+        "calibration": {},
+        "moe_calibration": {},
+    }
     dirs = [DATA_DIR]
     env = os.environ.get(CATALOG_PATH_ENV, "")
     dirs += [Path(p) for p in env.split(os.pathsep) if p]
@@ -137,6 +144,11 @@ def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
         per_gpu = {
             name: base.with_overrides(values or {}) for name, values in calibration_raw.items() if name != "default"
         }
+        moe_raw = raw["moe_calibration"]
+        moe_base = MoeCalibration().with_overrides(moe_raw.get("default", {}) or {})
+        moe_per_gpu = {
+            name: moe_base.with_overrides(values or {}) for name, values in moe_raw.items() if name != "default"
+        }
     except ValueError as exc:
         raise PlanningError(f"calibration: {exc}") from None
     return Catalog(
@@ -145,6 +157,8 @@ def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
         engines={k: _engine_from_entry(k, v) for k, v in raw["engines"].items()},
         calibration=base,
         gpu_calibration=per_gpu,
+        moe_calibration=moe_base,
+        gpu_moe_calibration=moe_per_gpu,
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
 from service.planning.kernels import KernelCalibration
+from service.planning.moe_cost import MoeCalibration
 from service.planning.specs import EngineSpec, GpuSpec, ModelSpec, PlanningError
 
 T = TypeVar("T")
@@ -22,6 +23,9 @@ class Catalog:
     calibration: KernelCalibration = field(default_factory=KernelCalibration)
     # Per-GPU calibration overrides (fitted on that GPU's own kernel measurements).
     gpu_calibration: dict[str, KernelCalibration] = field(default_factory=dict)
+    # MoE-layer and all-to-all constants: shared defaults and per-GPU fits.
+    moe_calibration: MoeCalibration = field(default_factory=MoeCalibration)
+    gpu_moe_calibration: dict[str, MoeCalibration] = field(default_factory=dict)
 
     def model(self, name: str) -> ModelSpec:
         """A model by catalog name (case-insensitive)."""
@@ -45,6 +49,10 @@ class Catalog:
     def calibration_for(self, gpu: GpuSpec) -> KernelCalibration:
         """Kernel calibration for a GPU: its own fit when there is one, else the shared defaults."""
         return self.gpu_calibration.get(gpu.name, self.calibration)
+
+    def moe_calibration_for(self, gpu: GpuSpec) -> MoeCalibration:
+        """MoE calibration for a GPU: its own fit when there is one, else the shared defaults."""
+        return self.gpu_moe_calibration.get(gpu.name, self.moe_calibration)
 
 
 def _lookup(table: dict[str, T], name: str, what: str) -> T:

@@ -9,6 +9,7 @@ from typing import Any
 
 from service.planning.kernels import KernelCalibration
 from service.planning.memory import MemoryPlan, plan_memory, require_fit
+from service.planning.moe_cost import MoeCalibration
 from service.planning.simulator import (
     InstanceConfig,
     KvTransfer,
@@ -46,6 +47,14 @@ class KnobOverrides:
             chunked_prefill=engine.chunked_prefill if self.chunked_prefill is None else self.chunked_prefill,
             mixed_batches=engine.mixed_batches,
             kv_reserve_output_fraction=engine.kv_reserve_output_fraction,
+            scheduler=engine.scheduler,
+            long_prefill_token_threshold_tokens=engine.long_prefill_token_threshold_tokens,
+            new_token_ratio_init=engine.new_token_ratio_init,
+            new_token_ratio_min=engine.new_token_ratio_min,
+            new_token_ratio_decay_steps=engine.new_token_ratio_decay_steps,
+            retract_decode_steps=engine.retract_decode_steps,
+            max_prefill_tokens=engine.max_prefill_tokens,
+            prompt_sized_token_budget=engine.prompt_sized_token_budget,
         )
 
 
@@ -67,6 +76,14 @@ class Deployment:
     decode_layout: ParallelLayout = ParallelLayout()
     decode_workers: int = 0
     knobs: KnobOverrides = KnobOverrides()
+    # Expert weights may be stored differently from the rest (gpt-oss: mxfp4 experts, bf16 attention).
+    moe_weight_dtype: DType | None = None
+    moe_calibration: MoeCalibration = MoeCalibration()
+
+    @property
+    def expert_dtype(self) -> DType:
+        """Storage dtype of the routed experts' weights."""
+        return self.moe_weight_dtype or self.weight_dtype
 
     @property
     def gpus(self) -> int:
@@ -78,25 +95,10 @@ class Deployment:
     def describe_layout(self) -> dict[str, Any]:
         """The parallel layout as a plain mapping."""
         if self.mode is Mode.COLLOCATED:
-            return {
-                "tp": self.layout.tp,
-                "pp": self.layout.pp,
-                "ep": self.layout.ep,
-                "replicas": self.replicas,
-            }
+            return {**self.layout.describe(), "replicas": self.replicas}
         return {
-            "prefill": {
-                "tp": self.prefill_layout.tp,
-                "pp": self.prefill_layout.pp,
-                "ep": self.prefill_layout.ep,
-                "workers": self.prefill_workers,
-            },
-            "decode": {
-                "tp": self.decode_layout.tp,
-                "pp": self.decode_layout.pp,
-                "ep": self.decode_layout.ep,
-                "workers": self.decode_workers,
-            },
+            "prefill": {**self.prefill_layout.describe(), "workers": self.prefill_workers},
+            "decode": {**self.decode_layout.describe(), "workers": self.decode_workers},
         }
 
     def label(self) -> str:
@@ -133,6 +135,7 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         kv_dtype=deployment.kv_dtype,
         max_batched_tokens=knobs.max_batched_tokens,
         memory_fraction=deployment.knobs.memory_fraction,
+        moe_weight_dtype=deployment.moe_weight_dtype,
     )
     label = f"{deployment.model.name} {layout.label()} on {deployment.gpu.name} ({deployment.weight_dtype.value})"
     require_fit(memory, min_tokens=min_tokens, label=label)
@@ -145,6 +148,8 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         kv_dtype=deployment.kv_dtype,
         calibration=deployment.calibration,
         max_tokens=max(knobs.max_batched_tokens, knobs.max_sequences) + 1,
+        moe_calibration=deployment.moe_calibration,
+        moe_weight_dtype=deployment.moe_weight_dtype,
     )
     return BuiltInstance(InstanceConfig(role, cost, memory.kv_capacity_tokens, knobs), memory)
 
@@ -152,7 +157,7 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
 def transfer_model(deployment: Deployment) -> KvTransfer:
     """KV transfer between pools: intra-node when both pools fit in one node, else over the NIC."""
     gpu = deployment.gpu
-    same_node = deployment.gpus <= gpu.gpus_per_node
+    same_node = deployment.gpus <= gpu.scale_up_domain_gpus
     bandwidth = gpu.intra_node_bandwidth_bytes_per_s if same_node else gpu.inter_node_bandwidth_bytes_per_s
     # Each GPU of the prefill instance sends its own shard over its own link, in parallel.
     per_token = kv_bytes_per_token_per_gpu(deployment.model, deployment.prefill_layout, deployment.kv_dtype)
@@ -167,6 +172,18 @@ class Estimate:
     workload: Workload
     result: SimulationResult
     memory: dict[str, MemoryPlan]
+    # Identical instances each simulated one stands for (replicas and attention-DP ranks not simulated).
+    scale: float = 1.0
+
+    @property
+    def requests_per_s(self) -> float:
+        """Completed requests per second of the whole deployment."""
+        return self.result.requests_per_s * self.scale
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        """Generated tokens per second of the whole deployment."""
+        return self.result.output_tokens_per_s * self.scale
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -177,6 +194,7 @@ class Estimate:
             "engine": self.deployment.engine.name,
             "mode": self.deployment.mode.value,
             "weight_dtype": self.deployment.weight_dtype.value,
+            "moe_weight_dtype": self.deployment.expert_dtype.value if self.deployment.model.is_moe else None,
             "kv_dtype": self.deployment.kv_dtype.value,
             "layout": self.deployment.describe_layout(),
             "gpus": self.deployment.gpus,
@@ -186,9 +204,9 @@ class Estimate:
             "tpot_ms": r.tpot.as_dict(),
             "e2e_ms": r.e2e.as_dict(),
             "throughput": {
-                "requests_per_s": r.requests_per_s,
-                "output_tokens_per_s": r.output_tokens_per_s,
-                "output_tokens_per_s_per_gpu": r.output_tokens_per_s / max(1, self.deployment.gpus),
+                "requests_per_s": self.requests_per_s,
+                "output_tokens_per_s": self.output_tokens_per_s,
+                "output_tokens_per_s_per_gpu": self.output_tokens_per_s / max(1, self.deployment.gpus),
             },
             "bottleneck": r.bottleneck(),
             "preemptions": r.preemptions,
@@ -226,16 +244,25 @@ def simulate_deployment(
         if deployment.replicas < 1:
             raise PlanningError("replicas must be at least 1")
         built = build_instance(deployment, deployment.layout, Role.COLLOCATED, min_tokens=need)
-        count = deployment.replicas if replicas_simulated is None else replicas_simulated
+        replicas = deployment.replicas if replicas_simulated is None else replicas_simulated
+        # Each attention-DP rank schedules its own batch and KV cache; the step cost already charges the
+        # lock-step MoE layers for all ranks' tokens. Ranks that see the same share of the load behave
+        # alike, so one stands for all when the load splits evenly (the run is dp times shorter).
+        dp = deployment.layout.attention_dp
+        ranks = 1 if _ranks_symmetric(workload, replicas, dp) else dp
+        concurrency = workload.concurrency // (dp // ranks)
+        rank_sample = sample.strided(dp // ranks)
+        count = replicas * ranks
         result = simulate(
             instances=[built.config] * count,
-            sample=sample,
+            sample=rank_sample,
             arrival=workload.arrival,
-            rate_per_s=rate * count / deployment.replicas,
-            concurrency=workload.concurrency,
-            closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, sample, workload, count),
+            rate_per_s=rate * replicas / deployment.replicas * ranks / dp,
+            concurrency=concurrency,
+            closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, rank_sample, workload, count * dp // ranks),
         )
-        return Estimate(deployment, workload, result, {"replica": built.memory})
+        scale = deployment.replicas * dp / count
+        return Estimate(deployment, workload, result, {"replica": built.memory}, scale)
     if deployment.prefill_workers < 1 or deployment.decode_workers < 1:
         raise PlanningError("disaggregated serving needs at least one prefill and one decode worker")
     prefill = build_instance(
@@ -243,16 +270,27 @@ def simulate_deployment(
     )
     decode = build_instance(deployment, deployment.decode_layout, Role.DECODE, min_tokens=need)
     result = simulate(
-        instances=[prefill.config] * deployment.prefill_workers,
-        decode_instances=[decode.config] * deployment.decode_workers,
+        instances=[prefill.config] * (deployment.prefill_workers * deployment.prefill_layout.attention_dp),
+        decode_instances=[decode.config] * (deployment.decode_workers * deployment.decode_layout.attention_dp),
         transfer=transfer_model(deployment),
         sample=sample,
         arrival=workload.arrival,
         rate_per_s=rate,
         concurrency=workload.concurrency,
-        closed_loop_ramp_s=_closed_loop_ramp_s(decode.config.cost, sample, workload, deployment.decode_workers),
+        closed_loop_ramp_s=_closed_loop_ramp_s(
+            decode.config.cost, sample, workload, deployment.decode_workers * deployment.decode_layout.attention_dp
+        ),
     )
     return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory})
+
+
+def _ranks_symmetric(workload: Workload, replicas: int, dp: int) -> bool:
+    """Whether every attention-DP rank gets the same share: open loops, or clients that divide evenly."""
+    if dp <= 1:
+        return False
+    if workload.arrival is not ArrivalKind.CLOSED:
+        return True
+    return workload.concurrency % (replicas * dp) == 0
 
 
 def _closed_loop_ramp_s(cost: ReplicaStepCost, sample: RequestSample, workload: Workload, instances: int) -> float:

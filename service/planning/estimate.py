@@ -6,17 +6,24 @@ from dataclasses import dataclass, replace
 
 from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, Estimate, KnobOverrides, Mode, simulate_deployment
-from service.planning.specs import WEIGHT_DTYPES, DType, ModelSpec, PlanningError
-from service.planning.stepcost import ParallelLayout, validate_layout
-from service.planning.workload import ArrivalKind, LengthDistribution, Workload
+from service.planning.specs import DTYPE_ALIASES, WEIGHT_DTYPES, DType, GpuSpec, ModelSpec, PlanningError
+from service.planning.stepcost import make_layout, validate_layout
+from service.planning.workload import (
+    BENCHMARK_REQUESTS_PER_CLIENT,
+    ArrivalKind,
+    ClientStart,
+    LengthDistribution,
+    Workload,
+)
 
 MAX_REQUESTS = 20_000
 
 
 def parse_dtype(value: str, *, allowed: tuple[DType, ...], what: str) -> DType:
-    """A dtype by name, refused with the allowed names when unknown."""
+    """A dtype by name (or alias such as nvfp4), refused with the allowed names when unknown."""
+    key = value.strip().lower()
     try:
-        dtype = DType(value.strip().lower())
+        dtype: DType | None = DTYPE_ALIASES.get(key) or DType(key)
     except ValueError:
         dtype = None
     if dtype is None or dtype not in allowed:
@@ -52,22 +59,33 @@ class EstimateRequest:
     engine: str = "vllm"
     weight_dtype: str = "bf16"
     kv_dtype: str | None = None
+    moe_weight_dtype: str | None = None
     mode: Mode = Mode.COLLOCATED
     tp: int = 1
     pp: int = 1
+    attention_dp: int = 1
+    moe_tp: int | None = None
+    # Expert-parallel degree (moe_ep); `ep` is its older name.
+    moe_ep: int | None = None
     ep: int = 1
     replicas: int = 1
     prefill_tp: int = 1
     prefill_pp: int = 1
+    prefill_attention_dp: int = 1
+    prefill_moe_tp: int | None = None
+    prefill_moe_ep: int = 1
     prefill_workers: int = 1
     decode_tp: int = 1
     decode_pp: int = 1
+    decode_attention_dp: int = 1
+    decode_moe_tp: int | None = None
+    decode_moe_ep: int | None = None
     decode_workers: int = 1
     concurrency: int | None = None
     rate: float | None = None
     arrival: str | None = None
     cv: float = 1.0
-    client_start: str = "burst"
+    client_start: str = "benchmark"
     requests: int | None = None
     seed: int = 0
     max_batched_tokens: int | None = None
@@ -79,10 +97,12 @@ class EstimateRequest:
 
 
 def client_staggered(client_start: str) -> bool:
-    """Whether closed-loop clients start staggered (`staggered`) or together (`burst`)."""
-    if client_start not in ("burst", "staggered"):
-        raise PlanningError(f"unknown client start {client_start!r}; use burst or staggered")
-    return client_start == "staggered"
+    """Whether closed-loop clients start staggered (`staggered`) or together (`burst`, `benchmark`)."""
+    try:
+        return ClientStart(client_start) is ClientStart.STAGGERED
+    except ValueError:
+        names = ", ".join(c.value for c in ClientStart)
+        raise PlanningError(f"unknown client start {client_start!r}; use one of {names}") from None
 
 
 def resolve_workload(request: EstimateRequest) -> Workload:
@@ -105,6 +125,9 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         raise PlanningError(f"concurrency must be at least 1 (got {request.concurrency})")
     concurrency = request.concurrency or 0
     count = request.requests or default_requests(arrival, concurrency)
+    if request.requests is None and arrival is ArrivalKind.CLOSED and request.client_start == ClientStart.BENCHMARK:
+        # The benchmark client profiles a fixed number of rounds per client (see docs/ENGINES.md).
+        count = min(MAX_REQUESTS, BENCHMARK_REQUESTS_PER_CLIENT * concurrency)
     if not 1 <= count <= MAX_REQUESTS:
         raise PlanningError(f"requests must be between 1 and {MAX_REQUESTS} (got {count})")
     workload = Workload(
@@ -149,6 +172,13 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
     ):
         if value is not None and value < 1:
             raise PlanningError(f"{what} must be at least 1")
+    moe_weight_dtype = (
+        None
+        if request.moe_weight_dtype is None
+        else parse_dtype(request.moe_weight_dtype, allowed=WEIGHT_DTYPES, what="MoE weight dtype")
+    )
+    for dtype in {weight_dtype, moe_weight_dtype or weight_dtype}:
+        require_supported(gpu, dtype)
     base = Deployment(
         model=model,
         gpu=gpu,
@@ -157,15 +187,36 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
         kv_dtype=kv_dtype,
         calibration=catalog.calibration_for(gpu),
         knobs=knobs,
+        moe_weight_dtype=moe_weight_dtype if model.is_moe else None,
+        moe_calibration=catalog.moe_calibration_for(gpu),
     )
     if request.mode is Mode.COLLOCATED:
-        layout = ParallelLayout(request.tp, request.pp, request.ep)
+        layout = make_layout(
+            tp=request.tp,
+            pp=request.pp,
+            attention_dp=request.attention_dp,
+            moe_tp=request.moe_tp,
+            moe_ep=request.moe_ep or request.ep,
+        )
         validate_layout(model, layout)
         if request.replicas < 1:
             raise PlanningError("replicas must be at least 1")
         return replace(base, mode=Mode.COLLOCATED, layout=layout, replicas=request.replicas)
-    prefill = ParallelLayout(request.prefill_tp, request.prefill_pp, 1)
-    decode = ParallelLayout(request.decode_tp, request.decode_pp, request.ep if request.ep <= request.decode_tp else 1)
+    prefill = make_layout(
+        tp=request.prefill_tp,
+        pp=request.prefill_pp,
+        attention_dp=request.prefill_attention_dp,
+        moe_tp=request.prefill_moe_tp,
+        moe_ep=request.prefill_moe_ep,
+    )
+    decode_ep = request.decode_moe_ep or (request.ep if request.ep <= request.decode_tp else 1)
+    decode = make_layout(
+        tp=request.decode_tp,
+        pp=request.decode_pp,
+        attention_dp=request.decode_attention_dp,
+        moe_tp=request.decode_moe_tp,
+        moe_ep=decode_ep,
+    )
     validate_layout(model, prefill)
     validate_layout(model, decode)
     if request.prefill_workers < 1 or request.decode_workers < 1:
@@ -178,6 +229,17 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
         decode_layout=decode,
         decode_workers=request.decode_workers,
     )
+
+
+def require_supported(gpu: GpuSpec, dtype: DType) -> None:
+    """Refuse weights in a format the GPU can neither run nor dequantise."""
+    if not gpu.supports_weights(dtype):
+        native = ", ".join(d.value for d in gpu.peak_flops_per_s)
+        dequantised = ", ".join(d.value for d in gpu.weight_only_dtypes) or "none"
+        raise PlanningError(
+            f"{gpu.name} cannot serve {dtype.value} weights: its tensor cores run {native}, "
+            f"its kernels dequantise {dequantised}"
+        )
 
 
 def run_estimate(request: EstimateRequest, *, catalog: Catalog) -> Estimate:

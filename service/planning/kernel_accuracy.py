@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,12 +10,25 @@ import numpy as np
 from service.planning.kernels import (
     FloatArray,
     KernelCalibration,
-    attention_decode_time_s,
-    attention_prefill_time_s,
-    collective_time_s,
+    attention_decode_times_s,
+    attention_prefill_times_s,
+    collective_times_s,
+    custom_all_reduce_times_s,
     gemm_time_s,
 )
 from service.planning.specs import DType, GpuSpec
+
+# Table names (the reference files are <gpu>_<table>.csv) and the kernels each holds.
+TABLES = ("gemm", "attention_context", "attention_generation", "nccl", "custom_allreduce")
+# Reference dtype names of GEMM rows: storage dtype and whether the kernel is block-scaled.
+GEMM_DTYPES: dict[str, tuple[DType, bool]] = {
+    "bf16": (DType.BF16, False),
+    "fp8": (DType.FP8, False),
+    "fp8_block": (DType.FP8, True),
+    "nvfp4": (DType.FP4, False),
+}
+# Bytes per element of nccl-tests dtypes.
+NCCL_DTYPE_BYTES = {"half": 2.0, "bf16": 2.0, "float": 4.0, "int8": 1.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,83 +44,162 @@ class ErrorSummary:
 def summarize(kind: str, predicted_s: FloatArray, measured_s: FloatArray) -> ErrorSummary:
     """Absolute percentage errors of predictions against measurements."""
     err = np.abs(predicted_s / measured_s - 1.0) * 100.0
+    if err.size == 0:
+        return ErrorSummary(kind, 0, float("nan"), float("nan"))
     return ErrorSummary(kind, int(err.size), float(np.median(err)), float(np.percentile(err, 90)))
 
 
-def gemm_errors(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> list[ErrorSummary]:
-    """Errors per GEMM dtype; rows have fields dtype, m, n, k, latency_ms."""
-    out = []
-    for name in np.unique(rows["dtype"]):
-        sel = rows[rows["dtype"] == name]
-        pred = gemm_time_s(
-            sel["m"].astype(np.float64),
-            sel["n"].astype(np.float64),
-            sel["k"].astype(np.float64),
-            gpu=gpu,
-            weight_dtype=DType(str(name)),
-            calibration=calibration,
-        )
-        out.append(summarize(f"gemm_{name}", pred, sel["latency_ms"] * 1e-3))
+def _f(rows: np.ndarray, name: str) -> FloatArray:
+    out: FloatArray = rows[name].astype(np.float64)
     return out
 
 
-def attention_context_errors(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> ErrorSummary:
-    """Errors of prefill attention; rows as in h100_sxm_attention_context.csv."""
-    pred = np.empty(rows.size)
-    tile = calibration.attention_prefill_query_tile
-    for i, r in enumerate(rows):
-        b, s, past = float(r["batch_size"]), float(r["input_len"]), float(r["past_kv_len"])
-        pred[i] = attention_prefill_time_s(
-            query_tokens=b * s,
-            attended_key_pairs=b * s * (past + (s + 1) / 2),
-            query_blocks=b * np.ceil(s / tile),
-            heads_per_gpu=float(r["num_heads"]),
-            kv_heads_per_gpu=float(r["num_key_value_heads"]),
-            head_dim=float(r["head_dim"]),
-            kv_tokens_read=b * (s + past),
-            kv_dtype=DType(str(r["kv_cache_dtype"])),
-            gpu=gpu,
-            num_sms=gpu.num_sms,
-            calibration=calibration,
-        )
-    return summarize("attention_prefill", pred, rows["latency_ms"] * 1e-3)
+def measured_s(rows: np.ndarray) -> FloatArray:
+    """Measured latency of each row in seconds."""
+    return _f(rows, "latency_ms") * 1e-3
 
 
-def attention_generation_errors(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> ErrorSummary:
-    """Errors of decode attention; rows as in h100_sxm_attention_generation.csv."""
-    pred = np.empty(rows.size)
-    for i, r in enumerate(rows):
-        b, ctx = float(r["batch_size"]), float(r["past_kv_len"]) + 1
-        kv_dtype = DType(str(r["kv_cache_dtype"]))
-        heads, kv_heads, hd = float(r["num_heads"]), float(r["num_key_value_heads"]), float(r["head_dim"])
-        pred[i] = attention_decode_time_s(
-            sequences=b,
-            context_tokens=b * ctx,
-            kv_bytes_per_token=2 * kv_heads * hd * kv_dtype.bytes_per_element,
-            kv_dtype=kv_dtype,
-            flops=4.0 * heads * hd * b * ctx,
-            gpu=gpu,
-            calibration=calibration,
-        )
-    return summarize("attention_decode", pred, rows["latency_ms"] * 1e-3)
+def predict_gemm(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
+    """Predicted GEMM times; rows have fields dtype, m, n, k."""
+    pred = np.full(rows.size, np.nan)
+    for name, (dtype, block_scaled) in GEMM_DTYPES.items():
+        sel = rows["dtype"] == name
+        if sel.any():
+            part = rows[sel]
+            pred[sel] = gemm_time_s(
+                _f(part, "m"),
+                _f(part, "n"),
+                _f(part, "k"),
+                gpu=gpu,
+                weight_dtype=dtype,
+                calibration=calibration,
+                block_scaled=block_scaled,
+            )
+    return pred
 
 
-def collective_errors(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> list[ErrorSummary]:
-    """Errors per collective kind; rows as in h100_sxm_nccl.csv."""
-    out = []
+def predict_attention_context(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
+    """Predicted prefill attention times; rows as in h100_sxm_attention_context.csv."""
+    b, s, past = _f(rows, "batch_size"), _f(rows, "input_len"), _f(rows, "past_kv_len")
+    kv_bytes = np.where(rows["kv_cache_dtype"] == "fp8", DType.FP8.bytes_per_element, DType.BF16.bytes_per_element)
+    return attention_prefill_times_s(
+        query_tokens=b * s,
+        attended_key_pairs=b * s * (past + (s + 1) / 2),
+        query_blocks=b * np.ceil(s / calibration.attention_prefill_query_tile),
+        heads_per_gpu=_f(rows, "num_heads"),
+        kv_heads_per_gpu=_f(rows, "num_key_value_heads"),
+        head_dim=_f(rows, "head_dim"),
+        kv_tokens_read=b * (s + past),
+        kv_bytes_per_element=kv_bytes,
+        gpu=gpu,
+        num_sms=gpu.num_sms,
+        calibration=calibration,
+    )
+
+
+def predict_attention_generation(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
+    """Predicted decode attention times; rows as in h100_sxm_attention_generation.csv."""
+    c = calibration
+    b, ctx = _f(rows, "batch_size"), _f(rows, "past_kv_len") + 1
+    fp8 = rows["kv_cache_dtype"] == "fp8"
+    kv_bytes = np.where(fp8, DType.FP8.bytes_per_element, DType.BF16.bytes_per_element)
+    eff_by_dtype = c.attention_decode_bandwidth_efficiency
+    eff = np.where(fp8, eff_by_dtype.get(DType.FP8, eff_by_dtype[DType.BF16]), eff_by_dtype[DType.BF16])
+    heads, kv_heads, hd = _f(rows, "num_heads"), _f(rows, "num_key_value_heads"), _f(rows, "head_dim")
+    return attention_decode_times_s(
+        sequences=b,
+        context_tokens=b * ctx,
+        kv_bytes_per_token=2 * kv_heads * hd * kv_bytes,
+        bandwidth_efficiency=eff,
+        flops=4.0 * heads * hd * b * ctx,
+        gpu=gpu,
+        calibration=c,
+    )
+
+
+def _message_bytes(rows: np.ndarray) -> FloatArray:
+    per_elem = np.array([NCCL_DTYPE_BYTES.get(str(d), 2.0) for d in rows["dtype"]])
+    out: FloatArray = _f(rows, "message_elems") * per_elem
+    return out
+
+
+def predict_collective(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
+    """Predicted NCCL times; rows as in h100_sxm_nccl.csv."""
+    pred = np.full(rows.size, np.nan)
+    size, gpus = _message_bytes(rows), _f(rows, "num_gpus")
     for op in np.unique(rows["op_name"]):
-        sel = rows[rows["op_name"] == op]
-        pred = np.array(
-            [
-                collective_time_s(
-                    str(op),
-                    float(r["message_elems"]) * (2.0 if r["dtype"] == "half" else 1.0),
-                    int(r["num_gpus"]),
-                    link_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_bytes_per_s,
-                    calibration=calibration,
-                )
-                for r in sel
-            ]
+        sel = rows["op_name"] == op
+        pred[sel] = collective_times_s(
+            str(op),
+            size[sel],
+            gpus[sel],
+            link_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_bytes_per_s,
+            calibration=calibration,
         )
-        out.append(summarize(str(op), pred, sel["latency_ms"] * 1e-3))
+    return pred
+
+
+def predict_custom_allreduce(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
+    """Predicted vLLM custom all-reduce times (graph-captured); rows as in h100_sxm_custom_allreduce.csv."""
+    return custom_all_reduce_times_s(
+        _message_bytes(rows),
+        _f(rows, "num_gpus"),
+        link_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_bytes_per_s,
+        calibration=calibration,
+    )
+
+
+Predictor = Callable[..., FloatArray]
+PREDICTORS: dict[str, Predictor] = {
+    "gemm": predict_gemm,
+    "attention_context": predict_attention_context,
+    "attention_generation": predict_attention_generation,
+    "nccl": predict_collective,
+    "custom_allreduce": predict_custom_allreduce,
+}
+
+
+def op_kinds(table: str, rows: np.ndarray) -> np.ndarray:
+    """The op kind each row is scored under (one line of the error table per kind)."""
+    if table == "gemm":
+        return np.char.add("gemm_", rows["dtype"].astype(str))
+    if table == "attention_context":
+        return np.full(rows.size, "attention_prefill")
+    if table == "attention_generation":
+        return np.full(rows.size, "attention_decode")
+    if table == "nccl":
+        return rows["op_name"].astype(str)
+    return np.char.add("custom_all_reduce_", np.char.replace(rows["kernel_source"].astype(str), "vLLM_custom_", ""))
+
+
+def usable_rows(table: str, rows: np.ndarray) -> np.ndarray:
+    """Rows the model describes: graph-captured custom all-reduce only (decode runs inside CUDA graphs)."""
+    if table == "custom_allreduce":
+        sel: np.ndarray = rows["kernel_source"] == "vLLM_custom_graph"
+        return sel
+    return np.ones(rows.size, dtype=bool)
+
+
+def kernel_errors(
+    tables: Mapping[str, np.ndarray],
+    *,
+    gpu: GpuSpec,
+    calibration: KernelCalibration,
+    masks: Mapping[str, np.ndarray] | None = None,
+) -> list[ErrorSummary]:
+    """Errors per op kind over every table present (optionally only the rows a mask selects)."""
+    out = []
+    for table in TABLES:
+        if table not in tables:
+            continue
+        rows = tables[table]
+        keep = usable_rows(table, rows)
+        if masks is not None and table in masks:
+            keep = keep & masks[table]
+        rows = rows[keep]
+        pred = PREDICTORS[table](rows, gpu=gpu, calibration=calibration)
+        kinds = op_kinds(table, rows)
+        for kind in sorted(set(kinds.tolist())):
+            sel = kinds == kind
+            out.append(summarize(kind, pred[sel], measured_s(rows[sel])))
     return out

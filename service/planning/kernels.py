@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.planning.specs import DType, GpuSpec
+from service.planning.specs import FOUR_BIT_DTYPES, DType, GpuSpec
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -18,20 +18,38 @@ FloatArray = npt.NDArray[np.float64]
 class KernelCalibration:
     """Efficiencies and floors that turn datasheet peaks into kernel times (fitted on measured kernels)."""
 
-    # Dense GEMM: eff = peak_eff * m/(m+m_half) * n/(n+n_half) * k/(k+k_half), blended with the memory roof.
+    # Dense GEMM: compute roof = datasheet peak x efficiency per dtype, over tile_m x tile_n output tiles dealt in
+    # waves over the GPU's SMs (split-k when there are fewer tiles than SMs); each tile pays a fixed prologue and
+    # epilogue worth ``gemm_k_overhead_elems`` steps of its k loop. Memory roof: bytes moved at achieved bandwidth.
     gemm_peak_efficiency: dict[DType, float] = field(
-        default_factory=lambda: {DType.BF16: 0.90, DType.FP8: 0.94, DType.INT8: 0.75, DType.FP4: 0.55}
+        default_factory=lambda: {DType.BF16: 0.85, DType.FP8: 0.60, DType.INT8: 0.60, DType.FP4: 0.50}
     )
-    gemm_m_half: float = 90.0
-    gemm_n_half: float = 200.0
-    gemm_k_half: float = 100.0
-    # Scaled (fp8/int8/fp4) GEMMs quantize activations and saturate only at much larger n and k.
-    scaled_gemm_m_half: float = 200.0
-    scaled_gemm_n_half: float = 3300.0
-    scaled_gemm_k_half: float = 900.0
-    gemm_bandwidth_efficiency: float = 0.86
-    gemm_blend_power: float = 6.0
+    gemm_k_overhead_elems: dict[DType, float] = field(
+        default_factory=lambda: {DType.BF16: 130.0, DType.FP8: 0.0, DType.INT8: 0.0, DType.FP4: 130.0}
+    )
+    gemm_tile_m: int = 128
+    gemm_tile_n: int = 128
+    # Weight-only (dequantising, Marlin-style) kernels tile m by 16: small batches are not padded to 128 rows.
+    gemm_weight_only_tile_m: int = 16
+    # Split-k gives each extra CTA at least this many elements of k.
+    gemm_split_k_min_elems: float = 256.0
+    # Occupancy (busy share of the last wave) enters the compute roof as occupancy**power (kernels adapt tiles).
+    gemm_occupancy_power: float = 0.3
+    gemm_bandwidth_efficiency: float = 0.85
+    gemm_blend_power: float = 4.0
     gemm_launch_s: float = 3.0e-6
+    # Scaled GEMMs (fp8/int8/fp4 activations) quantise the activations in a separate kernel first: its own
+    # launch, a per-row (per-token scale) cost and the bf16-in / quantised-out bytes.
+    gemm_quant_launch_s: dict[DType, float] = field(
+        default_factory=lambda: {DType.FP8: 2.7e-6, DType.INT8: 2.7e-6, DType.FP4: 4.2e-6}
+    )
+    gemm_quant_per_row_s: dict[DType, float] = field(
+        default_factory=lambda: {DType.FP8: 6.4e-9, DType.INT8: 6.4e-9, DType.FP4: 0.4e-9}
+    )
+    # Block-scaled fp8 (128x128 weight blocks, per-token-group activation scales; DeepGEMM): own efficiency and
+    # fixed cost (the reference B200 table timed it eagerly, so it carries the host launch path).
+    gemm_block_scaled_efficiency: float = 0.75
+    gemm_block_scaled_launch_s: float = 2.0e-5
     # Weight-only 4-bit GEMMs dequantize in the kernel: their compute roof is the bf16 roof times this.
     weight_only_compute_factor: float = 0.6
     # Grouped (MoE) GEMMs reach a fraction of a dense GEMM's compute efficiency.
@@ -42,20 +60,30 @@ class KernelCalibration:
     attention_prefill_occupancy_power: float = 0.67
     attention_prefill_query_tile: int = 128
     attention_launch_s: float = 1.2e-5
-    # Decode attention: KV bytes/(bw*eff) plus a per-sequence cost.
+    # Decode attention: KV bytes/(bw*eff) plus a per-sequence cost expressed in bytes at the GPU's own bandwidth
+    # (page-table walk, query/output and split-KV partials), so it scales with the target GPU.
     attention_decode_bandwidth_efficiency: dict[DType, float] = field(
         default_factory=lambda: {DType.BF16: 0.85, DType.FP8: 0.70}
     )
-    attention_decode_per_sequence_s: float = 4.0e-8
-    # Collectives: latency alpha(n) = base + per_hop*log2(n); bandwidth at bus efficiency of the link.
+    attention_decode_per_sequence_bytes: float = 1.3e5
+    attention_decode_launch_s: float = 1.2e-5
+    # NCCL collectives: latency alpha(n) = base + per_hop*log2(n); bandwidth at a bus efficiency of the link.
+    # Per-kind values (all_reduce, all_gather, reduce_scatter, alltoall) override the shared ones.
     collective_base_latency_s: float = 3.0e-6
     collective_latency_per_log2_gpu_s: float = 3.5e-6
     collective_bus_efficiency: float = 0.80
+    collective_kind_base_latency_s: dict[str, float] = field(default_factory=dict)
+    collective_kind_latency_per_log2_gpu_s: dict[str, float] = field(default_factory=dict)
+    collective_kind_bus_efficiency: dict[str, float] = field(default_factory=dict)
+    # vLLM's custom all-reduce (peer-to-peer buffers, inside CUDA graphs): used for TP all-reduces smaller than
+    # its buffer (vLLM CustomAllreduce max_size, 8 MiB); base + per-GPU latency, bandwidth at its own efficiency.
+    custom_all_reduce_max_bytes: float = 8.0 * 1024 * 1024
+    custom_all_reduce_base_latency_s: float = 4.0e-6
+    custom_all_reduce_latency_per_gpu_s: float = 1.0e-7
+    custom_all_reduce_bus_efficiency: float = 0.60
     # Element-wise kernels (norms, rotary, activation, residual): bandwidth efficiency and per-kernel floor.
     elementwise_bandwidth_efficiency: float = 0.75
     elementwise_launch_s: float = 2.0e-6
-    # Streaming multiprocessors of the GPU the fit was made on; occupancy scales by the target's count.
-    reference_num_sms: int = 132
 
     def with_overrides(self, overrides: dict[str, Any]) -> KernelCalibration:
         """A copy with the named fields replaced (dtype-keyed mappings accept dtype names)."""
@@ -65,53 +93,105 @@ class KernelCalibration:
             if key not in known:
                 raise ValueError(f"unknown calibration field {key!r}")
             if isinstance(value, dict):
-                value = {DType(k): float(v) for k, v in value.items()}
+                dtype_keyed = any(isinstance(k, DType) for k in getattr(self, key))
+                value = {(DType(k) if dtype_keyed else str(k)): float(v) for k, v in value.items()}
             values[key] = value
         return replace(self, **values)
 
 
 def gemm_time_s(
     m: FloatArray | float,
-    n: float,
-    k: float,
+    n: FloatArray | float,
+    k: FloatArray | float,
     *,
     gpu: GpuSpec,
     weight_dtype: DType,
     calibration: KernelCalibration,
     grouped: bool = False,
+    block_scaled: bool = False,
 ) -> FloatArray:
-    """Time of C[m,n] = A[m,k] W[k,n] on one GPU (vectorised over m)."""
+    """Time of C[m,n] = A[m,k] W[k,n] on one GPU (vectorised over m, n and k)."""
     m_arr = np.asarray(m, dtype=np.float64)
+    n_arr = np.asarray(n, dtype=np.float64)
+    k_arr = np.asarray(k, dtype=np.float64)
     c = calibration
-    weight_only = weight_dtype in (DType.INT4,)
+    # 4-bit weights without a tensor-core path of their own run as weight-only GEMMs: bf16 math, 4-bit bytes read.
+    weight_only = weight_dtype in FOUR_BIT_DTYPES and not gpu.runs_natively(weight_dtype)
     math_dtype = DType.BF16 if weight_only else weight_dtype
+    scaled = math_dtype is not DType.BF16
     peak = gpu.peak_for(math_dtype)
-    eff = c.gemm_peak_efficiency.get(math_dtype, c.gemm_peak_efficiency[DType.BF16])
+    if block_scaled:
+        eff = c.gemm_block_scaled_efficiency
+    else:
+        eff = c.gemm_peak_efficiency.get(math_dtype, c.gemm_peak_efficiency[DType.BF16])
     if weight_only:
         eff *= c.weight_only_compute_factor
     if grouped:
         eff *= c.grouped_gemm_factor
-    scaled = math_dtype in (DType.FP8, DType.INT8, DType.FP4)
-    m_half = c.scaled_gemm_m_half if scaled else c.gemm_m_half
-    n_half = c.scaled_gemm_n_half if scaled else c.gemm_n_half
-    k_half = c.scaled_gemm_k_half if scaled else c.gemm_k_half
-    shape_eff = eff * (m_arr / (m_arr + m_half)) * (n / (n + n_half)) * (k / (k + k_half))
-    flops = 2.0 * m_arr * n * k
-    act_bytes = 1.0 if scaled else 2.0
-    moved_bytes = k * n * weight_dtype.bytes_per_element + m_arr * k * act_bytes + m_arr * n * 2.0
-    t_compute = flops / (peak * np.maximum(shape_eff, 1e-6))
-    t_memory = moved_bytes / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency)
+    k_overhead = c.gemm_k_overhead_elems.get(math_dtype, c.gemm_k_overhead_elems[DType.BF16])
+    sms = float(gpu.num_sms)
+    tile_m = c.gemm_weight_only_tile_m if weight_only else c.gemm_tile_m
+    m_tiles = np.ceil(m_arr / tile_m)
+    n_tiles = np.ceil(n_arr / c.gemm_tile_n)
+    tiles = np.maximum(m_tiles * n_tiles, 1.0)
+    # Too few tiles for the SMs: the k loop is split over idle SMs, down to gemm_split_k_min_elems per split.
+    split = np.clip(np.floor(sms / tiles), 1.0, np.maximum(1.0, np.floor(k_arr / c.gemm_split_k_min_elems)))
+    work = tiles * split
+    occupancy = work / (np.ceil(work / sms) * sms)
+    padded_flops = 2.0 * (m_tiles * tile_m) * (n_tiles * c.gemm_tile_n) * (k_arr + k_overhead)
+    t_compute = padded_flops / (peak * eff * occupancy**c.gemm_occupancy_power)
+    act_bytes = math_dtype.bytes_per_element if scaled else 2.0
+    moved_bytes = k_arr * n_arr * weight_dtype.bytes_per_element + m_arr * k_arr * act_bytes + m_arr * n_arr * 2.0
+    bandwidth = gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency
+    t_memory = moved_bytes / bandwidth
     p = c.gemm_blend_power
-    blended = (t_compute**p + t_memory**p) ** (1.0 / p)
-    return np.where(m_arr > 0, blended + c.gemm_launch_s, 0.0)
+    total = (t_compute**p + t_memory**p) ** (1.0 / p) + c.gemm_launch_s
+    if block_scaled:
+        total = total + c.gemm_block_scaled_launch_s
+    elif scaled:
+        quant_launch = c.gemm_quant_launch_s.get(math_dtype, 0.0)
+        quant_rows = c.gemm_quant_per_row_s.get(math_dtype, 0.0) * m_arr
+        total = total + quant_launch + quant_rows + m_arr * k_arr * (2.0 + act_bytes) / bandwidth
+    out: FloatArray = np.where(m_arr > 0, total, 0.0)
+    return out
 
 
-def _occupancy(work_items: float, num_sms: int) -> float:
+def _scalar(value: float) -> FloatArray:
+    """A 0-d float array, so the scalar API can share the vectorised code."""
+    return np.asarray(value, dtype=np.float64)
+
+
+def _occupancy(work_items: FloatArray, num_sms: int) -> FloatArray:
     """Fraction of SM slots busy over the waves needed for ``work_items`` thread blocks."""
-    if work_items <= 0:
-        return 1.0
-    waves = math.ceil(work_items / num_sms)
-    return work_items / (waves * num_sms)
+    work = np.maximum(np.asarray(work_items, dtype=np.float64), 1.0)
+    out: FloatArray = work / (np.ceil(work / num_sms) * num_sms)
+    return out
+
+
+def attention_prefill_times_s(
+    *,
+    query_tokens: FloatArray,
+    attended_key_pairs: FloatArray,
+    query_blocks: FloatArray,
+    heads_per_gpu: FloatArray,
+    kv_heads_per_gpu: FloatArray,
+    head_dim: FloatArray,
+    kv_tokens_read: FloatArray,
+    kv_bytes_per_element: FloatArray,
+    gpu: GpuSpec,
+    num_sms: int,
+    calibration: KernelCalibration,
+) -> FloatArray:
+    """Prefill attention of one layer over a batch (vectorised over batches)."""
+    c = calibration
+    occupancy = _occupancy(heads_per_gpu * query_blocks, num_sms) ** c.attention_prefill_occupancy_power
+    flops = 4.0 * heads_per_gpu * head_dim * (attended_key_pairs + c.attention_prefill_overhead_keys * query_tokens)
+    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency * occupancy)
+    moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2.0 * kv_bytes_per_element
+    moved = moved + 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0
+    t_memory = moved / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency)
+    out: FloatArray = np.where(query_tokens > 0, c.attention_launch_s + t_compute + t_memory, 0.0)
+    return out
 
 
 def attention_prefill_time_s(
@@ -131,14 +211,38 @@ def attention_prefill_time_s(
     """One layer of (chunked) prefill attention over a batch, on one GPU."""
     if query_tokens <= 0:
         return 0.0
+    # Plain floats: the simulator calls this once per step, where numpy's per-call overhead dominates.
     c = calibration
-    occupancy = _occupancy(heads_per_gpu * query_blocks, num_sms) ** c.attention_prefill_occupancy_power
+    work = max(heads_per_gpu * query_blocks, 1.0)
+    occupancy: float = (work / (math.ceil(work / num_sms) * num_sms)) ** c.attention_prefill_occupancy_power
     flops = 4.0 * heads_per_gpu * head_dim * (attended_key_pairs + c.attention_prefill_overhead_keys * query_tokens)
     t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency * occupancy)
-    moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2 * kv_dtype.bytes_per_element
+    moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2.0 * kv_dtype.bytes_per_element
     moved += 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0
     t_memory = moved / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency)
     return float(c.attention_launch_s + t_compute + t_memory)
+
+
+def attention_decode_times_s(
+    *,
+    sequences: FloatArray,
+    context_tokens: FloatArray,
+    kv_bytes_per_token: FloatArray,
+    bandwidth_efficiency: FloatArray,
+    flops: FloatArray,
+    gpu: GpuSpec,
+    calibration: KernelCalibration,
+) -> FloatArray:
+    """Decode attention of one layer (vectorised over batches); efficiency per row from the KV dtype."""
+    c = calibration
+    bandwidth = gpu.hbm_bandwidth_bytes_per_s
+    t_memory = context_tokens * kv_bytes_per_token / (bandwidth * bandwidth_efficiency)
+    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency)
+    per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
+    out: FloatArray = np.where(
+        sequences > 0, c.attention_decode_launch_s + per_sequence + np.maximum(t_memory, t_compute), 0.0
+    )
+    return out
 
 
 def attention_decode_time_s(
@@ -156,10 +260,38 @@ def attention_decode_time_s(
         return 0.0
     c = calibration
     eff = c.attention_decode_bandwidth_efficiency.get(kv_dtype, c.attention_decode_bandwidth_efficiency[DType.BF16])
-    t_memory = context_tokens * kv_bytes_per_token / (gpu.hbm_bandwidth_bytes_per_s * eff)
+    bandwidth = gpu.hbm_bandwidth_bytes_per_s
+    t_memory = context_tokens * kv_bytes_per_token / (bandwidth * eff)
     t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency)
-    per_sequence = c.attention_decode_per_sequence_s * sequences * (3.35e12 / gpu.hbm_bandwidth_bytes_per_s)
-    return float(c.attention_launch_s + per_sequence + max(t_memory, t_compute))
+    per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
+    return c.attention_decode_launch_s + per_sequence + max(t_memory, t_compute)
+
+
+def _bus_factor(kind: str, num_gpus: FloatArray) -> FloatArray:
+    """Bytes each GPU sends per message byte in a ring (all-reduce moves twice the data of the others)."""
+    share: FloatArray = (num_gpus - 1.0) / num_gpus
+    return 2.0 * share if kind == "all_reduce" else share
+
+
+def collective_times_s(
+    kind: str,
+    message_bytes: FloatArray,
+    num_gpus: FloatArray,
+    *,
+    link_bandwidth_bytes_per_s: float,
+    calibration: KernelCalibration,
+) -> FloatArray:
+    """NCCL collective times (vectorised over messages and GPU counts)."""
+    c = calibration
+    n = np.asarray(num_gpus, dtype=np.float64)
+    size = np.asarray(message_bytes, dtype=np.float64)
+    base = c.collective_kind_base_latency_s.get(kind, c.collective_base_latency_s)
+    per_hop = c.collective_kind_latency_per_log2_gpu_s.get(kind, c.collective_latency_per_log2_gpu_s)
+    eff = c.collective_kind_bus_efficiency.get(kind, c.collective_bus_efficiency)
+    latency = base + per_hop * np.log2(np.maximum(n, 1.0))
+    t = latency + _bus_factor(kind, n) * size / (link_bandwidth_bytes_per_s * eff)
+    out: FloatArray = np.where((n > 1) & (size > 0), t, 0.0)
+    return out
 
 
 def collective_time_s(
@@ -170,16 +302,64 @@ def collective_time_s(
     link_bandwidth_bytes_per_s: float,
     calibration: KernelCalibration,
 ) -> float:
-    """Time of one collective over ``num_gpus`` GPUs (ring/tree cost with a latency floor)."""
+    """Time of one NCCL collective over ``num_gpus`` GPUs (ring cost with a latency floor)."""
     if num_gpus <= 1 or message_bytes <= 0:
         return 0.0
     c = calibration
     n = float(num_gpus)
-    factor = {"all_reduce": 2.0 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n}.get(
-        kind, (n - 1) / n
+    base = c.collective_kind_base_latency_s.get(kind, c.collective_base_latency_s)
+    per_hop = c.collective_kind_latency_per_log2_gpu_s.get(kind, c.collective_latency_per_log2_gpu_s)
+    eff = c.collective_kind_bus_efficiency.get(kind, c.collective_bus_efficiency)
+    factor = (2.0 if kind == "all_reduce" else 1.0) * (n - 1.0) / n
+    return base + per_hop * math.log2(n) + factor * message_bytes / (link_bandwidth_bytes_per_s * eff)
+
+
+def custom_all_reduce_times_s(
+    message_bytes: FloatArray,
+    num_gpus: FloatArray,
+    *,
+    link_bandwidth_bytes_per_s: float,
+    calibration: KernelCalibration,
+) -> FloatArray:
+    """vLLM custom all-reduce times inside a CUDA graph (vectorised over messages and GPU counts)."""
+    c = calibration
+    n = np.asarray(num_gpus, dtype=np.float64)
+    size = np.asarray(message_bytes, dtype=np.float64)
+    latency = c.custom_all_reduce_base_latency_s + c.custom_all_reduce_latency_per_gpu_s * n
+    t = latency + _bus_factor("all_reduce", n) * size / (
+        link_bandwidth_bytes_per_s * c.custom_all_reduce_bus_efficiency
     )
-    latency = c.collective_base_latency_s + c.collective_latency_per_log2_gpu_s * math.log2(n)
-    return latency + factor * message_bytes / (link_bandwidth_bytes_per_s * c.collective_bus_efficiency)
+    out: FloatArray = np.where((n > 1) & (size > 0), t, 0.0)
+    return out
+
+
+def tp_all_reduce_time_s(
+    message_bytes: float,
+    num_gpus: int,
+    *,
+    link_bandwidth_bytes_per_s: float,
+    calibration: KernelCalibration,
+    custom_all_reduce: bool = True,
+) -> float:
+    """A tensor-parallel all-reduce as vLLM runs it: custom all-reduce below its buffer size, else NCCL."""
+    if num_gpus <= 1 or message_bytes <= 0:
+        return 0.0
+    if custom_all_reduce and message_bytes < calibration.custom_all_reduce_max_bytes:
+        return float(
+            custom_all_reduce_times_s(
+                _scalar(message_bytes),
+                _scalar(num_gpus),
+                link_bandwidth_bytes_per_s=link_bandwidth_bytes_per_s,
+                calibration=calibration,
+            )
+        )
+    return collective_time_s(
+        "all_reduce",
+        message_bytes,
+        num_gpus,
+        link_bandwidth_bytes_per_s=link_bandwidth_bytes_per_s,
+        calibration=calibration,
+    )
 
 
 def elementwise_time_s(moved_bytes: float, kernels: int, *, gpu: GpuSpec, calibration: KernelCalibration) -> float:

@@ -96,10 +96,13 @@ class MemoryPlan:
         )
 
 
-def weight_bytes_per_gpu(model: ModelSpec, layout: ParallelLayout, weight_dtype: DType) -> float:
+def weight_bytes_per_gpu(
+    model: ModelSpec, layout: ParallelLayout, weight_dtype: DType, moe_weight_dtype: DType | None = None
+) -> float:
     """Bytes of weights on the most loaded GPU of the replica."""
     counts = parameter_counts(model)
     wbytes = weight_dtype.bytes_per_element
+    expert_bytes = (moe_weight_dtype or weight_dtype).bytes_per_element
     # Embeddings and the LM head stay in bf16 in quantized checkpoints.
     embed_bytes = DType.BF16.bytes_per_element
     tp, pp = layout.tp, layout.pp
@@ -107,9 +110,12 @@ def weight_bytes_per_gpu(model: ModelSpec, layout: ParallelLayout, weight_dtype:
     moe_layers_total = 0 if model.moe is None else model.num_layers - model.moe.num_dense_layers
     moe_layers = min(layers, moe_layers_total)
     dense_layers = layers - moe_layers
+    # Attention, dense FFNs and shared experts are split over the attention TP group (each attention-DP
+    # rank holds a copy); routed experts over moe_ep groups, each expert cut moe_tp ways.
     per_layer_attention = (counts.attention_sharded / tp) * wbytes + counts.attention_replicated * wbytes
     body = layers * per_layer_attention + dense_layers * counts.dense_ffn / tp * wbytes
-    body += moe_layers * ((counts.moe_experts + counts.moe_shared) / tp * wbytes + counts.moe_router * embed_bytes)
+    experts = counts.moe_experts / (layout.moe_ep * layout.expert_tp) * expert_bytes
+    body += moe_layers * (experts + counts.moe_shared / tp * wbytes + counts.moe_router * embed_bytes)
     ends = (counts.embedding + counts.lm_head) / tp * embed_bytes
     if pp > 1:
         ends = max(counts.embedding, counts.lm_head) / tp * embed_bytes
@@ -139,11 +145,12 @@ def plan_memory(
     kv_dtype: DType,
     max_batched_tokens: int,
     memory_fraction: float | None = None,
+    moe_weight_dtype: DType | None = None,
 ) -> MemoryPlan:
     """Budget one GPU of the replica; the KV capacity may come out zero or negative."""
     fraction = engine.gpu_memory_fraction if memory_fraction is None else memory_fraction
     usable = gpu.memory_bytes * fraction
-    weights = weight_bytes_per_gpu(model, layout, weight_dtype)
+    weights = weight_bytes_per_gpu(model, layout, weight_dtype, moe_weight_dtype)
     reserve = activation_reserve_bytes(model, layout, engine, max_batched_tokens)
     kv_bytes = usable - weights - reserve
     per_token = kv_bytes_per_token_per_gpu(model, layout, kv_dtype)

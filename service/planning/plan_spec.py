@@ -25,7 +25,7 @@ class WorkloadSpec(BaseModel):
     rate: float | None = Field(default=None, gt=0)
     concurrency: int | None = Field(default=None, ge=1)
     cv: float = Field(default=1.0, gt=0)
-    client_start: Literal["burst", "staggered"] = "burst"
+    client_start: Literal["benchmark", "burst", "staggered"] = "benchmark"
     seed: int = 0
 
     @field_validator("isl", "osl")

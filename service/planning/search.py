@@ -144,7 +144,7 @@ def _layouts(model: ModelSpec, limits: SearchLimits, max_gpus: int) -> list[Para
             if model.moe is not None and tp > 1 and model.moe.num_experts % tp == 0:
                 eps.append(tp)
             for ep in eps:
-                layout = ParallelLayout(tp, pp, ep)
+                layout = ParallelLayout(tp=tp, pp=pp, moe_ep=ep)
                 try:
                     validate_layout(model, layout)
                 except PlanningError:
@@ -269,7 +269,7 @@ def _goodput(candidate: Candidate, workload: Workload, sample: RequestSample, sl
         else:
             hi = mid
     candidate.estimate = best
-    candidate.goodput_rps = best.result.requests_per_s * replicas if closed else lo
+    candidate.goodput_rps = best.requests_per_s if closed else lo
     candidate.simulated = True
 
 
@@ -299,8 +299,7 @@ def _strategy_dict(candidate: Candidate, workload: Workload) -> dict[str, Any]:
                 "ttft_ms": r.ttft.as_dict(),
                 "tpot_ms": r.tpot.as_dict(),
                 "e2e_ms": r.e2e.as_dict(),
-                "output_tokens_per_s": r.output_tokens_per_s
-                * (deployment.replicas if deployment.mode is Mode.COLLOCATED else 1),
+                "output_tokens_per_s": est.output_tokens_per_s,
                 "bottleneck": r.bottleneck(),
             }
         )
@@ -406,7 +405,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
                 dep = replace(
                     base,
                     mode=Mode.DISAGGREGATED,
-                    prefill_layout=replace(p_layout, ep=1),
+                    prefill_layout=replace(p_layout, moe_ep=1, moe_tp=0),
                     prefill_workers=n_p,
                     decode_layout=d_layout,
                     decode_workers=n_d,

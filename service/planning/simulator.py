@@ -4,97 +4,36 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
 import numpy as np
 
 from service.planning.memory import KV_BLOCK_TOKENS
-from service.planning.stepcost import ReplicaStepCost
+from service.planning.schedulers import (
+    Batch,
+    BatchScheduler,
+    InstanceConfig,
+    Role,
+    SchedulerKnobs,
+    SimInstance,
+    SimRequest,
+    make_scheduler,
+    prompt_sized_budget_tokens,
+)
 from service.planning.workload import ArrivalKind, FloatArray, RequestSample
+
+__all__ = [
+    "InstanceConfig",
+    "KvTransfer",
+    "LatencyStats",
+    "Role",
+    "SchedulerKnobs",
+    "SimulationResult",
+    "simulate",
+]
 
 # A simulation that has not finished by this many steps is overloaded beyond any useful answer.
 MAX_STEPS = 2_000_000
-
-
-class Role(StrEnum):
-    """What an engine instance does."""
-
-    COLLOCATED = "collocated"
-    PREFILL = "prefill"
-    DECODE = "decode"
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerKnobs:
-    """Iteration-level scheduler settings of one instance."""
-
-    max_batched_tokens: int
-    max_sequences: int
-    chunked_prefill: bool
-    mixed_batches: bool
-    kv_reserve_output_fraction: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceConfig:
-    """One engine instance to simulate: its role, step cost, KV capacity and scheduler."""
-
-    role: Role
-    cost: ReplicaStepCost
-    kv_capacity_tokens: int
-    knobs: SchedulerKnobs
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    index: int
-    input_tokens: int
-    output_tokens: int
-    arrival_s: float
-    prompt_tokens: int = 0
-    prefilled: int = 0
-    generated: int = 0
-    kv_alloc: int = 0
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    preemptions: int = 0
-
-    @property
-    def context(self) -> int:
-        return self.input_tokens + self.generated
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.prefilled < self.prompt_tokens
-
-
-@dataclass(slots=True, eq=False)
-class _Instance:
-    config: InstanceConfig
-    index: int
-    waiting: deque[_Request] = field(default_factory=deque)
-    running: list[_Request] = field(default_factory=list)
-    kv_used: int = 0
-    busy: bool = False
-    batch: list[tuple[_Request, int]] = field(default_factory=list)
-    busy_s: float = 0.0
-    gemm_s: float = 0.0
-    attention_s: float = 0.0
-    communication_s: float = 0.0
-    cpu_bound_s: float = 0.0
-    steps: int = 0
-    batch_tokens: int = 0
-    peak_kv: int = 0
-    preemptions: int = 0
-
-    @property
-    def kv_free(self) -> int:
-        return self.config.kv_capacity_tokens - self.kv_used
-
-    def load(self) -> int:
-        return len(self.waiting) + len(self.running)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,22 +158,41 @@ class _Simulation:
         closed_loop_ramp_s: float = 0.0,
     ) -> None:
         self.ramp_s = closed_loop_ramp_s
-        self.entry = [_Instance(c, i) for i, c in enumerate(entry)]
-        self.decode = [_Instance(c, len(entry) + i) for i, c in enumerate(decode)]
+        self.entry = [SimInstance(c, i) for i, c in enumerate(entry)]
+        self.decode = [SimInstance(c, len(entry) + i) for i, c in enumerate(decode)]
         self.instances = self.entry + self.decode
+        self.schedulers: list[BatchScheduler] = [
+            self.scheduler_for(inst, sample, arrival, concurrency) for inst in self.instances
+        ]
         self.transfer = transfer
         self.sample = sample
         self.arrival = arrival
         self.rate = rate_per_s
         self.concurrency = concurrency
-        self.heap: list[tuple[float, int, int, int, _Request | None]] = []
+        self.heap: list[tuple[float, int, int, int, SimRequest | None]] = []
         self.counter = 0
         self.issued = 0
-        self.finished: list[_Request] = []
+        self.finished: list[SimRequest] = []
         self.next_entry = 0
         self.now = 0.0
 
-    def push(self, time_s: float, kind: int, instance: int, request: _Request | None) -> None:
+    def scheduler_for(
+        self, inst: SimInstance, sample: RequestSample, arrival: ArrivalKind, concurrency: int
+    ) -> BatchScheduler:
+        scheduler = make_scheduler(inst.config.knobs)
+        knobs = inst.config.knobs
+        if knobs.prompt_sized_token_budget and not knobs.chunked_prefill and inst.config.role is not Role.DECODE:
+            # Benchmarked TRT-LLM deployments size max_num_tokens to the batch plus the prompt (see docs/ENGINES.md).
+            batch = knobs.max_sequences
+            if arrival is ArrivalKind.CLOSED and concurrency > 0:
+                batch = min(batch, -(-concurrency // max(1, len(self.entry))))
+            if inst.config.role is Role.PREFILL:
+                batch = 0
+            longest = int(sample.input_tokens.max()) if sample.input_tokens.size else 0
+            scheduler.token_budget = prompt_sized_budget_tokens(batch, longest)
+        return scheduler
+
+    def push(self, time_s: float, kind: int, instance: int, request: SimRequest | None) -> None:
         self.counter += 1
         heapq.heappush(self.heap, (time_s, self.counter, kind, instance, request))
 
@@ -243,7 +201,7 @@ class _Simulation:
         if i >= self.sample.input_tokens.size:
             return
         self.issued += 1
-        req = _Request(i, int(self.sample.input_tokens[i]), int(self.sample.output_tokens[i]), time_s)
+        req = SimRequest(i, int(self.sample.input_tokens[i]), int(self.sample.output_tokens[i]), time_s)
         req.prompt_tokens = req.input_tokens
         self.push(time_s, _ARRIVE, 0, req)
 
@@ -269,7 +227,7 @@ class _Simulation:
                 self.kick(inst)
             elif kind == _DECODE_ARRIVE:
                 assert req is not None
-                inst = min(self.decode, key=_Instance.load)
+                inst = min(self.decode, key=SimInstance.load)
                 inst.waiting.append(req)
                 self.kick(inst)
             else:
@@ -281,7 +239,7 @@ class _Simulation:
                     break
         return self.result(total)
 
-    def kick(self, inst: _Instance) -> None:
+    def kick(self, inst: SimInstance) -> None:
         if inst.busy:
             return
         batch = self.form_batch(inst)
@@ -294,130 +252,12 @@ class _Simulation:
         self.push(self.now + duration, _STEP_DONE, inst.index, None)
         inst.busy_s += duration
 
-    # Scheduling -----------------------------------------------------------------------------------
-
-    def grow_kv(self, inst: _Instance, req: _Request, tokens: int) -> bool:
-        """Ensure ``req`` has KV blocks for ``tokens`` tokens; False when the cache is full."""
-        need = tokens - req.kv_alloc
-        if need <= 0:
-            return True
-        blocks = -(-need // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
-        if blocks > inst.kv_free:
-            return False
-        req.kv_alloc += blocks
-        inst.kv_used += blocks
-        inst.peak_kv = max(inst.peak_kv, inst.kv_used)
-        return True
-
-    def release(self, inst: _Instance, req: _Request) -> None:
-        inst.kv_used -= req.kv_alloc
-        req.kv_alloc = 0
-
-    def preempt(self, inst: _Instance, victim: _Request) -> None:
-        # Recompute preemption: the request loses its cache and re-prefills prompt plus output so far.
-        inst.running.remove(victim)
-        self.release(inst, victim)
-        victim.prompt_tokens = victim.input_tokens + victim.generated
-        victim.prefilled = 0
-        victim.preemptions += 1
-        inst.preemptions += 1
-        inst.waiting.appendleft(victim)
-
-    def reserve_for(self, inst: _Instance, req: _Request) -> int:
-        """KV tokens admission must find free for ``req`` (prompt plus the reserved share of output)."""
-        fraction = inst.config.knobs.kv_reserve_output_fraction
-        remaining_output = req.output_tokens - req.generated
-        return req.prompt_tokens + int(fraction * remaining_output)
-
-    def reserved_growth(self, inst: _Instance) -> int:
-        fraction = inst.config.knobs.kv_reserve_output_fraction
-        if fraction <= 0:
-            return 0
-        return sum(max(0, req.input_tokens + int(fraction * req.output_tokens) - req.kv_alloc) for req in inst.running)
-
-    def form_batch(self, inst: _Instance) -> list[tuple[_Request, int]]:
-        knobs = inst.config.knobs
-        role = inst.config.role
-        budget = knobs.max_batched_tokens
-        decodes_allowed = role is not Role.PREFILL
-        mixed = knobs.mixed_batches or role is Role.DECODE
-        if not mixed and (inst.waiting or any(r.in_prefill for r in inst.running)):
-            # Engines that never mix (SGLang's default) run a prefill-only batch while prompts wait.
-            batch = self.admit(inst, budget, [])
-            if batch:
-                return batch
-        batch = []
-        if decodes_allowed:
-            for req in list(inst.running):
-                if req.prefilled < req.prompt_tokens:
-                    continue
-                if budget <= 0:
-                    break
-                # Most steps need no new KV block: skip the allocator (a hot path).
-                if req.input_tokens + req.generated + 1 > req.kv_alloc:
-                    preempted_self = False
-                    while not self.grow_kv(inst, req, req.context + 1):
-                        victim = inst.running[-1]
-                        self.preempt(inst, victim)
-                        if victim is req:
-                            preempted_self = True
-                            break
-                    if preempted_self:
-                        continue
-                batch.append((req, 1))
-                budget -= 1
-        if not mixed and batch:
-            return batch
-        return self.admit(inst, budget, batch)
-
-    def admit(self, inst: _Instance, budget: int, batch: list[tuple[_Request, int]]) -> list[tuple[_Request, int]]:
-        knobs = inst.config.knobs
-        for req in inst.running:
-            if budget <= 0:
-                break
-            if req.in_prefill:
-                chunk = min(req.prompt_tokens - req.prefilled, budget)
-                if not knobs.chunked_prefill and chunk < req.prompt_tokens - req.prefilled:
-                    continue
-                if not self.grow_kv(inst, req, req.prefilled + chunk):
-                    continue
-                batch.append((req, chunk))
-                budget -= chunk
-        reserved = self.reserved_growth(inst)
-        while inst.waiting and budget > 0 and len(inst.running) < knobs.max_sequences:
-            req = inst.waiting[0]
-            remaining = req.prompt_tokens - req.prefilled
-            if inst.config.role is Role.DECODE:
-                # The KV cache arrived with the request: it needs room for its context and then decodes.
-                if inst.kv_free - reserved < self.reserve_for(inst, req) + 1:
-                    break
-                inst.waiting.popleft()
-                self.grow_kv(inst, req, req.context + 1)
-                inst.running.append(req)
-                if math.isnan(req.first_token_s):
-                    req.first_token_s = self.now
-                batch.append((req, 1))
-                budget -= 1
-                continue
-            chunk = min(remaining, budget)
-            if not knobs.chunked_prefill and chunk < remaining:
-                if remaining > knobs.max_batched_tokens and not batch:
-                    chunk = remaining  # a prompt longer than the budget runs alone
-                else:
-                    break
-            if inst.kv_free - reserved < self.reserve_for(inst, req):
-                break
-            inst.waiting.popleft()
-            self.grow_kv(inst, req, req.prefilled + chunk)
-            reserved += max(0, self.reserve_for(inst, req) - req.kv_alloc)
-            inst.running.append(req)
-            batch.append((req, chunk))
-            budget -= chunk
-        return batch
+    def form_batch(self, inst: SimInstance) -> Batch:
+        return self.schedulers[inst.index].form_batch(inst, self.now)
 
     # Timing ---------------------------------------------------------------------------------------
 
-    def batch_duration(self, inst: _Instance, batch: list[tuple[_Request, int]]) -> tuple[float, int]:
+    def batch_duration(self, inst: SimInstance, batch: list[tuple[SimRequest, int]]) -> tuple[float, int]:
         prefill_tokens = decode_seqs = prefill_seqs = 0
         key_pairs = kv_read = decode_ctx = blocks = 0.0
         tile = inst.config.cost.calibration.attention_prefill_query_tile
@@ -447,6 +287,7 @@ class _Simulation:
         duration = step.total_s
         if prefill_tokens == 0 and decode_seqs > 0:
             duration, repeat = self.fast_forward(inst, batch, step.total_s, decode_seqs, decode_ctx)
+            self.schedulers[inst.index].after_decode_steps(inst, repeat)
         inst.gemm_s += step.gemm_s * repeat
         inst.attention_s += step.attention_s * repeat
         inst.communication_s += step.communication_s * repeat
@@ -456,13 +297,11 @@ class _Simulation:
         return duration, repeat
 
     def fast_forward(
-        self, inst: _Instance, batch: list[tuple[_Request, int]], first_s: float, seqs: int, ctx: float
+        self, inst: SimInstance, batch: list[tuple[SimRequest, int]], first_s: float, seqs: int, ctx: float
     ) -> tuple[float, int]:
         """Run several identical decode steps at once while nothing else can change the batch."""
-        if inst.waiting and inst.config.role is not Role.PREFILL:
-            can_admit = len(inst.running) < inst.config.knobs.max_sequences and inst.kv_free > 0
-            if can_admit:
-                return first_s, 1
+        if inst.config.role is not Role.PREFILL and self.schedulers[inst.index].admission_possible(inst):
+            return first_s, 1
         horizon = self.heap[0][0] if self.heap else math.inf
         remaining = min(req.output_tokens - req.generated for req, _ in batch)
         free_blocks = inst.kv_free // KV_BLOCK_TOKENS
@@ -499,10 +338,10 @@ class _Simulation:
         inst.batch = [(req, steps) for req, _ in batch]
         for req, _ in batch:
             # KV for the extra tokens is claimed up front; it was checked against the free blocks.
-            self.grow_kv(inst, req, req.context + steps)
+            inst.grow_kv(req, req.context + steps)
         return total, steps
 
-    def finish_step(self, inst: _Instance) -> None:
+    def finish_step(self, inst: SimInstance) -> None:
         inst.busy = False
         for req, tokens in inst.batch:
             if req.in_prefill:
@@ -514,7 +353,7 @@ class _Simulation:
                     req.first_token_s = self.now
                 if inst.config.role is Role.PREFILL and req.generated < req.output_tokens:
                     inst.running.remove(req)
-                    self.release(inst, req)
+                    inst.release(req)
                     assert self.transfer is not None
                     req.prefilled = req.prompt_tokens = req.context
                     self.push(self.now + self.transfer.time_s(req.context), _DECODE_ARRIVE, 0, req)
@@ -526,7 +365,7 @@ class _Simulation:
                     req.first_token_s = self.now
                 req.finish_s = self.now
                 inst.running.remove(req)
-                self.release(inst, req)
+                inst.release(req)
                 self.finished.append(req)
                 if self.arrival is ArrivalKind.CLOSED:
                     self.issue(self.now)

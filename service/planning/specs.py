@@ -169,6 +169,20 @@ class EngineSpec:
     # Share of a request's output tokens whose KV blocks admission reserves up front: 0 allocates on
     # demand and preempts when full (vLLM), 1 guarantees no eviction (TRT-LLM's default policy).
     kv_reserve_output_fraction: float = 0.0
+    # Batch-forming rules of the engine family: vllm, sglang or trtllm (service/planning/schedulers.py).
+    scheduler: str = "vllm"
+    # vLLM long_prefill_token_threshold: cap on one request's prefill chunk per step (0 = none).
+    long_prefill_token_threshold_tokens: int = 0
+    # SGLang admission estimate: initial and floor new_token_ratio, steps to decay between them.
+    new_token_ratio_init: float = 0.7
+    new_token_ratio_min: float = 0.098
+    new_token_ratio_decay_steps: int = 600
+    # SGLang retract_decode: decode steps of headroom kept after retracting requests.
+    retract_decode_steps: int = 20
+    # SGLang max_prefill_tokens: token budget of one prefill batch beside chunked_prefill_size.
+    max_prefill_tokens: int = 16384
+    # TRT-LLM without chunked prefill: max_num_tokens sized to max_batch_size + prompt + 500 (benchmarked configs).
+    prompt_sized_token_budget: bool = False
     # KV-cache dtype used by default for a given weight dtype.
     default_kv_dtype: dict[DType, DType] = field(default_factory=dict)
     description: str = ""

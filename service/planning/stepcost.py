@@ -16,6 +16,7 @@ from service.planning.kernels import (
     elementwise_time_s,
     gemm_time_s,
 )
+from service.planning.moe_cost import MoeCalibration, alltoall_time_s, moe_layer_time_s
 from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
 
 # Kernels per decoder layer that an eager (non-graphed) step launches: norms, GEMMs, rotary,
@@ -28,34 +29,80 @@ ELEMENTWISE_KERNELS_PER_LAYER = 5
 
 @dataclass(frozen=True, slots=True)
 class ParallelLayout:
-    """How one replica splits a model: tensor, pipeline and expert parallel degrees."""
+    """How one replica splits a model, as engines express it.
+
+    Attention runs tensor-parallel over ``tp`` GPUs in each of ``attention_dp`` data-parallel ranks; the
+    MoE layers of the same tp x attention_dp GPUs are split ``moe_tp`` (slices of each expert) x ``moe_ep``
+    (groups of experts); ``pp`` pipeline stages repeat that. ``moe_tp`` 0 means all the stage's GPUs that
+    expert parallelism leaves (tp x attention_dp / moe_ep).
+    """
 
     tp: int = 1
     pp: int = 1
-    ep: int = 1
+    attention_dp: int = 1
+    moe_tp: int = 0
+    moe_ep: int = 1
+
+    @property
+    def stage_gpus(self) -> int:
+        """GPUs of one pipeline stage."""
+        return self.tp * self.attention_dp
 
     @property
     def gpus(self) -> int:
         """GPUs in one replica."""
-        return self.tp * self.pp
+        return self.stage_gpus * self.pp
+
+    @property
+    def expert_tp(self) -> int:
+        """Slices each expert is cut into."""
+        return self.moe_tp or max(1, self.stage_gpus // max(1, self.moe_ep))
+
+    @property
+    def ep(self) -> int:
+        """Expert-parallel degree (alias of ``moe_ep``)."""
+        return self.moe_ep
 
     def label(self) -> str:
-        """Short human label, e.g. tp4-pp2."""
+        """Short human label, e.g. tp4-pp2 or tp1-dp8-ep8."""
         parts = [f"tp{self.tp}"]
+        if self.attention_dp > 1:
+            parts.append(f"dp{self.attention_dp}")
         if self.pp > 1:
             parts.append(f"pp{self.pp}")
-        if self.ep > 1:
-            parts.append(f"ep{self.ep}")
+        if self.moe_ep > 1:
+            parts.append(f"ep{self.moe_ep}")
+            if self.expert_tp > 1:
+                parts.append(f"moetp{self.expert_tp}")
         return "-".join(parts)
+
+    def describe(self) -> dict[str, int]:
+        """The layout as a plain mapping."""
+        return {
+            "tp": self.tp,
+            "pp": self.pp,
+            "attention_dp": self.attention_dp,
+            "moe_tp": self.expert_tp,
+            "moe_ep": self.moe_ep,
+        }
+
+
+def make_layout(
+    *, tp: int = 1, pp: int = 1, attention_dp: int = 1, moe_tp: int | None = None, moe_ep: int = 1
+) -> ParallelLayout:
+    """A layout from engine-style arguments; moe_tp defaults to the GPUs expert parallelism leaves."""
+    return ParallelLayout(tp=tp, pp=pp, attention_dp=attention_dp, moe_tp=moe_tp or 0, moe_ep=moe_ep)
 
 
 def validate_layout(model: ModelSpec, layout: ParallelLayout) -> None:
     """Refuse layouts the model cannot be split into."""
-    if layout.tp < 1 or layout.pp < 1 or layout.ep < 1:
+    degrees = (layout.tp, layout.pp, layout.attention_dp, layout.moe_ep)
+    if min(degrees) < 1 or layout.moe_tp < 0:
         raise PlanningError("parallel degrees must be positive integers")
     if model.num_attention_heads % layout.tp != 0:
         raise PlanningError(
-            f"tp={layout.tp} does not divide the {model.num_attention_heads} attention heads of {model.name}"
+            f"tp={layout.tp} does not divide the {model.num_attention_heads} attention heads of {model.name}; "
+            "use attention data parallelism (--attention-dp) for the rest of the GPUs"
         )
     if model.num_kv_heads % layout.tp != 0 and layout.tp % model.num_kv_heads != 0:
         raise PlanningError(
@@ -63,11 +110,21 @@ def validate_layout(model: ModelSpec, layout: ParallelLayout) -> None:
         )
     if layout.pp > model.num_layers:
         raise PlanningError(f"pp={layout.pp} exceeds the {model.num_layers} layers of {model.name}")
-    if layout.ep > 1:
-        if model.moe is None:
+    if model.moe is None:
+        if layout.moe_ep > 1:
             raise PlanningError(f"expert parallelism needs an MoE model; {model.name} is dense")
-        if layout.tp % layout.ep != 0 or model.moe.num_experts % layout.ep != 0:
-            raise PlanningError(f"ep={layout.ep} must divide tp={layout.tp} and the {model.moe.num_experts} experts")
+        return
+    if layout.expert_tp * layout.moe_ep != layout.stage_gpus:
+        raise PlanningError(
+            f"moe_tp x moe_ep = {layout.expert_tp} x {layout.moe_ep} must equal tp x attention_dp = "
+            f"{layout.tp} x {layout.attention_dp} (the GPUs of one stage)"
+        )
+    if model.moe.num_experts % layout.moe_ep != 0:
+        raise PlanningError(f"moe_ep={layout.moe_ep} does not divide the {model.moe.num_experts} experts")
+    if model.moe.expert_intermediate_size % layout.expert_tp != 0:
+        raise PlanningError(
+            f"moe_tp={layout.expert_tp} does not divide the expert width {model.moe.expert_intermediate_size}"
+        )
 
 
 def kv_bytes_per_token_per_gpu(model: ModelSpec, layout: ParallelLayout, kv_dtype: DType) -> float:
@@ -106,6 +163,8 @@ class ReplicaStepCost:
         kv_dtype: DType,
         calibration: KernelCalibration,
         max_tokens: int,
+        moe_calibration: MoeCalibration | None = None,
+        moe_weight_dtype: DType | None = None,
     ) -> None:
         validate_layout(model, layout)
         self.model = model
@@ -115,23 +174,25 @@ class ReplicaStepCost:
         self.weight_dtype = weight_dtype
         self.kv_dtype = kv_dtype
         self.calibration = calibration
+        self.moe_calibration = moe_calibration or MoeCalibration()
+        self.moe_weight_dtype = moe_weight_dtype or weight_dtype
         self.max_tokens = max(1, max_tokens)
         tp = layout.tp
         self.layers_per_stage = math.ceil(model.num_layers / layout.pp)
         self.heads_per_gpu = model.num_attention_heads / tp
         self.kv_heads_per_gpu = max(1.0, model.num_kv_heads / tp)
         self.kv_bytes_per_token_layer = kv_bytes_per_token_per_gpu(model, layout, kv_dtype) / self.layers_per_stage
-        self.link_bandwidth = (
-            gpu.intra_node_bandwidth_bytes_per_s if tp <= gpu.gpus_per_node else gpu.inter_node_bandwidth_bytes_per_s
-        )
-        self.stage_link_bandwidth = (
-            gpu.intra_node_bandwidth_bytes_per_s
-            if layout.gpus <= gpu.gpus_per_node
-            else gpu.inter_node_bandwidth_bytes_per_s
-        )
+        domain = gpu.scale_up_domain_gpus
+        self.link_bandwidth = self._link_bandwidth(tp)
+        self.moe_link_bandwidth = self._link_bandwidth(layout.stage_gpus)
+        self.stage_link_bandwidth = self._link_bandwidth(layout.gpus)
+        self.domain_gpus = domain
         m = np.arange(self.max_tokens + 1, dtype=np.float64)
         self._dense_layer_gemm = self._attention_gemms(m) + self._dense_ffn_gemms(m)
         self._moe_layer_gemm = self._attention_gemms(m) + self._moe_ffn_gemms(m) if model.moe else None
+        # Expert-parallel dispatch + combine per MoE layer: low-latency kernels in decode-only steps,
+        # normal (high-throughput) kernels when prefill tokens are in the step.
+        self._ep_comm_decode, self._ep_comm_prefill = self._expert_parallel_comm(m)
         self._lm_head = gemm_time_s(
             m,
             model.vocab_size / tp,
@@ -145,6 +206,12 @@ class ReplicaStepCost:
         else:
             self.moe_layers = 0
         self.dense_layers = self.layers_per_stage - self.moe_layers
+
+    def _link_bandwidth(self, gpus: int) -> float:
+        """Per-GPU bandwidth of a collective over ``gpus`` GPUs: scale-up links inside the domain."""
+        if gpus <= self.gpu.scale_up_domain_gpus:
+            return self.gpu.intra_node_bandwidth_bytes_per_s
+        return self.gpu.inter_node_bandwidth_bytes_per_s
 
     def _gemm(self, m: FloatArray, n: float, k: float, *, grouped: bool = False) -> FloatArray:
         return gemm_time_s(
@@ -190,20 +257,24 @@ class ReplicaStepCost:
         return self._ffn_gemms(m, self.model.intermediate_size / self.layout.tp)
 
     def _moe_ffn_gemms(self, m: FloatArray) -> FloatArray:
+        """Router, shared experts and the fused-MoE layer for ``m`` tokens per attention-DP rank."""
         moe = self.model.moe
         assert moe is not None
         layout = self.layout
-        experts_local = moe.num_experts / layout.ep
-        expert_tp = layout.tp / layout.ep
-        route_fraction = moe.experts_per_token / moe.num_experts
-        # Expected distinct local experts hit by m tokens routed top-k out of E (uniform routing).
-        touched = experts_local * (1.0 - np.power(1.0 - route_fraction, m))
-        pairs_local = m * moe.experts_per_token / layout.ep
-        tokens_per_expert = np.where(touched > 0, pairs_local / np.maximum(touched, 1e-9), 0.0)
-        per_expert = self._ffn_gemms(tokens_per_expert, moe.expert_intermediate_size / expert_tp, grouped=True)
-        # A grouped GEMM launches once for all its experts.
-        launches = 2.0 * self.calibration.gemm_launch_s
-        experts = np.where(touched > 0, touched * (per_expert - launches) + launches, 0.0)
+        # Attention-DP ranks run the MoE layers in lock step: every rank's tokens enter every MoE layer.
+        entering = m * layout.attention_dp
+        experts = moe_layer_time_s(
+            entering,
+            hidden_size=self.model.hidden_size,
+            expert_width_per_gpu=moe.expert_intermediate_size / layout.expert_tp,
+            num_experts=moe.num_experts,
+            local_experts=moe.num_experts // layout.moe_ep,
+            topk=moe.experts_per_token,
+            weight_dtype=self.moe_weight_dtype,
+            gpu=self.gpu,
+            calibration=self.moe_calibration,
+            gated=self.model.ffn_gated,
+        )
         router = self._gemm(m, moe.num_experts, self.model.hidden_size)
         shared: FloatArray = np.zeros_like(m)
         if moe.num_shared_experts > 0:
@@ -211,6 +282,33 @@ class ReplicaStepCost:
             shared = self._ffn_gemms(m, shared_ffn / layout.tp)
         total: FloatArray = experts + router + shared
         return total
+
+    def _expert_parallel_comm(self, m: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Dispatch + combine time per MoE layer for ``m`` tokens per rank (zero without EP)."""
+        layout, moe = self.layout, self.model.moe
+        if moe is None or layout.moe_ep <= 1:
+            return np.zeros_like(m), np.zeros_like(m)
+        # Each GPU of a rank sends its share of the rank's tokens; dispatch carries fp8, combine bf16.
+        per_gpu = m / layout.tp
+        out = []
+        for mode in ("low_latency", "normal"):
+            phases = [
+                alltoall_time_s(
+                    per_gpu,
+                    hidden_size=self.model.hidden_size,
+                    topk=moe.experts_per_token,
+                    ep_ranks=layout.moe_ep,
+                    bytes_per_element=element_bytes,
+                    intra_bandwidth_bytes_per_s=self.gpu.intra_node_bandwidth_bytes_per_s,
+                    inter_bandwidth_bytes_per_s=self.gpu.inter_node_bandwidth_bytes_per_s,
+                    ranks_per_domain=self.gpu.scale_up_domain_gpus,
+                    mode=mode,
+                    calibration=self.moe_calibration,
+                )
+                for element_bytes in (1.0, 2.0)
+            ]
+            out.append(phases[0] + phases[1])
+        return out[0], out[1]
 
     def _ffn_width_per_gpu(self) -> float:
         moe = self.model.moe
@@ -290,16 +388,7 @@ class ReplicaStepCost:
         elementwise = layers_total * elementwise_time_s(
             elementwise_bytes, ELEMENTWISE_KERNELS_PER_LAYER, gpu=gpu, calibration=c
         )
-        communication = 0.0
-        if self.layout.tp > 1:
-            per_layer = 2.0 * collective_time_s(
-                "all_reduce",
-                micro * model.hidden_size * 2.0,
-                self.layout.tp,
-                link_bandwidth_bytes_per_s=self.link_bandwidth,
-                calibration=c,
-            )
-            communication += per_layer * layers_total * scale
+        communication = self._layer_communication(micro, decode_only=prefill_tokens == 0) * pp * scale
         if pp > 1:
             send = c.collective_base_latency_s + micro * model.hidden_size * 2.0 / (
                 self.stage_link_bandwidth * c.collective_bus_efficiency
@@ -312,6 +401,40 @@ class ReplicaStepCost:
         gpu_s = max(gpu_s, launch_s)
         total = max(gpu_s, cpu_s) + self.engine.step_gap_s if self.engine.overlap_scheduling else gpu_s + cpu_s
         return StepTime(total, gpu_s, cpu_s, gemm + lm_head, attention, communication)
+
+    def _all_reduce(self, message_bytes: float, gpus: int, bandwidth: float) -> float:
+        return collective_time_s(
+            "all_reduce", message_bytes, gpus, link_bandwidth_bytes_per_s=bandwidth, calibration=self.calibration
+        )
+
+    def _layer_communication(self, tokens: int, *, decode_only: bool) -> float:
+        """Collectives of one pipeline stage's layers for ``tokens`` tokens per attention-DP rank."""
+        layout, hidden = self.layout, self.model.hidden_size
+        activation_bytes = tokens * hidden * 2.0
+        # Row-parallel attention output (and dense FFN) end in an all-reduce over the attention TP group.
+        tp_reduce = self._all_reduce(activation_bytes, layout.tp, self.link_bandwidth) if layout.tp > 1 else 0.0
+        total = tp_reduce * self.layers_per_stage + tp_reduce * self.dense_layers
+        if self.moe_layers == 0:
+            return total
+        if layout.moe_ep > 1:
+            index = min(tokens, self.max_tokens)
+            table = self._ep_comm_decode if decode_only else self._ep_comm_prefill
+            per_layer = float(table[index]) * max(1.0, tokens / self.max_tokens)
+            if layout.expert_tp > 1:
+                per_layer += self._all_reduce(activation_bytes, layout.expert_tp, self.moe_link_bandwidth)
+        elif layout.attention_dp > 1:
+            # Pure MoE-TP under attention DP: gather every rank's tokens, reduce-scatter the outputs.
+            gathered = activation_bytes * layout.attention_dp
+            per_layer = 2.0 * collective_time_s(
+                "all_gather",
+                gathered,
+                layout.stage_gpus,
+                link_bandwidth_bytes_per_s=self.moe_link_bandwidth,
+                calibration=self.calibration,
+            )
+        else:
+            per_layer = tp_reduce
+        return total + per_layer * self.moe_layers
 
     def _attention_head_dim(self) -> float:
         mla = self.model.mla

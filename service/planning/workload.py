@@ -23,6 +23,21 @@ class ArrivalKind(StrEnum):
     CLOSED = "closed"
 
 
+class ClientStart(StrEnum):
+    """How closed-loop clients start: the benchmark client's protocol, all at t=0, or spread out."""
+
+    # aiperf --concurrency C --num-requests 20C --warmup-request-count 2C (aiconfigurator bench_run.sh.j2):
+    # the warm-up phase drains before profiling, then all C clients fire at once and each sends its next
+    # request when the previous one completes; every profiled request counts.
+    BENCHMARK = "benchmark"
+    BURST = "burst"
+    STAGGERED = "staggered"
+
+
+# Profiled requests per client in aiconfigurator's aiperf sweep (BENCH_MULTI_ROUND, 20 since v0.8.0).
+BENCHMARK_REQUESTS_PER_CLIENT = 20
+
+
 class LengthKind(StrEnum):
     """Shapes of a token-length distribution."""
 
@@ -190,6 +205,12 @@ class RequestSample:
         """Arrival times at ``rate_per_s`` (common random numbers across rates)."""
         scaled: FloatArray = self.unit_arrival_s / rate_per_s
         return scaled
+
+    def strided(self, step: int) -> RequestSample:
+        """Every ``step``-th request: what one of ``step`` round-robin targets receives."""
+        if step <= 1:
+            return self
+        return RequestSample(self.input_tokens[::step], self.output_tokens[::step], self.unit_arrival_s[::step])
 
     def repeated(self, times: int) -> RequestSample:
         """The sample played `times` times back to back (a longer run with the same statistics)."""

@@ -1,0 +1,269 @@
+"""Fit KernelCalibration constants to measured kernel tables by least squares on log error (no file I/O)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares  # type: ignore[import-untyped]
+
+from service.planning.kernel_accuracy import PREDICTORS, measured_s, usable_rows
+from service.planning.kernels import FloatArray, KernelCalibration
+from service.planning.specs import DType, GpuSpec
+
+# Share of shapes held out of every fit (chosen by a hash of the shape, so the split is reproducible).
+HOLDOUT_FRACTION = 0.2
+# Columns that name a shape per table; every row of a held-out shape is held out.
+SHAPE_KEYS: dict[str, tuple[str, ...]] = {
+    "gemm": ("n", "k"),
+    "attention_context": ("num_heads", "num_key_value_heads", "head_dim"),
+    "attention_generation": ("num_heads", "num_key_value_heads", "head_dim"),
+    "nccl": ("message_elems",),
+    "custom_allreduce": ("message_elems",),
+    "moe": ("hidden_size", "inter_size", "topk", "num_experts"),
+    "moe_alltoall": ("hidden_size", "topk", "num_experts"),
+}
+# Rows a fit samples at most per group (deterministic stride), to keep calibration fast.
+MAX_FIT_ROWS = 20000
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One fitted constant: a calibration field (or one key of a dict field) with its bounds."""
+
+    field: str
+    low: float
+    high: float
+    key: str | DType | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fitter:
+    """A named fitting step: which table it reads and the function that returns field overrides."""
+
+    name: str
+    table: str
+    fit: Callable[[np.ndarray, GpuSpec, KernelCalibration], dict[str, Any]]
+
+
+def holdout_mask(table: str, rows: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
+    """True for rows whose shape is held out of fitting (CRC32 of the shape, so it is the same everywhere)."""
+    keys = SHAPE_KEYS.get(table, ())
+    if not keys or rows.size == 0:
+        return np.zeros(rows.size, dtype=bool)
+    labels = ["|".join(str(rows[k][i]) for k in keys) for i in range(rows.size)]
+    buckets = np.array([zlib.crc32(label.encode()) % 1000 for label in labels])
+    held: np.ndarray = buckets < fraction * 1000
+    return held
+
+
+def _get(cal: KernelCalibration, p: Param) -> float:
+    value = getattr(cal, p.field)
+    if p.key is None:
+        return float(value)
+    return float(value.get(p.key, (p.low * p.high) ** 0.5))
+
+
+def apply_values(cal: KernelCalibration, params: list[Param], values: FloatArray) -> KernelCalibration:
+    """A calibration with the parameters set to ``values``."""
+    overrides: dict[str, Any] = {}
+    for p, v in zip(params, values, strict=True):
+        if p.key is None:
+            overrides[p.field] = float(v)
+        else:
+            current = dict(overrides.get(p.field, getattr(cal, p.field)))
+            current[p.key] = float(v)
+            overrides[p.field] = current
+    from dataclasses import replace
+
+    return replace(cal, **overrides)
+
+
+def fit_params(
+    params: list[Param],
+    predict: Callable[[KernelCalibration], FloatArray],
+    measured: FloatArray,
+    base: KernelCalibration,
+) -> KernelCalibration:
+    """Least squares on log(predicted/measured) over log-scaled parameters, started from ``base``."""
+    low = np.log([p.low for p in params])
+    high = np.log([p.high for p in params])
+    x0 = np.clip(np.log([max(_get(base, p), 1e-30) for p in params]), low + 1e-9, high - 1e-9)
+
+    def residual(x: FloatArray) -> FloatArray:
+        pred = predict(apply_values(base, params, np.exp(x)))
+        out: FloatArray = np.log(np.maximum(pred, 1e-12) / measured)
+        return out
+
+    # soft_l1 keeps a few noisy rows (throttled or eager-launched timings) from pulling the median.
+    result = least_squares(residual, x0, bounds=(low, high), loss="soft_l1", f_scale=0.05, max_nfev=400)
+    return apply_values(base, params, np.exp(result.x))
+
+
+def _subsample(rows: np.ndarray) -> np.ndarray:
+    if rows.size <= MAX_FIT_ROWS:
+        return rows
+    stride = int(np.ceil(rows.size / MAX_FIT_ROWS))
+    return rows[::stride]
+
+
+def _values(cal: KernelCalibration, params: list[Param]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in params:
+        value = getattr(cal, p.field)
+        if p.key is None:
+            out[p.field] = float(value)
+        else:
+            out[p.field] = {str(k): float(v) for k, v in value.items()}
+    return out
+
+
+def _fit_table(
+    table: str, rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration, params: list[Param]
+) -> tuple[KernelCalibration, dict[str, Any]]:
+    rows = _subsample(rows)
+    if rows.size == 0:
+        return base, {}
+    predictor = PREDICTORS[table]
+    cal = fit_params(params, lambda c: predictor(rows, gpu=gpu, calibration=c), measured_s(rows), base)
+    return cal, _values(cal, params)
+
+
+def fit_gemm(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
+    """bf16 fixes the shared tile/memory constants; each scaled kernel then gets its own efficiency and costs."""
+    out: dict[str, Any] = {}
+    cal = base
+    bf16 = rows[rows["dtype"] == "bf16"]
+    shared = [
+        Param("gemm_peak_efficiency", 0.2, 1.0, DType.BF16),
+        Param("gemm_k_overhead_elems", 1.0, 4096.0, DType.BF16),
+        Param("gemm_occupancy_power", 0.01, 1.0),
+        Param("gemm_bandwidth_efficiency", 0.3, 1.0),
+        Param("gemm_blend_power", 1.0, 20.0),
+        Param("gemm_launch_s", 5e-7, 2e-5),
+    ]
+    cal, values = _fit_table("gemm", bf16, gpu, cal, shared)
+    out.update(values)
+    for name, dtype in (("fp8", DType.FP8), ("nvfp4", DType.FP4)):
+        sel = rows[rows["dtype"] == name]
+        if sel.size == 0:
+            continue
+        params = [
+            Param("gemm_peak_efficiency", 0.1, 1.0, dtype),
+            Param("gemm_k_overhead_elems", 1.0, 4096.0, dtype),
+            Param("gemm_quant_launch_s", 1e-7, 5e-5, dtype),
+            Param("gemm_quant_per_row_s", 1e-11, 1e-7, dtype),
+        ]
+        cal, values = _fit_table("gemm", sel, gpu, cal, params)
+        out.update(values)
+    if DType.FP8 in cal.gemm_peak_efficiency:
+        # No int8 table: int8 scaled GEMMs run the same CUTLASS path as fp8 at the same peak.
+        for field_name in (
+            "gemm_peak_efficiency",
+            "gemm_k_overhead_elems",
+            "gemm_quant_launch_s",
+            "gemm_quant_per_row_s",
+        ):
+            mapping = dict(getattr(cal, field_name))
+            mapping[DType.INT8] = mapping[DType.FP8]
+            out[field_name] = {str(k): float(v) for k, v in mapping.items()}
+    block = rows[rows["dtype"] == "fp8_block"]
+    if block.size:
+        params = [Param("gemm_block_scaled_efficiency", 0.1, 1.0), Param("gemm_block_scaled_launch_s", 1e-7, 1e-3)]
+        cal, values = _fit_table("gemm", block, gpu, cal, params)
+        out.update(values)
+    return out
+
+
+def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
+    """Prefill attention: tensor-core efficiency, per-query fixed work, occupancy exponent and launch floor."""
+    params = [
+        Param("attention_prefill_efficiency", 0.1, 1.0),
+        Param("attention_prefill_overhead_keys", 1.0, 5000.0),
+        Param("attention_prefill_occupancy_power", 0.05, 1.5),
+        Param("attention_launch_s", 1e-6, 1e-4),
+    ]
+    return _fit_table("attention_context", rows, gpu, base, params)[1]
+
+
+def fit_attention_generation(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
+    """Decode attention: achieved KV bandwidth per KV dtype, per-sequence bytes and launch floor."""
+    params = [
+        Param("attention_decode_bandwidth_efficiency", 0.1, 1.0, DType.BF16),
+        Param("attention_decode_bandwidth_efficiency", 0.1, 1.0, DType.FP8),
+        Param("attention_decode_per_sequence_bytes", 1e2, 1e7),
+        Param("attention_decode_launch_s", 1e-6, 1e-4),
+    ]
+    return _fit_table("attention_generation", rows, gpu, base, params)[1]
+
+
+def fit_nccl(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
+    """NCCL per collective kind: base latency, per-hop latency, bus efficiency; all_reduce's are the shared ones."""
+    cal = base
+    out: dict[str, dict[str, float]] = {
+        "collective_kind_base_latency_s": {},
+        "collective_kind_latency_per_log2_gpu_s": {},
+        "collective_kind_bus_efficiency": {},
+    }
+    for kind in sorted(set(rows["op_name"].astype(str).tolist())):
+        params = [
+            Param("collective_kind_base_latency_s", 1e-7, 1e-4, kind),
+            Param("collective_kind_latency_per_log2_gpu_s", 1e-8, 1e-4, kind),
+            Param("collective_kind_bus_efficiency", 0.05, 1.5, kind),
+        ]
+        cal, _ = _fit_table("nccl", rows[rows["op_name"] == kind], gpu, cal, params)
+        for field_name in out:
+            out[field_name][kind] = float(getattr(cal, field_name)[kind])
+    result: dict[str, Any] = dict(out)
+    if "all_reduce" in out["collective_kind_bus_efficiency"]:
+        result["collective_base_latency_s"] = out["collective_kind_base_latency_s"]["all_reduce"]
+        result["collective_latency_per_log2_gpu_s"] = out["collective_kind_latency_per_log2_gpu_s"]["all_reduce"]
+        result["collective_bus_efficiency"] = out["collective_kind_bus_efficiency"]["all_reduce"]
+    return result
+
+
+def fit_custom_allreduce(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
+    """vLLM custom all-reduce inside CUDA graphs, below its buffer size: latency terms and bus efficiency."""
+    rows = rows[usable_rows("custom_allreduce", rows)]
+    size = rows["message_elems"].astype(np.float64) * 2.0
+    rows = rows[size < base.custom_all_reduce_max_bytes]
+    params = [
+        Param("custom_all_reduce_base_latency_s", 1e-7, 1e-4),
+        Param("custom_all_reduce_latency_per_gpu_s", 1e-9, 1e-5),
+        Param("custom_all_reduce_bus_efficiency", 0.05, 1.5),
+    ]
+    return _fit_table("custom_allreduce", rows, gpu, base, params)[1]
+
+
+FITTERS: list[Fitter] = [
+    Fitter("gemm", "gemm", fit_gemm),
+    Fitter("attention_context", "attention_context", fit_attention_context),
+    Fitter("attention_generation", "attention_generation", fit_attention_generation),
+    Fitter("nccl", "nccl", fit_nccl),
+    Fitter("custom_allreduce", "custom_allreduce", fit_custom_allreduce),
+]
+
+
+def fit_all(
+    tables: Mapping[str, np.ndarray],
+    gpu: GpuSpec,
+    base: KernelCalibration,
+    *,
+    holdout: bool = True,
+) -> dict[str, Any]:
+    """Run every fitter whose table is present on its training rows; returns the fitted field values."""
+    values: dict[str, Any] = {}
+    cal = base
+    for fitter in FITTERS:
+        rows = tables.get(fitter.table)
+        if rows is None or rows.size == 0:
+            continue
+        if holdout:
+            rows = rows[~holdout_mask(fitter.table, rows)]
+        fitted = fitter.fit(rows, gpu, cal)
+        values.update(fitted)
+        cal = cal.with_overrides(fitted)
+    return values
