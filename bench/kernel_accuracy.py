@@ -4,7 +4,9 @@ Usage: python bench/kernel_accuracy.py [--reference DIR]
 
 For each GPU with reference tables (h100-sxm, b200) and each op kind: rows, then median / p90 absolute % error
 with the catalog calibration (calibration.yaml, as fitted by bench/calibrate.py), on the shapes the fit held out,
-and with the other GPU's calibration transferred (its constants, this GPU's datasheet peaks).
+and with the other GPU's calibration transferred (its constants, this GPU's datasheet peaks). MoE layer per expert
+kernel (moe_<dtype>), DeepEP all-to-all per backend and phase and the MLA block use moe_calibration.yaml; a
+transferred MoE kernel the other GPU never ran uses that GPU's bf16 constants (the planner's fallback too).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.calibrate import GPUS, default_reference_dir, load_tables
 from service.catalog.loader import default_catalog
 from service.planning.calibration_fit import holdout_mask
-from service.planning.kernel_accuracy import ErrorSummary, kernel_errors
+from service.planning.kernel_accuracy import ErrorSummary, kernel_errors, moe_kernel_errors
 
 
 def _cell(s: ErrorSummary | None) -> str:
@@ -31,7 +33,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, default=default_reference_dir())
     ref = parser.parse_args().reference
     catalog = default_catalog()
-    header = f"{'gpu':9s} {'op kind':26s} {'rows':>6s} {'median':>7s} {'p90':>7s}"
+    header = f"{'gpu':9s} {'op kind':28s} {'rows':>6s} {'median':>7s} {'p90':>7s}"
     print(f"{header} {'held-out med':>12s} {'p90':>7s} {'transf. med':>11s} {'p90':>7s}  transferred from")
     for gpu_name, prefix in GPUS.items():
         tables = load_tables(ref, prefix)
@@ -44,9 +46,16 @@ def main() -> None:
         masks = {t: holdout_mask(t, rows) for t, rows in tables.items()}
         held = {s.kind: s for s in kernel_errors(tables, gpu=gpu, calibration=own, masks=masks)}
         transferred = {s.kind: s for s in kernel_errors(tables, gpu=gpu, calibration=moved)}
-        for s in kernel_errors(tables, gpu=gpu, calibration=own):
+        rows = kernel_errors(tables, gpu=gpu, calibration=own)
+        # MoE layer, DeepEP all-to-all and MLA: moe_calibration.yaml (bench/calibrate.py fits it too).
+        own_moe = catalog.moe_calibration_for(gpu)
+        moved_moe = catalog.moe_calibration_for(catalog.gpu(other))
+        held.update({s.kind: s for s in moe_kernel_errors(tables, gpu=gpu, calibration=own_moe, masks=masks)})
+        transferred.update({s.kind: s for s in moe_kernel_errors(tables, gpu=gpu, calibration=moved_moe)})
+        rows += moe_kernel_errors(tables, gpu=gpu, calibration=own_moe)
+        for s in rows:
             print(
-                f"{gpu_name:9s} {s.kind:26s} {s.rows:6d} {s.median_pct:6.1f}% {s.p90_pct:6.1f}% "
+                f"{gpu_name:9s} {s.kind:28s} {s.rows:6d} {s.median_pct:6.1f}% {s.p90_pct:6.1f}% "
                 f"{_cell(held.get(s.kind)):>20s} {_cell(transferred.get(s.kind)):>19s}  {other}"
             )
 

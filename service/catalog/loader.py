@@ -110,7 +110,7 @@ def _engine_from_entry(name: str, entry: Mapping[str, Any]) -> EngineSpec:
 
 
 def _merge_dir(directory: Path, raw: dict[str, dict[str, Any]]) -> None:
-    for kind in ("models", "gpus", "engines", "calibration", "moe_calibration"):
+    for kind in ("models", "gpus", "engines", "calibration", "moe_calibration", "engine_calibration"):
         for suffix in (".yaml", ".yml", ".json"):
             path = directory / f"{kind}{suffix}"
             if path.exists():
@@ -128,6 +128,7 @@ def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
         "engines": {},
         "calibration": {},
         "moe_calibration": {},
+        "engine_calibration": {},
     }
     dirs = [DATA_DIR]
     env = os.environ.get(CATALOG_PATH_ENV, "")
@@ -154,7 +155,10 @@ def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
     return Catalog(
         models={k: _model_from_entry(k, v) for k, v in raw["models"].items()},
         gpus={k: _gpu_from_entry(k, v) for k, v in raw["gpus"].items()},
-        engines={k: _engine_from_entry(k, v) for k, v in raw["engines"].items()},
+        engines={
+            k: _engine_from_entry(k, {**v, **(raw["engine_calibration"].get(k) or {})})
+            for k, v in raw["engines"].items()
+        },
         calibration=base,
         gpu_calibration=per_gpu,
         moe_calibration=moe_base,

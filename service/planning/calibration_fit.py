@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,17 @@ from scipy.optimize import least_squares  # type: ignore[import-untyped]
 
 from service.planning.kernel_accuracy import PREDICTORS, measured_s, usable_rows
 from service.planning.kernels import FloatArray, KernelCalibration
+from service.planning.mla_cost import MlaCalibration
+from service.planning.moe_cost import MoeCalibration
+from service.planning.moe_fit import (
+    ALLTOALL_MODES,
+    fit_alltoall,
+    fit_mla,
+    fit_moe,
+    mla_values,
+    prepare_alltoall_rows,
+    prepare_moe_rows,
+)
 from service.planning.specs import DType, GpuSpec
 
 # Share of shapes held out of every fit (chosen by a hash of the shape, so the split is reproducible).
@@ -25,6 +36,9 @@ SHAPE_KEYS: dict[str, tuple[str, ...]] = {
     "custom_allreduce": ("message_elems",),
     "moe": ("hidden_size", "inter_size", "topk", "num_experts"),
     "moe_alltoall": ("hidden_size", "topk", "num_experts"),
+    "mla_context": ("num_heads",),
+    "mla_generation": ("num_heads",),
+    "mla_bmm": ("num_heads",),
 }
 # Rows a fit samples at most per group (deterministic stride), to keep calibration fast.
 MAX_FIT_ROWS = 20000
@@ -77,8 +91,6 @@ def apply_values(cal: KernelCalibration, params: list[Param], values: FloatArray
             current = dict(overrides.get(p.field, getattr(cal, p.field)))
             current[p.key] = float(v)
             overrides[p.field] = current
-    from dataclasses import replace
-
     return replace(cal, **overrides)
 
 
@@ -267,3 +279,62 @@ def fit_all(
         values.update(fitted)
         cal = cal.with_overrides(fitted)
     return values
+
+
+@dataclass(frozen=True, slots=True)
+class MoeFitter:
+    """A fitting step of the MoE / all-to-all / MLA constants (written to moe_calibration.yaml)."""
+
+    name: str
+    tables: tuple[str, ...]
+    fit: Callable[[Mapping[str, np.ndarray], GpuSpec, MoeCalibration], MoeCalibration]
+
+
+def fit_moe_layer(tables: Mapping[str, np.ndarray], gpu: GpuSpec, base: MoeCalibration) -> MoeCalibration:
+    """Fused-MoE layer: per expert kernel efficiencies, M tile, fixed/per-pair costs (moe_fit.fit_moe)."""
+    return fit_moe(prepare_moe_rows(tables["moe"], gpu), gpu, base)
+
+
+def fit_moe_alltoall(tables: Mapping[str, np.ndarray], gpu: GpuSpec, base: MoeCalibration) -> MoeCalibration:
+    """DeepEP all-to-all: low_latency from deepep_ll, normal from deepep_ht, per phase."""
+    cal = base
+    for backend, mode in ALLTOALL_MODES.items():
+        rows = prepare_alltoall_rows(tables["moe_alltoall"], backend)
+        if rows.tokens.size:
+            cal = fit_alltoall(rows, gpu, mode, cal)
+    return cal
+
+
+def fit_mla_block(tables: Mapping[str, np.ndarray], gpu: GpuSpec, base: MoeCalibration) -> MoeCalibration:
+    """MLA attention block (prefill, absorbed decode, its batched GEMMs), stored under ``mla``."""
+    mla = fit_mla(tables, gpu, MlaCalibration().with_overrides(base.mla))
+    return replace(base, mla=mla_values(mla))
+
+
+MOE_FITTERS: list[MoeFitter] = [
+    MoeFitter("moe", ("moe",), fit_moe_layer),
+    MoeFitter("moe_alltoall", ("moe_alltoall",), fit_moe_alltoall),
+    MoeFitter("mla", ("mla_context", "mla_generation", "mla_bmm"), fit_mla_block),
+]
+
+
+def fit_all_moe(
+    tables: Mapping[str, np.ndarray],
+    gpu: GpuSpec,
+    base: MoeCalibration,
+    *,
+    holdout: bool = True,
+) -> tuple[MoeCalibration, list[str]]:
+    """Run every MoE fitter with at least one of its tables present (training rows only); the fitted
+    calibration and the names of the fitters that ran."""
+    cal = base
+    ran = []
+    for fitter in MOE_FITTERS:
+        present = {t: tables[t] for t in fitter.tables if t in tables and tables[t].size}
+        if not present:
+            continue
+        if holdout:
+            present = {t: rows[~holdout_mask(t, rows)] for t, rows in present.items()}
+        cal = fitter.fit(present, gpu, cal)
+        ran.append(fitter.name)
+    return cal, ran

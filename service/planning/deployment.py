@@ -260,6 +260,7 @@ def simulate_deployment(
             rate_per_s=rate * replicas / deployment.replicas * ranks / dp,
             concurrency=concurrency,
             closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, rank_sample, workload, count * dp // ranks),
+            later_request_weight=workload.later_request_weight(),
         )
         scale = deployment.replicas * dp / count
         return Estimate(deployment, workload, result, {"replica": built.memory}, scale)
@@ -280,6 +281,7 @@ def simulate_deployment(
         closed_loop_ramp_s=_closed_loop_ramp_s(
             decode.config.cost, sample, workload, deployment.decode_workers * deployment.decode_layout.attention_dp
         ),
+        later_request_weight=workload.later_request_weight(),
     )
     return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory})
 

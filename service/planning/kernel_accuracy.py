@@ -16,10 +16,13 @@ from service.planning.kernels import (
     custom_all_reduce_times_s,
     gemm_time_s,
 )
+from service.planning.moe_cost import MoeCalibration
 from service.planning.specs import DType, GpuSpec
 
 # Table names (the reference files are <gpu>_<table>.csv) and the kernels each holds.
 TABLES = ("gemm", "attention_context", "attention_generation", "nccl", "custom_allreduce")
+# Tables of the MoE layer, DeepEP all-to-all and MLA block (scored by moe_kernel_errors, MoE calibration).
+MOE_TABLES = ("moe", "moe_alltoall", "mla_context", "mla_generation", "mla_bmm")
 # Reference dtype names of GEMM rows: storage dtype and whether the kernel is block-scaled.
 GEMM_DTYPES: dict[str, tuple[DType, bool]] = {
     "bf16": (DType.BF16, False),
@@ -202,4 +205,57 @@ def kernel_errors(
         for kind in sorted(set(kinds.tolist())):
             sel = kinds == kind
             out.append(summarize(kind, pred[sel], measured_s(rows[sel])))
+    return out
+
+
+def moe_kernel_errors(
+    tables: Mapping[str, np.ndarray],
+    *,
+    gpu: GpuSpec,
+    calibration: MoeCalibration,
+    masks: Mapping[str, np.ndarray] | None = None,
+) -> list[ErrorSummary]:
+    """Errors of the MoE layer per expert kernel (``moe_<dtype>``), all-to-all per backend and phase
+    (``alltoall_deepep_ll_dispatch``...) and MLA (``mla_prefill``, ``mla_decode``, ``mla_bmm``)."""
+    from service.planning.mla_cost import MlaCalibration
+    from service.planning.moe_fit import (
+        ALLTOALL_MODES,
+        predict_alltoall_rows,
+        predict_mla,
+        predict_moe_rows,
+        prepare_alltoall_rows,
+        prepare_moe_rows,
+    )
+
+    def selected(table: str) -> np.ndarray | None:
+        rows = tables.get(table)
+        if rows is None or rows.size == 0:
+            return None
+        if masks is not None and table in masks:
+            rows = rows[masks[table]]
+        return rows if rows.size else None
+
+    out: list[ErrorSummary] = []
+    rows = selected("moe")
+    if rows is not None:
+        prepared = prepare_moe_rows(rows, gpu)
+        pred = predict_moe_rows(prepared, gpu, calibration)
+        for kernel in sorted(set(prepared.kernel.tolist())):
+            sel = prepared.kernel == kernel
+            out.append(summarize(f"moe_{kernel}", pred[sel], prepared.measured_s[sel]))
+    rows = selected("moe_alltoall")
+    if rows is not None:
+        for backend, mode in ALLTOALL_MODES.items():
+            a2a = prepare_alltoall_rows(rows, backend)
+            if a2a.tokens.size == 0:
+                continue
+            pred = predict_alltoall_rows(a2a, gpu, mode, calibration)
+            for phase in ("dispatch", "combine"):
+                sel = a2a.phase == phase
+                out.append(summarize(f"alltoall_{backend}_{phase}", pred[sel], a2a.measured_s[sel]))
+    mla = MlaCalibration().with_overrides(calibration.mla)
+    for table, kind in (("mla_context", "mla_prefill"), ("mla_generation", "mla_decode"), ("mla_bmm", "mla_bmm")):
+        rows = selected(table)
+        if rows is not None:
+            out.append(summarize(kind, predict_mla(table, rows, gpu, mla), measured_s(rows)))
     return out

@@ -186,6 +186,8 @@ def attention_prefill_times_s(
     c = calibration
     occupancy = _occupancy(heads_per_gpu * query_blocks, num_sms) ** c.attention_prefill_occupancy_power
     flops = 4.0 * heads_per_gpu * head_dim * (attended_key_pairs + c.attention_prefill_overhead_keys * query_tokens)
+    # A partly filled query tile costs a whole tile: charge the padded work that the occupancy counts.
+    flops = flops * np.maximum(1.0, query_blocks * c.attention_prefill_query_tile / np.maximum(query_tokens, 1.0))
     t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency * occupancy)
     moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2.0 * kv_bytes_per_element
     moved = moved + 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0
@@ -216,6 +218,7 @@ def attention_prefill_time_s(
     work = max(heads_per_gpu * query_blocks, 1.0)
     occupancy: float = (work / (math.ceil(work / num_sms) * num_sms)) ** c.attention_prefill_occupancy_power
     flops = 4.0 * heads_per_gpu * head_dim * (attended_key_pairs + c.attention_prefill_overhead_keys * query_tokens)
+    flops *= max(1.0, query_blocks * c.attention_prefill_query_tile / query_tokens)
     t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency * occupancy)
     moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2.0 * kv_dtype.bytes_per_element
     moved += 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0

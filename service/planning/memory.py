@@ -106,20 +106,27 @@ def weight_bytes_per_gpu(
     # Embeddings and the LM head stay in bf16 in quantized checkpoints.
     embed_bytes = DType.BF16.bytes_per_element
     tp, pp = layout.tp, layout.pp
-    layers = math.ceil(model.num_layers / pp)
-    moe_layers_total = 0 if model.moe is None else model.num_layers - model.moe.num_dense_layers
-    moe_layers = min(layers, moe_layers_total)
-    dense_layers = layers - moe_layers
     # Attention, dense FFNs and shared experts are split over the attention TP group (each attention-DP
     # rank holds a copy); routed experts over moe_ep groups, each expert cut moe_tp ways.
-    per_layer_attention = (counts.attention_sharded / tp) * wbytes + counts.attention_replicated * wbytes
-    body = layers * per_layer_attention + dense_layers * counts.dense_ffn / tp * wbytes
+    attention = (counts.attention_sharded / tp) * wbytes + counts.attention_replicated * wbytes
+    dense_layer = attention + counts.dense_ffn / tp * wbytes
     experts = counts.moe_experts / (layout.moe_ep * layout.expert_tp) * expert_bytes
-    body += moe_layers * (experts + counts.moe_shared / tp * wbytes + counts.moe_router * embed_bytes)
-    ends = (counts.embedding + counts.lm_head) / tp * embed_bytes
-    if pp > 1:
-        ends = max(counts.embedding, counts.lm_head) / tp * embed_bytes
-    return body + ends
+    moe_layer = attention + experts + counts.moe_shared / tp * wbytes + counts.moe_router * embed_bytes
+    dense_total = model.num_layers if model.moe is None else min(model.num_layers, model.moe.num_dense_layers)
+    per_stage = math.ceil(model.num_layers / pp)
+    heaviest = 0.0
+    # Leading dense layers sit in the first stages; the embedding on the first, the LM head on the last.
+    for stage in range(pp):
+        first = stage * per_stage
+        last = min(model.num_layers, first + per_stage)
+        dense = max(0, min(last, dense_total) - first)
+        body = dense * dense_layer + (last - first - dense) * moe_layer
+        if stage == 0:
+            body += counts.embedding / tp * embed_bytes
+        if stage == pp - 1:
+            body += counts.lm_head / tp * embed_bytes
+        heaviest = max(heaviest, body)
+    return heaviest
 
 
 def activation_reserve_bytes(model: ModelSpec, layout: ParallelLayout, engine: EngineSpec, max_tokens: int) -> float:

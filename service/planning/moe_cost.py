@@ -1,4 +1,11 @@
-"""Mixture-of-experts cost: experts touched per GPU, grouped-GEMM time and expert-parallel all-to-all."""
+"""Mixture-of-experts cost: experts touched per GPU, grouped-GEMM time and expert-parallel all-to-all.
+
+The fused-MoE layer on one GPU is modelled from its routing: the token-expert pairs that land on each of the
+GPU's local experts (its *load*). Every touched expert's GEMMs run in whole M tiles of ``tile_tokens`` rows; the
+tiles times the N tiles of each GEMM are the CTAs, which run in waves over the GPU's SMs (a wave costs the same
+whether it is full or not). The touched experts' weights stream in from HBM; the two are blended as a roofline.
+Routing, sorting, permutation and the weighted sum add a fixed cost plus a pass over the routed activations.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,10 @@ import numpy as np
 from service.planning.kernels import FloatArray
 from service.planning.specs import DType, GpuSpec
 
-# Routing skew names as in the kernel tables: balanced (uniform) or power_law_<exponent>.
+# Routing skew names as in the kernel tables: balanced (even) or power_law_<exponent> (skewed).
 BALANCED = "balanced"
+# N width (output columns) of one grouped-GEMM CTA tile.
+TILE_N = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,15 +28,20 @@ class MoeCalibration:
     """Efficiencies and overheads of the fused-MoE layer and DeepEP-style all-to-all (fitted on kernels)."""
 
     # Per expert kernel (named as in the kernel tables, see KERNELS): grouped-GEMM compute efficiency
-    # (fraction of the math dtype's datasheet peak) and achieved fraction of HBM bandwidth while the
-    # touched experts' weights stream in. Kernels differ: vLLM's per-tensor fp8 path is far slower
-    # on Hopper than its block-scaled one.
+    # (fraction of the math dtype's datasheet peak in full waves) and achieved fraction of HBM bandwidth while
+    # the touched experts' weights stream in.
     compute_efficiency: dict[str, float] = field(default_factory=lambda: {"bf16": 0.55})
     bandwidth_efficiency: dict[str, float] = field(default_factory=lambda: {"bf16": 0.8})
     # Tokens each expert's GEMM is padded to (the kernel's M tile): an expert with 1 token costs a tile.
     tile_tokens: float = 64.0
     # Fixed cost of one fused-MoE layer: routing top-k, sort/align, activation quantisation, launches.
     fixed_s: float = 4.0e-5
+    # Per kernel values where they were fitted (kernels differ: Triton, CUTLASS, TRT-LLM, Marlin); a kernel
+    # absent here uses the shared value above or below.
+    kernel_tile_tokens: dict[str, float] = field(default_factory=dict)
+    kernel_fixed_s: dict[str, float] = field(default_factory=dict)
+    kernel_per_pair_s: dict[str, float] = field(default_factory=dict)
+    kernel_routed_activation_passes: dict[str, float] = field(default_factory=dict)
     # Per local token-expert pair: permute, un-permute and the weighted sum.
     per_pair_s: float = 2.0e-9
     # bf16 passes over the routed activations (tokens x top-k x hidden) of every token entering the layer:
@@ -41,6 +55,11 @@ class MoeCalibration:
     alltoall_bandwidth_efficiency: dict[str, float] = field(
         default_factory=lambda: {"low_latency": 0.35, "normal": 0.55}
     )
+    # Per token each rank handles in one phase (normal mode: its layout, notify and copy work per token).
+    alltoall_per_token_s: dict[str, float] = field(default_factory=dict)
+    # MLA attention-block constants (service/planning/mla_cost.py MlaCalibration fields), kept here so that one
+    # file and one catalog lookup carry them: MlaCalibration().with_overrides(calibration.mla).
+    mla: dict[str, Any] = field(default_factory=dict)
 
     def with_overrides(self, overrides: dict[str, Any]) -> MoeCalibration:
         """A copy with the named fields replaced (dtype-keyed mappings accept dtype names)."""
@@ -49,51 +68,168 @@ class MoeCalibration:
         for key, value in overrides.items():
             if key not in known:
                 raise ValueError(f"unknown MoE calibration field {key!r}")
-            if isinstance(value, dict):
+            if key == "mla":
+                value = dict(value or {})
+            elif isinstance(value, dict):
                 value = {str(k): float(v) for k, v in value.items()}
+            else:
+                value = float(value)
             values[key] = value
         return replace(self, **values)
 
+    def kernel_constants(self, kernel: str) -> KernelConstants:
+        """Tile, fixed cost, per-pair cost and routed passes of an expert kernel (shared values as fallback)."""
+        return KernelConstants(
+            tile_tokens=self.kernel_tile_tokens.get(kernel, self.tile_tokens),
+            fixed_s=self.kernel_fixed_s.get(kernel, self.fixed_s),
+            per_pair_s=self.kernel_per_pair_s.get(kernel, self.per_pair_s),
+            routed_activation_passes=self.kernel_routed_activation_passes.get(kernel, self.routed_activation_passes),
+        )
 
-def routing_probabilities(num_experts: int, distribution: str = BALANCED) -> FloatArray:
-    """Probability that a routed slot lands on each expert (power law: rank^-exponent, normalised)."""
-    if distribution == BALANCED:
-        return np.full(num_experts, 1.0 / num_experts)
+
+@dataclass(frozen=True, slots=True)
+class KernelConstants:
+    """The per-kernel constants of the fused-MoE layer (scalars, or per-row arrays when fitting)."""
+
+    tile_tokens: float
+    fixed_s: FloatArray | float
+    per_pair_s: FloatArray | float
+    routed_activation_passes: FloatArray | float
+
+
+def _power_law_exponent(distribution: str) -> float:
     if not distribution.startswith("power_law_"):
         raise ValueError(f"unknown routing distribution {distribution!r}")
-    exponent = float(distribution.removeprefix("power_law_"))
-    weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -exponent
-    out: FloatArray = weights / weights.sum()
+    return float(distribution.removeprefix("power_law_"))
+
+
+def routing_probabilities(num_experts: int, distribution: str = BALANCED) -> FloatArray:
+    """Share of the routed slots each expert receives, most popular first, at a large token count."""
+    if distribution == BALANCED:
+        return np.full(num_experts, 1.0 / num_experts)
+    loads = expert_loads(
+        np.array([1 << 20], dtype=np.float64), num_experts=num_experts, topk=1, ep_ranks=1, distribution=distribution
+    )[0]
+    out: FloatArray = loads / loads.sum()
     return out
+
+
+def _skewed_loads(n: FloatArray, num_experts: int, topk: int, exponent: float) -> FloatArray:
+    """Expected sorted expert loads (tokens per expert, most loaded first) under power-law skew.
+
+    Expert loads are drawn from a power-law density x^-exponent on [1, 0.8 n] (on [0.01, 2] when there are
+    fewer routed slots than experts) and scaled to n x topk slots; no expert can take more than the n tokens.
+    The expected order statistics stand in for the draw.
+    """
+    e = num_experts
+    u = 1.0 - (np.arange(e, dtype=np.float64) + 0.5) / e
+    many = (n * topk > e)[:, None]
+    lo = np.where(many, 1.0, 0.01)
+    hi = np.maximum(np.where(many, 0.8 * n[:, None], 2.0), lo * 1.001)
+    b = 1.0 - exponent
+    x = lo * (hi / lo) ** u[None, :] if abs(b) < 1e-09 else ((hi**b - lo**b) * u[None, :] + lo**b) ** (1.0 / b)
+    total = (n * topk)[:, None]
+    loads: FloatArray = x / x.sum(axis=1, keepdims=True) * total
+    cap = n[:, None]
+    for _ in range(8):
+        over = np.maximum(loads - cap, 0.0).sum(axis=1, keepdims=True)
+        loads = np.minimum(loads, cap)
+        free = np.where(loads < cap, loads, 0.0)
+        loads = loads + over * free / np.maximum(free.sum(axis=1, keepdims=True), 1e-30)
+    return loads
+
+
+def expert_loads(
+    tokens: FloatArray | float, *, num_experts: int, topk: int, ep_ranks: int, distribution: str = BALANCED
+) -> FloatArray:
+    """Expected token-expert pairs on each local expert of the busiest GPU, shape tokens.shape + (local,).
+
+    Balanced routing spreads the n x topk slots evenly (n x topk / experts each). Under skew the layer waits for
+    the busiest GPU: the one holding the most loaded expert, with a typical share of the others (every
+    ``ep_ranks``-th expert by load).
+    """
+    n = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
+    local = num_experts // max(1, ep_ranks)
+    if distribution == BALANCED:
+        out: FloatArray = np.repeat((n * topk / num_experts)[:, None], local, axis=1)
+    else:
+        exponent = _power_law_exponent(distribution)
+        out = _skewed_loads(n.ravel(), num_experts, topk, exponent)[:, ::ep_ranks][:, :local]
+        # The draw changes range where the routed slots outnumber the experts; past that point the busiest GPU
+        # keeps at least the load it had there (more tokens never unload it).
+        edge = np.floor(num_experts / topk)
+        if np.any(n > edge):
+            floor = _skewed_loads(np.array([edge]), num_experts, topk, exponent)[:, ::ep_ranks][:, :local]
+            out = np.where((n.ravel() > edge)[:, None], np.maximum(out, floor), out)
+    return out.reshape((*np.shape(tokens), local))
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Per-GPU routing summary: touched experts, token-expert pairs and M tiles (tokens-shaped arrays)."""
+
+    touched: FloatArray
+    pairs: FloatArray
+    tiles: FloatArray
+
+
+def routing_summary(loads: FloatArray, tile_tokens: float) -> Routing:
+    """Touched experts, pairs and M tiles from per-expert loads (last axis).
+
+    A load below one is the chance the expert gets its single token; otherwise its GEMM runs ceil(load / tile)
+    M tiles.
+    """
+    touched = np.minimum(loads, 1.0)
+    tiles = np.where(loads < 1.0, loads, np.ceil(loads / tile_tokens - 1e-9))
+    return Routing(touched.sum(axis=-1), loads.sum(axis=-1), tiles.sum(axis=-1))
+
+
+def _balanced_summary(n: FloatArray, num_experts: int, topk: int, local: int, tile_tokens: float) -> Routing:
+    per_expert = n * topk / num_experts
+    touched = np.minimum(per_expert, 1.0)
+    tiles = np.where(per_expert < 1.0, per_expert, np.ceil(per_expert / tile_tokens - 1e-9))
+    return Routing(touched * local, per_expert * local, tiles * local)
+
+
+def moe_routing_summary(
+    tokens: FloatArray | float,
+    *,
+    num_experts: int,
+    local_experts: int,
+    topk: int,
+    tile_tokens: float,
+    distribution: str = BALANCED,
+) -> Routing:
+    """Routing summary of the busiest GPU for ``tokens`` entering the layer."""
+    n = np.asarray(tokens, dtype=np.float64)
+    if distribution == BALANCED:
+        return _balanced_summary(n, num_experts, topk, local_experts, tile_tokens)
+    ep = max(1, num_experts // max(1, local_experts))
+    loads = expert_loads(n, num_experts=num_experts, topk=topk, ep_ranks=ep, distribution=distribution)
+    return routing_summary(loads, tile_tokens)
 
 
 def expected_touched_experts(
     tokens: FloatArray | float, *, num_experts: int, topk: int, local_experts: int, distribution: str = BALANCED
 ) -> FloatArray:
-    """Expected distinct experts on one GPU hit by ``tokens`` tokens each routed to ``topk`` experts."""
-    n = np.asarray(tokens, dtype=np.float64)
-    if distribution == BALANCED:
-        # Each token picks topk distinct experts: an expert is missed by a token with prob 1 - k/E.
-        miss = np.power(1.0 - topk / num_experts, n)
-        out: FloatArray = local_experts * (1.0 - miss)
-        return out
-    # Skewed routing: the GPU holds a typical slice (every moe_ep-th expert by popularity rank).
-    probs = routing_probabilities(num_experts, distribution)
-    stride = max(1, num_experts // max(1, local_experts))
-    local = probs[::stride][:local_experts]
-    pick = np.minimum(1.0, topk * local)
-    skewed: FloatArray = np.sum(1.0 - np.power(1.0 - pick[None, :], n.reshape(-1, 1)), axis=1).reshape(n.shape)
-    return skewed
+    """Expected distinct local experts of one GPU hit by ``tokens`` tokens each routed to ``topk`` experts."""
+    return moe_routing_summary(
+        tokens,
+        num_experts=num_experts,
+        local_experts=local_experts,
+        topk=topk,
+        tile_tokens=1.0,
+        distribution=distribution,
+    ).touched
 
 
 def local_pair_share(num_experts: int, local_experts: int, topk: int, distribution: str = BALANCED) -> float:
-    """Expected token-expert pairs per token that land on one GPU's experts."""
+    """Token-expert pairs per token that land on the busiest GPU's experts (at a large token count)."""
     if distribution == BALANCED:
         return topk * local_experts / num_experts
-    probs = routing_probabilities(num_experts, distribution)
-    stride = max(1, num_experts // max(1, local_experts))
-    # The most loaded GPU (holding the most popular experts) sets the lock-step layer time.
-    return float(topk * np.minimum(1.0, probs[::stride][:local_experts] * stride).sum())
+    ep = max(1, num_experts // max(1, local_experts))
+    loads = expert_loads(float(1 << 16), num_experts=num_experts, topk=topk, ep_ranks=ep, distribution=distribution)
+    return float(loads.sum() / (1 << 16))
 
 
 def moe_routing(
@@ -105,18 +241,25 @@ def moe_routing(
     distribution: str = BALANCED,
 ) -> tuple[FloatArray, FloatArray]:
     """Expected (touched local experts, token-expert pairs on this GPU) for ``tokens`` entering the layer."""
-    n = np.asarray(tokens, dtype=np.float64)
-    touched = expected_touched_experts(
-        n, num_experts=num_experts, topk=topk, local_experts=local_experts, distribution=distribution
+    s = moe_routing_summary(
+        tokens,
+        num_experts=num_experts,
+        local_experts=local_experts,
+        topk=topk,
+        tile_tokens=1.0,
+        distribution=distribution,
     )
-    pairs: FloatArray = n * local_pair_share(num_experts, local_experts, topk, distribution)
-    return touched, pairs
+    return s.touched, s.pairs
+
+
+def _waves(ctas: FloatArray, num_sms: FloatArray | float) -> FloatArray:
+    out: FloatArray = np.ceil(ctas / num_sms - 1e-9)
+    return out
 
 
 def moe_time_from_routing_s(
     tokens: FloatArray,
-    touched: FloatArray,
-    pairs: FloatArray,
+    routing: Routing,
     *,
     hidden_size: FloatArray | float,
     expert_width_per_gpu: FloatArray | float,
@@ -124,27 +267,35 @@ def moe_time_from_routing_s(
     peak_flops_per_s: FloatArray | float,
     compute_efficiency: FloatArray | float,
     bandwidth_efficiency: FloatArray | float,
+    constants: KernelConstants,
     hbm_bandwidth_bytes_per_s: float,
+    num_sms: float,
     topk: FloatArray | float,
     calibration: MoeCalibration,
-    gated: bool = True,
+    gated: bool | np.ndarray = True,
 ) -> FloatArray:
     """Fused-MoE layer time from its routing (vectorised over rows for fitting)."""
     c = calibration
-    matrices = 3.0 if gated else 2.0
-    params_per_expert = matrices * np.asarray(hidden_size) * expert_width_per_gpu
-    weight_bytes = touched * params_per_expert * weight_bytes_per_element
-    # Each touched expert's GEMM runs in whole M tiles: few tokens per expert still cost a tile.
-    per_expert = pairs / np.maximum(touched, 1e-9)
-    padded_pairs = touched * np.ceil(per_expert / c.tile_tokens) * c.tile_tokens
-    t_compute = 2.0 * padded_pairs * params_per_expert / (peak_flops_per_s * compute_efficiency)
-    act_bytes = pairs * (2.0 * np.asarray(hidden_size) + matrices * expert_width_per_gpu) * 2.0
-    act_bytes = act_bytes + tokens * np.asarray(hidden_size) * 4.0
+    h = np.asarray(hidden_size, dtype=np.float64)
+    w = np.asarray(expert_width_per_gpu, dtype=np.float64)
+    # Gated experts (SwiGLU) hold gate, up and down matrices; plain ones (relu^2, Nemotron-H) up and down.
+    up_matrices = np.where(np.asarray(gated), 2.0, 1.0)
+    up_n = up_matrices * w
+    matrices = up_matrices + 1.0
+    # Grouped GEMMs: up (M tiles x up_n/TILE_N CTAs, K = hidden) then down (M tiles x hidden/TILE_N, K = width);
+    # each wave of CTAs over the SMs costs a full wave of tile FLOPs.
+    k = constants
+    t = k.tile_tokens
+    wave_flops_up = _waves(routing.tiles * np.ceil(up_n / TILE_N), num_sms) * num_sms * 2.0 * t * TILE_N * h
+    wave_flops_down = _waves(routing.tiles * np.ceil(h / TILE_N), num_sms) * num_sms * 2.0 * t * TILE_N * w
+    t_compute = (wave_flops_up + wave_flops_down) / (peak_flops_per_s * compute_efficiency)
+    weight_bytes = routing.touched * matrices * h * w * weight_bytes_per_element
+    act_bytes = routing.pairs * (2.0 * h + matrices * w) * 2.0 + tokens * h * 4.0
     t_memory = (weight_bytes + act_bytes) / (hbm_bandwidth_bytes_per_s * bandwidth_efficiency)
     p = c.blend_power
     blended = (t_compute**p + t_memory**p) ** (1.0 / p)
-    routed_bytes = c.routed_activation_passes * tokens * topk * np.asarray(hidden_size) * 2.0
-    overhead = c.fixed_s + c.per_pair_s * pairs + routed_bytes / hbm_bandwidth_bytes_per_s
+    routed_bytes = k.routed_activation_passes * tokens * topk * h * 2.0
+    overhead = k.fixed_s + k.per_pair_s * routing.pairs + routed_bytes / hbm_bandwidth_bytes_per_s
     out: FloatArray = np.where(tokens > 0, blended + overhead, 0.0)
     return out
 
@@ -200,22 +351,29 @@ def moe_layer_time_s(
 ) -> FloatArray:
     """Fused-MoE layer on one GPU: ``tokens`` enter (all ranks' tokens under expert parallelism)."""
     n = np.asarray(tokens, dtype=np.float64)
-    touched, pairs = moe_routing(
-        n, num_experts=num_experts, local_experts=local_experts, topk=topk, distribution=distribution
-    )
     name = kernel or expert_kernel(weight_dtype, gpu)
+    constants = calibration.kernel_constants(name)
+    routing = moe_routing_summary(
+        n,
+        num_experts=num_experts,
+        local_experts=local_experts,
+        topk=topk,
+        tile_tokens=constants.tile_tokens,
+        distribution=distribution,
+    )
     compute_eff, bandwidth_eff = kernel_efficiencies(name, calibration)
     return moe_time_from_routing_s(
         n,
-        touched,
-        pairs,
+        routing,
         hidden_size=hidden_size,
         expert_width_per_gpu=expert_width_per_gpu,
         weight_bytes_per_element=weight_dtype.bytes_per_element,
         peak_flops_per_s=gpu.peak_for(KERNELS[name]),
         compute_efficiency=compute_eff,
         bandwidth_efficiency=bandwidth_eff,
+        constants=constants,
         hbm_bandwidth_bytes_per_s=gpu.hbm_bandwidth_bytes_per_s,
+        num_sms=float(gpu.num_sms),
         topk=topk,
         calibration=calibration,
         gated=gated,
@@ -227,6 +385,20 @@ def expected_destination_ranks(topk: int, ep_ranks: int) -> float:
     if ep_ranks <= 1:
         return 0.0
     return ep_ranks * (1.0 - (1.0 - 1.0 / ep_ranks) ** topk)
+
+
+def alltoall_copies_per_token(topk: int, ep_ranks: int, mode: str) -> float:
+    """Copies of a token sent to other ranks in one phase.
+
+    DeepEP's normal (high-throughput) kernels send a token once to each destination rank; its low-latency
+    kernels send one copy per selected expert (no de-duplication by rank), of which (ep - 1) / ep live elsewhere.
+    """
+    if ep_ranks <= 1:
+        return 0.0
+    remote_share = (ep_ranks - 1) / ep_ranks
+    if mode == "low_latency":
+        return topk * remote_share
+    return expected_destination_ranks(topk, ep_ranks) * remote_share
 
 
 def alltoall_time_s(
@@ -241,20 +413,29 @@ def alltoall_time_s(
     ranks_per_domain: int,
     mode: str,
     calibration: MoeCalibration,
+    phase: str | None = None,
 ) -> FloatArray:
-    """One dispatch or combine phase of expert-parallel all-to-all over ``ep_ranks`` GPUs."""
+    """One dispatch or combine phase of expert-parallel all-to-all over ``ep_ranks`` GPUs.
+
+    Each GPU sends its tokens' copies (``alltoall_copies_per_token``) of ``hidden_size`` x
+    ``bytes_per_element`` bytes; peers in the scale-up domain are reached over its links, the rest over the
+    network, both in parallel. A fixed latency and a per-token cost (layout, notify, casts) add to the transfer.
+    Constants are looked up as ``<mode>_<phase>`` (e.g. ``normal_dispatch``: the normal kernels' dispatch waits
+    for a notify round the combine skips), then ``<mode>``.
+    """
     n = np.asarray(tokens_per_gpu, dtype=np.float64)
     if ep_ranks <= 1:
         return np.zeros_like(n)
     c = calibration
-    destinations = expected_destination_ranks(topk, ep_ranks)
-    # Ranks other than this one, split into those on the scale-up fabric and those across the network.
+    copies = alltoall_copies_per_token(topk, ep_ranks, mode)
     local_peers = max(0, min(ranks_per_domain, ep_ranks) - 1)
     remote_peers = ep_ranks - 1 - local_peers
-    per_peer = n * hidden_size * bytes_per_element * destinations / ep_ranks
-    eff = c.alltoall_bandwidth_efficiency.get(mode, c.alltoall_bandwidth_efficiency["normal"])
-    t_local = per_peer * local_peers / (intra_bandwidth_bytes_per_s * eff)
-    t_remote = per_peer * remote_peers / (inter_bandwidth_bytes_per_s * eff)
-    latency = c.alltoall_latency_s.get(mode, c.alltoall_latency_s["normal"])
-    out: FloatArray = np.where(n > 0, latency + np.maximum(t_local, t_remote), 0.0)
+    sent = n * hidden_size * bytes_per_element * copies
+    key = f"{mode}_{phase}" if phase and f"{mode}_{phase}" in c.alltoall_latency_s else mode
+    eff = c.alltoall_bandwidth_efficiency.get(key, c.alltoall_bandwidth_efficiency["normal"])
+    t_local = sent * local_peers / (ep_ranks - 1) / (intra_bandwidth_bytes_per_s * eff)
+    t_remote = sent * remote_peers / (ep_ranks - 1) / (inter_bandwidth_bytes_per_s * eff)
+    latency = c.alltoall_latency_s.get(key, c.alltoall_latency_s["normal"])
+    per_token = c.alltoall_per_token_s.get(key, 0.0)
+    out: FloatArray = np.where(n > 0, latency + per_token * n + np.maximum(t_local, t_remote), 0.0)
     return out

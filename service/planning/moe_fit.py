@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares  # type: ignore[import-untyped]
 
 from service.planning.kernels import FloatArray
+from service.planning.mla_cost import MlaCalibration, mla_bmm_time_s, mla_decode_time_s, mla_prefill_time_s
 from service.planning.moe_cost import (
     KERNELS,
+    KernelConstants,
     MoeCalibration,
+    Routing,
     alltoall_time_s,
     kernel_efficiencies,
-    moe_routing,
+    moe_routing_summary,
     moe_time_from_routing_s,
 )
 from service.planning.specs import DType, GpuSpec
@@ -30,55 +33,99 @@ KERNEL_WEIGHT_DTYPES: dict[str, DType] = {
     "w4a16_mxfp4": DType.MXFP4,
     "w4a8_mxfp4_mxfp8": DType.MXFP4,
 }
+# (hidden, expert width, top-k, experts) of the tables' models whose experts are not gated: NVIDIA Nemotron-H
+# MoE models use squared-ReLU experts (up and down matrices only). Every other shape is a SwiGLU expert.
+NON_GATED_SHAPES: frozenset[tuple[int, int, int, int]] = frozenset(
+    {(2688, 1856, 6, 128), (2048, 5120, 22, 512), (1024, 2688, 22, 512)}
+)
 # DeepEP backends by the mode the step-cost model uses them in.
 ALLTOALL_MODES: dict[str, str] = {"deepep_ll": "low_latency", "deepep_ht": "normal"}
+# All-to-all phases: dispatch carries fp8 activations, combine returns bf16 results.
+PHASES: tuple[str, str] = ("dispatch", "combine")
+# M tiles tried per kernel (the kernel's tile is a power of two, not a continuous value).
+TILE_CHOICES: tuple[float, ...] = (16.0, 32.0, 64.0, 128.0)
 
-Columns = Mapping[str, np.ndarray]
+# Columns by name: a mapping of arrays or a numpy structured array (as np.genfromtxt reads the tables).
+Columns = Mapping[str, np.ndarray] | np.ndarray
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MoeRows:
-    """MoE kernel rows with their routing precomputed (it does not depend on the fitted constants)."""
+    """MoE kernel rows with the facts the fitted constants do not change; routing is cached per M tile."""
 
     tokens: FloatArray
-    touched: FloatArray
-    pairs: FloatArray
-    hidden: FloatArray
+    experts: np.ndarray
+    ep: np.ndarray
     topk: FloatArray
+    distribution: np.ndarray
+    hidden: FloatArray
     width: FloatArray
+    gated: np.ndarray
     weight_bytes: FloatArray
     kernel: np.ndarray
     peak: FloatArray
     measured_s: FloatArray
+    _routing: dict[float, Routing] = field(default_factory=dict)
+
+    def subset(self, sel: np.ndarray) -> MoeRows:
+        """The selected rows (routing recomputed on demand)."""
+        return MoeRows(
+            **{
+                name: getattr(self, name)[sel]
+                for name in (
+                    "tokens",
+                    "experts",
+                    "ep",
+                    "topk",
+                    "distribution",
+                    "hidden",
+                    "width",
+                    "gated",
+                    "weight_bytes",
+                    "kernel",
+                    "peak",
+                    "measured_s",
+                )
+            }
+        )
+
+    def routing(self, tile_tokens: float) -> Routing:
+        """Routing summary of every row for one M tile (computed once per group of routing keys)."""
+        if tile_tokens not in self._routing:
+            size = self.tokens.size
+            touched, pairs, tiles = np.empty(size), np.empty(size), np.empty(size)
+            groups: dict[tuple[int, int, int, str], list[int]] = {}
+            for i in range(size):
+                key = (int(self.experts[i]), int(self.ep[i]), int(self.topk[i]), str(self.distribution[i]))
+                groups.setdefault(key, []).append(i)
+            for (experts, ep, topk, distribution), index in groups.items():
+                sel = np.asarray(index)
+                r = moe_routing_summary(
+                    self.tokens[sel],
+                    num_experts=experts,
+                    local_experts=experts // ep,
+                    topk=topk,
+                    tile_tokens=tile_tokens,
+                    distribution=distribution,
+                )
+                touched[sel], pairs[sel], tiles[sel] = r.touched, r.pairs, r.tiles
+            self._routing[tile_tokens] = Routing(touched, pairs, tiles)
+        return self._routing[tile_tokens]
 
 
 def prepare_moe_rows(columns: Columns, gpu: GpuSpec) -> MoeRows:
-    """Routing and dtype facts per row of a fused-MoE table (columns as in h100_sxm_moe.csv)."""
-    size = len(columns["num_tokens"])
-    touched = np.empty(size)
-    pairs = np.empty(size)
-    keys = np.stack([columns[k].astype(np.float64) for k in ("num_experts", "moe_ep_size", "topk")], axis=1).astype(
-        np.int64
-    )
-    dist = np.asarray(columns["distribution"]).astype(str)
-    tokens = columns["num_tokens"].astype(np.float64)
-    groups: dict[tuple[int, int, int, str], list[int]] = {}
-    for i in range(size):
-        groups.setdefault((int(keys[i, 0]), int(keys[i, 1]), int(keys[i, 2]), dist[i]), []).append(i)
-    for (experts, ep, topk, distribution), index in groups.items():
-        sel = np.asarray(index)
-        t, p = moe_routing(
-            tokens[sel], num_experts=experts, local_experts=experts // ep, topk=topk, distribution=distribution
-        )
-        touched[sel], pairs[sel] = t, p
+    """Routing keys and dtype facts per row of a fused-MoE table (columns as in h100_sxm_moe.csv)."""
     names = np.asarray(columns["dtype"]).astype(str)
+    shape = zip(columns["hidden_size"], columns["inter_size"], columns["topk"], columns["num_experts"], strict=True)
     return MoeRows(
-        tokens=tokens,
-        touched=touched,
-        pairs=pairs,
-        hidden=columns["hidden_size"].astype(np.float64),
+        tokens=columns["num_tokens"].astype(np.float64),
+        experts=columns["num_experts"].astype(np.int64),
+        ep=columns["moe_ep_size"].astype(np.int64),
         topk=columns["topk"].astype(np.float64),
+        distribution=np.asarray(columns["distribution"]).astype(str),
+        hidden=columns["hidden_size"].astype(np.float64),
         width=columns["inter_size"].astype(np.float64) / columns["moe_tp_size"].astype(np.float64),
+        gated=np.array([(int(h), int(w), int(k), int(e)) not in NON_GATED_SHAPES for h, w, k, e in shape]),
         weight_bytes=np.array([KERNEL_WEIGHT_DTYPES[n].bytes_per_element for n in names]),
         kernel=names,
         peak=np.array([gpu.peak_for(KERNELS[n]) for n in names]),
@@ -88,70 +135,102 @@ def prepare_moe_rows(columns: Columns, gpu: GpuSpec) -> MoeRows:
 
 def predict_moe_rows(rows: MoeRows, gpu: GpuSpec, calibration: MoeCalibration) -> FloatArray:
     """Predicted layer times of prepared rows under ``calibration``."""
-    effs = {k: kernel_efficiencies(k, calibration) for k in np.unique(rows.kernel)}
-    compute = np.array([effs[k][0] for k in rows.kernel])
-    bandwidth = np.array([effs[k][1] for k in rows.kernel])
+    out = np.full(rows.tokens.size, np.nan)
+    for kernel in np.unique(rows.kernel):
+        sel = rows.kernel == kernel
+        part = rows.subset(sel) if not sel.all() else rows
+        constants = calibration.kernel_constants(str(kernel))
+        compute, bandwidth = kernel_efficiencies(str(kernel), calibration)
+        out[sel] = _predict(part, gpu, calibration, constants, compute, bandwidth)
+    return out
+
+
+def _predict(
+    rows: MoeRows,
+    gpu: GpuSpec,
+    calibration: MoeCalibration,
+    constants: KernelConstants,
+    compute: float,
+    bandwidth: float,
+) -> FloatArray:
     return moe_time_from_routing_s(
         rows.tokens,
-        rows.touched,
-        rows.pairs,
+        rows.routing(constants.tile_tokens),
         hidden_size=rows.hidden,
         expert_width_per_gpu=rows.width,
         weight_bytes_per_element=rows.weight_bytes,
         peak_flops_per_s=rows.peak,
         compute_efficiency=compute,
         bandwidth_efficiency=bandwidth,
+        constants=constants,
         hbm_bandwidth_bytes_per_s=gpu.hbm_bandwidth_bytes_per_s,
+        num_sms=float(gpu.num_sms),
         topk=rows.topk,
         calibration=calibration,
+        gated=rows.gated,
+    )
+
+
+def fit_moe_kernel(rows: MoeRows, gpu: GpuSpec, kernel: str, base: MoeCalibration) -> MoeCalibration:
+    """Fit one expert kernel's efficiencies, fixed and per-pair costs, routed passes and M tile (log error)."""
+    start = np.log([0.5, 0.7, 3e-5, 1e-10, 1.0])
+    lower = np.log([0.02, 0.05, 1e-6, 1e-13, 0.01])
+    upper = np.log([1.0, 1.0, 1e-3, 1e-7, 50.0])
+    best: tuple[float, float, FloatArray] | None = None
+    for tile in TILE_CHOICES:
+        rows.routing(tile)
+
+        def residual(x: FloatArray, tile: float = tile) -> FloatArray:
+            v = np.exp(x)
+            constants = KernelConstants(tile, float(v[2]), float(v[3]), float(v[4]))
+            pred = _predict(rows, gpu, base, constants, float(v[0]), float(v[1]))
+            out: FloatArray = np.log(pred / rows.measured_s)
+            return out
+
+        # soft_l1 keeps the few throttled or noisy timings from pulling the fit.
+        fit = least_squares(residual, start, bounds=(lower, upper), loss="soft_l1", f_scale=0.1, max_nfev=300)
+        if best is None or fit.cost < best[0]:
+            best = (float(fit.cost), tile, np.exp(fit.x))
+    assert best is not None
+    _, tile, v = best
+    return replace(
+        base,
+        compute_efficiency={**base.compute_efficiency, kernel: float(v[0])},
+        bandwidth_efficiency={**base.bandwidth_efficiency, kernel: float(v[1])},
+        kernel_tile_tokens={**base.kernel_tile_tokens, kernel: tile},
+        kernel_fixed_s={**base.kernel_fixed_s, kernel: float(v[2])},
+        kernel_per_pair_s={**base.kernel_per_pair_s, kernel: float(v[3])},
+        kernel_routed_activation_passes={**base.kernel_routed_activation_passes, kernel: float(v[4])},
     )
 
 
 def fit_moe(rows: MoeRows, gpu: GpuSpec, base: MoeCalibration) -> MoeCalibration:
-    """Least-squares fit of the MoE-layer constants on log error: shared overheads, efficiencies per kernel."""
-    kernels = sorted(set(rows.kernel.tolist()))
-    shared = 3
-
-    def build(x: FloatArray, tile: float) -> MoeCalibration:
-        k = len(kernels)
-        return replace(
-            base,
-            tile_tokens=tile,
-            fixed_s=float(np.exp(x[0])),
-            per_pair_s=float(np.exp(x[1])),
-            routed_activation_passes=float(np.exp(x[2])),
-            compute_efficiency={n: float(np.exp(x[shared + i])) for i, n in enumerate(kernels)},
-            bandwidth_efficiency={n: float(np.exp(x[shared + k + i])) for i, n in enumerate(kernels)},
+    """Fit every expert kernel in the rows; the bf16 kernel's constants also become the shared fallbacks."""
+    cal = base
+    for kernel in sorted(set(rows.kernel.tolist())):
+        cal = fit_moe_kernel(rows.subset(rows.kernel == kernel), gpu, kernel, cal)
+    if "bf16" in cal.kernel_fixed_s:
+        k = cal.kernel_constants("bf16")
+        cal = replace(
+            cal,
+            tile_tokens=k.tile_tokens,
+            fixed_s=float(k.fixed_s),
+            per_pair_s=float(k.per_pair_s),
+            routed_activation_passes=float(k.routed_activation_passes),
         )
-
-    start = np.log([3e-5, 1e-10, 4.0, *[0.5] * len(kernels), *[0.7] * len(kernels)])
-    lower = np.log([1e-6, 1e-13, 0.1, *[0.02] * len(kernels), *[0.05] * len(kernels)])
-    upper = np.log([1e-3, 1e-7, 50.0, *[1.0] * len(kernels), *[1.0] * len(kernels)])
-    best: MoeCalibration | None = None
-    best_cost = np.inf
-    # The M tile is a kernel constant: try the usual powers of two rather than a continuous value.
-    for tile in (16.0, 32.0, 64.0, 128.0):
-
-        def residual(x: FloatArray, tile: float = tile) -> FloatArray:
-            out: FloatArray = np.log(predict_moe_rows(rows, gpu, build(x, tile)) / rows.measured_s)
-            return out
-
-        fit = least_squares(residual, start, bounds=(lower, upper), loss="soft_l1", max_nfev=200)
-        if fit.cost < best_cost:
-            best_cost, best = fit.cost, build(fit.x, tile)
-    assert best is not None
-    return best
+    return cal
 
 
 @dataclass(frozen=True, slots=True)
 class AlltoallRows:
-    """DeepEP all-to-all rows (columns as in h100_sxm_moe_alltoall.csv) for one mode."""
+    """DeepEP all-to-all rows (columns as in h100_sxm_moe_alltoall.csv) for one backend."""
 
     tokens: FloatArray
     hidden: FloatArray
     topk: FloatArray
     ep: FloatArray
     bytes_per_element: FloatArray
+    phase: np.ndarray
     measured_s: FloatArray
 
 
@@ -165,6 +244,7 @@ def prepare_alltoall_rows(columns: Columns, backend: str) -> AlltoallRows:
         topk=columns["topk"][sel].astype(np.float64),
         ep=columns["ep_size"][sel].astype(np.float64),
         bytes_per_element=np.where(phase == "dispatch", 1.0, 2.0),
+        phase=phase,
         measured_s=columns["latency_ms"][sel].astype(np.float64) * 1e-3,
     )
 
@@ -172,52 +252,217 @@ def prepare_alltoall_rows(columns: Columns, backend: str) -> AlltoallRows:
 def predict_alltoall_rows(rows: AlltoallRows, gpu: GpuSpec, mode: str, calibration: MoeCalibration) -> FloatArray:
     """Predicted phase times of all-to-all rows on one node."""
     out = np.empty(rows.tokens.size)
-    for i in range(rows.tokens.size):
-        out[i] = float(
-            alltoall_time_s(
-                rows.tokens[i],
-                hidden_size=int(rows.hidden[i]),
-                topk=int(rows.topk[i]),
-                ep_ranks=int(rows.ep[i]),
-                bytes_per_element=float(rows.bytes_per_element[i]),
-                intra_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_bytes_per_s,
-                inter_bandwidth_bytes_per_s=gpu.inter_node_bandwidth_bytes_per_s,
-                ranks_per_domain=gpu.scale_up_domain_gpus,
-                mode=mode,
-                calibration=calibration,
-            )
+    keys = np.stack([rows.hidden, rows.topk, rows.ep, rows.bytes_per_element], axis=1)
+    phase = np.where(rows.bytes_per_element == 1.0, 0.0, 1.0)
+    for key in np.unique(keys, axis=0):
+        sel = np.all(keys == key, axis=1)
+        name = PHASES[int(phase[sel][0])]
+        out[sel] = alltoall_time_s(
+            rows.tokens[sel],
+            hidden_size=int(key[0]),
+            topk=int(key[1]),
+            ep_ranks=int(key[2]),
+            bytes_per_element=float(key[3]),
+            intra_bandwidth_bytes_per_s=gpu.intra_node_bandwidth_bytes_per_s,
+            inter_bandwidth_bytes_per_s=gpu.inter_node_bandwidth_bytes_per_s,
+            ranks_per_domain=gpu.scale_up_domain_gpus,
+            mode=mode,
+            calibration=calibration,
+            phase=name,
         )
     return out
 
 
 def fit_alltoall(rows: AlltoallRows, gpu: GpuSpec, mode: str, base: MoeCalibration) -> MoeCalibration:
-    """Fit the latency and bandwidth efficiency of one all-to-all mode."""
+    """Fit latency, link-bandwidth efficiency and per-token cost of one all-to-all mode, per phase.
 
-    def build(x: FloatArray) -> MoeCalibration:
-        return replace(
-            base,
-            alltoall_latency_s={**base.alltoall_latency_s, mode: float(np.exp(x[0]))},
-            alltoall_bandwidth_efficiency={**base.alltoall_bandwidth_efficiency, mode: float(np.exp(x[1]))},
-        )
+    The keys are ``<mode>_<phase>``; the mode's own key (used where the caller names no phase) is the phases'
+    geometric mean.
+    """
+    cal = base
+    for phase in PHASES:
+        sel = rows.phase == phase
+        part = AlltoallRows(*(getattr(rows, f)[sel] for f in AlltoallRows.__slots__))
+        key = f"{mode}_{phase}"
 
-    def residual(x: FloatArray) -> FloatArray:
-        out: FloatArray = np.log(predict_alltoall_rows(rows, gpu, mode, build(x)) / rows.measured_s)
-        return out
+        def build(x: FloatArray, cal: MoeCalibration = cal, key: str = key) -> MoeCalibration:
+            v = np.exp(x)
+            return replace(
+                cal,
+                alltoall_latency_s={**cal.alltoall_latency_s, key: float(v[0])},
+                alltoall_bandwidth_efficiency={**cal.alltoall_bandwidth_efficiency, key: float(v[1])},
+                alltoall_per_token_s={**cal.alltoall_per_token_s, key: float(v[2])},
+            )
 
-    start = np.log([base.alltoall_latency_s.get(mode, 5e-5), base.alltoall_bandwidth_efficiency.get(mode, 0.5)])
-    fit = least_squares(residual, start, bounds=(np.log([1e-6, 0.02]), np.log([1e-3, 1.0])), loss="soft_l1")
-    return build(fit.x)
+        def residual(x: FloatArray, part: AlltoallRows = part, build: Any = build) -> FloatArray:
+            out: FloatArray = np.log(predict_alltoall_rows(part, gpu, mode, build(x)) / part.measured_s)
+            return out
+
+        start = np.log([5e-5, 0.5, 1e-9])
+        bounds = (np.log([1e-6, 0.02, 1e-12]), np.log([1e-3, 1.0, 1e-6]))
+        fit = least_squares(residual, start, bounds=bounds, loss="soft_l1", f_scale=0.1)
+        cal = build(fit.x)
+    keys = [f"{mode}_{phase}" for phase in PHASES]
+
+    def mean(mapping: dict[str, float]) -> dict[str, float]:
+        return {**mapping, mode: float(np.exp(np.mean([np.log(mapping[k]) for k in keys])))}
+
+    return replace(
+        cal,
+        alltoall_latency_s=mean(cal.alltoall_latency_s),
+        alltoall_bandwidth_efficiency=mean(cal.alltoall_bandwidth_efficiency),
+        alltoall_per_token_s=mean(cal.alltoall_per_token_s),
+    )
 
 
 def calibration_values(calibration: MoeCalibration) -> dict[str, Any]:
-    """The fitted constants as plain YAML-ready values."""
-    return {
-        "compute_efficiency": {k: round(v, 4) for k, v in calibration.compute_efficiency.items()},
-        "bandwidth_efficiency": {k: round(v, 4) for k, v in calibration.bandwidth_efficiency.items()},
-        "tile_tokens": calibration.tile_tokens,
-        "fixed_s": float(f"{calibration.fixed_s:.4g}"),
-        "per_pair_s": float(f"{calibration.per_pair_s:.4g}"),
-        "routed_activation_passes": round(calibration.routed_activation_passes, 3),
-        "alltoall_latency_s": {k: float(f"{v:.4g}") for k, v in calibration.alltoall_latency_s.items()},
-        "alltoall_bandwidth_efficiency": {k: round(v, 4) for k, v in calibration.alltoall_bandwidth_efficiency.items()},
-    }
+    """The fitted constants as plain YAML-ready values (six significant digits)."""
+
+    def sig(v: float) -> float:
+        return float(f"{v:.6g}")
+
+    out: dict[str, Any] = {}
+    for name in (
+        "compute_efficiency",
+        "bandwidth_efficiency",
+        "kernel_tile_tokens",
+        "kernel_fixed_s",
+        "kernel_per_pair_s",
+        "kernel_routed_activation_passes",
+        "alltoall_latency_s",
+        "alltoall_bandwidth_efficiency",
+        "alltoall_per_token_s",
+    ):
+        out[name] = {str(k): sig(v) for k, v in sorted(getattr(calibration, name).items())}
+    for name in ("tile_tokens", "fixed_s", "per_pair_s", "routed_activation_passes", "blend_power"):
+        out[name] = sig(getattr(calibration, name))
+    return out
+
+
+def _fit_fields(
+    base: MlaCalibration,
+    params: Sequence[tuple[str, str | None, float, float]],
+    predict: Any,
+    measured: FloatArray,
+) -> MlaCalibration:
+    """Least squares on log error over the named MLA fields (``(field, key or None, low, high)``)."""
+
+    def build(x: FloatArray) -> MlaCalibration:
+        cal = base
+        for (name, key, _, _), v in zip(params, np.exp(x), strict=True):
+            value: Any = float(v) if key is None else {**getattr(cal, name), key: float(v)}
+            cal = replace(cal, **{name: value})
+        return cal
+
+    def current(name: str, key: str | None) -> float:
+        value = getattr(base, name)
+        return float(value if key is None else value.get(key, 0.5))
+
+    low = np.log([p[2] for p in params])
+    high = np.log([p[3] for p in params])
+    start = np.clip(np.log([current(p[0], p[1]) for p in params]), low + 1e-6, high - 1e-6)
+
+    def residual(x: FloatArray) -> FloatArray:
+        out: FloatArray = np.log(predict(build(x)) / measured)
+        return out
+
+    fit = least_squares(residual, start, bounds=(low, high), loss="soft_l1", f_scale=0.1)
+    return build(fit.x)
+
+
+def predict_mla(table: str, rows: Columns, gpu: GpuSpec, calibration: MlaCalibration) -> FloatArray:
+    """Predicted times of mla_context, mla_generation or mla_bmm rows."""
+    heads = rows["num_heads"].astype(np.float64)
+    out = np.empty(heads.size)
+    if table == "mla_bmm":
+        ops = np.asarray(rows["op_name"]).astype(str)
+        for op in np.unique(ops):
+            for h in np.unique(heads):
+                sel = (ops == op) & (heads == h)
+                out[sel] = mla_bmm_time_s(
+                    rows["num_tokens"][sel].astype(np.float64),
+                    heads_per_gpu=float(h),
+                    op=str(op),
+                    gpu=gpu,
+                    calibration=calibration,
+                )
+        return out
+    gemm = np.asarray(rows["gemm_dtype"]).astype(str)
+    kv = np.asarray(rows["kv_cache_dtype"]).astype(str)
+    for g in np.unique(gemm):
+        for k in np.unique(kv):
+            for h in np.unique(heads):
+                sel = (gemm == g) & (kv == k) & (heads == h)
+                if not sel.any():
+                    continue
+                b = rows["batch_size"][sel].astype(np.float64)
+                common: dict[str, Any] = {
+                    "heads_per_gpu": float(h),
+                    "kv_dtype": str(k),
+                    "gemm_dtype": str(g),
+                    "gpu": gpu,
+                }
+                if table == "mla_context":
+                    out[sel] = mla_prefill_time_s(
+                        b,
+                        rows["input_len"][sel].astype(np.float64),
+                        past_kv_len=rows["past_kv_len"][sel].astype(np.float64),
+                        calibration=calibration,
+                        **common,
+                    )
+                else:
+                    out[sel] = mla_decode_time_s(
+                        b, rows["past_kv_len"][sel].astype(np.float64) + 1.0, calibration=calibration, **common
+                    )
+    return out
+
+
+def fit_mla(tables: Mapping[str, Columns], gpu: GpuSpec, base: MlaCalibration) -> MlaCalibration:
+    """Fit the MLA constants: batched GEMMs first (bf16 GEMM efficiency, bandwidth, launch), then prefill, decode."""
+    cal = base
+
+    def measured(rows: Columns) -> FloatArray:
+        out: FloatArray = rows["latency_ms"].astype(np.float64) * 1e-3
+        return out
+
+    params: list[tuple[str, str | None, float, float]]
+    if "mla_bmm" in tables:
+        rows = tables["mla_bmm"]
+        params = [
+            ("bmm_efficiency", None, 0.05, 1.0),
+            ("bandwidth_efficiency", None, 0.2, 1.0),
+            ("launch_s", None, 1e-7, 3e-5),
+        ]
+        cal = _fit_fields(cal, params, lambda c: predict_mla("mla_bmm", rows, gpu, c), measured(rows))
+    if "mla_context" in tables:
+        rows = tables["mla_context"]
+        params = [
+            ("gemm_efficiency", "bf16", 0.05, 1.0),
+            ("gemm_efficiency", "fp8_block", 0.05, 1.0),
+            ("prefill_attention_efficiency", None, 0.05, 1.0),
+            ("prefill_fixed_s", None, 1e-6, 1e-3),
+        ]
+        cal = _fit_fields(cal, params, lambda c: predict_mla("mla_context", rows, gpu, c), measured(rows))
+    if "mla_generation" in tables:
+        rows = tables["mla_generation"]
+        params = [
+            ("decode_attention_efficiency", None, 0.05, 1.0),
+            ("decode_kv_bandwidth_efficiency", "bf16", 0.1, 1.0),
+            ("decode_kv_bandwidth_efficiency", "fp8", 0.1, 1.0),
+            ("decode_fixed_s", None, 1e-6, 1e-3),
+            ("decode_per_sequence_s", None, 1e-10, 1e-5),
+        ]
+        cal = _fit_fields(cal, params, lambda c: predict_mla("mla_generation", rows, gpu, c), measured(rows))
+    return cal
+
+
+def mla_values(calibration: MlaCalibration) -> dict[str, Any]:
+    """The MLA constants as YAML-ready values (six significant digits)."""
+    out: dict[str, Any] = {}
+    for f in fields(calibration):
+        value = getattr(calibration, f.name)
+        if isinstance(value, dict):
+            out[f.name] = {str(k): float(f"{v:.6g}") for k, v in sorted(value.items())}
+        else:
+            out[f.name] = float(f"{value:.6g}")
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -49,13 +49,21 @@ class SloSpec(BaseModel):
     percentile: float | None = Field(default=None, gt=0, le=100)
 
 
+# A parallel degree in the search lists.
+Degree = Annotated[int, Field(ge=1, le=4096)]
+
+
 class SearchSpec(BaseModel):
     """Optional limits on the strategy search."""
 
     model_config = ConfigDict(extra="forbid")
     modes: list[Literal["collocated", "disaggregated"]] = ["collocated", "disaggregated"]
-    tp: list[int] = [1, 2, 4, 8]
-    pp: list[int] = [1, 2]
+    tp: list[Degree] = Field(default=[1, 2, 4, 8], min_length=1)
+    pp: list[Degree] = Field(default=[1, 2], min_length=1)
+    # Attention data-parallel ranks per replica; default: [1, 2, 4, ..., 64] up to max_gpus for MoE, [1] dense.
+    attention_dp: list[Degree] | None = Field(default=None, min_length=1)
+    # MoE expert-parallel degrees: "auto" tries pure EP (tp x attention_dp) and pure MoE-TP (1).
+    moe_ep: Literal["auto"] | list[Degree] = "auto"
     max_batched_tokens: list[int] | None = None
     simulate_top: int = Field(default=5, ge=1, le=50)
     requests: int = Field(default=200, ge=20, le=5000)
@@ -125,12 +133,17 @@ def parse_plan_spec(
         seed=wl.seed,
         closed_loop_staggered=wl.client_start == "staggered",
     )
-    if any(t < 1 for t in spec.search.tp + spec.search.pp):
-        raise PlanningError("search tp and pp degrees must be positive")
+    search = spec.search
+    if search.moe_ep != "auto" and not search.moe_ep:
+        raise PlanningError('invalid plan spec at search.moe_ep: give "auto" or a non-empty list of degrees')
+    if model.moe is None and search.moe_ep != "auto" and any(ep > 1 for ep in search.moe_ep):
+        raise PlanningError(f"invalid plan spec at search.moe_ep: {model.name} is dense (no experts to split)")
     limits = SearchLimits(
         modes=tuple(Mode(m) for m in spec.search.modes),
         tp=tuple(spec.search.tp),
         pp=tuple(spec.search.pp),
+        attention_dp=tuple(search.attention_dp) if search.attention_dp is not None else None,
+        moe_ep=None if search.moe_ep == "auto" else tuple(search.moe_ep),
         max_batched_tokens=tuple(spec.search.max_batched_tokens) if spec.search.max_batched_tokens else (None,),
         simulate_top=spec.search.simulate_top,
         requests=spec.search.requests,

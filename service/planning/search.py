@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -19,12 +20,15 @@ from service.planning.deployment import (
     min_request_tokens,
     simulate_deployment,
 )
+from service.planning.estimate import parse_dtype, require_supported
 from service.planning.simulator import Role
-from service.planning.specs import WEIGHT_DTYPES, DType, ModelSpec, PlanningError
+from service.planning.specs import KV_DTYPES, WEIGHT_DTYPES, ModelSpec, PlanningError
 from service.planning.stepcost import ParallelLayout, ReplicaStepCost, validate_layout
 from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
 
 MAX_SEARCH_SPACE = 5000
+# Attention data-parallel degrees tried for MoE models unless the spec names them (capped by max_gpus).
+DEFAULT_MOE_ATTENTION_DP = (1, 2, 4, 8, 16, 32, 64)
 # Arrivals must span this many mean request lifetimes for a run to show steady-state queueing.
 STEADY_STATE_LIFETIMES = 2.5
 MAX_STEADY_STATE_REQUESTS = 2000
@@ -53,6 +57,11 @@ class SearchLimits:
     modes: tuple[Mode, ...] = (Mode.COLLOCATED, Mode.DISAGGREGATED)
     tp: tuple[int, ...] = (1, 2, 4, 8)
     pp: tuple[int, ...] = (1, 2)
+    # Attention data-parallel ranks per replica; None: DEFAULT_MOE_ATTENTION_DP for MoE models, (1,) for dense.
+    attention_dp: tuple[int, ...] | None = None
+    # Expert-parallel degrees of the MoE layers; None ("auto"): pure EP (moe_ep = tp x attention_dp) and
+    # pure MoE-TP (moe_ep = 1), what engines deploy. Explicit degrees split the stage moe_tp x moe_ep.
+    moe_ep: tuple[int, ...] | None = None
     max_batched_tokens: tuple[int | None, ...] = (None,)
     # Strategies simulated per mode after analytic ranking.
     simulate_top: int = 5
@@ -124,44 +133,82 @@ def _base_deployment(request: PlanRequest, catalog: Catalog) -> Deployment:
     if request.gpu_price_per_hour is not None:
         gpu = replace(gpu, price_per_hour_usd=request.gpu_price_per_hour)
     engine = catalog.engine(request.engine)
-    try:
-        weight = DType(request.weight_dtype)
-    except ValueError:
-        weight = None
-    if weight not in WEIGHT_DTYPES or weight is None:
-        raise PlanningError(f"unknown weight dtype {request.weight_dtype!r}")
-    kv = engine.kv_dtype_for(weight) if request.kv_dtype is None else DType(request.kv_dtype)
-    return Deployment(request.model, gpu, engine, weight, kv, catalog.calibration_for(gpu))
+    weight = parse_dtype(request.weight_dtype, allowed=WEIGHT_DTYPES, what="weight dtype")
+    require_supported(gpu, weight)
+    kv = (
+        engine.kv_dtype_for(weight)
+        if request.kv_dtype is None
+        else parse_dtype(request.kv_dtype, allowed=KV_DTYPES, what="KV-cache dtype")
+    )
+    return Deployment(
+        request.model,
+        gpu,
+        engine,
+        weight,
+        kv,
+        catalog.calibration_for(gpu),
+        moe_calibration=catalog.moe_calibration_for(gpu),
+    )
+
+
+def _attention_dps(model: ModelSpec, limits: SearchLimits) -> tuple[int, ...]:
+    if limits.attention_dp is not None:
+        return limits.attention_dp
+    return DEFAULT_MOE_ATTENTION_DP if model.moe is not None else (1,)
 
 
 def _layouts(model: ModelSpec, limits: SearchLimits, max_gpus: int) -> list[ParallelLayout]:
-    layouts = []
+    """Layouts of one replica (or one disaggregated worker) that fit in max_gpus and that the model splits into.
+
+    Dense models: tp x pp (x attention_dp when asked). MoE models: attention tp x attention_dp x pp with the
+    MoE layers of each stage split pure-EP (moe_ep = tp x dp) or pure-TP (moe_ep 1), or moe_tp x moe_ep for
+    the degrees the spec names. Layouts validate_layout refuses (heads, experts or expert width that do not
+    split) are skipped.
+    """
+    layouts: list[ParallelLayout] = []
+    seen: set[ParallelLayout] = set()
     for tp in limits.tp:
-        for pp in limits.pp:
-            if tp * pp > max_gpus:
-                continue
-            eps = [1]
-            if model.moe is not None and tp > 1 and model.moe.num_experts % tp == 0:
-                eps.append(tp)
-            for ep in eps:
-                layout = ParallelLayout(tp=tp, pp=pp, moe_ep=ep)
-                try:
-                    validate_layout(model, layout)
-                except PlanningError:
+        for dp in _attention_dps(model, limits):
+            for pp in limits.pp:
+                stage = tp * dp
+                if stage * pp > max_gpus:
                     continue
-                layouts.append(layout)
+                if model.moe is None:
+                    eps: list[int] = [1]
+                elif limits.moe_ep is None:
+                    eps = sorted({stage, 1}, reverse=True)
+                else:
+                    eps = [ep for ep in limits.moe_ep if stage % ep == 0]
+                for ep in eps:
+                    layout = ParallelLayout(tp=tp, pp=pp, attention_dp=dp, moe_ep=ep)
+                    if layout in seen:
+                        continue
+                    try:
+                        validate_layout(model, layout)
+                    except PlanningError:
+                        continue
+                    seen.add(layout)
+                    layouts.append(layout)
     return layouts
 
 
 def count_search_space(request: PlanRequest) -> int:
-    """Number of strategies the request enumerates before pruning."""
+    """Number of strategies the request enumerates before pruning.
+
+    Collocated: one per layout (replicated to max_gpus). Disaggregated: one per (prefill, decode) layout
+    pair that leaves room for a worker of each within max_gpus. Times the max_batched_tokens choices.
+    """
     layouts = _layouts(request.model, request.limits, request.max_gpus)
     knobs = len(request.limits.max_batched_tokens)
     total = 0
     if Mode.COLLOCATED in request.limits.modes:
         total += len(layouts) * knobs
     if Mode.DISAGGREGATED in request.limits.modes:
-        total += len(layouts) ** 2 * knobs
+        sizes = sorted(layout.gpus for layout in layouts)
+        pairs = 0
+        for size in sizes:
+            pairs += bisect.bisect_right(sizes, request.max_gpus - size)
+        total += pairs * knobs
     return total
 
 
@@ -367,10 +414,13 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
                 )
                 continue
             knobs = built.config.knobs
-            decode_caps[(layout, mbt)] = _decode_capacity(
+            # Each attention-DP rank batches its own requests (the step cost charges the lock-step MoE
+            # layers for all ranks' tokens), so a replica serves attention_dp times one rank's rate.
+            dp = layout.attention_dp
+            decode_caps[(layout, mbt)] = dp * _decode_capacity(
                 cost, built.config.kv_capacity_tokens, knobs.max_sequences, isl, osl, tpot_s
             )
-            prefill_caps[(layout, mbt)] = _prefill_capacity(cost, knobs.max_batched_tokens, isl)
+            prefill_caps[(layout, mbt)] = dp * _prefill_capacity(cost, knobs.max_batched_tokens, isl)
     candidates: dict[Mode, list[Candidate]] = {Mode.COLLOCATED: [], Mode.DISAGGREGATED: []}
     for (layout, mbt), dcap in decode_caps.items():
         pcap = prefill_caps[(layout, mbt)]
@@ -405,7 +455,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
                 dep = replace(
                     base,
                     mode=Mode.DISAGGREGATED,
-                    prefill_layout=replace(p_layout, moe_ep=1, moe_tp=0),
+                    prefill_layout=p_layout,
                     prefill_workers=n_p,
                     decode_layout=d_layout,
                     decode_workers=n_d,

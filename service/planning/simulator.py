@@ -46,13 +46,20 @@ class LatencyStats:
     p99: float
 
     @classmethod
-    def of(cls, values_s: FloatArray) -> LatencyStats:
-        """Summarise values given in seconds."""
+    def of(cls, values_s: FloatArray, weights: FloatArray | None = None) -> LatencyStats:
+        """Summarise values given in seconds, each counted ``weights`` times (default once)."""
         if values_s.size == 0:
             return cls(math.nan, math.nan, math.nan, math.nan)
         ms = values_s * 1e3
-        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-        return cls(float(np.mean(ms)), float(p50), float(p90), float(p99))
+        if weights is None or bool(np.all(weights == weights[0])):
+            p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+            return cls(float(np.mean(ms)), float(p50), float(p90), float(p99))
+        order = np.argsort(ms, kind="stable")
+        sorted_ms, sorted_w = ms[order], weights[order]
+        # Weighted percentiles: the value where the cumulative weight (at each value's midpoint) crosses q.
+        cumulative = (np.cumsum(sorted_w) - 0.5 * sorted_w) / sorted_w.sum()
+        p50, p90, p99 = np.interp([0.5, 0.9, 0.99], cumulative, sorted_ms)
+        return cls(float(np.average(ms, weights=weights)), float(p50), float(p90), float(p99))
 
     def as_dict(self) -> dict[str, float]:
         """Plain mapping for JSON output."""
@@ -79,21 +86,23 @@ class SimulationResult:
     peak_kv_fraction: float
     preemptions: int
     queue_share: float
+    # How many profiled requests each simulated one stands for (benchmark rounds not simulated).
+    weights: FloatArray | None = None
 
     @property
     def ttft(self) -> LatencyStats:
         """Time to first token."""
-        return LatencyStats.of(self.ttft_s)
+        return LatencyStats.of(self.ttft_s, self.weights)
 
     @property
     def tpot(self) -> LatencyStats:
         """Time per output token after the first."""
-        return LatencyStats.of(self.tpot_s)
+        return LatencyStats.of(self.tpot_s, self.weights)
 
     @property
     def e2e(self) -> LatencyStats:
         """End-to-end latency."""
-        return LatencyStats.of(self.e2e_s)
+        return LatencyStats.of(self.e2e_s, self.weights)
 
     @property
     def requests_per_s(self) -> float:
@@ -110,6 +119,9 @@ class SimulationResult:
         if self.offered == 0:
             return 0.0
         ok = (self.ttft_s <= ttft_slo_s) & (self.tpot_s <= tpot_slo_s)
+        if self.weights is not None:
+            missing = self.offered - self.ttft_s.size
+            return float(np.sum(self.weights[ok])) / (float(np.sum(self.weights)) + missing)
         return float(np.count_nonzero(ok)) / self.offered
 
     def bottleneck(self) -> str:
@@ -156,8 +168,10 @@ class _Simulation:
         rate_per_s: float,
         concurrency: int,
         closed_loop_ramp_s: float = 0.0,
+        later_request_weight: float = 1.0,
     ) -> None:
         self.ramp_s = closed_loop_ramp_s
+        self.later_request_weight = later_request_weight
         self.entry = [SimInstance(c, i) for i, c in enumerate(entry)]
         self.decode = [SimInstance(c, len(entry) + i) for i, c in enumerate(decode)]
         self.instances = self.entry + self.decode
@@ -314,6 +328,18 @@ class _Simulation:
         steps = 1
         # Decode step time is affine in the context sum; sample it at the end to interpolate.
         last = cost.step(decode_sequences=seqs, decode_context_tokens=ctx + seqs * (limit - 1)).total_s
+        # Overlapped steps take max(CPU, GPU): where the two cross inside the run the step time is not
+        # affine, so shorten the run until its midpoint lies on the line through its ends.
+        while limit > 2:
+            middle = (limit - 1) // 2
+            mid_s = cost.step(decode_sequences=seqs, decode_context_tokens=ctx + seqs * middle).total_s
+            line_s = first_s + (last - first_s) * middle / (limit - 1)
+            if abs(mid_s - line_s) <= 1e-6 * abs(line_s):
+                break
+            limit = middle + 1
+            last = mid_s
+        if limit <= 1:
+            return first_s, 1
         slope = (last - first_s) / (limit - 1)
         # Steps k = 0..n-1 take first_s + slope*k; run while the next event has not arrived.
         # Closed form of the step-by-step loop, then a short exact walk to absorb rounding.
@@ -386,6 +412,11 @@ class _Simulation:
         steps = sum(i.steps for i in instances)
         span = max(duration, 1e-12) * len(instances)
         queue = float(np.mean(ttft / np.maximum(finish - arrival, 1e-12))) if done else 0.0
+        weights = None
+        if self.later_request_weight != 1.0:
+            # Closed loop: the first wave is issued as requests 0..concurrency-1; later ones stand for more.
+            first_wave = np.array([r.index < self.concurrency for r in done], dtype=bool)
+            weights = np.where(first_wave, 1.0, self.later_request_weight)
         return SimulationResult(
             ttft_s=ttft,
             tpot_s=tpot,
@@ -403,6 +434,7 @@ class _Simulation:
             peak_kv_fraction=max(i.peak_kv / max(i.config.kv_capacity_tokens, 1) for i in instances),
             preemptions=sum(i.preemptions for i in instances),
             queue_share=queue,
+            weights=weights,
         )
 
 
@@ -416,9 +448,20 @@ def simulate(
     decode_instances: list[InstanceConfig] | None = None,
     transfer: KvTransfer | None = None,
     closed_loop_ramp_s: float = 0.0,
+    later_request_weight: float = 1.0,
 ) -> SimulationResult:
     """Simulate requests through collocated instances, or prefill instances feeding decode instances."""
     decode = decode_instances or []
     if decode and transfer is None:
         raise ValueError("disaggregated simulation needs a KV transfer model")
-    return _Simulation(instances, decode, transfer, sample, arrival, rate_per_s, concurrency, closed_loop_ramp_s).run()
+    return _Simulation(
+        instances,
+        decode,
+        transfer,
+        sample,
+        arrival,
+        rate_per_s,
+        concurrency,
+        closed_loop_ramp_s,
+        later_request_weight,
+    ).run()

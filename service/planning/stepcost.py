@@ -286,7 +286,7 @@ class ReplicaStepCost:
     def _expert_parallel_comm(self, m: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Dispatch + combine time per MoE layer for ``m`` tokens per rank (zero without EP)."""
         layout, moe = self.layout, self.model.moe
-        if moe is None or layout.moe_ep <= 1:
+        if moe is None or layout.moe_ep <= 1 or layout.attention_dp <= 1:
             return np.zeros_like(m), np.zeros_like(m)
         # Each GPU of a rank sends its share of the rank's tokens; dispatch carries fp8, combine bf16.
         per_gpu = m / layout.tp
@@ -353,7 +353,8 @@ class ReplicaStepCost:
         # With pipeline parallelism the batch is split into pp micro-batches that flow through the
         # stages back to back; a token sees every layer once, so the full-model time at batch/pp.
         micro = max(1, math.ceil(tokens / pp))
-        scale = tokens / micro / pp if pp > 1 else 1.0
+        # A partial last micro-batch still takes a full pipeline slot: no discount for uneven splits.
+        scale = 1.0
         gemm = self._layer_gemms(micro) * pp * scale
         model, c, gpu = self.model, self.calibration, self.gpu
         layers_total = self.layers_per_stage * pp
@@ -416,13 +417,18 @@ class ReplicaStepCost:
         total = tp_reduce * self.layers_per_stage + tp_reduce * self.dense_layers
         if self.moe_layers == 0:
             return total
-        if layout.moe_ep > 1:
+        if layout.attention_dp == 1:
+            # Attention TP leaves every token on every GPU of the stage: each GPU runs its experts (or
+            # expert slices) on all tokens and one all-reduce sums the outputs, with or without EP.
+            per_layer = tp_reduce
+        elif layout.moe_ep > 1:
+            # Attention-DP ranks hold different tokens: dispatch them to their experts' GPUs and back.
             index = min(tokens, self.max_tokens)
             table = self._ep_comm_decode if decode_only else self._ep_comm_prefill
             per_layer = float(table[index]) * max(1.0, tokens / self.max_tokens)
             if layout.expert_tp > 1:
                 per_layer += self._all_reduce(activation_bytes, layout.expert_tp, self.moe_link_bandwidth)
-        elif layout.attention_dp > 1:
+        else:
             # Pure MoE-TP under attention DP: gather every rank's tokens, reduce-scatter the outputs.
             gathered = activation_bytes * layout.attention_dp
             per_layer = 2.0 * collective_time_s(
@@ -432,8 +438,6 @@ class ReplicaStepCost:
                 link_bandwidth_bytes_per_s=self.moe_link_bandwidth,
                 calibration=self.calibration,
             )
-        else:
-            per_layer = tp_reduce
         return total + per_layer * self.moe_layers
 
     def _attention_head_dim(self) -> float:

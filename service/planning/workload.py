@@ -173,6 +173,18 @@ class Workload:
     arrival_times_s: tuple[float, ...] = field(default=())
     # Closed-loop clients start all at t=0 (a benchmark burst) or spread over one request lifetime.
     closed_loop_staggered: bool = False
+    # Closed loop: requests the benchmark profiles when more than the simulated ones (0: the same). The
+    # later rounds of fixed-length requests repeat a steady pattern, so a few simulated rounds stand for all.
+    profiled_requests: int = 0
+
+    def later_request_weight(self) -> float:
+        """Profiled requests each simulated request after the first wave stands for."""
+        if self.arrival is not ArrivalKind.CLOSED or self.profiled_requests <= self.num_requests:
+            return 1.0
+        later = self.num_requests - self.concurrency
+        if later <= 0:
+            return 1.0
+        return (self.profiled_requests - self.concurrency) / later
 
     def validate(self) -> None:
         """Refuse workloads that cannot be simulated."""

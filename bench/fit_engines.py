@@ -1,0 +1,143 @@
+"""Fit each engine's CPU constants on the training models' end-to-end rows; write engine_calibration.yaml.
+
+Usage: python -m bench.fit_engines [--reference DIR] [--rows-per-engine N] [--jobs J] [--dry-run]
+
+The split is by model (bench/e2e_accuracy.py TRAIN_MODELS), never by row: the held-out models are scored by
+`python bench/e2e_accuracy.py`. Per engine the fit moves three constants of its CatalogEngine entry —
+step_overhead_s (CPU time per step), per_sequence_overhead_s (per running sequence per step) and
+step_gap_s (GPU idle per step that overlap cannot hide) — to minimise the robust log error of mean TPOT
+(weight 1) and mean TTFT (weight 0.3) over a deterministic subsample of that engine's training rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import math
+import multiprocessing
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.optimize import least_squares  # type: ignore[import-untyped]
+
+from bench.e2e_accuracy import TRAIN_MODELS, default_reference_dir, engine_for, model_for, request_for_row
+from service.catalog.loader import DATA_DIR, default_catalog
+from service.planning.estimate import run_estimate
+from service.planning.specs import PlanningError
+
+PARAMS = ("step_overhead_s", "per_sequence_overhead_s", "step_gap_s")
+LOWER_S = (1e-5, 1e-7, 0.0)
+UPPER_S = (1e-2, 5e-4, 5e-3)
+TTFT_WEIGHT = 0.3
+OUTPUT = DATA_DIR / "engine_calibration.yaml"
+
+
+def _errors(values: tuple[float, ...], engine: str, row: dict[str, str]) -> tuple[float, float]:
+    """Log errors (TPOT, TTFT) of one row with the engine's constants set to ``values``."""
+    catalog = default_catalog()
+    spec = replace(catalog.engines[engine], **dict(zip(PARAMS, values, strict=True)))
+    patched = replace(catalog, engines={**catalog.engines, engine: spec})
+    # Fewer profiled requests per client than the benchmark keeps the fit fast; means barely move.
+    request = replace(request_for_row(row), requests=max(32, 4 * (int(float(row["concurrency"] or 0)) or 8)))
+    try:
+        result = run_estimate(request, catalog=patched).result
+    except PlanningError:
+        return math.log(3.0), math.log(3.0)
+    tpot = math.log(max(result.tpot.mean, 1e-6) / float(row["tpot_ms"]))
+    ttft = math.log(max(result.ttft.mean, 1e-6) / float(row["ttft_ms"]))
+    return tpot, ttft
+
+
+def _residuals(x: np.ndarray, engine: str, rows: list[dict[str, str]], pool: multiprocessing.pool.Pool) -> np.ndarray:
+    values = _values(x)
+    errors = pool.map(functools.partial(_errors, values, engine), rows)
+    return np.array([e for tpot, ttft in errors for e in (tpot, TTFT_WEIGHT * ttft)])
+
+
+def _values(x: np.ndarray) -> tuple[float, ...]:
+    """Constants from the fit vector: the first two in log space, the gap in milliseconds."""
+    return (float(math.exp(x[0])), float(math.exp(x[1])), float(x[2]) * 1e-3)
+
+
+def fit_engine(engine: str, rows: list[dict[str, str]], pool: multiprocessing.pool.Pool) -> dict[str, float]:
+    """Fit one engine's constants; returns them with the training residual."""
+    start_spec = default_catalog().engines[engine]
+    start = np.array(
+        [
+            math.log(start_spec.step_overhead_s),
+            math.log(start_spec.per_sequence_overhead_s),
+            start_spec.step_gap_s * 1e3,
+        ]
+    )
+    lower = np.array([math.log(LOWER_S[0]), math.log(LOWER_S[1]), LOWER_S[2] * 1e3])
+    upper = np.array([math.log(UPPER_S[0]), math.log(UPPER_S[1]), UPPER_S[2] * 1e3])
+    fit = least_squares(
+        _residuals,
+        np.clip(start, lower, upper),
+        bounds=(lower, upper),
+        args=(engine, rows, pool),
+        loss="soft_l1",
+        f_scale=0.1,
+        diff_step=0.05,
+        max_nfev=30,
+    )
+    values = _values(fit.x)
+    tpot_errors = [abs(math.exp(t) - 1.0) * 100 for t, _ in pool.map(functools.partial(_errors, values, engine), rows)]
+    out = {name: float(f"{value:.4g}") for name, value in zip(PARAMS, values, strict=True)}
+    out["train_tpot_median_ape_pct"] = round(statistics.median(tpot_errors), 2)
+    out["train_rows"] = len(rows)
+    return out
+
+
+def main() -> int:
+    """Fit every engine that has training rows and write the calibration file."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reference", type=Path, default=default_reference_dir())
+    parser.add_argument("--rows-per-engine", type=int, default=24)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--engine", action="append", default=[], help="only these engines")
+    parser.add_argument("--dry-run", action="store_true", help="print, do not write")
+    args = parser.parse_args()
+    rows = list(csv.DictReader((args.reference / "e2e_h100_sxm.csv").open()))
+    by_engine: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        if model_for(row) in TRAIN_MODELS:
+            by_engine.setdefault(engine_for(row), []).append(row)
+    fitted: dict[str, dict[str, float]] = {}
+    with multiprocessing.Pool(args.jobs) as pool:
+        for engine, engine_rows in sorted(by_engine.items()):
+            if args.engine and engine not in args.engine:
+                continue
+            step = max(1, len(engine_rows) // args.rows_per_engine)
+            subsample = engine_rows[::step][: args.rows_per_engine]
+            fitted[engine] = fit_engine(engine, subsample, pool)
+            print(f"{engine:10s} {fitted[engine]}", flush=True)
+    if args.dry_run:
+        return 0
+    existing = yaml.safe_load(OUTPUT.read_text()) if OUTPUT.exists() else {}
+    existing = existing or {}
+    for engine, values in fitted.items():
+        existing[engine] = {k: v for k, v in values.items() if k in PARAMS}
+    header = (
+        f"# Engine CPU constants fitted by `python bench/fit_engines.py` on {datetime.date.today().isoformat()}\n"
+        f"# on the e2e rows of the training models {sorted(TRAIN_MODELS)} (split by model; the other models\n"
+        "# are held out, see bench/RESULTS.md). Merged over engines.yaml entries of the same name.\n"
+    )
+    for engine, values in fitted.items():
+        header += (
+            f"# {engine}: {values['train_rows']} training rows, "
+            f"TPOT median error {values['train_tpot_median_ape_pct']}%\n"
+        )
+    OUTPUT.write_text(header + yaml.safe_dump(existing, sort_keys=True))
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""MoE layer and expert-parallel all-to-all cost: hand-computed values and properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.planning.mla_cost import MlaCalibration, mla_decode_time_s, mla_prefill_time_s
+from service.planning.moe_cost import (
+    MoeCalibration,
+    alltoall_time_s,
+    expected_touched_experts,
+    moe_layer_time_s,
+    moe_routing_summary,
+)
+from service.planning.specs import DType, GpuSpec
+
+
+def _gpu() -> GpuSpec:
+    return GpuSpec(
+        name="test-gpu",
+        memory_bytes=80e9,
+        hbm_bandwidth_bytes_per_s=2.0e12,
+        peak_flops_per_s={DType.BF16: 1.0e15, DType.FP8: 2.0e15},
+        intra_node_bandwidth_bytes_per_s=400e9,
+        inter_node_bandwidth_bytes_per_s=50e9,
+        gpus_per_node=8,
+        price_per_hour_usd=1.0,
+        num_sms=100,
+    )
+
+
+def test_touched_experts_exact() -> None:
+    # 1 token x top-8 of 256 experts, EP 8 (32 local): 8 x 32 / 256 = exactly 1 local expert.
+    one = expected_touched_experts(1.0, num_experts=256, topk=8, local_experts=32)
+    assert float(one) == pytest.approx(1.0, rel=1e-12)
+    # 4 tokens: 32 routed slots spread evenly -> 4 local experts; 10000 tokens: all 32.
+    assert float(expected_touched_experts(4.0, num_experts=256, topk=8, local_experts=32)) == pytest.approx(4.0)
+    assert float(expected_touched_experts(10000.0, num_experts=256, topk=8, local_experts=32)) == 32.0
+    # Skewed routing: the busiest GPU still holds at most its local experts, and touches more at small counts.
+    skew = expected_touched_experts(
+        np.array([1.0, 4.0, 1e5]), num_experts=256, topk=8, local_experts=32, distribution="power_law_1.2"
+    )
+    assert skew[-1] == pytest.approx(32.0)
+    assert np.all(skew <= 32.0 + 1e-9)
+
+
+def test_moe_layer_time_exact() -> None:
+    gpu = _gpu()
+    c = MoeCalibration(
+        compute_efficiency={"bf16": 0.5},
+        bandwidth_efficiency={"bf16": 0.8},
+        tile_tokens=16.0,
+        fixed_s=1e-5,
+        per_pair_s=1e-9,
+        routed_activation_passes=2.0,
+        blend_power=4.0,
+    )
+    # 4 tokens x top-2 of 8 experts, EP 2 (4 local): 1 token per expert, all 4 local experts touched, 4 M tiles.
+    tokens, hidden, width = 4.0, 256, 128
+    # up GEMM: 4 tiles x ceil(2 x 128 / 128) = 8 CTAs, down: 4 x ceil(256 / 128) = 8 CTAs: one wave of 100 SMs each.
+    wave_up = 100 * 2 * 16 * 128 * 256
+    wave_down = 100 * 2 * 16 * 128 * 128
+    t_compute = (wave_up + wave_down) / (1e15 * 0.5)
+    weights = 4 * 3 * 256 * 128 * 2
+    acts = 4 * (2 * 256 + 3 * 128) * 2 + 4 * 256 * 4
+    t_memory = (weights + acts) / (2e12 * 0.8)
+    roof = (t_compute**4 + t_memory**4) ** 0.25
+    overhead = 1e-5 + 1e-9 * 4 + 2.0 * 4 * 2 * 256 * 2 / 2e12
+    got = moe_layer_time_s(
+        tokens,
+        hidden_size=hidden,
+        expert_width_per_gpu=width,
+        num_experts=8,
+        local_experts=4,
+        topk=2,
+        weight_dtype=DType.BF16,
+        gpu=gpu,
+        calibration=c,
+    )
+    assert float(got) == pytest.approx(roof + overhead, rel=1e-12)
+    assert (
+        float(
+            moe_layer_time_s(
+                0.0,
+                hidden_size=hidden,
+                expert_width_per_gpu=width,
+                num_experts=8,
+                local_experts=4,
+                topk=2,
+                weight_dtype=DType.BF16,
+                gpu=gpu,
+                calibration=c,
+            )
+        )
+        == 0.0
+    )
+
+
+def test_alltoall_exact() -> None:
+    c = MoeCalibration(
+        alltoall_latency_s={"low_latency": 2e-5, "normal": 5e-5},
+        alltoall_bandwidth_efficiency={"low_latency": 0.5, "normal": 0.4},
+        alltoall_per_token_s={"normal": 1e-8},
+    )
+    common = {
+        "hidden_size": 1024,
+        "topk": 2,
+        "ep_ranks": 4,
+        "bytes_per_element": 2.0,
+        "intra_bandwidth_bytes_per_s": 400e9,
+        "inter_bandwidth_bytes_per_s": 50e9,
+        "ranks_per_domain": 8,
+        "calibration": c,
+    }
+    # Low latency: one copy per selected expert, 3 of 4 ranks remote -> 100 x 1024 x 2 x 2 x 3/4 bytes on NVLink.
+    ll = alltoall_time_s(100.0, mode="low_latency", **common)  # type: ignore[arg-type]
+    assert float(ll) == pytest.approx(2e-5 + 100 * 1024 * 2 * 2 * 0.75 / (400e9 * 0.5), rel=1e-12)
+    # Normal: once per destination rank, 4 x (1 - (3/4)^2) = 1.75 ranks, 3/4 of them remote.
+    ht = alltoall_time_s(100.0, mode="normal", **common)  # type: ignore[arg-type]
+    expected = 5e-5 + 1e-8 * 100 + 100 * 1024 * 2 * 1.75 * 0.75 / (400e9 * 0.4)
+    assert float(ht) == pytest.approx(expected, rel=1e-12)
+    one_rank = {**common, "ep_ranks": 1}
+    assert float(alltoall_time_s(100.0, mode="normal", **one_rank)) == 0.0  # type: ignore[arg-type]
+
+
+SHAPES = st.sampled_from([(2048, 768, 8, 128), (7168, 2048, 8, 256), (4096, 14336, 2, 8), (2880, 2880, 4, 32)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=SHAPES,
+    ep_log2=st.integers(0, 3),
+    dtype=st.sampled_from([DType.BF16, DType.FP8, DType.FP4]),
+    dist=st.sampled_from(["balanced", "power_law_1.01", "power_law_1.2"]),
+)
+def test_monotone_in_tokens(shape: tuple[int, int, int, int], ep_log2: int, dtype: DType, dist: str) -> None:
+    from service.catalog.loader import default_catalog
+
+    catalog = default_catalog()
+    gpu = catalog.gpu("h100-sxm")
+    hidden, width, topk, experts = shape
+    ep = min(2**ep_log2, experts)
+    m = np.arange(0, 3000, dtype=np.float64)
+    t = moe_layer_time_s(
+        m,
+        hidden_size=hidden,
+        expert_width_per_gpu=width,
+        num_experts=experts,
+        local_experts=experts // ep,
+        topk=topk,
+        weight_dtype=dtype,
+        gpu=gpu,
+        calibration=catalog.moe_calibration_for(gpu),
+        distribution=dist,
+    )
+    assert np.all(np.diff(t) >= -1e-12 * t[1:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.floats(0.0, 1e5),
+    experts_log2=st.integers(3, 9),
+    topk=st.integers(1, 8),
+    ep_log2=st.integers(0, 6),
+    dist=st.sampled_from(["balanced", "power_law_1.01", "power_law_1.2"]),
+)
+def test_touched_within_local_and_weights_shrink_with_ep(
+    tokens: float, experts_log2: int, topk: int, ep_log2: int, dist: str
+) -> None:
+    experts = 2**experts_log2
+    ep = min(2**ep_log2, experts)
+    topk = min(topk, experts)
+    r = moe_routing_summary(
+        tokens, num_experts=experts, local_experts=experts // ep, topk=topk, tile_tokens=64.0, distribution=dist
+    )
+    assert 0.0 <= float(r.touched) <= experts // ep + 1e-9
+    assert float(r.pairs) <= tokens * topk * (1 + 1e-9)
+    # Per-GPU weight bytes follow the touched experts: more EP ranks never touch more experts per GPU.
+    if ep < experts:
+        wider = moe_routing_summary(
+            tokens,
+            num_experts=experts,
+            local_experts=experts // (2 * ep),
+            topk=topk,
+            tile_tokens=64.0,
+            distribution=dist,
+        )
+        assert float(wider.touched) <= float(r.touched) + 1e-9
+
+
+def test_mla_time_grows_with_work() -> None:
+    from service.catalog.loader import default_catalog
+
+    catalog = default_catalog()
+    gpu = catalog.gpu("h100-sxm")
+    mla = MlaCalibration().with_overrides(catalog.moe_calibration_for(gpu).mla)
+    dec = mla_decode_time_s(
+        np.array([1.0, 8.0, 64.0]),
+        4096.0,
+        heads_per_gpu=16,
+        kv_dtype="fp8",
+        gemm_dtype="fp8_block",
+        gpu=gpu,
+        calibration=mla,
+    )
+    assert np.all(np.diff(dec) > 0)
+    pre = mla_prefill_time_s(
+        1.0,
+        np.array([128.0, 1024.0, 8192.0]),
+        heads_per_gpu=16,
+        kv_dtype="bf16",
+        gemm_dtype="bf16",
+        gpu=gpu,
+        calibration=mla,
+    )
+    assert np.all(np.diff(pre) > 0)
