@@ -31,7 +31,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     "h100-sxm": {
         "gemm_bf16": (8.0, 28.0),
         "gemm_fp8": (12.5, 37.0),
-        "attention_prefill": (14.0, 40.0),
+        "attention_prefill": (17.5, 48.0),
         "attention_decode": (12.0, 37.0),
         "all_gather": (12.0, 32.0),
         "all_reduce": (12.0, 27.0),
@@ -44,7 +44,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "gemm_fp8": (16.0, 52.0),
         "gemm_fp8_block": (11.0, 36.0),
         "gemm_nvfp4": (11.0, 29.0),
-        "attention_prefill": (23.0, 60.0),
+        "attention_prefill": (23.0, 66.0),
         "attention_decode": (11.0, 42.0),
         "all_gather": (12.0, 39.0),
         "all_reduce": (12.0, 30.0),

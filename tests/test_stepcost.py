@@ -19,7 +19,7 @@ from service.planning.kernels import (
     elementwise_time_s,
     gemm_time_s,
 )
-from service.planning.moe_cost import MoeCalibration, alltoall_time_s, moe_layer_time_s
+from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
 from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, MoESpec, PlanningError
 from service.planning.stepcost import (
     ELEMENTWISE_HIDDEN_PASSES,
@@ -372,6 +372,7 @@ def _moe_ffn(m: float, layout: ParallelLayout) -> float:
         weight_dtype=DType.BF16,
         gpu=GPU,
         calibration=MOE_CAL,
+        distribution=RANDOM,  # served routing: independent top-k picks
     )
     router = _gemm(m, 16, 64)
     shared = _gemm(m, 2 * 64 / layout.tp, 64) + _gemm(m, 64, 64 / layout.tp)
@@ -384,7 +385,8 @@ def _attention_gemms(m: float, tp: int) -> float:
 
 
 def _ep_exchange(m: float, layout: ParallelLayout, mode: str) -> float:
-    """Dispatch (fp8) + combine (bf16) of one MoE layer; each GPU of a rank sends m / tp tokens."""
+    """Dispatch (fp8) + combine (bf16) of one MoE layer, each phase with its own constants; each GPU of a rank
+    sends m / tp tokens."""
     return sum(
         float(
             alltoall_time_s(
@@ -398,9 +400,10 @@ def _ep_exchange(m: float, layout: ParallelLayout, mode: str) -> float:
                 ranks_per_domain=8,
                 mode=mode,
                 calibration=MOE_CAL,
+                phase=phase,
             )
         )
-        for element_bytes in (1.0, 2.0)
+        for phase, element_bytes in (("dispatch", 1.0), ("combine", 2.0))
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -253,14 +254,19 @@ def simulate_deployment(
         concurrency = workload.concurrency // (dp // ranks)
         rank_sample = sample.strided(dp // ranks)
         count = replicas * ranks
-        result = simulate(
-            instances=[built.config] * count,
-            sample=rank_sample,
-            arrival=workload.arrival,
-            rate_per_s=rate * replicas / deployment.replicas * ranks / dp,
-            concurrency=concurrency,
-            closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, rank_sample, workload, count * dp // ranks),
-            later_request_weight=workload.later_request_weight(),
+        result = _simulate_rounds(
+            lambda rounds_sample: simulate(
+                instances=[built.config] * count,
+                sample=rounds_sample,
+                arrival=workload.arrival,
+                rate_per_s=rate * replicas / deployment.replicas * ranks / dp,
+                concurrency=concurrency,
+                closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, rounds_sample, workload, count * dp // ranks),
+                profiled_rounds=workload.profiled_rounds,
+            ),
+            rank_sample,
+            workload,
+            concurrency,
         )
         scale = deployment.replicas * dp / count
         return Estimate(deployment, workload, result, {"replica": built.memory}, scale)
@@ -270,20 +276,51 @@ def simulate_deployment(
         deployment, deployment.prefill_layout, Role.PREFILL, min_tokens=workload.input_length.max_tokens() + 1
     )
     decode = build_instance(deployment, deployment.decode_layout, Role.DECODE, min_tokens=need)
-    result = simulate(
-        instances=[prefill.config] * (deployment.prefill_workers * deployment.prefill_layout.attention_dp),
-        decode_instances=[decode.config] * (deployment.decode_workers * deployment.decode_layout.attention_dp),
-        transfer=transfer_model(deployment),
-        sample=sample,
-        arrival=workload.arrival,
-        rate_per_s=rate,
-        concurrency=workload.concurrency,
-        closed_loop_ramp_s=_closed_loop_ramp_s(
-            decode.config.cost, sample, workload, deployment.decode_workers * deployment.decode_layout.attention_dp
+    result = _simulate_rounds(
+        lambda rounds_sample: simulate(
+            instances=[prefill.config] * (deployment.prefill_workers * deployment.prefill_layout.attention_dp),
+            decode_instances=[decode.config] * (deployment.decode_workers * deployment.decode_layout.attention_dp),
+            transfer=transfer_model(deployment),
+            sample=rounds_sample,
+            arrival=workload.arrival,
+            rate_per_s=rate,
+            concurrency=workload.concurrency,
+            closed_loop_ramp_s=_closed_loop_ramp_s(
+                decode.config.cost,
+                rounds_sample,
+                workload,
+                deployment.decode_workers * deployment.decode_layout.attention_dp,
+            ),
+            profiled_rounds=workload.profiled_rounds,
         ),
-        later_request_weight=workload.later_request_weight(),
+        sample,
+        workload,
+        workload.concurrency,
     )
     return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory})
+
+
+# Consecutive closed-loop rounds whose mean TTFT and TPOT agree within this share count as settled.
+ROUNDS_SETTLED_RELATIVE = 0.03
+
+
+def _simulate_rounds(
+    run: Callable[[RequestSample], SimulationResult], sample: RequestSample, workload: Workload, concurrency: int
+) -> SimulationResult:
+    """Run the simulation; for a profiled closed loop, add rounds until the last two agree (or all ran)."""
+    result = run(sample)
+    if workload.arrival is not ArrivalKind.CLOSED or workload.profiled_rounds <= 0 or concurrency <= 0:
+        return result
+    rounds = -(-sample.input_tokens.size // concurrency)
+    if rounds >= workload.profiled_rounds:
+        return result
+    # The two rounds before the draining last one must agree.
+    last = result.round_means_s(3)
+    settled = len(last) == 3 and all(
+        abs(a - b) <= ROUNDS_SETTLED_RELATIVE * max(abs(b), 1e-9) for a, b in zip(last[0], last[1], strict=True)
+    )
+    # Not settled yet: run every profiled round (one rerun costs less than growing step by step).
+    return result if settled else run(sample.head(workload.profiled_rounds * concurrency))
 
 
 def _ranks_symmetric(workload: Workload, replicas: int, dp: int) -> bool:

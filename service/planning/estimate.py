@@ -127,12 +127,12 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         raise PlanningError(f"concurrency must be at least 1 (got {request.concurrency})")
     concurrency = request.concurrency or 0
     count = request.requests or default_requests(arrival, concurrency)
-    profiled = 0
+    profiled_rounds = 0
     if request.requests is None and arrival is ArrivalKind.CLOSED and request.client_start == ClientStart.BENCHMARK:
-        # The benchmark client profiles a fixed number of rounds per client (see docs/ENGINES.md); a few
-        # simulated rounds after the first wave stand for the rest.
-        profiled = BENCHMARK_REQUESTS_PER_CLIENT * concurrency
-        count = min(MAX_REQUESTS, profiled, max(64, SIMULATED_BENCHMARK_ROUNDS * concurrency))
+        # The benchmark client profiles a fixed number of rounds per client (see docs/ENGINES.md); the
+        # simulation runs rounds until they settle and its last round stands for the rest.
+        profiled_rounds = BENCHMARK_REQUESTS_PER_CLIENT
+        count = min(MAX_REQUESTS, concurrency * min(profiled_rounds, SIMULATED_BENCHMARK_ROUNDS))
     if not 1 <= count <= MAX_REQUESTS:
         raise PlanningError(f"requests must be between 1 and {MAX_REQUESTS} (got {count})")
     workload = Workload(
@@ -145,7 +145,7 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         num_requests=count,
         seed=request.seed,
         closed_loop_staggered=client_staggered(request.client_start),
-        profiled_requests=profiled,
+        profiled_rounds=profiled_rounds,
     )
     workload.validate()
     return workload

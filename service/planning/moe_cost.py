@@ -19,6 +19,9 @@ from service.planning.specs import DType, GpuSpec
 
 # Routing skew names as in the kernel tables: balanced (even) or power_law_<exponent> (skewed).
 BALANCED = "balanced"
+# Independent uniform routing: each token picks its top-k experts at random, as a served model's router does
+# without a tuned balance. Fewer experts are touched than under the tables' even spread at small batches.
+RANDOM = "random"
 # N width (output columns) of one grouped-GEMM CTA tile.
 TILE_N = 128
 
@@ -184,6 +187,17 @@ def routing_summary(loads: FloatArray, tile_tokens: float) -> Routing:
     return Routing(touched.sum(axis=-1), loads.sum(axis=-1), tiles.sum(axis=-1))
 
 
+def _random_summary(n: FloatArray, num_experts: int, topk: int, local: int, tile_tokens: float) -> Routing:
+    """Routing of independent uniform top-k picks: an expert's load is Binomial(n, topk / experts)."""
+    p = topk / num_experts
+    hit = 1.0 - np.power(1.0 - p, n)
+    mean = n * p
+    # A touched expert holds mean / hit tokens on average; its GEMM runs that many tokens in whole tiles.
+    per_touched = np.where(hit > 0, mean / np.maximum(hit, 1e-300), 0.0)
+    tiles = hit * np.ceil(np.maximum(per_touched, 1.0) / tile_tokens - 1e-9)
+    return Routing(hit * local, mean * local, tiles * local)
+
+
 def _balanced_summary(n: FloatArray, num_experts: int, topk: int, local: int, tile_tokens: float) -> Routing:
     per_expert = n * topk / num_experts
     touched = np.minimum(per_expert, 1.0)
@@ -204,6 +218,8 @@ def moe_routing_summary(
     n = np.asarray(tokens, dtype=np.float64)
     if distribution == BALANCED:
         return _balanced_summary(n, num_experts, topk, local_experts, tile_tokens)
+    if distribution == RANDOM:
+        return _random_summary(n, num_experts, topk, local_experts, tile_tokens)
     ep = max(1, num_experts // max(1, local_experts))
     loads = expert_loads(n, num_experts=num_experts, topk=topk, ep_ranks=ep, distribution=distribution)
     return routing_summary(loads, tile_tokens)
@@ -225,7 +241,7 @@ def expected_touched_experts(
 
 def local_pair_share(num_experts: int, local_experts: int, topk: int, distribution: str = BALANCED) -> float:
     """Token-expert pairs per token that land on the busiest GPU's experts (at a large token count)."""
-    if distribution == BALANCED:
+    if distribution in (BALANCED, RANDOM):
         return topk * local_experts / num_experts
     ep = max(1, num_experts // max(1, local_experts))
     loads = expert_loads(float(1 << 16), num_experts=num_experts, topk=topk, ep_ranks=ep, distribution=distribution)

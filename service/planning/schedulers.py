@@ -117,6 +117,15 @@ class SimInstance:
     peak_kv: int = 0
     preemptions: int = 0
     rejected: int = 0
+    # The step-done event now pending for this instance (stale ones are skipped) and the fast-forwarded
+    # run it ends: start time, first step, per-step growth and step count.
+    pending_event: int = 0
+    ff_start_s: float = 0.0
+    ff_first_s: float = 0.0
+    ff_slope_s: float = 0.0
+    ff_steps: int = 0
+    # Per-step figures of that run (GEMM, attention, communication seconds, sequences, CPU-bound).
+    ff_step: tuple[float, float, float, int, bool] = (0.0, 0.0, 0.0, 0, False)
 
     @property
     def kv_free(self) -> int:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from service.planning.memory import KV_BLOCK_TOKENS
 from service.planning.schedulers import (
@@ -88,6 +89,20 @@ class SimulationResult:
     queue_share: float
     # How many profiled requests each simulated one stands for (benchmark rounds not simulated).
     weights: FloatArray | None = None
+    # Closed loop: the client round each completed request belongs to.
+    rounds: npt.NDArray[np.int64] | None = None
+
+    def round_means_s(self, last: int) -> list[tuple[float, float]]:
+        """Mean (TTFT, TPOT) of each of the last ``last`` closed-loop rounds, oldest first."""
+        if self.rounds is None or self.rounds.size == 0:
+            return []
+        top = int(self.rounds.max())
+        out = []
+        for index in range(max(0, top - last + 1), top + 1):
+            sel = self.rounds == index
+            if np.any(sel):
+                out.append((float(self.ttft_s[sel].mean()), float(self.tpot_s[sel].mean())))
+        return out
 
     @property
     def ttft(self) -> LatencyStats:
@@ -168,10 +183,10 @@ class _Simulation:
         rate_per_s: float,
         concurrency: int,
         closed_loop_ramp_s: float = 0.0,
-        later_request_weight: float = 1.0,
+        profiled_rounds: int = 0,
     ) -> None:
         self.ramp_s = closed_loop_ramp_s
-        self.later_request_weight = later_request_weight
+        self.profiled_rounds = profiled_rounds
         self.entry = [SimInstance(c, i) for i, c in enumerate(entry)]
         self.decode = [SimInstance(c, len(entry) + i) for i, c in enumerate(decode)]
         self.instances = self.entry + self.decode
@@ -231,18 +246,22 @@ class _Simulation:
                 self.issue(float(times[self.issued]))
         steps = 0
         while self.heap:
-            time_s, _, kind, idx, req = heapq.heappop(self.heap)
+            time_s, counter, kind, idx, req = heapq.heappop(self.heap)
+            if kind == _STEP_DONE and counter != self.instances[idx].pending_event:
+                continue  # a fast-forwarded run that an arrival cut short
             self.now = time_s
             if kind == _ARRIVE:
                 assert req is not None
                 inst = self.entry[self.next_entry % len(self.entry)]
                 self.next_entry += 1
                 inst.waiting.append(req)
+                self.cut_fast_forward(inst)
                 self.kick(inst)
             elif kind == _DECODE_ARRIVE:
                 assert req is not None
                 inst = min(self.decode, key=SimInstance.load)
                 inst.waiting.append(req)
+                self.cut_fast_forward(inst)
                 self.kick(inst)
             else:
                 inst = self.instances[idx]
@@ -264,7 +283,40 @@ class _Simulation:
         inst.busy = True
         inst.steps += repeat
         self.push(self.now + duration, _STEP_DONE, inst.index, None)
+        inst.pending_event = self.counter
         inst.busy_s += duration
+
+    def cut_fast_forward(self, inst: SimInstance) -> None:
+        """End a fast-forwarded run at the step in flight now, so a new arrival is scheduled on time."""
+        if not inst.busy or inst.ff_steps <= 1:
+            return
+        first, slope = inst.ff_first_s, inst.ff_slope_s
+        elapsed = self.now - inst.ff_start_s
+        # Steps k take first + slope*(k-1): the run's first k steps end at k*first + slope*k*(k-1)/2.
+        if slope > 0:
+            b = first - slope / 2
+            k = math.ceil((-b + math.sqrt(b * b + 2 * slope * max(0.0, elapsed))) / slope - 1e-12)
+        else:
+            k = math.ceil(elapsed / first - 1e-12) if first > 0 else inst.ff_steps
+        k = max(1, min(inst.ff_steps, k))
+        if k >= inst.ff_steps:
+            return
+        old_s = inst.ff_steps * first + slope * inst.ff_steps * (inst.ff_steps - 1) / 2
+        new_s = k * first + slope * k * (k - 1) / 2
+        inst.batch = [(req, k) for req, _ in inst.batch]
+        dropped = inst.ff_steps - k
+        gemm_s, attention_s, communication_s, seqs, cpu_bound = inst.ff_step
+        inst.busy_s -= old_s - new_s
+        inst.steps -= dropped
+        inst.gemm_s -= gemm_s * dropped
+        inst.attention_s -= attention_s * dropped
+        inst.communication_s -= communication_s * dropped
+        inst.batch_tokens -= seqs * dropped
+        if cpu_bound:
+            inst.cpu_bound_s -= old_s - new_s
+        inst.ff_steps = k
+        self.push(inst.ff_start_s + new_s, _STEP_DONE, inst.index, None)
+        inst.pending_event = self.counter
 
     def form_batch(self, inst: SimInstance) -> Batch:
         return self.schedulers[inst.index].form_batch(inst, self.now)
@@ -272,12 +324,13 @@ class _Simulation:
     # Timing ---------------------------------------------------------------------------------------
 
     def batch_duration(self, inst: SimInstance, batch: list[tuple[SimRequest, int]]) -> tuple[float, int]:
-        prefill_tokens = decode_seqs = prefill_seqs = 0
+        prefill_tokens = decode_seqs = prefill_seqs = chunks = 0
         key_pairs = kv_read = decode_ctx = blocks = 0.0
         tile = inst.config.cost.calibration.attention_prefill_query_tile
         for req, tokens in batch:
             if req.in_prefill:
                 past = req.prefilled
+                chunks += 1
                 prefill_tokens += tokens
                 key_pairs += tokens * (past + (tokens + 1) / 2.0)
                 kv_read += past + tokens
@@ -294,6 +347,7 @@ class _Simulation:
             prefill_kv_tokens=kv_read,
             prefill_sequences=prefill_seqs,
             prefill_query_blocks=blocks,
+            prefill_chunks=chunks,
             decode_sequences=decode_seqs,
             decode_context_tokens=decode_ctx,
         )
@@ -308,15 +362,19 @@ class _Simulation:
         if step.cpu_s >= step.gpu_s:
             inst.cpu_bound_s += duration
         inst.batch_tokens += (prefill_tokens + decode_seqs) * repeat
+        inst.ff_step = (step.gemm_s, step.attention_s, step.communication_s, decode_seqs, step.cpu_s >= step.gpu_s)
         return duration, repeat
 
     def fast_forward(
         self, inst: SimInstance, batch: list[tuple[SimRequest, int]], first_s: float, seqs: int, ctx: float
     ) -> tuple[float, int]:
         """Run several identical decode steps at once while nothing else can change the batch."""
+        inst.ff_steps = 1
         if inst.config.role is not Role.PREFILL and self.schedulers[inst.index].admission_possible(inst):
             return first_s, 1
-        horizon = self.heap[0][0] if self.heap else math.inf
+        # Events of other instances cannot change this batch; an arrival routed here cuts the run short
+        # (cut_fast_forward), so the run goes on until a request finishes or the KV blocks run out.
+        horizon = math.inf
         remaining = min(req.output_tokens - req.generated for req, _ in batch)
         free_blocks = inst.kv_free // KV_BLOCK_TOKENS
         kv_steps = KV_BLOCK_TOKENS * max(0, free_blocks // max(1, seqs) - 1)
@@ -365,6 +423,7 @@ class _Simulation:
         for req, _ in batch:
             # KV for the extra tokens is claimed up front; it was checked against the free blocks.
             inst.grow_kv(req, req.context + steps)
+        inst.ff_start_s, inst.ff_first_s, inst.ff_slope_s, inst.ff_steps = self.now, first_s, slope, steps
         return total, steps
 
     def finish_step(self, inst: SimInstance) -> None:
@@ -412,11 +471,15 @@ class _Simulation:
         steps = sum(i.steps for i in instances)
         span = max(duration, 1e-12) * len(instances)
         queue = float(np.mean(ttft / np.maximum(finish - arrival, 1e-12))) if done else 0.0
-        weights = None
-        if self.later_request_weight != 1.0:
-            # Closed loop: the first wave is issued as requests 0..concurrency-1; later ones stand for more.
-            first_wave = np.array([r.index < self.concurrency for r in done], dtype=bool)
-            weights = np.where(first_wave, 1.0, self.later_request_weight)
+        weights = rounds = None
+        if self.arrival is ArrivalKind.CLOSED and self.concurrency > 0:
+            # Closed loop: requests are issued in order, so request i belongs to round i // concurrency.
+            rounds = np.array([r.index // self.concurrency for r in done], dtype=np.int64)
+            simulated = -(-total // self.concurrency)
+            if self.profiled_rounds > simulated >= 3:
+                # The last round drains (clients stop, batches shrink) as the benchmark's last round does; the
+                # round before it stands for itself and the steady rounds that were not simulated.
+                weights = np.where(rounds == simulated - 2, float(self.profiled_rounds - simulated + 1), 1.0)
         return SimulationResult(
             ttft_s=ttft,
             tpot_s=tpot,
@@ -435,6 +498,7 @@ class _Simulation:
             preemptions=sum(i.preemptions for i in instances),
             queue_share=queue,
             weights=weights,
+            rounds=rounds,
         )
 
 
@@ -448,7 +512,7 @@ def simulate(
     decode_instances: list[InstanceConfig] | None = None,
     transfer: KvTransfer | None = None,
     closed_loop_ramp_s: float = 0.0,
-    later_request_weight: float = 1.0,
+    profiled_rounds: int = 0,
 ) -> SimulationResult:
     """Simulate requests through collocated instances, or prefill instances feeding decode instances."""
     decode = decode_instances or []
@@ -463,5 +527,5 @@ def simulate(
         rate_per_s,
         concurrency,
         closed_loop_ramp_s,
-        later_request_weight,
+        profiled_rounds,
     ).run()

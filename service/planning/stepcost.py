@@ -16,9 +16,12 @@ from service.planning.kernels import (
     elementwise_time_s,
     gemm_time_s,
 )
-from service.planning.moe_cost import MoeCalibration, alltoall_time_s, moe_layer_time_s
+from service.planning.mla_cost import MlaCalibration, mla_decode_time_s, mla_prefill_time_s
+from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
 from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
 
+# Mean contexts (tokens) at which MLA decode time is tabulated per batch size; steps interpolate between them.
+MLA_CONTEXT_GRID_TOKENS = (0.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0)
 # Kernels per decoder layer that an eager (non-graphed) step launches: norms, GEMMs, rotary,
 # attention, activation, collectives.
 KERNELS_PER_LAYER = 14
@@ -193,6 +196,7 @@ class ReplicaStepCost:
         # Expert-parallel dispatch + combine per MoE layer: low-latency kernels in decode-only steps,
         # normal (high-throughput) kernels when prefill tokens are in the step.
         self._ep_comm_decode, self._ep_comm_prefill = self._expert_parallel_comm(m)
+        self._mla_decode_table = self._mla_decode_times(m) if model.mla is not None else None
         self._lm_head = gemm_time_s(
             m,
             model.vocab_size / tp,
@@ -232,6 +236,15 @@ class ReplicaStepCost:
             qkv_n = (self.heads_per_gpu + 2 * self.kv_heads_per_gpu) * model.head_dim
             out: FloatArray = self._gemm(m, qkv_n, hidden) + self._gemm(m, hidden, self.heads_per_gpu * model.head_dim)
             return out
+        # The MLA block (its projections, attention and output projection) is timed whole in mla_cost.
+        return np.zeros_like(m)
+
+    def _mla_projection_gemms(self, m: FloatArray) -> FloatArray:
+        """Projection GEMMs of an MLA block as plain GEMMs (kept for reference breakdowns)."""
+        model = self.model
+        hidden = model.hidden_size
+        mla = model.mla
+        assert mla is not None
         qk_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
         heads = self.heads_per_gpu
         if mla.q_lora_rank > 0:
@@ -274,6 +287,7 @@ class ReplicaStepCost:
             gpu=self.gpu,
             calibration=self.moe_calibration,
             gated=self.model.ffn_gated,
+            distribution=RANDOM,
         )
         router = self._gemm(m, moe.num_experts, self.model.hidden_size)
         shared: FloatArray = np.zeros_like(m)
@@ -281,6 +295,49 @@ class ReplicaStepCost:
             shared_ffn = moe.num_shared_experts * (moe.shared_expert_intermediate_size or moe.expert_intermediate_size)
             shared = self._ffn_gemms(m, shared_ffn / layout.tp)
         total: FloatArray = experts + router + shared
+        return total
+
+    def _mla_kwargs(self) -> dict[str, object]:
+        model = self.model
+        return {
+            "heads_per_gpu": self.heads_per_gpu,
+            "kv_dtype": self.kv_dtype,
+            "gemm_dtype": "fp8_block" if self.weight_dtype is DType.FP8 else "bf16",
+            "gpu": self.gpu,
+            "calibration": MlaCalibration().with_overrides(self.moe_calibration.mla),
+            "mla": model.mla,
+            "hidden_size": model.hidden_size,
+        }
+
+    def _mla_decode_times(self, m: FloatArray) -> FloatArray:
+        """MLA decode block time per layer, by batch size (rows) and mean context (MLA_CONTEXT_GRID_TOKENS)."""
+        kwargs = self._mla_kwargs()
+        columns = [
+            mla_decode_time_s(m, np.full_like(m, ctx), **kwargs)  # type: ignore[arg-type]
+            for ctx in MLA_CONTEXT_GRID_TOKENS
+        ]
+        table: FloatArray = np.stack(columns, axis=1)
+        return table
+
+    def _mla_attention_s(
+        self, prefill_tokens: int, prefill_chunks: int, prefill_key_pairs: float, decode_sequences: int, context: float
+    ) -> float:
+        """One layer's MLA blocks for the step's prefill chunks and decode tokens."""
+        total = 0.0
+        if prefill_tokens > 0:
+            chunks = max(1, prefill_chunks)
+            chunk = prefill_tokens / chunks
+            # Key pairs = sum of chunk x (past + (chunk + 1) / 2): recover the mean past length.
+            past = max(0.0, prefill_key_pairs / prefill_tokens - (chunk + 1.0) / 2.0)
+            kwargs = self._mla_kwargs()
+            total += float(mla_prefill_time_s(chunks, chunk, past_kv_len=past, **kwargs))  # type: ignore[arg-type]
+        if decode_sequences > 0:
+            assert self._mla_decode_table is not None
+            batch = min(decode_sequences, self.max_tokens)
+            mean_context = context / decode_sequences
+            row = self._mla_decode_table[batch]
+            per_batch = float(np.interp(mean_context, MLA_CONTEXT_GRID_TOKENS, row))
+            total += per_batch * decode_sequences / batch
         return total
 
     def _expert_parallel_comm(self, m: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -304,8 +361,9 @@ class ReplicaStepCost:
                     ranks_per_domain=self.gpu.scale_up_domain_gpus,
                     mode=mode,
                     calibration=self.moe_calibration,
+                    phase=phase,
                 )
-                for element_bytes in (1.0, 2.0)
+                for phase, element_bytes in (("dispatch", 1.0), ("combine", 2.0))
             ]
             out.append(phases[0] + phases[1])
         return out[0], out[1]
@@ -344,6 +402,7 @@ class ReplicaStepCost:
         decode_sequences: int = 0,
         decode_context_tokens: float = 0.0,
         sampled_sequences: int | None = None,
+        prefill_chunks: int = 0,
     ) -> StepTime:
         """Duration of one step that runs the given prefill chunks and decode tokens."""
         pp = self.layout.pp
@@ -359,7 +418,15 @@ class ReplicaStepCost:
         model, c, gpu = self.model, self.calibration, self.gpu
         layers_total = self.layers_per_stage * pp
         attention = 0.0
-        if prefill_tokens > 0:
+        if model.mla is not None:
+            attention = layers_total * self._mla_attention_s(
+                prefill_tokens,
+                prefill_chunks or prefill_sequences,
+                prefill_key_pairs,
+                decode_sequences,
+                decode_context_tokens,
+            )
+        elif prefill_tokens > 0:
             attention += layers_total * attention_prefill_time_s(
                 query_tokens=prefill_tokens,
                 attended_key_pairs=prefill_key_pairs,
@@ -373,7 +440,7 @@ class ReplicaStepCost:
                 num_sms=gpu.num_sms,
                 calibration=c,
             )
-        if decode_sequences > 0:
+        if decode_sequences > 0 and model.mla is None:
             attention += layers_total * attention_decode_time_s(
                 sequences=decode_sequences,
                 context_tokens=decode_context_tokens,

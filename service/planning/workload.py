@@ -173,18 +173,10 @@ class Workload:
     arrival_times_s: tuple[float, ...] = field(default=())
     # Closed-loop clients start all at t=0 (a benchmark burst) or spread over one request lifetime.
     closed_loop_staggered: bool = False
-    # Closed loop: requests the benchmark profiles when more than the simulated ones (0: the same). The
-    # later rounds of fixed-length requests repeat a steady pattern, so a few simulated rounds stand for all.
-    profiled_requests: int = 0
-
-    def later_request_weight(self) -> float:
-        """Profiled requests each simulated request after the first wave stands for."""
-        if self.arrival is not ArrivalKind.CLOSED or self.profiled_requests <= self.num_requests:
-            return 1.0
-        later = self.num_requests - self.concurrency
-        if later <= 0:
-            return 1.0
-        return (self.profiled_requests - self.concurrency) / later
+    # Closed loop: client rounds the benchmark profiles (0: just the simulated requests). Later rounds of
+    # fixed-length requests settle into a steady pattern, so the simulation stops once two rounds agree and
+    # its last round stands for the rest.
+    profiled_rounds: int = 0
 
     def validate(self) -> None:
         """Refuse workloads that cannot be simulated."""
@@ -217,6 +209,12 @@ class RequestSample:
         """Arrival times at ``rate_per_s`` (common random numbers across rates)."""
         scaled: FloatArray = self.unit_arrival_s / rate_per_s
         return scaled
+
+    def head(self, count: int) -> RequestSample:
+        """The first ``count`` requests, repeating the sample when it is shorter."""
+        size = self.input_tokens.size
+        longer = self.repeated(-(-count // size)) if count > size else self
+        return RequestSample(longer.input_tokens[:count], longer.output_tokens[:count], longer.unit_arrival_s[:count])
 
     def strided(self, step: int) -> RequestSample:
         """Every ``step``-th request: what one of ``step`` round-robin targets receives."""
