@@ -125,9 +125,10 @@ def main() -> int:
     for engine, values in fitted.items():
         existing[engine] = {k: v for k, v in values.items() if k in PARAMS}
     header = (
-        f"# Engine CPU constants fitted by `python bench/fit_engines.py` on {datetime.date.today().isoformat()}\n"
-        f"# on the e2e rows of the training models {sorted(TRAIN_MODELS)} (split by model; the other models\n"
-        "# are held out, see bench/RESULTS.md). Merged over engines.yaml entries of the same name.\n"
+        f"# Engine CPU constants fitted by `python -m bench.fit_engines` on {datetime.date.today().isoformat()}\n"
+        f"# on the e2e rows of the training models {', '.join(sorted(TRAIN_MODELS))}\n"
+        "# (split by model; the other models are held out, see bench/RESULTS.md).\n"
+        "# Merged over the engines.yaml entries of the same name.\n"
     )
     for engine, values in fitted.items():
         header += (

@@ -156,3 +156,57 @@ def test_db_upgrade_on_an_unreachable_database_is_one_line(tmp_path: Path) -> No
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "cannot upgrade the database" in done.stderr
+
+
+def test_attention_dp_and_expert_parallel_layout_in_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--tp", "1", "--attention-dp", "8", "--moe-ep", "8", "--weight-dtype", "fp8", "--concurrency", "16"]
+    rc = main([*estimate_args(*args, model="qwen3-235b-a22b", isl="256"), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layout"] == {"tp": 1, "pp": 1, "attention_dp": 8, "moe_tp": 1, "moe_ep": 8, "replicas": 1}
+    assert out["gpus"] == 8
+    # One rank stands for eight: the deployment's throughput counts all of them.
+    assert out["throughput"]["requests_per_s"] > 0
+    assert out["moe_weight_dtype"] == "fp8"
+
+
+def test_disaggregated_pools_take_their_own_layouts(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "--mode",
+        "disagg",
+        "--weight-dtype",
+        "fp8",
+        "--prefill-tp",
+        "16",
+        "--prefill-moe-ep",
+        "16",
+        "--decode-tp",
+        "1",
+        "--decode-attention-dp",
+        "16",
+        "--decode-moe-ep",
+        "16",
+        "--concurrency",
+        "32",
+    ]
+    rc = main([*estimate_args(*args, model="deepseek-r1", isl="1024"), "--json"])
+    assert rc == 0
+    layout = json.loads(capsys.readouterr().out)["layout"]
+    assert layout["prefill"] == {"tp": 16, "pp": 1, "attention_dp": 1, "moe_tp": 1, "moe_ep": 16, "workers": 1}
+    assert layout["decode"] == {"tp": 1, "pp": 1, "attention_dp": 16, "moe_tp": 1, "moe_ep": 16, "workers": 1}
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--tp", "3", "--attention-dp", "2", "--rate", "1"], "does not divide the 64 attention heads"),
+        (["--tp", "2", "--attention-dp", "2", "--moe-ep", "3", "--rate", "1"], "must equal tp x attention_dp"),
+        (["--weight-dtype", "fp4", "--rate", "1"], "cannot serve fp4 weights"),
+    ],
+)
+def test_bad_layouts_and_dtypes_are_refused(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = "mi300x" if "fp4" in args else "h100-sxm"
+    assert main(estimate_args(*args, model="qwen3-235b-a22b", gpu=gpu)) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1

@@ -55,7 +55,8 @@ class KnobOverrides:
             new_token_ratio_decay_steps=engine.new_token_ratio_decay_steps,
             retract_decode_steps=engine.retract_decode_steps,
             max_prefill_tokens=engine.max_prefill_tokens,
-            prompt_sized_token_budget=engine.prompt_sized_token_budget,
+            # An explicit token budget is what the user set on the engine: no sizing to the prompt then.
+            prompt_sized_token_budget=engine.prompt_sized_token_budget and self.max_batched_tokens is None,
         )
 
 
