@@ -210,3 +210,12 @@ def test_bad_layouts_and_dtypes_are_refused(args: list[str], needle: str, capsys
     err = capsys.readouterr().err
     assert needle in err
     assert err.count("\n") == 1
+
+
+def test_attention_dp_open_loop_serves_the_offered_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    # One rank stands for eight; it must see an eighth of the arrivals, not a sixty-fourth.
+    args = ["--tp", "1", "--attention-dp", "8", "--moe-ep", "8", "--weight-dtype", "fp8", "--rate", "4"]
+    rc = main([*estimate_args(*args, "--requests", "400", model="qwen3-235b-a22b", isl="256"), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["throughput"]["requests_per_s"] == pytest.approx(4.0, rel=0.2)

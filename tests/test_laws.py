@@ -25,20 +25,21 @@ from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, KnobOverrides, simulate_deployment
 from service.planning.estimate import EstimateRequest, run_estimate
 from service.planning.kernels import KernelCalibration, attention_prefill_time_s, gemm_time_s
-from service.planning.memory import GIB, plan_memory, require_fit
+from service.planning.memory import GIB, MemoryPlan, plan_memory, require_fit
 from service.planning.moe_cost import MoeCalibration, moe_layer_time_s
 from service.planning.schedulers import InstanceConfig, Role, SchedulerKnobs, SimInstance, SimRequest
 from service.planning.simulator import SimulationResult, simulate
-from service.planning.specs import DType, EngineSpec, GpuSpec, MLASpec, ModelSpec, MoESpec
+from service.planning.specs import DType, MLASpec, ModelSpec, MoESpec
 from service.planning.stepcost import ParallelLayout, ReplicaStepCost, make_layout
 from service.planning.workload import ArrivalKind, LengthDistribution, RequestSample, Workload, sample_requests
+from tests.specs_for_tests import engine_spec, gpu_spec, step_cost, tiny_dense
 
 # Derandomized: the same examples every run, so a failure here is a finding and not a flake.
 _FIXTURES_OK = [HealthCheck.function_scoped_fixture]
 LAWS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=_FIXTURES_OK)
 SIMS = settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=_FIXTURES_OK)
 
-DENSE = ModelSpec(
+DENSE = tiny_dense(
     name="law-dense",
     num_layers=8,
     hidden_size=1024,
@@ -48,15 +49,9 @@ DENSE = ModelSpec(
     intermediate_size=4096,
     vocab_size=32_000,
 )
-MOE = ModelSpec(
+MOE = replace(
+    DENSE,
     name="law-moe",
-    num_layers=8,
-    hidden_size=1024,
-    num_attention_heads=16,
-    num_kv_heads=4,
-    head_dim=64,
-    intermediate_size=4096,
-    vocab_size=32_000,
     moe=MoESpec(
         num_experts=32,
         experts_per_token=4,
@@ -71,31 +66,23 @@ MLA_MOE = replace(
     mla=MLASpec(q_lora_rank=384, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
 )
 
-GPU = GpuSpec(
+GPU = gpu_spec(
     name="law-gpu",
     memory_bytes=80 * GIB,
     hbm_bandwidth_bytes_per_s=3.0e12,
-    peak_flops_per_s={DType.BF16: 1.0e15, DType.FP8: 2.0e15},
     intra_node_bandwidth_bytes_per_s=4.0e11,
     inter_node_bandwidth_bytes_per_s=5.0e10,
-    gpus_per_node=8,
     price_per_hour_usd=2.0,
     num_sms=132,
 )
 
-ENGINE = EngineSpec(
+ENGINE = engine_spec(
     name="law-engine",
     step_overhead_s=2.0e-4,
     per_sequence_overhead_s=2.0e-6,
     kernel_launch_s=4.0e-6,
-    cuda_graphs=True,
-    cuda_graph_max_batch=64,
-    overlap_scheduling=False,
     max_num_batched_tokens=1024,
     max_num_seqs=128,
-    chunked_prefill=True,
-    mixed_batches=True,
-    gpu_memory_fraction=0.9,
 )
 
 # (model, layout) pairs the step-cost laws run over: dense TP and PP, MoE with TP only, attention DP with
@@ -115,16 +102,15 @@ MAX_TOKENS = 1025
 
 
 def _cost(model: ModelSpec, layout: ParallelLayout, weight_dtype: DType = DType.BF16) -> ReplicaStepCost:
-    return ReplicaStepCost(
-        model=model,
+    return step_cost(
+        model,
+        layout,
         gpu=GPU,
         engine=ENGINE,
-        layout=layout,
-        weight_dtype=weight_dtype,
-        kv_dtype=DType.BF16,
-        calibration=KernelCalibration(),
         max_tokens=MAX_TOKENS,
+        calibration=KernelCalibration(),
         moe_calibration=MoeCalibration(),
+        weight_dtype=weight_dtype,
     )
 
 
@@ -276,9 +262,9 @@ def test_more_gpu_memory_never_gives_fewer_kv_tokens(
 ) -> None:
     model, layout = LAYOUTS[index]
 
-    def plan(gib: float) -> int:
+    def plan(gib: float) -> MemoryPlan:
         gpu = replace(GPU, memory_bytes=gib * GIB)
-        memory = plan_memory(
+        return plan_memory(
             model=model,
             gpu=gpu,
             engine=ENGINE,
@@ -287,22 +273,12 @@ def test_more_gpu_memory_never_gives_fewer_kv_tokens(
             kv_dtype=kv_dtype,
             max_batched_tokens=batched,
         )
-        return memory.kv_capacity_tokens
 
-    small, large = plan(memory_gib), plan(memory_gib + extra_gib)
+    bigger = plan(memory_gib + extra_gib)
+    small, large = plan(memory_gib).kv_capacity_tokens, bigger.kv_capacity_tokens
     assert large >= small >= 0
     if small > 0:
         # A layout that fits a request of ``small`` tokens keeps fitting it with the larger memory.
-        gpu = replace(GPU, memory_bytes=(memory_gib + extra_gib) * GIB)
-        bigger = plan_memory(
-            model=model,
-            gpu=gpu,
-            engine=ENGINE,
-            layout=layout,
-            weight_dtype=weight_dtype,
-            kv_dtype=kv_dtype,
-            max_batched_tokens=batched,
-        )
         require_fit(bigger, min_tokens=small, label="law")
 
 
@@ -429,15 +405,8 @@ def test_fast_forward_equals_step_by_step_across_the_cpu_gpu_crossover(monkeypat
     # CPU (2.16 ms) bounds the first decode steps, the growing attention makes the GPU bound later ones, so
     # step time is not affine in the context over the run the fast-forward skips.
     engine = replace(ENGINE, overlap_scheduling=True, step_overhead_s=2.0e-3, per_sequence_overhead_s=1.0e-5)
-    cost = ReplicaStepCost(
-        model=DENSE,
-        gpu=GPU,
-        engine=engine,
-        layout=make_layout(),
-        weight_dtype=DType.BF16,
-        kv_dtype=DType.BF16,
-        calibration=KernelCalibration(),
-        max_tokens=MAX_TOKENS,
+    cost = step_cost(
+        DENSE, make_layout(), gpu=GPU, engine=engine, max_tokens=MAX_TOKENS, calibration=KernelCalibration()
     )
     start = cost.step(decode_sequences=16, decode_context_tokens=16 * 33_000.0)
     end = cost.step(decode_sequences=16, decode_context_tokens=16 * 35_000.0)

@@ -1,13 +1,14 @@
 """Hand-checked memory model: parameter counts, weights per GPU, KV bytes per token, KV capacity, refusals.
 
-Every expected number below is worked out by hand from the architecture of a tiny model built here (not
-from the catalog), with the arithmetic written next to it so a reader can redo it.
+Every expected number below is worked out by hand from the architecture of a tiny model (built here and in
+tests/specs_for_tests.py, not from the catalog), with the arithmetic written next to it so a reader can redo it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -16,85 +17,41 @@ from service.planning.memory import (
     GIB,
     KV_BLOCK_TOKENS,
     NON_TORCH_RESERVE_BYTES,
+    MemoryPlan,
     activation_reserve_bytes,
     parameter_counts,
     plan_memory,
     require_fit,
     weight_bytes_per_gpu,
 )
-from service.planning.specs import DType, EngineSpec, GpuSpec, MLASpec, ModelSpec, MoESpec, PlanningError
+from service.planning.specs import DType, MLASpec, MoESpec, PlanningError
 from service.planning.stepcost import ParallelLayout, kv_bytes_per_token_per_gpu, make_layout
+from tests.specs_for_tests import engine_spec, gpu_spec, tiny_dense, tiny_moe
 
 # A dense GQA model: 4 layers, hidden 64, 8 query heads and 2 KV heads of 16 dims, SwiGLU FFN 128, vocab 1000.
-DENSE = ModelSpec(
-    name="tiny-dense",
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=8,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=1000,
-)
+DENSE = tiny_dense()
 
 # The same trunk with MoE FFNs: 16 experts of width 64 (top-2), one shared expert of width 64, first layer dense.
-MOE = ModelSpec(
-    name="tiny-moe",
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=8,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=1000,
-    moe=MoESpec(
-        num_experts=16,
-        experts_per_token=2,
-        expert_intermediate_size=64,
-        num_shared_experts=1,
-        shared_expert_intermediate_size=64,
-        num_dense_layers=1,
-    ),
-)
+MOE = tiny_moe()
 
 # MLA attention (DeepSeek style) on 3 layers of hidden 64 with 4 heads.
-MLA = ModelSpec(
+MLA = tiny_dense(
     name="tiny-mla",
     num_layers=3,
-    hidden_size=64,
     num_attention_heads=4,
     num_kv_heads=4,
     head_dim=12,
-    intermediate_size=128,
-    vocab_size=1000,
     tie_word_embeddings=True,
     mla=MLASpec(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
 )
 
-GPU = GpuSpec(
-    name="test-gpu",
-    memory_bytes=2 * GIB,
-    hbm_bandwidth_bytes_per_s=1.0e12,
-    peak_flops_per_s={DType.BF16: 1.0e15, DType.FP8: 2.0e15},
-    intra_node_bandwidth_bytes_per_s=1.0e11,
-    inter_node_bandwidth_bytes_per_s=1.0e10,
-    gpus_per_node=8,
-    price_per_hour_usd=1.0,
-    num_sms=100,
-)
+GPU = gpu_spec(memory_bytes=2 * GIB)
 
-ENGINE = EngineSpec(
-    name="test-engine",
-    step_overhead_s=1.0e-4,
-    per_sequence_overhead_s=1.0e-6,
-    kernel_launch_s=5.0e-6,
+ENGINE = engine_spec(
     cuda_graphs=False,
     cuda_graph_max_batch=32,
-    overlap_scheduling=False,
     max_num_batched_tokens=256,
     max_num_seqs=32,
-    chunked_prefill=True,
-    mixed_batches=True,
     gpu_memory_fraction=0.5,
 )
 
@@ -119,13 +76,11 @@ def test_parameter_counts_of_a_gqa_moe_model() -> None:
 
 
 def test_parameter_counts_of_a_dense_ungated_model() -> None:
-    opt = ModelSpec(
+    opt = tiny_dense(
         name="tiny-opt",
         num_layers=2,
-        hidden_size=64,
         num_attention_heads=4,
         num_kv_heads=4,
-        head_dim=16,
         intermediate_size=256,
         vocab_size=100,
         tie_word_embeddings=True,
@@ -208,15 +163,9 @@ def test_mla_down_projections_are_not_split_by_tp() -> None:
 def test_the_most_loaded_pipeline_stage_counts() -> None:
     # A model whose dense FFN outweighs a MoE layer on one GPU (DeepSeek-V3-like with wide expert parallelism:
     # the dense first layers hold 3 x 7168 x 18432 parameters, a MoE layer's 8-way share far fewer).
-    wide_dense = ModelSpec(
+    wide_dense = tiny_dense(
         name="tiny-wide-dense",
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=8,
-        num_kv_heads=2,
-        head_dim=16,
         intermediate_size=1024,
-        vocab_size=1000,
         moe=MoESpec(num_experts=16, experts_per_token=2, expert_intermediate_size=64, num_dense_layers=1),
     )
     layout = make_layout(tp=1, pp=2, attention_dp=4, moe_ep=4)
@@ -262,6 +211,20 @@ def test_kv_bytes_per_token_mla() -> None:
 # KV capacity --------------------------------------------------------------------------------------------
 
 
+def _plan(**changes: Any) -> MemoryPlan:
+    """The memory plan of DENSE on one GPU, bf16 weights and KV, 256 batched tokens, with ``changes``."""
+    args: dict[str, Any] = {
+        "model": DENSE,
+        "gpu": GPU,
+        "engine": ENGINE,
+        "layout": ParallelLayout(),
+        "weight_dtype": DType.BF16,
+        "kv_dtype": DType.BF16,
+        "max_batched_tokens": 256,
+    }
+    return plan_memory(**{**args, **changes})
+
+
 def test_activation_reserve() -> None:
     # 256 tokens x (18 x 64 + 4 x 128 / tp=1) x 2 B = 256 x 1_664 x 2 = 851_968 activations;
     # min(32 sequences, 256 tokens) x vocab 1000 x 4 B = 128_000 sampler; no CUDA graphs; 0.6 GiB outside torch
@@ -272,15 +235,7 @@ def test_activation_reserve() -> None:
 
 
 def test_kv_capacity_from_the_formula() -> None:
-    plan = plan_memory(
-        model=DENSE,
-        gpu=GPU,
-        engine=ENGINE,
-        layout=ParallelLayout(),
-        weight_dtype=DType.BF16,
-        kv_dtype=DType.BF16,
-        max_batched_tokens=256,
-    )
+    plan = _plan()
     usable = 2 * GIB * 0.5  # 1_073_741_824
     # attention 4 x 20_480 x 2 = 163_840 + FFN 4 x 24_576 x 2 = 196_608 + ends 128_000 x 2 = 256_000
     weights = 616_448
@@ -299,16 +254,7 @@ def test_kv_capacity_from_the_formula() -> None:
 
 
 def test_kv_capacity_with_an_explicit_memory_fraction_and_tp2() -> None:
-    plan = plan_memory(
-        model=DENSE,
-        gpu=GPU,
-        engine=ENGINE,
-        layout=make_layout(tp=2),
-        weight_dtype=DType.BF16,
-        kv_dtype=DType.FP8,
-        max_batched_tokens=100,
-        memory_fraction=0.75,
-    )
+    plan = _plan(layout=make_layout(tp=2), kv_dtype=DType.FP8, max_batched_tokens=100, memory_fraction=0.75)
     usable = 2 * GIB * 0.75  # 1_610_612_736
     weights = 616_448 / 2  # every matrix split over tp=2: 308_224
     # 100 x (18 x 64 + 4 x 128 / 2) x 2 = 100 x 1_408 x 2 = 281_600; sampler 32 x 1000 x 4 = 128_000
@@ -324,29 +270,13 @@ def test_kv_capacity_with_an_explicit_memory_fraction_and_tp2() -> None:
 def test_kv_capacity_is_zero_when_weights_do_not_fit() -> None:
     small = replace(GPU, memory_bytes=1.0 * GIB)
     # 0.5 GiB usable is less than the 0.6 GiB reserve alone.
-    plan = plan_memory(
-        model=DENSE,
-        gpu=small,
-        engine=ENGINE,
-        layout=ParallelLayout(),
-        weight_dtype=DType.BF16,
-        kv_dtype=DType.BF16,
-        max_batched_tokens=256,
-    )
+    plan = _plan(gpu=small)
     assert plan.kv_cache_bytes < 0
     assert plan.kv_capacity_tokens == 0
 
 
 def test_require_fit_names_the_numbers() -> None:
-    plan = plan_memory(
-        model=DENSE,
-        gpu=GPU,
-        engine=ENGINE,
-        layout=ParallelLayout(),
-        weight_dtype=DType.BF16,
-        kv_dtype=DType.BF16,
-        max_batched_tokens=256,
-    )
+    plan = _plan()
     require_fit(plan, min_tokens=835_728, label="tiny-dense tp1")  # exactly enough: accepted
     with pytest.raises(PlanningError) as info:
         require_fit(plan, min_tokens=835_729, label="tiny-dense tp1")

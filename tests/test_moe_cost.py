@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,19 +18,14 @@ from service.planning.moe_cost import (
     moe_routing_summary,
 )
 from service.planning.specs import DType, GpuSpec
+from tests.specs_for_tests import gpu_spec
 
 
 def _gpu() -> GpuSpec:
-    return GpuSpec(
-        name="test-gpu",
-        memory_bytes=80e9,
+    return gpu_spec(
         hbm_bandwidth_bytes_per_s=2.0e12,
-        peak_flops_per_s={DType.BF16: 1.0e15, DType.FP8: 2.0e15},
         intra_node_bandwidth_bytes_per_s=400e9,
         inter_node_bandwidth_bytes_per_s=50e9,
-        gpus_per_node=8,
-        price_per_hour_usd=1.0,
-        num_sms=100,
     )
 
 
@@ -69,34 +66,19 @@ def test_moe_layer_time_exact() -> None:
     t_memory = (weights + acts) / (2e12 * 0.8)
     roof = (t_compute**4 + t_memory**4) ** 0.25
     overhead = 1e-5 + 1e-9 * 4 + 2.0 * 4 * 2 * 256 * 2 / 2e12
-    got = moe_layer_time_s(
-        tokens,
-        hidden_size=hidden,
-        expert_width_per_gpu=width,
-        num_experts=8,
-        local_experts=4,
-        topk=2,
-        weight_dtype=DType.BF16,
-        gpu=gpu,
-        calibration=c,
-    )
+    layer: dict[str, Any] = {
+        "hidden_size": hidden,
+        "expert_width_per_gpu": width,
+        "num_experts": 8,
+        "local_experts": 4,
+        "topk": 2,
+        "weight_dtype": DType.BF16,
+        "gpu": gpu,
+        "calibration": c,
+    }
+    got = moe_layer_time_s(tokens, **layer)
     assert float(got) == pytest.approx(roof + overhead, rel=1e-12)
-    assert (
-        float(
-            moe_layer_time_s(
-                0.0,
-                hidden_size=hidden,
-                expert_width_per_gpu=width,
-                num_experts=8,
-                local_experts=4,
-                topk=2,
-                weight_dtype=DType.BF16,
-                gpu=gpu,
-                calibration=c,
-            )
-        )
-        == 0.0
-    )
+    assert float(moe_layer_time_s(0.0, **layer)) == 0.0
 
 
 def test_alltoall_exact() -> None:

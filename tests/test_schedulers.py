@@ -15,6 +15,7 @@ from service.planning.schedulers import (
     VllmScheduler,
     prompt_sized_budget_tokens,
 )
+from tests.specs_for_tests import engine_spec
 
 
 def _instance(kv_tokens: int, role: Role = Role.COLLOCATED, **knobs: Any) -> SimInstance:
@@ -154,3 +155,13 @@ def test_trtllm_guaranteed_no_evict_reserves_prompt_plus_output() -> None:
     # 2000 reserved for the first leaves 1000 < 1100 for the second: it waits although 2000 tokens are free.
     assert [(r.index, n) for r, n in batch] == [(0, 1000)]
     assert [r.index for r in inst.waiting] == [1]
+
+
+def test_knobs_from_an_engine_copy_its_scheduler_fields_and_share_its_defaults() -> None:
+    engine = engine_spec(scheduler="sglang", new_token_ratio_init=0.5, kv_reserve_output_fraction=1.0)
+    knobs = SchedulerKnobs.from_engine(engine, max_sequences=8)
+    assert (knobs.max_batched_tokens, knobs.max_sequences) == (512, 8)
+    assert (knobs.scheduler, knobs.new_token_ratio_init, knobs.kv_reserve_output_fraction) == ("sglang", 0.5, 1.0)
+    # Knobs built by hand fall back to the same defaults as an engine that leaves them unset.
+    plain = SchedulerKnobs(max_batched_tokens=512, max_sequences=64, chunked_prefill=True, mixed_batches=True)
+    assert SchedulerKnobs.from_engine(engine_spec()) == plain

@@ -1,8 +1,9 @@
 """Hand-checked step cost: collectives, MoE kernels, a step as the sum of its parts, layout refusals.
 
-The models, GPU, engine and calibrations are built here with round numbers; each expected time is either
-worked out by hand or assembled from the kernel functions of service/planning/kernels.py and moe_cost.py
-one term at a time, so a change in how a step is put together shows up as a mismatch.
+The models, GPU and engine (tests/specs_for_tests.py) and the calibrations here have round numbers; each
+expected time is either worked out by hand or assembled from the kernel functions of
+service/planning/kernels.py and moe_cost.py one term at a time, so a change in how a step is put together
+shows up as a mismatch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from service.planning.kernels import (
     gemm_time_s,
 )
 from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
-from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, MoESpec, PlanningError
+from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError
 from service.planning.stepcost import (
     ELEMENTWISE_HIDDEN_PASSES,
     ELEMENTWISE_KERNELS_PER_LAYER,
@@ -30,63 +31,12 @@ from service.planning.stepcost import (
     make_layout,
     validate_layout,
 )
+from tests.specs_for_tests import engine_spec, gpu_spec, step_cost, tiny_dense, tiny_moe
 
-DENSE = ModelSpec(
-    name="tiny-dense",
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=8,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=1000,
-)
-
-MOE = ModelSpec(
-    name="tiny-moe",
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=8,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=1000,
-    moe=MoESpec(
-        num_experts=16,
-        experts_per_token=2,
-        expert_intermediate_size=64,
-        num_shared_experts=1,
-        shared_expert_intermediate_size=64,
-        num_dense_layers=1,
-    ),
-)
-
-GPU = GpuSpec(
-    name="test-gpu",
-    memory_bytes=80.0e9,
-    hbm_bandwidth_bytes_per_s=1.0e12,
-    peak_flops_per_s={DType.BF16: 1.0e15, DType.FP8: 2.0e15},
-    intra_node_bandwidth_bytes_per_s=1.0e11,
-    inter_node_bandwidth_bytes_per_s=1.0e10,
-    gpus_per_node=8,
-    price_per_hour_usd=1.0,
-    num_sms=100,
-)
-
-ENGINE = EngineSpec(
-    name="test-engine",
-    step_overhead_s=1.0e-4,
-    per_sequence_overhead_s=1.0e-6,
-    kernel_launch_s=5.0e-6,
-    cuda_graphs=True,
-    cuda_graph_max_batch=64,
-    overlap_scheduling=False,
-    max_num_batched_tokens=512,
-    max_num_seqs=64,
-    chunked_prefill=True,
-    mixed_batches=True,
-    gpu_memory_fraction=0.9,
-)
+DENSE = tiny_dense()
+MOE = tiny_moe()
+GPU = gpu_spec()
+ENGINE = engine_spec()
 
 # Round numbers that differ from the defaults, so the step cost must read them from here.
 CAL = KernelCalibration(
@@ -113,17 +63,7 @@ MOE_CAL = MoeCalibration(
 
 
 def _cost(model: ModelSpec, layout: ParallelLayout, engine: EngineSpec = ENGINE) -> ReplicaStepCost:
-    return ReplicaStepCost(
-        model=model,
-        gpu=GPU,
-        engine=engine,
-        layout=layout,
-        weight_dtype=DType.BF16,
-        kv_dtype=DType.BF16,
-        calibration=CAL,
-        max_tokens=512,
-        moe_calibration=MOE_CAL,
-    )
+    return step_cost(model, layout, gpu=GPU, engine=engine, max_tokens=512, calibration=CAL, moe_calibration=MOE_CAL)
 
 
 def _gemm(m: float, n: float, k: float) -> float:

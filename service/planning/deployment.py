@@ -42,19 +42,11 @@ class KnobOverrides:
 
     def knobs_for(self, engine: EngineSpec) -> SchedulerKnobs:
         """The effective scheduler knobs on ``engine``."""
-        return SchedulerKnobs(
+        return SchedulerKnobs.from_engine(
+            engine,
             max_batched_tokens=self.max_batched_tokens or engine.max_num_batched_tokens,
             max_sequences=self.max_sequences or engine.max_num_seqs,
             chunked_prefill=engine.chunked_prefill if self.chunked_prefill is None else self.chunked_prefill,
-            mixed_batches=engine.mixed_batches,
-            kv_reserve_output_fraction=engine.kv_reserve_output_fraction,
-            scheduler=engine.scheduler,
-            long_prefill_token_threshold_tokens=engine.long_prefill_token_threshold_tokens,
-            new_token_ratio_init=engine.new_token_ratio_init,
-            new_token_ratio_min=engine.new_token_ratio_min,
-            new_token_ratio_decay_steps=engine.new_token_ratio_decay_steps,
-            retract_decode_steps=engine.retract_decode_steps,
-            max_prefill_tokens=engine.max_prefill_tokens,
             # An explicit token budget is what the user set on the engine: no sizing to the prompt then.
             prompt_sized_token_budget=engine.prompt_sized_token_budget and self.max_batched_tokens is None,
         )
@@ -260,7 +252,8 @@ def simulate_deployment(
                 instances=[built.config] * count,
                 sample=rounds_sample,
                 arrival=workload.arrival,
-                rate_per_s=rate * replicas / deployment.replicas * ranks / dp,
+                # The strided sample already thins the arrivals to one rank's share of the replica's rate.
+                rate_per_s=rate * replicas / deployment.replicas,
                 concurrency=concurrency,
                 closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, rounds_sample, workload, count * dp // ranks),
                 profiled_rounds=workload.profiled_rounds,

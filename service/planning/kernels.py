@@ -270,6 +270,15 @@ def attention_decode_time_s(
     return c.attention_decode_launch_s + per_sequence + max(t_memory, t_compute)
 
 
+def _collective_constants(kind: str, c: KernelCalibration) -> tuple[float, float, float]:
+    """Base latency, latency per log2(GPUs) and bus efficiency of a collective ``kind`` (per-kind overrides)."""
+    return (
+        c.collective_kind_base_latency_s.get(kind, c.collective_base_latency_s),
+        c.collective_kind_latency_per_log2_gpu_s.get(kind, c.collective_latency_per_log2_gpu_s),
+        c.collective_kind_bus_efficiency.get(kind, c.collective_bus_efficiency),
+    )
+
+
 def _bus_factor(kind: str, num_gpus: FloatArray) -> FloatArray:
     """Bytes each GPU sends per message byte in a ring (all-reduce moves twice the data of the others)."""
     share: FloatArray = (num_gpus - 1.0) / num_gpus
@@ -285,12 +294,9 @@ def collective_times_s(
     calibration: KernelCalibration,
 ) -> FloatArray:
     """NCCL collective times (vectorised over messages and GPU counts)."""
-    c = calibration
     n = np.asarray(num_gpus, dtype=np.float64)
     size = np.asarray(message_bytes, dtype=np.float64)
-    base = c.collective_kind_base_latency_s.get(kind, c.collective_base_latency_s)
-    per_hop = c.collective_kind_latency_per_log2_gpu_s.get(kind, c.collective_latency_per_log2_gpu_s)
-    eff = c.collective_kind_bus_efficiency.get(kind, c.collective_bus_efficiency)
+    base, per_hop, eff = _collective_constants(kind, calibration)
     latency = base + per_hop * np.log2(np.maximum(n, 1.0))
     t = latency + _bus_factor(kind, n) * size / (link_bandwidth_bytes_per_s * eff)
     out: FloatArray = np.where((n > 1) & (size > 0), t, 0.0)
@@ -308,11 +314,8 @@ def collective_time_s(
     """Time of one NCCL collective over ``num_gpus`` GPUs (ring cost with a latency floor)."""
     if num_gpus <= 1 or message_bytes <= 0:
         return 0.0
-    c = calibration
     n = float(num_gpus)
-    base = c.collective_kind_base_latency_s.get(kind, c.collective_base_latency_s)
-    per_hop = c.collective_kind_latency_per_log2_gpu_s.get(kind, c.collective_latency_per_log2_gpu_s)
-    eff = c.collective_kind_bus_efficiency.get(kind, c.collective_bus_efficiency)
+    base, per_hop, eff = _collective_constants(kind, calibration)
     factor = (2.0 if kind == "all_reduce" else 1.0) * (n - 1.0) / n
     return base + per_hop * math.log2(n) + factor * message_bytes / (link_bandwidth_bytes_per_s * eff)
 

@@ -229,14 +229,10 @@ def expected_touched_experts(
     tokens: FloatArray | float, *, num_experts: int, topk: int, local_experts: int, distribution: str = BALANCED
 ) -> FloatArray:
     """Expected distinct local experts of one GPU hit by ``tokens`` tokens each routed to ``topk`` experts."""
-    return moe_routing_summary(
-        tokens,
-        num_experts=num_experts,
-        local_experts=local_experts,
-        topk=topk,
-        tile_tokens=1.0,
-        distribution=distribution,
-    ).touched
+    touched, _ = moe_routing(
+        tokens, num_experts=num_experts, local_experts=local_experts, topk=topk, distribution=distribution
+    )
+    return touched
 
 
 def local_pair_share(num_experts: int, local_experts: int, topk: int, distribution: str = BALANCED) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -417,42 +418,46 @@ def predict_mla(table: str, rows: Columns, gpu: GpuSpec, calibration: MlaCalibra
     return out
 
 
-def fit_mla(tables: Mapping[str, Columns], gpu: GpuSpec, base: MlaCalibration) -> MlaCalibration:
-    """Fit the MLA constants: batched GEMMs first (bf16 GEMM efficiency, bandwidth, launch), then prefill, decode."""
-    cal = base
-
-    def measured(rows: Columns) -> FloatArray:
-        out: FloatArray = rows["latency_ms"].astype(np.float64) * 1e-3
-        return out
-
-    params: list[tuple[str, str | None, float, float]]
-    if "mla_bmm" in tables:
-        rows = tables["mla_bmm"]
-        params = [
+# The MLA fit's stages in order, each a table and the fields fitted on it: ``(field, key or None, low, high)``.
+_MLA_STAGES: tuple[tuple[str, tuple[tuple[str, str | None, float, float], ...]], ...] = (
+    (
+        "mla_bmm",
+        (
             ("bmm_efficiency", None, 0.05, 1.0),
             ("bandwidth_efficiency", None, 0.2, 1.0),
             ("launch_s", None, 1e-7, 3e-5),
-        ]
-        cal = _fit_fields(cal, params, lambda c: predict_mla("mla_bmm", rows, gpu, c), measured(rows))
-    if "mla_context" in tables:
-        rows = tables["mla_context"]
-        params = [
+        ),
+    ),
+    (
+        "mla_context",
+        (
             ("gemm_efficiency", "bf16", 0.05, 1.0),
             ("gemm_efficiency", "fp8_block", 0.05, 1.0),
             ("prefill_attention_efficiency", None, 0.05, 1.0),
             ("prefill_fixed_s", None, 1e-6, 1e-3),
-        ]
-        cal = _fit_fields(cal, params, lambda c: predict_mla("mla_context", rows, gpu, c), measured(rows))
-    if "mla_generation" in tables:
-        rows = tables["mla_generation"]
-        params = [
+        ),
+    ),
+    (
+        "mla_generation",
+        (
             ("decode_attention_efficiency", None, 0.05, 1.0),
             ("decode_kv_bandwidth_efficiency", "bf16", 0.1, 1.0),
             ("decode_kv_bandwidth_efficiency", "fp8", 0.1, 1.0),
             ("decode_fixed_s", None, 1e-6, 1e-3),
             ("decode_per_sequence_s", None, 1e-10, 1e-5),
-        ]
-        cal = _fit_fields(cal, params, lambda c: predict_mla("mla_generation", rows, gpu, c), measured(rows))
+        ),
+    ),
+)
+
+
+def fit_mla(tables: Mapping[str, Columns], gpu: GpuSpec, base: MlaCalibration) -> MlaCalibration:
+    """Fit the MLA constants: batched GEMMs first (bf16 GEMM efficiency, bandwidth, launch), then prefill, decode."""
+    cal = base
+    for table, params in _MLA_STAGES:
+        if table in tables:
+            rows = tables[table]
+            measured: FloatArray = rows["latency_ms"].astype(np.float64) * 1e-3
+            cal = _fit_fields(cal, params, partial(predict_mla, table, rows, gpu), measured)
     return cal
 
 

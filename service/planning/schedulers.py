@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from typing import Any
 
 from service.planning.memory import KV_BLOCK_TOKENS
+from service.planning.specs import EngineSpec
 from service.planning.stepcost import ReplicaStepCost
 
 # SGLang sets a request's KV estimate from at most this many output tokens (SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION).
@@ -54,6 +56,19 @@ class SchedulerKnobs:
     max_prefill_tokens: int = 16384
     # TRT-LLM: size max_num_tokens to max_batch_size + prompt + 500 as benchmark deployments do.
     prompt_sized_token_budget: bool = False
+
+    @classmethod
+    def from_engine(cls, engine: EngineSpec, **changes: Any) -> SchedulerKnobs:
+        """``engine``'s settings (its max_num_batched_tokens and max_num_seqs as the caps), with ``changes``."""
+        engine_fields = {f.name for f in fields(engine)}
+        same_name = {f.name: getattr(engine, f.name) for f in fields(cls) if f.name in engine_fields}
+        values = {
+            "max_batched_tokens": engine.max_num_batched_tokens,
+            "max_sequences": engine.max_num_seqs,
+            **same_name,
+            **changes,
+        }
+        return cls(**values)
 
 
 @dataclass(slots=True, eq=False)
@@ -223,6 +238,17 @@ class BatchScheduler(ABC):
 class VllmScheduler(BatchScheduler):
     """vLLM V1: one token budget; running requests first (decodes, partial prefills), then waiting FCFS."""
 
+    def prefill_chunk(self, req: SimRequest, budget: int) -> int | None:
+        """Prompt tokens of ``req`` this step can take from ``budget``; None when an unchunked prompt must wait."""
+        knobs = self.knobs
+        remaining = req.prompt_tokens - req.prefilled
+        chunk = min(remaining, budget)
+        if knobs.long_prefill_token_threshold_tokens > 0:
+            chunk = min(chunk, knobs.long_prefill_token_threshold_tokens)
+        if not knobs.chunked_prefill and chunk < remaining:
+            return None
+        return chunk
+
     def form_batch(self, inst: SimInstance, now_s: float) -> Batch:
         """Running requests in order, then new prompts chunked into what is left of the budget."""
         knobs = self.knobs
@@ -245,13 +271,8 @@ class VllmScheduler(BatchScheduler):
             if req not in inst.running:
                 continue  # preempted earlier in this step
             if req.in_prefill:
-                remaining = req.prompt_tokens - req.prefilled
-                chunk = min(remaining, budget)
-                if knobs.long_prefill_token_threshold_tokens > 0:
-                    chunk = min(chunk, knobs.long_prefill_token_threshold_tokens)
-                if not knobs.chunked_prefill and chunk < remaining:
-                    continue
-                if not inst.grow_kv(req, req.prefilled + chunk):
+                chunk = self.prefill_chunk(req, budget)
+                if chunk is None or not inst.grow_kv(req, req.prefilled + chunk):
                     continue
                 batch.append((req, chunk))
                 budget -= chunk
@@ -269,13 +290,8 @@ class VllmScheduler(BatchScheduler):
             return batch
         while inst.waiting and budget > 0 and len(inst.running) < knobs.max_sequences:
             req = inst.waiting[0]
-            remaining = req.prompt_tokens - req.prefilled
-            chunk = min(remaining, budget)
-            if knobs.long_prefill_token_threshold_tokens > 0:
-                chunk = min(chunk, knobs.long_prefill_token_threshold_tokens)
-            if not knobs.chunked_prefill and chunk < remaining:
-                break
-            if not inst.grow_kv(req, req.prefilled + chunk):
+            chunk = self.prefill_chunk(req, budget)
+            if chunk is None or not inst.grow_kv(req, req.prefilled + chunk):
                 break
             inst.waiting.popleft()
             inst.running.append(req)

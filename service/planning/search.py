@@ -12,16 +12,18 @@ import numpy as np
 
 from service.planning.catalog import Catalog
 from service.planning.deployment import (
+    BuiltInstance,
     Deployment,
     Estimate,
     KnobOverrides,
     Mode,
+    _closed_loop_ramp_s,
     build_instance,
     min_request_tokens,
-    simulate_deployment,
+    transfer_model,
 )
 from service.planning.estimate import parse_dtype, require_supported
-from service.planning.simulator import Role
+from service.planning.simulator import Role, simulate
 from service.planning.specs import KV_DTYPES, WEIGHT_DTYPES, ModelSpec, PlanningError
 from service.planning.stepcost import ParallelLayout, ReplicaStepCost, validate_layout
 from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
@@ -237,38 +239,124 @@ def _prefill_capacity(cost: ReplicaStepCost, budget: int, isl: float) -> float:
     return tokens / step.total_s / isl
 
 
-def _goodput(candidate: Candidate, workload: Workload, sample: RequestSample, slo: Slo, limits: SearchLimits) -> None:
+BuiltCache = dict[tuple[ParallelLayout, Role, KnobOverrides], BuiltInstance]
+
+
+def _built(
+    deployment: Deployment, layout: ParallelLayout, role: Role, min_tokens: int, cache: BuiltCache
+) -> BuiltInstance:
+    key = (layout, role, deployment.knobs)
+    built = cache.get(key)
+    if built is None:
+        built = cache[key] = build_instance(deployment, layout, role, min_tokens=min_tokens)
+    return built
+
+
+def _unit_fold(deployment: Deployment, closed: bool, concurrency: int) -> int:
+    """How many identical units the deployment splits into (one is simulated and stands for all).
+
+    Collocated: every attention-DP rank of every replica gets an even share of an open-loop stream; a
+    closed loop's ``concurrency`` (per replica) folds by the ranks it divides. Disaggregated: the largest
+    group count that divides both the prefill and the decode instances (and the clients).
+    """
+    if deployment.mode is Mode.COLLOCATED:
+        dp = deployment.layout.attention_dp
+        return deployment.replicas * (math.gcd(dp, concurrency) if closed else dp)
+    entry = deployment.prefill_workers * deployment.prefill_layout.attention_dp
+    decode = deployment.decode_workers * deployment.decode_layout.attention_dp
+    fold = math.gcd(entry, decode)
+    return math.gcd(fold, concurrency) if closed else fold
+
+
+def _simulate_unit(
+    deployment: Deployment,
+    workload: Workload,
+    sample: RequestSample,
+    level: float,
+    cache: BuiltCache,
+) -> Estimate:
+    """Simulate one of the identical units of a deployment at its share of the load.
+
+    ``level`` is the total open-loop rate, or the closed-loop concurrency of one collocated replica (of the
+    whole deployment when disaggregated). The unit gets the whole sample at its share of the rate, so every
+    simulated instance sees as many distinct requests as a lone replica would; Estimate.scale carries the
+    number of units.
+    """
+    closed = workload.arrival is ArrivalKind.CLOSED
+    clients = max(1, int(level)) if closed else 0
+    fold = _unit_fold(deployment, closed, clients)
+    need = min_request_tokens(workload)
+    if deployment.mode is Mode.COLLOCATED:
+        if closed:
+            fold_in_replica = fold // deployment.replicas
+            instances = deployment.layout.attention_dp // fold_in_replica
+            clients //= fold_in_replica
+        else:
+            instances = 1
+        built = _built(deployment, deployment.layout, Role.COLLOCATED, need, cache)
+        unit_workload = replace(workload, concurrency=clients)
+        result = simulate(
+            instances=[built.config] * instances,
+            sample=sample,
+            arrival=workload.arrival,
+            rate_per_s=level / fold,
+            concurrency=clients,
+            closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, sample, unit_workload, instances),
+        )
+        return Estimate(deployment, workload, result, {"replica": built.memory}, float(fold))
+    prefill = _built(deployment, deployment.prefill_layout, Role.PREFILL, workload.input_length.max_tokens() + 1, cache)
+    decode = _built(deployment, deployment.decode_layout, Role.DECODE, need, cache)
+    entry = deployment.prefill_workers * deployment.prefill_layout.attention_dp // fold
+    decoders = deployment.decode_workers * deployment.decode_layout.attention_dp // fold
+    clients //= fold
+    unit_workload = replace(workload, concurrency=clients)
+    result = simulate(
+        instances=[prefill.config] * entry,
+        decode_instances=[decode.config] * decoders,
+        # KV moves over the links of the whole deployment (intra-node only when it all fits in one domain).
+        transfer=transfer_model(deployment),
+        sample=sample,
+        arrival=workload.arrival,
+        rate_per_s=level / fold,
+        concurrency=clients,
+        closed_loop_ramp_s=_closed_loop_ramp_s(decode.config.cost, sample, unit_workload, decoders),
+    )
+    return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory}, float(fold))
+
+
+def _goodput(
+    candidate: Candidate,
+    workload: Workload,
+    sample: RequestSample,
+    slo: Slo,
+    limits: SearchLimits,
+    cache: BuiltCache | None = None,
+) -> None:
     """Bisect the request rate (or concurrency) for the highest one meeting the SLO attainment."""
     deployment = candidate.deployment
     ttft_s, tpot_s = slo.ttft_ms / 1e3, slo.tpot_ms / 1e3
-    # Replicas behind a random router are independent: simulate one at its share of the rate.
-    collocated = deployment.mode is Mode.COLLOCATED
-    replicas = deployment.replicas if collocated else 1
+    cache = {} if cache is None else cache
+    closed = workload.arrival is ArrivalKind.CLOSED
+    # Identical units (replicas, attention-DP ranks, groups of disaggregated instances) behind a
+    # round-robin router are independent: one is simulated at its share of the rate.
+    units = 1 if closed else _unit_fold(deployment, False, 0)
 
     lifetime_s = 0.0
 
     def run(level: float) -> Estimate:
         nonlocal lifetime_s
-        if workload.arrival is ArrivalKind.CLOSED:
-            wl = replace(workload, concurrency=max(1, int(level)))
-            return simulate_deployment(deployment, wl, sample=sample, replicas_simulated=1 if collocated else None)
+        if closed:
+            return _simulate_unit(deployment, workload, sample, level, cache)
         # A short burst never reaches the steady-state concurrency and looks better than the real thing:
         # replay the sample until arrivals span several request lifetimes (known from the previous run).
-        span_s = float(sample.unit_arrival_s[-1]) / (level / replicas) if level > 0 else 0.0
+        span_s = float(sample.unit_arrival_s[-1]) / (level / units) if level > 0 else 0.0
         est: Estimate | None = None
         for _ in range(2):
             times = 1
             if span_s > 0 and lifetime_s > 0:
                 times = math.ceil(STEADY_STATE_LIFETIMES * lifetime_s / span_s)
                 times = max(1, min(times, MAX_STEADY_STATE_REQUESTS // max(1, sample.input_tokens.size)))
-            # simulate_deployment gives the one simulated replica its 1/replicas share of the total rate.
-            est = simulate_deployment(
-                deployment,
-                workload,
-                sample=sample.repeated(times),
-                rate_per_s=level,
-                replicas_simulated=1 if collocated else None,
-            )
+            est = _simulate_unit(deployment, workload, sample.repeated(times), level, cache)
             observed = float(np.mean(est.result.e2e_s)) if est.result.e2e_s.size else 0.0
             long_enough = observed <= max(lifetime_s, 1e-9) * 1.5 or times * sample.input_tokens.size >= (
                 MAX_STEADY_STATE_REQUESTS
@@ -295,6 +383,7 @@ def _goodput(candidate: Candidate, workload: Workload, sample: RequestSample, sl
         candidate.simulated = True
         return
     best, lo = floor_est, (1.0 if closed else hi * 0.02)
+
     top = run(hi)
     for _ in range(4):
         if not ok(top):
@@ -393,13 +482,14 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
     osl = workload.output_length.mean_tokens()
     need = min_request_tokens(workload)
     tpot_s = request.slo.tpot_ms / 1e3
+    cache: BuiltCache = {}
     decode_caps: dict[tuple[ParallelLayout, int | None], float] = {}
     prefill_caps: dict[tuple[ParallelLayout, int | None], float] = {}
     for layout in layouts:
         for mbt in limits.max_batched_tokens:
             dep = replace(base, layout=layout, knobs=KnobOverrides(max_batched_tokens=mbt))
             try:
-                built = build_instance(dep, layout, Role.COLLOCATED, min_tokens=need)
+                built = _built(dep, layout, Role.COLLOCATED, need, cache)
             except PlanningError as exc:
                 result.rejected.append(Rejection(f"{layout.label()}", str(exc)))
                 continue
@@ -477,7 +567,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
         chosen.extend(ranked[: limits.simulate_top])
     total = len(chosen)
     for index, candidate in enumerate(chosen):
-        _goodput(candidate, workload, sample, request.slo, limits)
+        _goodput(candidate, workload, sample, request.slo, limits, cache)
         result.evaluated += 1
         if progress is not None:
             progress(index + 1, total)
