@@ -7,9 +7,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 from service.catalog.loader import read_structured_file
 from service.planning.specs import PlanningError
@@ -170,6 +171,9 @@ def _openapi(args: argparse.Namespace) -> int:
 
 
 def _client(server: str) -> httpx.Client:
+    # Imported here: the HTTP client is only needed by the service commands, not by estimate or plan.
+    import httpx
+
     return httpx.Client(base_url=server.rstrip("/"), timeout=30.0)
 
 
@@ -186,6 +190,8 @@ def _check(response: httpx.Response) -> dict[str, Any]:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    import httpx
+
     spec = _mapping(read_structured_file(args.spec), args.spec)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     try:
@@ -208,6 +214,8 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import httpx
+
     try:
         with _client(args.server) as client:
             plan = _check(client.get(f"/v1/plans/{args.plan_id}"))
