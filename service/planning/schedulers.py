@@ -255,9 +255,11 @@ class VllmScheduler(BatchScheduler):
         budget = self.token_budget
         batch: Batch = []
         preempted = False
+        # An evicted request is out of the running list: check membership (linear) only once one was evicted.
+        evictions = inst.preemptions
         if inst.config.role is Role.DECODE:
             for req in list(inst.running):
-                if req not in inst.running or budget <= 0:
+                if budget <= 0 or (inst.preemptions != evictions and req not in inst.running):
                     continue
                 if self.decode_one(inst, req, front=True):
                     batch.append((req, 1))
@@ -268,7 +270,7 @@ class VllmScheduler(BatchScheduler):
         for req in list(inst.running):
             if budget <= 0:
                 break
-            if req not in inst.running:
+            if inst.preemptions != evictions and req not in inst.running:
                 continue  # preempted earlier in this step
             if req.in_prefill:
                 chunk = self.prefill_chunk(req, budget)
