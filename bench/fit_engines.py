@@ -2,8 +2,8 @@
 
 Usage: python -m bench.fit_engines [--reference DIR] [--rows-per-engine N] [--jobs J] [--dry-run]
 
-The split is by model (bench/e2e_accuracy.py TRAIN_MODELS), never by row: the held-out models are scored by
-`python bench/e2e_accuracy.py`. Per engine the fit moves three constants of its CatalogEngine entry —
+The split is by model (bench/e2e_accuracy.py TRAIN_MODELS, collocated rows), never by row: the held-out models
+are scored by `python bench/e2e_accuracy.py`. Per engine the fit moves three constants of its engine entry —
 step_overhead_s (CPU time per step), per_sequence_overhead_s (per running sequence per step) and
 step_gap_s (GPU idle per step that overlap cannot hide) — to minimise the robust log error of mean TPOT
 (weight 1) and mean TTFT (weight 0.3) over a deterministic subsample of that engine's training rows.
@@ -27,7 +27,7 @@ import yaml
 from scipy.optimize import least_squares  # type: ignore[import-untyped]
 
 from bench.e2e_accuracy import TRAIN_MODELS, default_reference_dir, engine_for, model_for, request_for_row
-from service.catalog.loader import DATA_DIR, default_catalog
+from service.catalog.loader import DATA_DIR, default_catalog, parse_yaml
 from service.planning.estimate import run_estimate
 from service.planning.specs import PlanningError
 
@@ -67,12 +67,13 @@ def _values(x: np.ndarray) -> tuple[float, ...]:
 
 def fit_engine(engine: str, rows: list[dict[str, str]], pool: multiprocessing.pool.Pool) -> dict[str, float]:
     """Fit one engine's constants; returns them with the training residual."""
-    start_spec = default_catalog().engines[engine]
+    # Start from the engines.yaml values, not an earlier fit, so that a rerun reproduces the file.
+    prior = parse_yaml((DATA_DIR / "engines.yaml").read_text())[engine]
     start = np.array(
         [
-            math.log(start_spec.step_overhead_s),
-            math.log(start_spec.per_sequence_overhead_s),
-            start_spec.step_gap_s * 1e3,
+            math.log(float(prior["step_overhead_s"])),
+            math.log(float(prior["per_sequence_overhead_s"])),
+            float(prior["step_gap_s"]) * 1e3,
         ]
     )
     lower = np.array([math.log(LOWER_S[0]), math.log(LOWER_S[1]), LOWER_S[2] * 1e3])
@@ -95,6 +96,19 @@ def fit_engine(engine: str, rows: list[dict[str, str]], pool: multiprocessing.po
     return out
 
 
+def _spread(rows: list[dict[str, str]], count: int) -> list[dict[str, str]]:
+    """A deterministic subsample with an equal share per model (no model outweighs the others)."""
+    by_model: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_model.setdefault(model_for(row), []).append(row)
+    share = max(1, count // len(by_model))
+    out: list[dict[str, str]] = []
+    for model_rows in by_model.values():
+        step = max(1, len(model_rows) // share)
+        out.extend(model_rows[::step][:share])
+    return out
+
+
 def main() -> int:
     """Fit every engine that has training rows and write the calibration file."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -107,37 +121,44 @@ def main() -> int:
     rows = list(csv.DictReader((args.reference / "e2e_h100_sxm.csv").open()))
     by_engine: dict[str, list[dict[str, str]]] = {}
     for row in rows:
-        if model_for(row) in TRAIN_MODELS:
+        # Collocated rows: the disaggregated ones are few and their pool sizes are often not recorded.
+        if model_for(row) in TRAIN_MODELS and row["mode"] == "agg":
             by_engine.setdefault(engine_for(row), []).append(row)
-    fitted: dict[str, dict[str, float]] = {}
     with multiprocessing.Pool(args.jobs) as pool:
         for engine, engine_rows in sorted(by_engine.items()):
             if args.engine and engine not in args.engine:
                 continue
-            step = max(1, len(engine_rows) // args.rows_per_engine)
-            subsample = engine_rows[::step][: args.rows_per_engine]
-            fitted[engine] = fit_engine(engine, subsample, pool)
-            print(f"{engine:10s} {fitted[engine]}", flush=True)
-    if args.dry_run:
-        return 0
+            fitted = fit_engine(engine, _spread(engine_rows, args.rows_per_engine), pool)
+            print(f"{engine:10s} {fitted}", flush=True)
+            if not args.dry_run:
+                # Written engine by engine: a long fit of one engine keeps what the others found.
+                _write(engine, fitted)
+    return 0
+
+
+def _write(engine: str, fitted: dict[str, float]) -> None:
+    """Merge one engine's fitted constants into engine_calibration.yaml, its residual in the header."""
     existing = yaml.safe_load(OUTPUT.read_text()) if OUTPUT.exists() else {}
     existing = existing or {}
-    for engine, values in fitted.items():
-        existing[engine] = {k: v for k, v in values.items() if k in PARAMS}
+    notes = {}
+    for line in OUTPUT.read_text().splitlines() if OUTPUT.exists() else []:
+        if line.startswith("# ") and ": " in line and "training rows" in line:
+            name = line[2:].split(":", 1)[0]
+            notes[name] = line
+    existing[engine] = {k: v for k, v in fitted.items() if k in PARAMS}
+    notes[engine] = (
+        f"# {engine}: {fitted['train_rows']:.0f} training rows, "
+        f"TPOT median error {fitted['train_tpot_median_ape_pct']}%"
+    )
     header = (
         f"# Engine CPU constants fitted by `python -m bench.fit_engines` on {datetime.date.today().isoformat()}\n"
-        f"# on the e2e rows of the training models {', '.join(sorted(TRAIN_MODELS))}\n"
+        f"# on the collocated e2e rows of the training models {', '.join(sorted(TRAIN_MODELS))}\n"
         "# (split by model; the other models are held out, see bench/RESULTS.md).\n"
         "# Merged over the engines.yaml entries of the same name.\n"
     )
-    for engine, values in fitted.items():
-        header += (
-            f"# {engine}: {values['train_rows']} training rows, "
-            f"TPOT median error {values['train_tpot_median_ape_pct']}%\n"
-        )
+    header += "".join(notes[name] + "\n" for name in sorted(notes))
     OUTPUT.write_text(header + yaml.safe_dump(existing, sort_keys=True))
-    print(f"wrote {OUTPUT}")
-    return 0
+    print(f"wrote {engine} to {OUTPUT}", flush=True)
 
 
 if __name__ == "__main__":
