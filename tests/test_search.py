@@ -217,3 +217,20 @@ def test_folded_simulation_serves_the_offered_rate(catalog: Catalog) -> None:
         full = simulate_deployment(replace(deployment), replace(workload, num_requests=480), rate_per_s=rate)
         if deployment.mode is Mode.DISAGGREGATED:
             assert full.requests_per_s == pytest.approx(folded.requests_per_s, rel=0.2)
+
+
+def test_a_spec_whose_search_keys_leave_no_layout_is_refused_at_the_door() -> None:
+    from service.catalog.loader import default_catalog
+    from service.planning.plan_spec import parse_plan_spec
+
+    spec = {
+        "model": "qwen3-235b-a22b",
+        "gpu": "h100-sxm",
+        "max_gpus": 16,
+        "weight_dtype": "fp8",
+        "workload": {"isl": 256, "osl": 16, "rate": 1},
+        "slo": {"ttft_ms": 1000, "tpot_ms": 100},
+        "search": {"moe_ep": [3]},
+    }
+    with pytest.raises(PlanningError, match=r"no parallel layout of qwen3-235b-a22b fits in 16 GPUs with search\.tp"):
+        parse_plan_spec(spec, catalog=default_catalog())

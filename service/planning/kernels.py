@@ -52,8 +52,6 @@ class KernelCalibration:
     gemm_block_scaled_launch_s: float = 2.0e-5
     # Weight-only 4-bit GEMMs dequantize in the kernel: their compute roof is the bf16 roof times this.
     weight_only_compute_factor: float = 0.6
-    # Grouped (MoE) GEMMs reach a fraction of a dense GEMM's compute efficiency.
-    grouped_gemm_factor: float = 0.7
     # Prefill attention: FLOPs/(peak*eff*occupancy**occupancy_power); per-query-token fixed work in keys.
     attention_prefill_efficiency: float = 0.60
     attention_prefill_overhead_keys: float = 400.0
@@ -107,7 +105,6 @@ def gemm_time_s(
     gpu: GpuSpec,
     weight_dtype: DType,
     calibration: KernelCalibration,
-    grouped: bool = False,
     block_scaled: bool = False,
 ) -> FloatArray:
     """Time of C[m,n] = A[m,k] W[k,n] on one GPU (vectorised over m, n and k)."""
@@ -126,8 +123,6 @@ def gemm_time_s(
         eff = c.gemm_peak_efficiency.get(math_dtype, c.gemm_peak_efficiency[DType.BF16])
     if weight_only:
         eff *= c.weight_only_compute_factor
-    if grouped:
-        eff *= c.grouped_gemm_factor
     k_overhead = c.gemm_k_overhead_elems.get(math_dtype, c.gemm_k_overhead_elems[DType.BF16])
     sms = float(gpu.num_sms)
     tile_m = c.gemm_weight_only_tile_m if weight_only else c.gemm_tile_m

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
-from service.planning.search import PlanRequest, SearchLimits, Slo
+from service.planning.search import PlanRequest, SearchLimits, Slo, searchable_layouts
 from service.planning.specs import ModelSpec, PlanningError
 from service.planning.workload import ArrivalKind, LengthDistribution, Workload
 
@@ -148,7 +148,7 @@ def parse_plan_spec(
         simulate_top=spec.search.simulate_top,
         requests=spec.search.requests,
     )
-    return PlanRequest(
+    request = PlanRequest(
         model=model,
         gpu=spec.gpu,
         max_gpus=spec.max_gpus,
@@ -160,3 +160,6 @@ def parse_plan_spec(
         limits=limits,
         gpu_price_per_hour=spec.gpu_price_per_hour,
     )
+    # At the door: a spec whose search keys leave no valid layout would only fail on the worker.
+    searchable_layouts(request)
+    return request

@@ -194,6 +194,18 @@ def _layouts(model: ModelSpec, limits: SearchLimits, max_gpus: int) -> list[Para
     return layouts
 
 
+def searchable_layouts(request: PlanRequest) -> list[ParallelLayout]:
+    """The layouts the search can enumerate; refused (one line naming the search keys) when there is none."""
+    layouts = _layouts(request.model, request.limits, request.max_gpus)
+    if not layouts:
+        raise PlanningError(
+            f"no parallel layout of {request.model.name} fits in {request.max_gpus} GPUs with search.tp, "
+            "search.pp, search.attention_dp and search.moe_ep as given (each layout must divide the heads by tp "
+            "and the experts by moe_ep)"
+        )
+    return layouts
+
+
 def count_search_space(request: PlanRequest) -> int:
     """Number of strategies the request enumerates before pruning.
 
@@ -475,9 +487,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
     base = _base_deployment(request, catalog)
     limits = request.limits
     result = PlanResult(enumerated=space)
-    layouts = _layouts(request.model, limits, request.max_gpus)
-    if not layouts:
-        raise PlanningError(f"no parallel layout of {request.model.name} fits in {request.max_gpus} GPUs")
+    layouts = searchable_layouts(request)
     isl = workload.input_length.mean_tokens()
     osl = workload.output_length.mean_tokens()
     need = min_request_tokens(workload)

@@ -196,6 +196,7 @@ class ReplicaStepCost:
         # Expert-parallel dispatch + combine per MoE layer: low-latency kernels in decode-only steps,
         # normal (high-throughput) kernels when prefill tokens are in the step.
         self._ep_comm_decode, self._ep_comm_prefill = self._expert_parallel_comm(m)
+        self._mla_arguments: dict[str, object] | None = None
         self._mla_decode_table = self._mla_decode_times(m) if model.mla is not None else None
         self._lm_head = gemm_time_s(
             m,
@@ -217,7 +218,7 @@ class ReplicaStepCost:
             return self.gpu.intra_node_bandwidth_bytes_per_s
         return self.gpu.inter_node_bandwidth_bytes_per_s
 
-    def _gemm(self, m: FloatArray, n: float, k: float, *, grouped: bool = False) -> FloatArray:
+    def _gemm(self, m: FloatArray, n: float, k: float) -> FloatArray:
         return gemm_time_s(
             m,
             n,
@@ -225,7 +226,6 @@ class ReplicaStepCost:
             gpu=self.gpu,
             weight_dtype=self.weight_dtype,
             calibration=self.calibration,
-            grouped=grouped,
         )
 
     def _attention_gemms(self, m: FloatArray) -> FloatArray:
@@ -239,31 +239,10 @@ class ReplicaStepCost:
         # The MLA block (its projections, attention and output projection) is timed whole in mla_cost.
         return np.zeros_like(m)
 
-    def _mla_projection_gemms(self, m: FloatArray) -> FloatArray:
-        """Projection GEMMs of an MLA block as plain GEMMs (kept for reference breakdowns)."""
-        model = self.model
-        hidden = model.hidden_size
-        mla = model.mla
-        assert mla is not None
-        qk_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
-        heads = self.heads_per_gpu
-        if mla.q_lora_rank > 0:
-            q = self._gemm(m, mla.q_lora_rank, hidden) + self._gemm(m, heads * qk_head, mla.q_lora_rank)
-        else:
-            q = self._gemm(m, heads * qk_head, hidden)
-        kv = self._gemm(m, mla.kv_lora_rank + mla.qk_rope_head_dim, hidden) + self._gemm(
-            m, heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank
-        )
-        o = self._gemm(m, hidden, heads * mla.v_head_dim)
-        total: FloatArray = q + kv + o
-        return total
-
-    def _ffn_gemms(self, m: FloatArray, ffn_per_gpu: float, *, grouped: bool = False) -> FloatArray:
+    def _ffn_gemms(self, m: FloatArray, ffn_per_gpu: float) -> FloatArray:
         hidden = self.model.hidden_size
         up_n = (2.0 if self.model.ffn_gated else 1.0) * ffn_per_gpu
-        out: FloatArray = self._gemm(m, up_n, hidden, grouped=grouped) + self._gemm(
-            m, hidden, ffn_per_gpu, grouped=grouped
-        )
+        out: FloatArray = self._gemm(m, up_n, hidden) + self._gemm(m, hidden, ffn_per_gpu)
         return out
 
     def _dense_ffn_gemms(self, m: FloatArray) -> FloatArray:
@@ -298,8 +277,11 @@ class ReplicaStepCost:
         return total
 
     def _mla_kwargs(self) -> dict[str, object]:
+        """Arguments of the MLA block functions, built once per step-cost object (steps call them often)."""
+        if self._mla_arguments is not None:
+            return self._mla_arguments
         model = self.model
-        return {
+        self._mla_arguments = {
             "heads_per_gpu": self.heads_per_gpu,
             "kv_dtype": self.kv_dtype,
             "gemm_dtype": "fp8_block" if self.weight_dtype is DType.FP8 else "bf16",
@@ -308,6 +290,7 @@ class ReplicaStepCost:
             "mla": model.mla,
             "hidden_size": model.hidden_size,
         }
+        return self._mla_arguments
 
     def _mla_decode_times(self, m: FloatArray) -> FloatArray:
         """MLA decode block time per layer, by batch size (rows) and mean context (MLA_CONTEXT_GRID_TOKENS)."""
