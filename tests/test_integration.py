@@ -244,3 +244,32 @@ def test_many_concurrent_replays_do_not_exhaust_the_pool(production: tuple[str, 
 
     # Far more requests in flight than request threads plus pooled connections.
     assert asyncio.run(replay_all()) == [(200, first)] * 200
+
+
+MOE_SPEC = {
+    "model": "qwen3-235b-a22b",
+    "gpu": "h100-sxm",
+    "max_gpus": 8,
+    "engine": "sglang",
+    "weight_dtype": "fp8",
+    "workload": {"arrival": "poisson", "isl": 512, "osl": 64},
+    "slo": {"ttft_ms": 2000, "tpot_ms": 100},
+    "search": {"modes": ["collocated"], "tp": [1, 2, 4, 8], "pp": [1], "attention_dp": [1, 2, 4, 8]},
+}
+
+
+def test_moe_plan_with_attention_dp_and_ep_runs_on_the_celery_worker(production: tuple[str, dict[str, str]]) -> None:
+    base_url, _ = production
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        refused = client.post("/v1/plans", json={**MOE_SPEC, "search": {**MOE_SPEC["search"], "moe_ep": [3]}})
+        assert refused.status_code == 422
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "no parallel layout" in refused.json()["detail"]
+        response = client.post("/v1/plans", json=MOE_SPEC)
+        assert response.status_code == 202
+        plan = wait_final(client, response.json()["id"])
+        assert plan["status"] == "succeeded", plan
+        layouts = [s["layout"] for s in plan["result"]["strategies"]]
+        assert any(layout["attention_dp"] > 1 and layout["moe_ep"] > 1 for layout in layouts)
+        for layout in layouts:
+            assert layout["tp"] * layout["attention_dp"] == layout["moe_tp"] * layout["moe_ep"]
