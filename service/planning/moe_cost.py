@@ -164,6 +164,10 @@ def expert_loads(
         if np.any(n > edge):
             floor = _skewed_loads(np.array([edge]), num_experts, topk, exponent)[:, ::ep_ranks][:, :local]
             out = np.where((n.ravel() > edge)[:, None], np.maximum(out, floor), out)
+            # The held load can never exceed the slots routed (tokens x topk) to this GPU's experts.
+            routed = (n.ravel() * topk)[:, None]
+            total = out.sum(axis=1, keepdims=True)
+            out = out * np.minimum(1.0, routed / np.maximum(total, 1e-300))
     return out.reshape((*np.shape(tokens), local))
 
 
