@@ -23,12 +23,14 @@ from service.planning.deployment import (
     transfer_model,
 )
 from service.planning.estimate import parse_dtype, require_supported
-from service.planning.simulator import Role, simulate
+from service.planning.simulator import Role, quantiles_ms, simulate
 from service.planning.specs import KV_DTYPES, WEIGHT_DTYPES, ModelSpec, PlanningError
 from service.planning.stepcost import ParallelLayout, ReplicaStepCost, validate_layout
 from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
 
 MAX_SEARCH_SPACE = 5000
+# Quantiles of each simulated strategy's TTFT and TPOT kept in the result, for CDF plots.
+CDF_QUANTILES = tuple(i / 20 for i in range(21))
 # Attention data-parallel degrees tried for MoE models unless the spec names them (capped by max_gpus).
 DEFAULT_MOE_ATTENTION_DP = (1, 2, 4, 8, 16, 32, 64)
 # Arrivals must span this many mean request lifetimes for a run to show steady-state queueing.
@@ -104,6 +106,8 @@ class Rejection:
 
     strategy: str
     reason: str
+    # One of: does_not_fit (memory or layout refused), tpot_floor (SLO below the fastest step), analytic_bound.
+    category: str = "does_not_fit"
 
 
 @dataclass(slots=True)
@@ -121,7 +125,7 @@ class PlanResult:
         return {
             "strategies": self.strategies,
             "frontier": self.frontier,
-            "rejected": [{"strategy": r.strategy, "reason": r.reason} for r in self.rejected],
+            "rejected": [{"strategy": r.strategy, "reason": r.reason, "category": r.category} for r in self.rejected],
             "strategies_evaluated": self.evaluated,
             "strategies_enumerated": self.enumerated,
         }
@@ -433,7 +437,13 @@ def _strategy_dict(candidate: Candidate, workload: Workload) -> dict[str, Any]:
         "mode": deployment.mode.value,
         "gpus": gpus,
         "layout": deployment.describe_layout(),
+        "engine": deployment.engine.name,
+        "weight_dtype": deployment.weight_dtype.value,
+        "moe_weight_dtype": deployment.expert_dtype.value if deployment.model.is_moe else None,
+        "kv_dtype": deployment.kv_dtype.value,
         "max_batched_tokens": deployment.knobs.max_batched_tokens or deployment.engine.max_num_batched_tokens,
+        "max_sequences": deployment.knobs.max_sequences or deployment.engine.max_num_seqs,
+        "gpu_memory_fraction": deployment.knobs.memory_fraction or deployment.engine.gpu_memory_fraction,
         "goodput_rps": goodput,
         "goodput_per_gpu": goodput / gpus if gpus else 0.0,
         "cost_per_million_output_tokens_usd": price / tokens_per_hour * 1e6 if tokens_per_hour > 0 else None,
@@ -449,6 +459,12 @@ def _strategy_dict(candidate: Candidate, workload: Workload) -> dict[str, Any]:
                 "e2e_ms": r.e2e.as_dict(),
                 "output_tokens_per_s": est.output_tokens_per_s,
                 "bottleneck": r.bottleneck(),
+                "step_time_shares": r.step_time_shares(),
+                "cdf_quantiles": list(CDF_QUANTILES),
+                "ttft_cdf_ms": quantiles_ms(r.ttft_s, CDF_QUANTILES, r.weights),
+                "tpot_cdf_ms": quantiles_ms(r.tpot_s, CDF_QUANTILES, r.weights),
+                "memory_per_gpu": est.as_dict()["memory"],
+                "peak_kv_fraction": r.peak_kv_fraction,
             }
         )
     return out
@@ -510,6 +526,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
                     Rejection(
                         layout.label(),
                         f"TPOT floor {floor * 1e3:.1f} ms is above the SLO {request.slo.tpot_ms:g} ms",
+                        "tpot_floor",
                     )
                 )
                 continue
@@ -572,6 +589,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
                     candidate.deployment.label(),
                     f"analytic bound {candidate.bound_rps / candidate.deployment.gpus:.3g} req/s/GPU "
                     "is below the leaders",
+                    "analytic_bound",
                 )
             )
         chosen.extend(ranked[: limits.simulate_top])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,20 @@ __all__ = [
 MAX_STEPS = 2_000_000
 
 
+def quantiles_ms(values_s: FloatArray, qs: Sequence[float], weights: FloatArray | None = None) -> list[float]:
+    """Quantiles ``qs`` (0..1) of values given in seconds, in milliseconds, each value counted ``weights`` times."""
+    if values_s.size == 0:
+        return [math.nan] * len(qs)
+    ms = values_s * 1e3
+    if weights is None or bool(np.all(weights == weights[0])):
+        return [float(v) for v in np.percentile(ms, [100.0 * q for q in qs])]
+    order = np.argsort(ms, kind="stable")
+    sorted_ms, sorted_w = ms[order], weights[order]
+    # Weighted percentiles: the value where the cumulative weight (at each value's midpoint) crosses q.
+    cumulative = (np.cumsum(sorted_w) - 0.5 * sorted_w) / sorted_w.sum()
+    return [float(v) for v in np.interp(list(qs), cumulative, sorted_ms)]
+
+
 @dataclass(frozen=True, slots=True)
 class LatencyStats:
     """Mean and percentiles of one latency metric, in milliseconds."""
@@ -52,15 +67,9 @@ class LatencyStats:
         if values_s.size == 0:
             return cls(math.nan, math.nan, math.nan, math.nan)
         ms = values_s * 1e3
-        if weights is None or bool(np.all(weights == weights[0])):
-            p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-            return cls(float(np.mean(ms)), float(p50), float(p90), float(p99))
-        order = np.argsort(ms, kind="stable")
-        sorted_ms, sorted_w = ms[order], weights[order]
-        # Weighted percentiles: the value where the cumulative weight (at each value's midpoint) crosses q.
-        cumulative = (np.cumsum(sorted_w) - 0.5 * sorted_w) / sorted_w.sum()
-        p50, p90, p99 = np.interp([0.5, 0.9, 0.99], cumulative, sorted_ms)
-        return cls(float(np.average(ms, weights=weights)), float(p50), float(p90), float(p99))
+        p50, p90, p99 = quantiles_ms(values_s, (0.5, 0.9, 0.99), weights)
+        mean = float(np.mean(ms)) if weights is None else float(np.average(ms, weights=weights))
+        return cls(mean, p50, p90, p99)
 
     def as_dict(self) -> dict[str, float]:
         """Plain mapping for JSON output."""
@@ -138,6 +147,17 @@ class SimulationResult:
             missing = self.offered - self.ttft_s.size
             return float(np.sum(self.weights[ok])) / (float(np.sum(self.weights)) + missing)
         return float(np.count_nonzero(ok)) / self.offered
+
+    def step_time_shares(self) -> dict[str, float]:
+        """Share of the GPU-busy time spent in each kind of work (``other`` is the rest: norms, sampling)."""
+        shares = {
+            "gemm": self.gemm_share,
+            "attention": self.attention_share,
+            "communication": self.communication_share,
+            "cpu_dispatch": self.cpu_bound_share,
+        }
+        shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+        return shares
 
     def bottleneck(self) -> str:
         """The resource that limits this run most."""
