@@ -92,6 +92,28 @@ def _pool(row: dict[str, str], prefix: str) -> dict[str, int | None]:
     }
 
 
+# InferenceX (SemiAnalysisAI/InferenceX, benchmarks/benchmark_lib.sh and utils/bench_serving/benchmark_serving.py at
+# 843c625): ISL/OSL 1k/1k, 1k/8k, 8k/1k; `--random-range-ratio 0.8` draws each request's input and output length
+# uniformly from [int(0.8 L), L]; `--num-prompts 10 x CONC --max-concurrency CONC --request-rate inf --ignore-eos`
+# after 2 x CONC warm-up requests. The dated CSV exports (`source_kind` source_file) are these sweeps.
+INFERENCEX_SHAPES = frozenset({(1024, 1024), (1024, 8192), (8192, 1024)})
+INFERENCEX_RANGE_RATIO = 0.8
+INFERENCEX_REQUESTS_PER_CLIENT = 10
+
+
+def client_lengths(row: dict[str, str]) -> tuple[str, str, int | None]:
+    """(isl, osl, requests per client) as the row's benchmark client drew them."""
+    isl, osl = _int(row["isl"]), _int(row["osl"])
+    if row.get("source_kind") == "source_file" and (isl, osl) in INFERENCEX_SHAPES:
+
+        def ranged(tokens: int) -> str:
+            return f"uniform:{int(tokens * INFERENCEX_RANGE_RATIO)}:{tokens}"
+
+        return ranged(isl), ranged(osl), INFERENCEX_REQUESTS_PER_CLIENT
+    # The other rows come from aiperf sweeps with exact lengths (docs/ENGINES.md).
+    return str(isl), str(osl), None
+
+
 def model_for(row: dict[str, str]) -> str:
     """Catalog name of a run's model."""
     return MODEL_NAMES[row["model"].lower()]
@@ -102,15 +124,17 @@ def request_for_row(row: dict[str, str], *, client_start: str = "benchmark") -> 
     model = model_for(row)
     weight, moe_weight = _dtypes(row, model)
     concurrency = _int(row["concurrency"]) or _int(row["batch_size"])
+    isl, osl, requests_per_client = client_lengths(row)
     common: dict[str, object] = {
         "model": model,
         "gpu": "h100-sxm",
         "engine": engine_for(row),
         "weight_dtype": weight,
         "moe_weight_dtype": moe_weight,
-        "isl": row["isl"],
-        "osl": row["osl"],
+        "isl": isl,
+        "osl": osl,
         "client_start": client_start,
+        "requests_per_client": requests_per_client,
     }
     if row["mode"] == "disagg":
         workers = _int(row["decode_num_workers"]) or 1

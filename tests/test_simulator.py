@@ -98,3 +98,39 @@ def test_staggered_clients_avoid_the_burst_queue(catalog: Catalog) -> None:
 def test_unknown_client_start_is_refused(catalog: Catalog) -> None:
     with pytest.raises(PlanningError, match="client start"):
         _est(catalog, concurrency=4, client_start="sometimes")
+
+
+def test_benchmark_protocol_request_counts(catalog: Catalog) -> None:
+    from service.planning.estimate import resolve_workload
+
+    fixed = resolve_workload(EstimateRequest(model="llama-3.1-8b", gpu="h100-sxm", isl=1024, osl=128, concurrency=4))
+    # Fixed lengths: six rounds simulated, standing for aiperf's 20 per client.
+    assert (fixed.num_requests, fixed.profiled_rounds) == (24, 20)
+    ranged = resolve_workload(
+        EstimateRequest(
+            model="llama-3.1-8b",
+            gpu="h100-sxm",
+            isl="uniform:819:1024",
+            osl="uniform:819:1024",
+            concurrency=4,
+            requests_per_client=10,
+        )
+    )
+    # Drawn lengths: every round of `vllm bench serve --num-prompts 10C` is drawn and simulated.
+    assert (ranged.num_requests, ranged.profiled_rounds) == (40, 10)
+    with pytest.raises(PlanningError, match="requests per client"):
+        resolve_workload(
+            EstimateRequest(
+                model="llama-3.1-8b", gpu="h100-sxm", isl=1024, osl=128, concurrency=4, requests_per_client=0
+            )
+        )
+
+
+def test_ranged_lengths_desynchronise_the_clients(catalog: Catalog) -> None:
+    # Fixed lengths keep the first wave's prefill groups; lengths drawn from [0.8 L, L] spread the clients, so
+    # later requests mostly prefill alone (InferenceX sweeps, bench/e2e_accuracy.py).
+    common: dict[str, object] = {"model": "llama-3.1-70b", "tp": 4, "weight_dtype": "fp8", "concurrency": 8}
+    fixed = _est(catalog, **common, isl=1024, osl=1024)
+    ranged = _est(catalog, **common, isl="uniform:819:1024", osl="uniform:819:1024", requests_per_client=10)
+    assert ranged["completed"] == 80
+    assert ranged["ttft_ms"]["mean"] < 0.5 * fixed["ttft_ms"]["mean"]

@@ -120,6 +120,9 @@ class EstimateBody(BaseModel):
     arrival: Literal["poisson", "gamma", "constant"] | None = None
     cv: float = Field(default=1.0, gt=0, le=100)
     client_start: Literal["benchmark", "burst", "staggered"] = "benchmark"
+    requests_per_client: int | None = Field(
+        default=None, ge=1, le=100, description="closed loop, benchmark protocol: requests each client sends (20)"
+    )
     requests: int | None = Field(default=None, ge=1, le=MAX_ESTIMATE_REQUESTS)
     seed: int = 0
     max_batched_tokens: int | None = Field(default=None, ge=1, le=1_048_576)

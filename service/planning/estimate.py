@@ -13,6 +13,7 @@ from service.planning.workload import (
     ArrivalKind,
     ClientStart,
     LengthDistribution,
+    LengthKind,
     Workload,
 )
 
@@ -88,6 +89,9 @@ class EstimateRequest:
     arrival: str | None = None
     cv: float = 1.0
     client_start: str = "benchmark"
+    # Closed loop, benchmark protocol: requests each client sends (aiperf sweeps 20, `vllm bench serve` sweeps
+    # with --num-prompts 10 x concurrency 10).
+    requests_per_client: int | None = None
     requests: int | None = None
     seed: int = 0
     max_batched_tokens: int | None = None
@@ -131,8 +135,13 @@ def resolve_workload(request: EstimateRequest) -> Workload:
     if request.requests is None and arrival is ArrivalKind.CLOSED and request.client_start == ClientStart.BENCHMARK:
         # The benchmark client profiles a fixed number of rounds per client (see docs/ENGINES.md); the
         # simulation runs rounds until they settle and its last round stands for the rest.
-        profiled_rounds = BENCHMARK_REQUESTS_PER_CLIENT
-        count = min(MAX_REQUESTS, concurrency * min(profiled_rounds, SIMULATED_BENCHMARK_ROUNDS))
+        profiled_rounds = request.requests_per_client or BENCHMARK_REQUESTS_PER_CLIENT
+        fixed = all(as_length(n).kind is LengthKind.FIXED for n in (request.isl, request.osl))
+        # Fixed lengths settle into a steady pattern within a few rounds; drawn lengths are drawn for every round.
+        simulated = min(profiled_rounds, SIMULATED_BENCHMARK_ROUNDS) if fixed else profiled_rounds
+        count = min(MAX_REQUESTS, concurrency * simulated)
+    if request.requests_per_client is not None and request.requests_per_client < 1:
+        raise PlanningError(f"requests per client must be at least 1 (got {request.requests_per_client})")
     if not 1 <= count <= MAX_REQUESTS:
         raise PlanningError(f"requests must be between 1 and {MAX_REQUESTS} (got {count})")
     workload = Workload(
