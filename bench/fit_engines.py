@@ -6,7 +6,11 @@ The split is by model (bench/e2e_accuracy.py TRAIN_MODELS, collocated rows), nev
 are scored by `python bench/e2e_accuracy.py`. Per engine the fit moves three constants of its engine entry —
 step_overhead_s (CPU time per step), per_sequence_overhead_s (per running sequence per step) and
 step_gap_s (GPU idle per step that overlap cannot hide) — to minimise the robust log error of mean TPOT
-(weight 1) and mean TTFT (weight 0.3) over a deterministic subsample of that engine's training rows.
+(weight 1) and mean TTFT (weight 0.3) over a deterministic subsample of that engine's training rows. A second
+stage then sets request_overhead_s (the API server's latency per request, added to TTFT and E2E) to the value on
+REQUEST_OVERHEAD_GRID_S with the lowest median TTFT log error on the engine's low-load training rows (concurrency
+≤ LOW_LOAD_CONCURRENCY, where a constant latency is not confounded with queueing), each simulated under its
+benchmark client's full protocol. `--request-overhead-only` runs only that stage over the constants already in the file.
 """
 
 from __future__ import annotations
@@ -35,16 +39,31 @@ PARAMS = ("step_overhead_s", "per_sequence_overhead_s", "step_gap_s")
 LOWER_S = (1e-5, 1e-7, 0.0)
 UPPER_S = (1e-2, 5e-4, 5e-3)
 TTFT_WEIGHT = 0.3
+# Candidate API-server latencies per request (seconds), from none to a tenth of a second.
+REQUEST_OVERHEAD_GRID_S = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15)
+LOW_LOAD_CONCURRENCY = 16
 OUTPUT = DATA_DIR / "engine_calibration.yaml"
 
 
-def _errors(values: tuple[float, ...], engine: str, row: dict[str, str]) -> tuple[float, float]:
-    """Log errors (TPOT, TTFT) of one row with the engine's constants set to ``values``."""
+def _errors(
+    values: tuple[float, ...], engine: str, row: dict[str, str], request_overhead_s: float | None = None
+) -> tuple[float, float]:
+    """Log errors (TPOT, TTFT) of one row with the engine's constants set to ``values``.
+
+    With ``request_overhead_s`` given, the row runs its benchmark client's full protocol with that front-end latency.
+    """
     catalog = default_catalog()
-    spec = replace(catalog.engines[engine], **dict(zip(PARAMS, values, strict=True)))
+    changes: dict[str, float] = dict(zip(PARAMS, values, strict=True))
+    request = request_for_row(row)
+    if request_overhead_s is None:
+        # Fewer profiled requests per client than the benchmark keeps the fit fast; means barely move. The step
+        # constants are fitted without front-end latency (the second stage adds it), so a rerun reproduces them.
+        request = replace(request, requests=max(32, 4 * (int(float(row["concurrency"] or 0)) or 8)))
+        changes["request_overhead_s"] = 0.0
+    else:
+        changes["request_overhead_s"] = request_overhead_s
+    spec = replace(catalog.engines[engine], **changes)
     patched = replace(catalog, engines={**catalog.engines, engine: spec})
-    # Fewer profiled requests per client than the benchmark keeps the fit fast; means barely move.
-    request = replace(request_for_row(row), requests=max(32, 4 * (int(float(row["concurrency"] or 0)) or 8)))
     try:
         result = run_estimate(request, catalog=patched).result
     except PlanningError:
@@ -96,6 +115,24 @@ def fit_engine(engine: str, rows: list[dict[str, str]], pool: multiprocessing.po
     return out
 
 
+def fit_request_overhead(
+    engine: str, rows: list[dict[str, str]], values: tuple[float, ...], pool: multiprocessing.pool.Pool
+) -> dict[str, float]:
+    """The grid's front-end latency with the lowest median TTFT log error, with that error."""
+    best: tuple[float, float] | None = None
+    for overhead_s in REQUEST_OVERHEAD_GRID_S:
+        errors = pool.map(functools.partial(_errors, values, engine, request_overhead_s=overhead_s), rows)
+        score = statistics.median(abs(ttft) for _, ttft in errors)
+        print(f"  {engine} request_overhead_s={overhead_s:g}: TTFT median log error {score:.3f}", flush=True)
+        if best is None or score < best[1] - 1e-9:
+            best = (overhead_s, score)
+    assert best is not None
+    return {
+        "request_overhead_s": best[0],
+        "train_ttft_median_ape_pct": round((math.exp(best[1]) - 1.0) * 100, 2),
+    }
+
+
 def _spread(rows: list[dict[str, str]], count: int) -> list[dict[str, str]]:
     """A deterministic subsample with an equal share per model (no model outweighs the others)."""
     by_model: dict[str, list[dict[str, str]]] = {}
@@ -117,6 +154,11 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--engine", action="append", default=[], help="only these engines")
     parser.add_argument("--dry-run", action="store_true", help="print, do not write")
+    parser.add_argument(
+        "--request-overhead-only",
+        action="store_true",
+        help="keep the step constants already in engine_calibration.yaml; fit only request_overhead_s",
+    )
     args = parser.parse_args()
     rows = list(csv.DictReader((args.reference / "e2e_h100_sxm.csv").open()))
     by_engine: dict[str, list[dict[str, str]]] = {}
@@ -128,12 +170,30 @@ def main() -> int:
         for engine, engine_rows in sorted(by_engine.items()):
             if args.engine and engine not in args.engine:
                 continue
-            fitted = fit_engine(engine, _spread(engine_rows, args.rows_per_engine), pool)
+            subsample = _spread(engine_rows, args.rows_per_engine)
+            fitted = _stored(engine) if args.request_overhead_only else fit_engine(engine, subsample, pool)
+            values = tuple(float(fitted[name]) for name in PARAMS)
+            low_load = [r for r in engine_rows if 0 < float(r["concurrency"] or 0) <= LOW_LOAD_CONCURRENCY]
+            fitted.update(fit_request_overhead(engine, _spread(low_load, args.rows_per_engine), values, pool))
             print(f"{engine:10s} {fitted}", flush=True)
             if not args.dry_run:
                 # Written engine by engine: a long fit of one engine keeps what the others found.
                 _write(engine, fitted)
     return 0
+
+
+def _stored(engine: str) -> dict[str, float]:
+    """The step constants and training figures already written for ``engine``."""
+    existing = yaml.safe_load(OUTPUT.read_text()) if OUTPUT.exists() else {}
+    if not existing or engine not in existing:
+        raise SystemExit(f"fit_engines: no stored constants for {engine}; run the full fit first")
+    out = {name: float(existing[engine][name]) for name in PARAMS}
+    for line in OUTPUT.read_text().splitlines():
+        if line.startswith(f"# {engine}: ") and "training rows" in line:
+            words = line.split()
+            out["train_rows"] = float(words[2])
+            out["train_tpot_median_ape_pct"] = float(words[words.index("TPOT") + 3].rstrip("%,"))
+    return out
 
 
 def _write(engine: str, fitted: dict[str, float]) -> None:
@@ -145,10 +205,11 @@ def _write(engine: str, fitted: dict[str, float]) -> None:
         if line.startswith("# ") and ": " in line and "training rows" in line:
             name = line[2:].split(":", 1)[0]
             notes[name] = line
-    existing[engine] = {k: v for k, v in fitted.items() if k in PARAMS}
+    existing[engine] = {k: v for k, v in fitted.items() if k in (*PARAMS, "request_overhead_s")}
     notes[engine] = (
         f"# {engine}: {fitted['train_rows']:.0f} training rows, "
-        f"TPOT median error {fitted['train_tpot_median_ape_pct']}%"
+        f"TPOT median error {fitted['train_tpot_median_ape_pct']}%, "
+        f"TTFT median error {fitted['train_ttft_median_ape_pct']}% (C <= {LOW_LOAD_CONCURRENCY}, full client protocol)"
     )
     header = (
         f"# Engine CPU constants fitted by `python -m bench.fit_engines` on {datetime.date.today().isoformat()}\n"

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from service.catalog.loader import load_catalog, load_hf_model_config, read_structured_file
-from service.cli_service import ServiceCliError, add_service_commands, run_service_command
+from service.cli_service import ServiceCliError, add_command, add_service_commands, run_service_command
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
 from service.planning.estimate import EstimateRequest, run_estimate
-from service.planning.specs import PlanningError
+from service.planning.specs import PlanningError, spec_kind
 from service.planning.workload import LengthDistribution
 
 SERVICE_COMMANDS = ("serve", "worker", "submit", "status", "db", "openapi", "place")
@@ -25,7 +29,22 @@ class CliError(Exception):
     """Bad input on the command line: one line on stderr, exit code 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" where the help text does not already give the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        # Flags (nargs 0) default to off, and a None default needs words that only the help text can give.
+        if "default" in text or action.nargs == 0 or action.required or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise CliError(message)
 
@@ -76,39 +95,69 @@ def _is_number(value: Any) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `splan`."""
     parser = _Parser(prog="splan", description="Plan how to serve large language models.")
-    parser.add_argument("--catalog", type=Path, action="append", default=[], help="extra catalog directory")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument(
+        "--catalog",
+        type=Path,
+        action="append",
+        default=[],
+        help="extra catalog directory, repeatable (default: none; also $SPLAN_CATALOG_PATH)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    est = sub.add_parser("estimate", help="latency and throughput of one deployment")
-    est.add_argument("--model", help="catalog model name")
-    est.add_argument("--model-config", type=Path, help="a Hugging Face config.json (file or directory)")
-    est.add_argument("--gpu", required=True)
-    est.add_argument("--engine", default="vllm")
-    est.add_argument("--weight-dtype", default="bf16")
-    est.add_argument("--kv-dtype", default=None)
-    est.add_argument("--mode", choices=["collocated", "disagg", "disaggregated"], default="collocated")
+    est = add_command(sub, "estimate", "latency and throughput of one deployment")
+    est.add_argument("--model", help="catalog model name (default: none; give --model or --model-config)")
+    est.add_argument("--model-config", type=Path, help="a Hugging Face config.json, file or directory (default: none)")
+    est.add_argument("--gpu", required=True, help="catalog GPU name (see `splan catalog gpus`)")
+    est.add_argument("--engine", default="vllm", help="catalog engine (see `splan catalog engines`)")
+    est.add_argument("--weight-dtype", default="bf16", help="dtype of the weights")
+    est.add_argument("--kv-dtype", default=None, help="dtype of the KV cache (default: the engine's for the weights)")
+    est.add_argument(
+        "--mode",
+        choices=["collocated", "disagg", "disaggregated"],
+        default="collocated",
+        help="prefill and decode on the same GPUs, or in separate pools",
+    )
     est.add_argument("--moe-weight-dtype", default=None, help="dtype of the routed experts (default: --weight-dtype)")
     est.add_argument("--tp", type=int, default=1, help="attention tensor parallelism per data-parallel rank")
-    est.add_argument("--pp", type=int, default=1)
+    est.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     est.add_argument("--attention-dp", type=int, default=1, help="attention data-parallel ranks per replica")
     est.add_argument("--moe-tp", type=int, default=None, help="slices per expert (default: tp x dp / moe-ep)")
-    est.add_argument("--moe-ep", type=int, default=None, help="expert-parallel groups (default 1)")
+    est.add_argument("--moe-ep", type=int, default=None, help="expert-parallel groups (default: 1)")
     est.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
-    est.add_argument("--replicas", type=int, default=1)
+    est.add_argument("--replicas", type=int, default=1, help="identical replicas behind a round-robin router")
     for pool in ("prefill", "decode"):
-        est.add_argument(f"--{pool}-tp", type=int, default=1)
-        est.add_argument(f"--{pool}-pp", type=int, default=1)
-        est.add_argument(f"--{pool}-attention-dp", type=int, default=1)
-        est.add_argument(f"--{pool}-moe-tp", type=int, default=None)
-        est.add_argument(f"--{pool}-moe-ep", type=int, default=None)
-        est.add_argument(f"--{pool}-workers", type=int, default=1)
-    est.add_argument("--isl", required=True, help="N, uniform:LO:HI, normal:MEAN:STD, lognormal:MEAN:STD, file:PATH")
-    est.add_argument("--osl", required=True, help="same forms as --isl")
+        est.add_argument(f"--{pool}-tp", type=int, default=1, help=f"disagg: {pool} workers' attention TP")
+        est.add_argument(f"--{pool}-pp", type=int, default=1, help=f"disagg: {pool} workers' pipeline stages")
+        est.add_argument(
+            f"--{pool}-attention-dp", type=int, default=1, help=f"disagg: {pool} workers' attention-DP ranks"
+        )
+        est.add_argument(
+            f"--{pool}-moe-tp", type=int, default=None, help=f"disagg: {pool} slices per expert (default: as --moe-tp)"
+        )
+        est.add_argument(
+            f"--{pool}-moe-ep", type=int, default=None, help=f"disagg: {pool} expert-parallel groups (default: 1)"
+        )
+        est.add_argument(f"--{pool}-workers", type=int, default=1, help=f"disagg: {pool} workers")
+    est.add_argument(
+        "--isl",
+        required=True,
+        help="input tokens: N, uniform:LO:HI, normal:MEAN:STD, lognormal:MEAN:STD or file:PATH[:COLUMN]",
+    )
+    est.add_argument("--osl", required=True, help="output tokens, same forms as --isl")
     load = est.add_mutually_exclusive_group(required=True)
-    load.add_argument("--concurrency", type=int)
-    load.add_argument("--rate", type=float)
-    est.add_argument("--arrival", choices=["poisson", "gamma", "constant"], default=None)
-    est.add_argument("--cv", type=float, default=1.0)
+    load.add_argument(
+        "--concurrency", type=int, help="closed loop: this many clients (no default: give --concurrency or --rate)"
+    )
+    load.add_argument(
+        "--rate", type=float, help="open loop: requests per second (no default: give --concurrency or --rate)"
+    )
+    est.add_argument(
+        "--arrival",
+        choices=["poisson", "gamma", "constant"],
+        default=None,
+        help="open loop: inter-arrival law (default: poisson)",
+    )
+    est.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma inter-arrival times")
     est.add_argument(
         "--client-start",
         choices=["benchmark", "burst", "staggered"],
@@ -116,20 +165,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="closed loop: the benchmark client's protocol (20 requests per client, all start at t=0), "
         "all clients at t=0 (burst) or spread over one request lifetime (staggered)",
     )
-    est.add_argument("--requests", type=int, default=None)
-    est.add_argument("--seed", type=int, default=0)
-    est.add_argument("--max-batched-tokens", type=int, default=None)
-    est.add_argument("--max-seqs", type=int, default=None)
-    est.add_argument("--gpu-price", type=float, default=None, help="USD per GPU-hour")
-    est.add_argument("--json", action="store_true")
+    est.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests to simulate (default: 20 per client in the benchmark protocol, 8 per client in other "
+        "closed loops (64 to 2000), 600 open loop)",
+    )
+    est.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=None,
+        help="closed loop, benchmark protocol: requests each client sends (default: 20 as aiperf sweeps; 10 for "
+        "`vllm bench serve --num-prompts 10C` / InferenceX sweeps)",
+    )
+    est.add_argument("--seed", type=int, default=0, help="random seed of lengths and arrivals")
+    est.add_argument(
+        "--max-batched-tokens", type=int, default=None, help="engine token budget per step (default: the engine's)"
+    )
+    est.add_argument("--max-seqs", type=int, default=None, help="engine sequences per step (default: the engine's)")
+    est.add_argument("--gpu-price", type=float, default=None, help="USD per GPU-hour (default: the catalog's)")
+    est.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    pl = sub.add_parser("plan", help="rank serving strategies for a spec file")
-    pl.add_argument("spec", type=Path)
-    pl.add_argument("--json", action="store_true")
+    pl = add_command(
+        sub,
+        "plan",
+        "rank serving strategies for a plan spec, or size and pack a fleet spec (kind: fleet)",
+    )
+    pl.add_argument("spec", type=Path, help="plan or fleet spec, YAML or JSON (see examples/)")
+    pl.add_argument("--json", action="store_true", help="print the result as JSON (as the API stores it)")
+    pl.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="FILE.html",
+        help="also write a self-contained HTML report of the plan (or fleet plan) to this file (default: none)",
+    )
+    pl.add_argument(
+        "--emit-launch",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write launch scripts (vLLM, SGLang, TRT-LLM) and Kubernetes manifests for the chosen strategy "
+        "(default: none)",
+    )
+    pl.add_argument(
+        "--strategy",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --emit-launch: the rank of the strategy to launch",
+    )
 
-    cat = sub.add_parser("catalog", help="list models, GPUs or engines")
-    cat.add_argument("kind", choices=["models", "gpus", "engines"])
-    cat.add_argument("--json", action="store_true")
+    cat = add_command(sub, "catalog", "list models, GPUs or engines")
+    cat.add_argument("kind", choices=["models", "gpus", "engines"], help="which table")
+    cat.add_argument("--json", action="store_true", help="print the table as JSON")
     add_service_commands(sub)
     return parser
 
@@ -173,6 +263,7 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         arrival=args.arrival,
         cv=args.cv,
         client_start=args.client_start,
+        requests_per_client=args.requests_per_client,
         requests=args.requests,
         seed=args.seed,
         max_batched_tokens=args.max_batched_tokens,
@@ -198,33 +289,382 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
 
 
 def _plan(args: argparse.Namespace, catalog: Catalog) -> int:
-    # Imported here: the plan spec's pydantic models cost a fifth of a second that estimates do not need.
-    from service.planning.plan_spec import parse_plan_spec
-    from service.planning.search import plan
-
     raw = read_structured_file(args.spec)
+    if not isinstance(raw, dict):
+        raise PlanningError(f"{args.spec} must hold a mapping (a plan spec or a fleet spec)")
+    if spec_kind(raw) == "fleet":
+        return _plan_fleet(args, catalog, raw)
+    return _plan_strategies(args, catalog, {k: v for k, v in raw.items() if k != "kind"})
+
+
+def _plan_strategies(args: argparse.Namespace, catalog: Catalog, raw: dict[str, Any]) -> int:
+    # Imported here: the plan spec's pydantic models and the job runner cost time that estimates do not need.
+    from service.jobs import execute_spec
+    from service.planning.plan_spec import PlanSpec, parse_plan_spec
+
     request = parse_plan_spec(raw, catalog=catalog, base_dir=args.spec.parent, model_loader=load_hf_model_config)
-    result = plan(request, catalog=catalog).as_dict()
+    spec, run_catalog = raw, catalog
+    if raw.get("model_config"):
+        # The worker's code path knows catalog names only: the config read from disk joins this run's catalog.
+        name = request.model.name
+        run_catalog = replace(catalog, models={**catalog.models, name.strip().lower(): request.model})
+        spec = {**{k: v for k, v in raw.items() if k != "model_config"}, "model": name}
+    with ProgressReporter(f"planning {request.model.name} on {request.gpu}") as progress:
+        result, _ = execute_spec("strategy", spec, catalog=run_catalog, progress=progress)
+    _write_plan_outputs(args, raw, result, catalog=run_catalog)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    header = f"{'#':>2s} {'strategy':34s} {'gpus':>4s} {'goodput':>9s} {'/GPU':>7s} {'$/Mtok':>8s} "
-    header += f"{'TTFT p90':>9s} {'TPOT p90':>9s}  bottleneck"
-    print(header)
-    for s in result["strategies"]:
-        cost = s["cost_per_million_output_tokens_usd"]
-        star = "*" if s["on_frontier"] else " "
-        ttft = s.get("ttft_ms", {}).get("p90", float("nan"))
-        tpot = s.get("tpot_ms", {}).get("p90", float("nan"))
-        print(
-            f"{s['rank']:2d}{star}{s['label']:34s} {s['gpus']:4d} {s['goodput_rps']:9.2f} {s['goodput_per_gpu']:7.3f} "
-            f"{(cost if cost is not None else float('nan')):8.2f} {ttft:9.1f} {tpot:9.1f}  {s.get('bottleneck', '-')}"
-        )
+    shown = PlanSpec.model_validate(raw)
+    best = result["strategies"][0] if result["strategies"] else None
+    kv = shown.kv_dtype or (f"{best['kv_dtype']} (the engine's default)" if best else "the engine's default")
+    model = request.model.name + (f" (config {shown.model_config_path})" if shown.model_config_path else "")
     print(
-        f"* = Pareto frontier (goodput per GPU vs median TPOT); {result['strategies_evaluated']} simulated, "
-        f"{len(result['rejected'])} pruned of {result['strategies_enumerated']} enumerated"
+        f"model:    {model} on {shown.gpu}, at most {shown.max_gpus} GPUs; engine {shown.engine}, "
+        f"weights {shown.weight_dtype}, KV cache {kv}"
     )
+    print(f"workload: {_workload_text(shown.workload)}, {shown.search.requests} requests per simulation")
+    print(f"SLOs:     {_slo_text(shown.slo)} (goodput: the highest request rate that meets them)")
+    search = shown.search
+    extra = f"; attention DP {_join(search.attention_dp)}" if search.attention_dp else ""
+    print(f"searched: modes {_join(search.modes)}; TP {_join(search.tp)}; PP {_join(search.pp)}{extra}")
+    print()
+    for line in strategy_table(result["strategies"]):
+        print(line)
+    for line in plan_verdict(result):
+        print(line)
     return 0
+
+
+def _write_plan_outputs(
+    args: argparse.Namespace, spec: dict[str, Any], result: dict[str, Any], *, catalog: Catalog, fleet: bool = False
+) -> None:
+    """Write the HTML report and the launch bundle a plan command asked for; say where on stderr."""
+    if args.report is not None:
+        # Imported here: matplotlib costs half a second that plans without a report do not need.
+        from service.reporting import render_fleet_report, render_plan_report
+
+        render = render_fleet_report if fleet else render_plan_report
+        try:
+            args.report.write_text(render(spec, result), encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot write the report to {args.report}: {exc.strerror}") from None
+        print(f"splan: wrote the report to {args.report}", file=sys.stderr)
+    if args.emit_launch is not None:
+        from service.launch import launch_bundle, write_launch_bundle
+
+        bundle = launch_bundle(spec, result, strategy_rank=args.strategy, catalog=catalog)
+        try:
+            written = write_launch_bundle(bundle, args.emit_launch)
+        except OSError as exc:
+            raise CliError(f"cannot write the launch files to {args.emit_launch}: {exc.strerror}") from None
+        print(f"splan: wrote {len(written)} launch files to {args.emit_launch}", file=sys.stderr)
+
+
+STRATEGY_HEADERS = (
+    "#",
+    "strategy",
+    "GPUs",
+    "goodput (req/s)",
+    "goodput/GPU (req/s)",
+    "cost ($/M out tok)",
+    "TTFT p90 (ms)",
+    "TPOT p90 (ms)",
+    "bottleneck",
+)
+PRUNE_CATEGORIES = (
+    ("does_not_fit", "does not fit"),
+    ("tpot_floor", "TPOT floor above the SLO"),
+    ("analytic_bound", "analytic bound below the leaders"),
+)
+
+
+def strategy_table(strategies: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ranked strategies as a plain-text table with units in the headers."""
+    if not strategies:
+        return ["no strategy was simulated"]
+    rows = []
+    for s in strategies:
+        cost = s.get("cost_per_million_output_tokens_usd")
+        rows.append(
+            (
+                f"{s['rank']}{'*' if s.get('on_frontier') else ' '}",
+                str(s["label"]),
+                str(s["gpus"]),
+                f"{s['goodput_rps']:.2f}",
+                f"{s['goodput_per_gpu']:.3f}",
+                "-" if cost is None else f"{cost:.2f}",
+                _ms(s.get("ttft_ms")),
+                _ms(s.get("tpot_ms")),
+                str(s.get("bottleneck", "-")),
+            )
+        )
+    lines = text_table(STRATEGY_HEADERS, rows, left=(1, 8))
+    lines.append("* on the Pareto frontier (goodput per GPU vs median TPOT)")
+    return lines
+
+
+def plan_verdict(result: Mapping[str, Any]) -> list[str]:
+    """Why the first strategy wins, and how many were pruned for which reason."""
+    strategies = result["strategies"]
+    lines = []
+    best = strategies[0] if strategies else None
+    if best is None or best["goodput_rps"] <= 0:
+        lines.append("why: no strategy meets the SLOs at any request rate")
+    else:
+        why = f"why {best['label']} wins: highest goodput per GPU, {best['goodput_per_gpu']:.3f} req/s/GPU"
+        if len(strategies) > 1:
+            second = strategies[1]
+            if second["goodput_per_gpu"] > 0:
+                margin = best["goodput_per_gpu"] / second["goodput_per_gpu"] - 1
+                why += f", {margin:.1%} above the runner-up {second['label']} ({second['goodput_per_gpu']:.3f})"
+            else:
+                why += f"; the runner-up {second['label']} meets the SLOs at no rate"
+        else:
+            why += " (the only strategy simulated)"
+        why += f"; bottleneck: {_bottleneck_text(best)}"
+        lines.append(why)
+    counts = {key: 0 for key, _ in PRUNE_CATEGORIES}
+    for rejected in result["rejected"]:
+        counts[rejected.get("category", "does_not_fit")] = counts.get(rejected.get("category", "does_not_fit"), 0) + 1
+    names = dict(PRUNE_CATEGORIES)
+    parts = ", ".join(f"{names.get(key, key)}: {count}" for key, count in counts.items())
+    lines.append(
+        f"pruned: {len(result['rejected'])} of {result['strategies_enumerated']} enumerated ({parts}); "
+        f"simulated: {result['strategies_evaluated']}"
+    )
+    return lines
+
+
+def _bottleneck_text(strategy: Mapping[str, Any]) -> str:
+    bottleneck = str(strategy.get("bottleneck", "unknown"))
+    shares = strategy.get("step_time_shares") or {}
+    if not shares:
+        return bottleneck
+    part, share = max(shares.items(), key=lambda item: float(item[1]))
+    name = {"gemm": "GEMMs", "cpu_dispatch": "CPU dispatch"}.get(part, part.replace("_", " "))
+    return f"{bottleneck} ({name} {float(share):.0%} of step time)"
+
+
+def _ms(stats: Mapping[str, float] | None) -> str:
+    return "-" if not stats else f"{stats['p90']:.1f}"
+
+
+def _join(values: Sequence[Any] | str) -> str:
+    return values if isinstance(values, str) else ", ".join(str(v) for v in values)
+
+
+def _workload_text(workload: Any) -> str:
+    """One line for a workload spec: arrivals, lengths, rate or concurrency."""
+    if workload.arrival == "closed":
+        load = f"closed loop ({workload.client_start} clients)"
+    else:
+        cv = f" (cv {workload.cv:g})" if workload.arrival == "gamma" else ""
+        load = f"{workload.arrival} arrivals{cv}"
+        if workload.rate is not None:
+            load += f" at {workload.rate:g} req/s"
+    return f"{load}, input {workload.isl} tokens, output {workload.osl} tokens"
+
+
+def _slo_text(slo: Any) -> str:
+    share = f"{slo.percentile:g}%" if slo.percentile is not None else f"{slo.attainment:.0%}"
+    return f"TTFT <= {slo.ttft_ms:g} ms and TPOT <= {slo.tpot_ms:g} ms for {share} of requests"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, left: Sequence[int] = ()) -> list[str]:
+    """A plain-text table: columns as wide as their widest cell, numbers right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(out).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _plan_fleet(args: argparse.Namespace, catalog: Catalog, raw: dict[str, Any]) -> int:
+    # Imported here: the job runner and placement cost time that estimates do not need.
+    from service.jobs import execute_spec
+    from service.placement.cluster import Cluster, parse_cluster
+    from service.placement.fleet_plan import parse_fleet_spec
+
+    spec = dict(raw)
+    cluster_file = spec.pop("cluster_file", None)
+    cluster_path: Path | None = None
+    if cluster_file is not None:
+        if spec.get("cluster") is not None:
+            raise PlanningError("give `cluster_file` (read by splan plan) or `cluster` (stored on a server), not both")
+        if not isinstance(cluster_file, str) or not cluster_file:
+            raise PlanningError("cluster_file must be a path to a cluster YAML or JSON file")
+        path = Path(cluster_file)
+        cluster_path = path if path.is_absolute() else args.spec.parent / path
+        # execute_spec hands this name back to the loader below.
+        spec["cluster"] = str(cluster_path)
+
+    fleet = parse_fleet_spec(spec)
+    # Input errors surface before the progress starts, so that they stay one line on stderr.
+    for deployment in fleet.deployments:
+        catalog.model(deployment.model)
+        catalog.engine(deployment.engine)
+    if fleet.cluster is not None and cluster_path is None:
+        raise PlanningError(
+            f"cluster {fleet.cluster!r} is stored on a server: use `splan submit`, or give `cluster_file: PATH` "
+            "for `splan plan`"
+        )
+    cluster: Cluster | None = None
+    if cluster_path is not None:
+        document = read_structured_file(cluster_path)
+        if not isinstance(document, dict):
+            raise PlanningError(f"{cluster_path} must hold a mapping")
+        cluster = parse_cluster(document)
+
+    def load_cluster(name: str) -> Cluster:
+        assert cluster is not None, name
+        return cluster
+
+    if args.emit_launch is not None:
+        raise PlanningError("--emit-launch takes a strategy plan; a fleet plan's deployments each have their own")
+    with ProgressReporter(f"planning a fleet of {len(fleet.deployments)} deployments") as progress:
+        result, _ = execute_spec("fleet", spec, catalog=catalog, progress=progress, cluster_loader=load_cluster)
+    _write_plan_outputs(args, raw, result, catalog=catalog, fleet=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    gpus = ", ".join(f"{name} x{count}" for name, count in (fleet.gpus or {}).items())
+    where = f"the free GPUs of cluster {cluster_path}" if cluster_path is not None else gpus
+    print(f"fleet:    {len(fleet.deployments)} deployments on {where}")
+    width = max(len(d.name) for d in fleet.deployments)
+    for d in fleet.deployments:
+        types = f", on {_join(d.gpu_types)}" if d.gpu_types else ""
+        print(
+            f"  {d.name:{width}s}  {d.model} ({d.engine}, weights {d.weight_dtype}{types}): "
+            f"{_workload_text(d.workload)}; {_slo_text(d.slo)}"
+        )
+    print()
+    for line in fleet_summary(result, on_cluster=cluster_path is not None):
+        print(line)
+    return 0
+
+
+FLEET_HEADERS = (
+    "deployment",
+    "model",
+    "GPU type",
+    "strategy",
+    "instances",
+    "GPUs",
+    "needed (req/s)",
+    "capacity (req/s)",
+    "TTFT p90 (ms)",
+    "TPOT p90 (ms)",
+    "placed",
+)
+
+
+def fleet_summary(result: Mapping[str, Any], *, on_cluster: bool) -> list[str]:
+    """A fleet result: per deployment its strategy and size, where it went, the totals and what was not met."""
+    lines: list[str] = []
+    deployments = result["deployments"]
+    if deployments:
+        rows = [
+            (
+                str(d["name"]),
+                str(d["model"]),
+                str(d["gpu_type"]),
+                str(d["strategy"]),
+                str(d["instances"]),
+                str(d["gpus"]),
+                f"{d['required_rps']:.2f}",
+                f"{d['instances'] * d['goodput_per_instance_rps']:.2f}",
+                _ms(d.get("ttft_ms")),
+                _ms(d.get("tpot_ms")),
+                "yes" if d["placed"] else "no",
+            )
+            for d in deployments
+        ]
+        lines += text_table(FLEET_HEADERS, rows, left=(0, 1, 2, 3, 10))
+    for d in deployments:
+        for i, instance in enumerate(d.get("instances_placed") or [], 1):
+            if instance.get("server") is None:
+                continue
+            gpus = ",".join(str(g) for g in instance.get("gpu_ids", []))
+            load = instance.get("load_s")
+            loads = f", loads from {instance.get('tier')} in {load:.1f} s" if load is not None else ""
+            lines.append(f"  {d['name']} #{i}: {instance['server']} GPUs {gpus}{loads}")
+    used = result["gpus_used_by_type"]
+    available = result["gpus_available_by_type"]
+    by_type = ", ".join(f"{name} {used.get(name, 0)} of {count}" for name, count in available.items())
+    verdict = "all SLOs met" if result["all_slos_met"] else f"{len(result['unmet'])} not met"
+    free = " free" if on_cluster else ""
+    lines.append(
+        f"total:    {result['total_gpus']} GPUs used of {sum(available.values())}{free} ({by_type}); {verdict}"
+    )
+    for miss in result["unmet"]:
+        lines.append(f"not met:  {miss['name']}: {miss['reason']}")
+    return lines
+
+
+class ProgressReporter:
+    """Progress on stderr: a bar on a terminal, else a plain line per 10% done, at most one a second."""
+
+    def __init__(self, label: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.label = label
+        self.stream: TextIO = sys.stderr
+        self.clock = clock
+        self.started = clock()
+        self._last_line_at = -math.inf
+        self._last_bucket = -1
+        self._finished = False
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressReporter:
+        if _is_terminal(self.stream):
+            # Imported here: only a terminal's bar needs Rich, and estimates must start fast.
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            console = Console(file=self.stream, force_terminal=True)
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self._bar = Progress(*columns, console=console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def note(self, text: str) -> None:
+        """Say what is going on now (queued, running, succeeded): the bar's caption, or a line of its own."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+        else:
+            self._line(text)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=max(total, 1))
+            return
+        if total <= 0 or self._finished:
+            return
+        now = self.clock()
+        bucket = min(10, done * 10 // total)
+        self._finished = done >= total
+        if self._finished or (bucket > self._last_bucket and now - self._last_line_at >= 1.0):
+            self._last_bucket = bucket
+            self._line(f"{self.label}: {done}/{total} ({done / total:.0%}) after {now - self.started:.1f} s")
+
+    def _line(self, text: str) -> None:
+        self._last_line_at = self.clock()
+        print(f"splan: {text}", file=self.stream, flush=True)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
 
 
 def _catalog(args: argparse.Namespace, catalog: Catalog) -> int:

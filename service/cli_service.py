@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     import httpx
 
 from service.catalog.loader import read_structured_file
-from service.planning.specs import PlanningError
+from service.planning.specs import PlanningError, spec_kind
 
 OPENAPI_PATH = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
 FINAL = ("succeeded", "failed", "canceled")
@@ -23,50 +24,62 @@ class ServiceCliError(Exception):
     """A service command failed in a way the user can fix: one line on stderr, exit code 2."""
 
 
+def add_command(sub: Any, name: str, text: str) -> Any:
+    """A subcommand whose help line in `splan --help` is also its description in `splan NAME --help`."""
+    return sub.add_parser(name, help=text, description=text)
+
+
 def add_service_commands(sub: Any) -> None:
     """Register the service subcommands on the `splan` parser."""
-    serve = sub.add_parser("serve", help="run the HTTP API (embedded SQLite + in-process unless configured)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve = add_command(sub, "serve", "run the HTTP API (embedded SQLite + in-process unless configured)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
 
-    worker = sub.add_parser("worker", help="run a Celery worker (needs BROKER_URL and DATABASE_URL)")
-    worker.add_argument("--concurrency", type=int, default=None)
+    worker = add_command(sub, "worker", "run a Celery worker (needs BROKER_URL and DATABASE_URL)")
+    worker.add_argument(
+        "--concurrency", type=int, default=None, help="plans at once (default: $SPLAN_WORKER_CONCURRENCY, 2)"
+    )
     worker.add_argument("--no-beat", action="store_true", help="do not run the stale-plan sweeper schedule")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", default="INFO", help="Celery log level")
 
-    submit = sub.add_parser("submit", help="submit a plan spec to a server")
-    submit.add_argument("spec", type=Path)
-    submit.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
-    submit.add_argument("--wait", action="store_true", help="poll until the plan finishes")
+    server_help = "the planning service's URL, e.g. http://127.0.0.1:8765 (default: $SPLAN_SERVER)"
+    submit = add_command(sub, "submit", "submit a plan or fleet spec to a server; prints the plan id and a summary")
+    submit.add_argument("spec", type=Path, help="plan or fleet spec, YAML or JSON")
+    submit.add_argument("--server", default=None, help=server_help)
+    submit.add_argument("--wait", action="store_true", help="poll until the plan finishes, with progress on stderr")
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait")
-    submit.add_argument("--idempotency-key", default=None)
+    submit.add_argument(
+        "--idempotency-key", default=None, help="same key and body give back the same plan (default: none)"
+    )
+    submit.add_argument("--json", action="store_true", help="print the plan as the API returns it")
 
-    status = sub.add_parser("status", help="show a plan's status (and result once finished)")
-    status.add_argument("plan_id")
-    status.add_argument("--server", required=True)
+    status = add_command(sub, "status", "show a plan's status, and a summary of its result once finished")
+    status.add_argument("plan_id", help="the id `splan submit` printed")
+    status.add_argument("--server", default=None, help=server_help)
+    status.add_argument("--json", action="store_true", help="print the plan (with its whole result) as JSON")
 
-    db = sub.add_parser("db", help="database schema")
-    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=sub._parser_class)
-    db_sub.add_parser("upgrade", help="apply the Alembic migrations to DATABASE_URL (or the embedded SQLite file)")
+    db = add_command(sub, "db", "database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=sub._parser_class, metavar="COMMAND")
+    add_command(db_sub, "upgrade", "apply the Alembic migrations to DATABASE_URL (or the embedded SQLite file)")
 
-    place = sub.add_parser("place", help="where to start new instances on a cluster file (no server needed)")
+    place = add_command(sub, "place", "where to start new instances on a cluster file (no server needed)")
     place.add_argument("--cluster", type=Path, required=True, help="cluster state, YAML or JSON")
-    place.add_argument("--model", required=True)
-    place.add_argument("--weight-dtype", default="bf16")
-    place.add_argument("--tp", type=int, default=1)
-    place.add_argument("--pp", type=int, default=1)
-    place.add_argument("--gpus", type=int, default=None, help="GPUs per instance (default tp x pp)")
-    place.add_argument("--instances", type=int, default=1)
-    place.add_argument("--gpu-type", default=None)
-    place.add_argument("--engine", default="vllm")
+    place.add_argument("--model", required=True, help="catalog model name")
+    place.add_argument("--weight-dtype", default="bf16", help="dtype of the weights")
+    place.add_argument("--tp", type=int, default=1, help="tensor parallelism per instance")
+    place.add_argument("--pp", type=int, default=1, help="pipeline stages per instance")
+    place.add_argument("--gpus", type=int, default=None, help="GPUs per instance (default: tp x pp)")
+    place.add_argument("--instances", type=int, default=1, help="instances to place")
+    place.add_argument("--gpu-type", default=None, help="only GPUs of this type (default: any)")
+    place.add_argument("--engine", default="vllm", help="catalog engine (its start-up costs)")
     place.add_argument("--checkpoint", default=None, help="checkpoint name in the tiers (default: the model)")
-    place.add_argument("--no-migration", action="store_true")
-    place.add_argument("--candidates", type=int, default=8)
-    place.add_argument("--json", action="store_true")
+    place.add_argument("--no-migration", action="store_true", help="never move running instances")
+    place.add_argument("--candidates", type=int, default=8, help="ranked candidates to show")
+    place.add_argument("--json", action="store_true", help="print the decision as JSON")
 
-    openapi = sub.add_parser("openapi", help="write the OpenAPI document")
-    openapi.add_argument("--out", type=Path, default=OPENAPI_PATH)
+    openapi = add_command(sub, "openapi", "write the OpenAPI document")
+    openapi.add_argument("--out", type=Path, default=OPENAPI_PATH, help="where to write it")
     openapi.add_argument("--check", action="store_true", help="exit 2 if the file differs from the app")
 
 
@@ -170,6 +183,14 @@ def _openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> str:
+    """--server, else $SPLAN_SERVER; neither is a one-line error."""
+    server = args.server or os.environ.get("SPLAN_SERVER")
+    if not server:
+        raise ServiceCliError(f"splan {args.command} needs a server: give --server URL or set SPLAN_SERVER")
+    return str(server)
+
+
 def _client(server: str) -> httpx.Client:
     # Imported here: the HTTP client is only needed by the service commands, not by estimate or plan.
     import httpx
@@ -192,37 +213,113 @@ def _check(response: httpx.Response) -> dict[str, Any]:
 def _submit(args: argparse.Namespace) -> int:
     import httpx
 
+    server = _server(args)
     spec = _mapping(read_structured_file(args.spec), args.spec)
+    if "cluster_file" in spec:
+        raise ServiceCliError(
+            "cluster_file is read by `splan plan` only; store the cluster with PUT /v1/clusters/NAME and give "
+            "`cluster: NAME`"
+        )
+    if spec_kind(spec) == "fleet" and "kind" not in spec:
+        # The API reads the kind from the body: say what `splan plan` would have decided.
+        spec = {**spec, "kind": "fleet"}
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     try:
-        with _client(args.server) as client:
+        with _client(server) as client:
             plan = _check(client.post("/v1/plans", json=spec, headers=headers))
             if args.wait:
-                deadline = time.monotonic() + args.timeout
-                while plan["status"] not in FINAL:
-                    if time.monotonic() > deadline:
-                        raise ServiceCliError(f"plan {plan['id']} still {plan['status']} after {args.timeout:g} s")
-                    time.sleep(0.25)
-                    plan = _check(client.get(f"/v1/plans/{plan['id']}"))
+                plan = _wait(client, plan, args.timeout)
     except httpx.HTTPError as exc:
-        raise ServiceCliError(f"cannot reach {args.server}: {exc}") from None
-    print(json.dumps(plan if args.wait else {k: plan[k] for k in ("id", "status", "created_at")}, indent=2))
+        raise ServiceCliError(f"cannot reach {server}: {exc}") from None
+    if args.json:
+        print(json.dumps(plan if args.wait else {k: plan[k] for k in ("id", "status", "created_at")}, indent=2))
+    else:
+        for line in plan_summary(plan):
+            print(line)
+        if not args.wait:
+            print(f"follow it with: splan status {plan['id']}" + ("" if args.server is None else f" --server {server}"))
     if args.wait and plan["status"] == "failed":
         detail = (plan.get("error") or {}).get("detail", "failed")
         raise ServiceCliError(f"plan {plan['id']} failed: {detail}")
     return 0
 
 
+def _wait(client: httpx.Client, plan: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Poll until the plan is final, with its status and progress on stderr."""
+    from service.cli import ProgressReporter
+
+    deadline = time.monotonic() + timeout_s
+    status = None
+    with ProgressReporter(f"plan {plan['id']}") as progress:
+        while True:
+            if plan["status"] != status:
+                status = plan["status"]
+                progress.note(f"plan {plan['id']} {status}")
+            if status != "queued":
+                progress(int(plan["progress"]["done"]), int(plan["progress"]["total"]))
+            if status in FINAL:
+                return plan
+            if time.monotonic() > deadline:
+                raise ServiceCliError(f"plan {plan['id']} still {status} after {timeout_s:g} s")
+            time.sleep(0.25)
+            plan = _check(client.get(f"/v1/plans/{plan['id']}"))
+
+
 def _status(args: argparse.Namespace) -> int:
     import httpx
 
+    server = _server(args)
     try:
-        with _client(args.server) as client:
+        with _client(server) as client:
             plan = _check(client.get(f"/v1/plans/{args.plan_id}"))
     except httpx.HTTPError as exc:
-        raise ServiceCliError(f"cannot reach {args.server}: {exc}") from None
-    print(json.dumps(plan, indent=2))
+        raise ServiceCliError(f"cannot reach {server}: {exc}") from None
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    for line in plan_summary(plan):
+        print(line)
     return 0
+
+
+def plan_summary(plan: dict[str, Any]) -> list[str]:
+    """One screen on a plan resource: its status, progress or outcome, and how to get the whole result."""
+    from service.cli import fleet_summary, plan_verdict
+
+    lines = [f"plan {plan['id']}: {plan['status']} ({plan['kind']}: {plan['model']} on {plan['gpu']})"]
+    progress = plan.get("progress") or {}
+    result = plan.get("result")
+    if plan["status"] in ("queued", "running") and progress.get("total"):
+        done, total = int(progress["done"]), int(progress["total"])
+        lines.append(f"progress: {done}/{total} ({done / total:.0%})")
+    elif plan["status"] == "failed":
+        error = plan.get("error") or {}
+        lines.append(f"error: {error.get('title', 'failed')}: {error.get('detail', '')}".rstrip(": "))
+    elif result is not None and plan["kind"] == "fleet":
+        lines += fleet_summary(result, on_cluster=str(plan["gpu"]).startswith("cluster:"))
+    elif result is not None:
+        best = result["strategies"][0] if result["strategies"] else None
+        if best is not None:
+            cost = best.get("cost_per_million_output_tokens_usd")
+            lines.append(
+                f"best: {best['label']} ({best['mode']}) on {best['gpus']} GPUs: goodput {best['goodput_rps']:.2f} "
+                f"req/s ({best['goodput_per_gpu']:.3f} req/s/GPU)"
+                + ("" if cost is None else f", ${cost:.2f} per million output tokens")
+            )
+            latency = [
+                f"{name} p50 {best[key]['p50']:.1f} ms, p90 {best[key]['p90']:.1f} ms"
+                for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"))
+                if best.get(key)
+            ]
+            if latency:
+                lines.append("latency at that rate: " + "; ".join(latency))
+        lines.append(f"strategies ranked: {len(result['strategies'])}")
+        lines += plan_verdict(result)
+    times = [f"{name} {plan[key]}" for name, key in (("created", "created_at"), ("finished", "finished_at"))]
+    lines.append("; ".join(t for t in times if not t.endswith("None")))
+    if result is not None:
+        lines.append(f"the whole result: splan status {plan['id']} --json")
+    return lines
 
 
 def _place(args: argparse.Namespace) -> int:

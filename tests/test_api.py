@@ -148,3 +148,27 @@ def test_metrics(client: TestClient) -> None:
     assert 'route="/v1/plans/{plan_id}"' in text
     assert "splan_plan_run_seconds_count 1.0" in text
     assert "splan_queue_depth" in text
+
+
+def test_report_and_launch_files_of_a_finished_plan(client: TestClient) -> None:
+    plan_id = client.post("/v1/plans", json=SPEC).json()["id"]
+    done = wait_final(client, plan_id)
+    assert done["status"] == "succeeded", done
+    report = client.get(f"/v1/plans/{plan_id}/report")
+    assert report.status_code == 200
+    assert report.headers["content-type"].startswith("text/html")
+    page = report.text
+    assert done["result"]["strategies"][0]["label"] in page
+    assert page.count("<svg") >= 4
+    assert "https://" not in page
+    assert "http://" not in page.replace("http://www.w3.org", "")
+    launch = client.get(f"/v1/plans/{plan_id}/launch", params={"engine": "vllm"})
+    assert launch.status_code == 200, launch.text
+    body = launch.json()
+    assert body["strategy"] == done["result"]["strategies"][0]["label"]
+    assert any(path.startswith("vllm/") for path in body["files"])
+    assert not any(path.startswith(("sglang/", "trtllm/")) for path in body["files"])
+    assert "vllm serve" in "".join(body["files"].values())
+    assert_problem(client.get(f"/v1/plans/{plan_id}/launch", params={"strategy": 999}), 422)
+    assert_problem(client.get(f"/v1/plans/{plan_id}/launch", params={"engine": "tgi"}), 422)
+    assert_problem(client.get("/v1/plans/nope/report"), 404)

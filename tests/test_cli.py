@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from service.cli import main
+from service.catalog.loader import read_structured_file
+from service.cli import ProgressReporter, build_parser, main
+from service.planning.specs import spec_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,3 +229,260 @@ def test_attention_dp_open_loop_serves_the_offered_rate(capsys: pytest.CaptureFi
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["throughput"]["requests_per_s"] == pytest.approx(4.0, rel=0.2)
+
+
+PRUNING_SPEC = (
+    "model: llama-3.1-70b\ngpu: h100-sxm\nmax_gpus: 8\n"
+    "workload: {arrival: poisson, isl: 512, osl: 64}\nslo: {ttft_ms: 1000, tpot_ms: 30}\n"
+    "search: {modes: [collocated], tp: [1, 2, 4, 8], pp: [1, 2], simulate_top: 2, requests: 40}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def pruning_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A plan spec whose layouts are pruned for all three reasons, and its JSON result."""
+    spec = tmp_path_factory.mktemp("plan") / "spec.yaml"
+    spec.write_text(PRUNING_SPEC)
+    with redirect_stdout(io.StringIO()) as out, redirect_stderr(io.StringIO()):
+        assert main(["plan", str(spec), "--json"]) == 0
+    return spec, json.loads(out.getvalue())
+
+
+def test_plan_table_has_units_echo_why_and_pruned_counts(
+    pruning_plan: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, result = pruning_plan
+    assert main(["plan", str(spec)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "\x1b" not in out
+    assert lines[0] == (
+        "model:    llama-3.1-70b on h100-sxm, at most 8 GPUs; engine vllm, weights bf16, "
+        "KV cache bf16 (the engine's default)"
+    )
+    assert lines[1] == "workload: poisson arrivals, input 512 tokens, output 64 tokens, 40 requests per simulation"
+    assert lines[2].startswith("SLOs:     TTFT <= 1000 ms and TPOT <= 30 ms for 90% of requests")
+    assert lines[3] == "searched: modes collocated; TP 1, 2, 4, 8; PP 1, 2"
+    header = lines[5].split("  ")
+    assert [h.strip() for h in header if h.strip()] == [
+        "#",
+        "strategy",
+        "GPUs",
+        "goodput (req/s)",
+        "goodput/GPU (req/s)",
+        "cost ($/M out tok)",
+        "TTFT p90 (ms)",
+        "TPOT p90 (ms)",
+        "bottleneck",
+    ]
+    best, second = result["strategies"][:2]
+    assert lines[6].split()[1] == best["label"].split()[0]
+    why = next(line for line in lines if line.startswith("why "))
+    assert why.startswith(f"why {best['label']} wins: highest goodput per GPU, {best['goodput_per_gpu']:.3f} req/s/GPU")
+    assert f"above the runner-up {second['label']}" in why
+    assert f"bottleneck: {best['bottleneck']}" in why
+    counts = Counter(r["category"] for r in result["rejected"])
+    assert set(counts) == {"does_not_fit", "tpot_floor", "analytic_bound"}
+    assert lines[-1] == (
+        f"pruned: {len(result['rejected'])} of {result['strategies_enumerated']} enumerated "
+        f"(does not fit: {counts['does_not_fit']}, TPOT floor above the SLO: {counts['tpot_floor']}, "
+        f"analytic bound below the leaders: {counts['analytic_bound']}); simulated: {result['strategies_evaluated']}"
+    )
+
+
+def test_plan_progress_is_plain_lines_when_stderr_is_not_a_terminal(
+    pruning_plan: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, result = pruning_plan
+    assert main(["plan", str(spec), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["strategies_evaluated"] == result["strategies_evaluated"]
+    lines = captured.err.splitlines()
+    total = result["strategies_evaluated"]
+    assert lines[0].startswith(f"splan: planning llama-3.1-70b on h100-sxm: 1/{total} (")
+    assert lines[-1].startswith(f"splan: planning llama-3.1-70b on h100-sxm: {total}/{total} (100%) after ")
+    assert 2 <= len(lines) <= 12
+    assert "\x1b" not in captured.err
+
+
+def test_plan_progress_is_a_bar_on_a_terminal(
+    pruning_plan: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, _ = pruning_plan
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["plan", str(spec)]) == 0
+    captured = capsys.readouterr()
+    assert "━" in captured.err
+    assert "\x1b[" in captured.err
+    assert "splan: planning" not in captured.err
+    assert "\x1b" not in captured.out
+    assert captured.out.splitlines()[0].startswith("model:")
+
+
+def test_progress_lines_are_not_chatty(capsys: pytest.CaptureFixture[str]) -> None:
+    ticks = iter(range(1000))
+    with ProgressReporter("work", clock=lambda: next(ticks) * 0.3) as progress:
+        for done in range(1, 101):
+            progress(done, 100)
+        progress(100, 100)
+    lines = capsys.readouterr().err.splitlines()
+    # 0.3 s per call: a line per 10% once a second has passed, the last one always, never twice.
+    assert lines[0] == "splan: work: 1/100 (1%) after 0.3 s"
+    assert lines[-1].startswith("splan: work: 100/100 (100%)")
+    assert len(lines) == len(set(lines)) <= 12
+
+
+def test_plan_with_a_model_config_runs_through_the_job_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 16,
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+    }
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(cfg))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model_config: tiny\ngpu: l40s\nmax_gpus: 1\nworkload: {arrival: poisson, isl: 256, osl: 32}\n"
+        "slo: {ttft_ms: 500, tpot_ms: 50}\nsearch: {modes: [collocated], tp: [1], pp: [1], requests: 40}\n"
+    )
+    assert main(["plan", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model:    tiny (config tiny) on l40s")
+    assert "why tp1 x1 wins" in out
+
+
+@pytest.mark.parametrize("name", ["fleet.yaml", "fleet-cluster.yaml"])
+def test_fleet_examples_plan_from_the_command_line(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(REPO / "examples" / name)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    spec = read_structured_file(REPO / "examples" / name)
+    assert lines[0].startswith(f"fleet:    {len(spec['deployments'])} deployments on ")
+    header = next(line for line in lines if line.startswith("deployment "))
+    assert "GPU type" in header
+    assert "capacity (req/s)" in header
+    rows = {line.split()[0]: line.split() for line in lines[lines.index(header) + 1 :] if line and line[0] != " "}
+    for deployment in spec["deployments"]:
+        row = rows[deployment["name"]]
+        assert row[1] == deployment["model"]
+        assert row[-1] == "yes"
+    total = next(line for line in lines if line.startswith("total:"))
+    assert total.endswith("all SLOs met")
+    if name == "fleet-cluster.yaml":
+        assert "GPUs used of 25 free (h100-sxm" in total
+        assert any(line.startswith("  chat #1: node-") for line in lines)
+    else:
+        assert "(h100-sxm 8 of 16, l40s 3 of 8)" in total
+    assert "100%" in captured.err.splitlines()[-1]
+
+
+def test_fleet_spec_without_kind_json_and_unmet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "fleet.yaml"
+    spec.write_text(
+        "gpus: {h100-sxm: 2}\ndeployments:\n"
+        "  - {name: small, model: llama-3.1-8b, workload: {isl: 512, osl: 64, rate: 2},\n"
+        "     slo: {ttft_ms: 500, tpot_ms: 40}, search: {tp: [1], pp: [1], requests: 40}}\n"
+        "  - {name: never, model: llama-3.1-8b, workload: {isl: 512, osl: 64, rate: 2},\n"
+        "     slo: {ttft_ms: 1, tpot_ms: 1}, search: {tp: [1], pp: [1], requests: 40}}\n"
+    )
+    assert main(["plan", str(spec), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kind"] == "fleet"
+    assert [u["name"] for u in result["unmet"]] == ["never"]
+    assert main(["plan", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "1 not met" in out
+    assert f"not met:  never: {result['unmet'][0]['reason']}" in out.splitlines()
+
+
+def test_spec_kind() -> None:
+    assert spec_kind({"model": "x"}) == "strategy"
+    assert spec_kind({"deployments": []}) == "fleet"
+    assert spec_kind({"kind": "fleet"}) == "fleet"
+    assert spec_kind({"kind": "strategy", "deployments": []}) == "strategy"
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("kind: nope\n", "unknown spec kind 'nope'"),
+        ("- a list\n", "must hold a mapping"),
+        (
+            "kind: fleet\ncluster: prod\ndeployments: [{name: a, model: llama-3.1-8b, "
+            "workload: {isl: 1, osl: 1, rate: 1}, slo: {ttft_ms: 1, tpot_ms: 1}}]\n",
+            "stored on a server",
+        ),
+        (
+            "kind: fleet\ncluster_file: nowhere.yaml\ndeployments: [{name: a, model: llama-3.1-8b, "
+            "workload: {isl: 1, osl: 1, rate: 1}, slo: {ttft_ms: 1, tpot_ms: 1}}]\n",
+            "cannot read",
+        ),
+        (
+            "kind: fleet\ngpus: {h100-sxm: 1}\ndeployments: [{name: a, model: llama-3.1-8b, "
+            "workload: {isl: 1, osl: 1, arrival: closed}, slo: {ttft_ms: 1, tpot_ms: 1}}]\n",
+            "needs an open-loop",
+        ),
+    ],
+)
+def test_bad_fleet_specs_are_one_line(
+    spec: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec)
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.startswith("splan: error: ")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["status", "some-id"], ["submit", str(REPO / "examples" / "fleet.yaml")]])
+def test_service_commands_need_a_server(
+    command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPLAN_SERVER", raising=False)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err == f"splan: error: splan {command[0]} needs a server: give --server URL or set SPLAN_SERVER\n"
+
+
+def _parsers(parser: argparse.ArgumentParser, path: str = "splan") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, f"{path} {name}")
+
+
+def test_help_describes_every_option_and_its_default() -> None:
+    parsers = dict(_parsers(build_parser()))
+    assert {"splan plan", "splan submit", "splan status", "splan db upgrade", "splan estimate"} <= set(parsers)
+    for path, parser in parsers.items():
+        assert parser.description, f"{path} has no description"
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{path} {action.dest} has no help"
+            if action.option_strings and action.nargs != 0 and not action.required:
+                text = formatter._expand_help(action)
+                assert "default" in text, f"{path} {action.option_strings[0]}: {text}"
+    help_text = parsers["splan submit"].format_help()
+    assert "(default: 600.0)" in " ".join(help_text.split())
+    assert "(default: $SPLAN_SERVER)" in " ".join(help_text.split())
+
+
+def test_readme_first_code_block_is_the_two_commands() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    assert block.group(1).splitlines() == [
+        "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
+        ".venv/bin/splan plan examples/llama70b-h100.yaml --report plan-report.html",
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest -q",
+    ]

@@ -129,7 +129,7 @@ def test_cli_submit_wait_and_status(production: tuple[str, dict[str, str]], tmp_
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(SPEC))
     done = subprocess.run(
-        [*SPLAN, "submit", str(spec_file), "--server", base_url, "--wait", "--timeout", "120"],
+        [*SPLAN, "submit", str(spec_file), "--server", base_url, "--wait", "--timeout", "120", "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -138,7 +138,11 @@ def test_cli_submit_wait_and_status(production: tuple[str, dict[str, str]], tmp_
     plan = json.loads(done.stdout)
     assert plan["status"] == "succeeded"
     status = subprocess.run(
-        [*SPLAN, "status", plan["id"], "--server", base_url], env=env, capture_output=True, text=True, check=True
+        [*SPLAN, "status", plan["id"], "--server", base_url, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert json.loads(status.stdout)["id"] == plan["id"]
     missing = subprocess.run([*SPLAN, "status", "nope", "--server", base_url], env=env, capture_output=True, text=True)
@@ -246,6 +250,7 @@ def test_many_concurrent_replays_do_not_exhaust_the_pool(production: tuple[str, 
     assert asyncio.run(replay_all()) == [(200, first)] * 200
 
 
+MOE_SEARCH: dict[str, object] = {"modes": ["collocated"], "tp": [1, 2, 4, 8], "pp": [1], "attention_dp": [1, 2, 4, 8]}
 MOE_SPEC = {
     "model": "qwen3-235b-a22b",
     "gpu": "h100-sxm",
@@ -254,14 +259,14 @@ MOE_SPEC = {
     "weight_dtype": "fp8",
     "workload": {"arrival": "poisson", "isl": 512, "osl": 64},
     "slo": {"ttft_ms": 2000, "tpot_ms": 100},
-    "search": {"modes": ["collocated"], "tp": [1, 2, 4, 8], "pp": [1], "attention_dp": [1, 2, 4, 8]},
+    "search": MOE_SEARCH,
 }
 
 
 def test_moe_plan_with_attention_dp_and_ep_runs_on_the_celery_worker(production: tuple[str, dict[str, str]]) -> None:
     base_url, _ = production
     with httpx.Client(base_url=base_url, timeout=30) as client:
-        refused = client.post("/v1/plans", json={**MOE_SPEC, "search": {**MOE_SPEC["search"], "moe_ep": [3]}})
+        refused = client.post("/v1/plans", json={**MOE_SPEC, "search": {**MOE_SEARCH, "moe_ep": [3]}})
         assert refused.status_code == 422
         assert refused.headers["content-type"].startswith("application/problem+json")
         assert "no parallel layout" in refused.json()["detail"]

@@ -134,3 +134,15 @@ def test_ranged_lengths_desynchronise_the_clients(catalog: Catalog) -> None:
     ranged = _est(catalog, **common, isl="uniform:819:1024", osl="uniform:819:1024", requests_per_client=10)
     assert ranged["completed"] == 80
     assert ranged["ttft_ms"]["mean"] < 0.5 * fixed["ttft_ms"]["mean"]
+
+
+def test_api_server_latency_adds_to_ttft_and_e2e_only(catalog: Catalog) -> None:
+    from dataclasses import replace
+
+    engine = replace(catalog.engines["vllm"], request_overhead_s=0.0)
+    slow_front = replace(engine, request_overhead_s=0.05)
+    base = _est(replace(catalog, engines={**catalog.engines, "vllm": engine}), concurrency=4, requests=16)
+    slow = _est(replace(catalog, engines={**catalog.engines, "vllm": slow_front}), concurrency=4, requests=16)
+    assert slow["ttft_ms"]["mean"] == pytest.approx(base["ttft_ms"]["mean"] + 50.0)
+    assert slow["e2e_ms"]["p50"] == pytest.approx(base["e2e_ms"]["p50"] + 50.0)
+    assert slow["tpot_ms"] == base["tpot_ms"]

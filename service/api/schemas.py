@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from service.db.models import Plan
 from service.placement.fleet_plan import FleetSpec
 from service.planning.plan_spec import PlanSpec
+from service.planning.specs import SPEC_KINDS, spec_kind
 
 MAX_ESTIMATE_REQUESTS = 1000
 
@@ -22,7 +23,9 @@ class StrategyPlanBody(PlanSpec):
 
 def _plan_kind(value: Any) -> str:
     if isinstance(value, dict):
-        return str(value.get("kind", "strategy"))
+        # An unknown kind goes through as its own tag, which pydantic refuses with the allowed ones.
+        kind = value.get("kind")
+        return str(kind) if kind is not None and kind not in SPEC_KINDS else spec_kind(value)
     return str(getattr(value, "kind", "strategy"))
 
 
@@ -37,6 +40,14 @@ class Progress(BaseModel):
 
     done: int
     total: int
+
+
+class LaunchFiles(BaseModel):
+    """Ready-to-run launch files for one strategy of a plan: relative path -> content."""
+
+    plan_id: str
+    strategy: str
+    files: dict[str, str]
 
 
 class PlanResource(BaseModel):

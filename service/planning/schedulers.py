@@ -56,6 +56,8 @@ class SchedulerKnobs:
     max_prefill_tokens: int = 16384
     # TRT-LLM: size max_num_tokens to max_batch_size + prompt + 500 as benchmark deployments do.
     prompt_sized_token_budget: bool = False
+    # API-server latency each request adds to the client's TTFT and E2E (EngineSpec.request_overhead_s).
+    request_overhead_s: float = 0.0
 
     @classmethod
     def from_engine(cls, engine: EngineSpec, **changes: Any) -> SchedulerKnobs:

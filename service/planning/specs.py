@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class PlanningError(ValueError):
@@ -164,6 +166,9 @@ class EngineSpec:
     gpu_memory_fraction: float
     # GPU-idle time per step that overlapping cannot hide (host sync, sampling copies).
     step_gap_s: float = 0.0
+    # Latency the API server adds to each request outside the GPU steps (HTTP, chat template and tokenisation
+    # before the scheduler, detokenisation and streaming of the first token), seen by the client in TTFT and E2E.
+    request_overhead_s: float = 0.0
     # Piecewise CUDA graphs (vLLM V1) also cover mixed prefill/decode steps, all but attention.
     piecewise_cuda_graphs: bool = False
     # Share of a request's output tokens whose KV blocks admission reserves up front: 0 allocates on
@@ -190,3 +195,16 @@ class EngineSpec:
     def kv_dtype_for(self, weight_dtype: DType) -> DType:
         """Default KV-cache dtype for weights in ``weight_dtype``."""
         return self.default_kv_dtype.get(weight_dtype, DType.BF16)
+
+
+SPEC_KINDS = ("strategy", "fleet")
+
+
+def spec_kind(doc: Mapping[str, Any]) -> str:
+    """`fleet` or `strategy`: the document's `kind`, else `fleet` when it lists `deployments`."""
+    kind = doc.get("kind")
+    if kind is None:
+        return "fleet" if "deployments" in doc else "strategy"
+    if kind not in SPEC_KINDS:
+        raise PlanningError(f"unknown spec kind {kind!r}; use strategy or fleet")
+    return str(kind)

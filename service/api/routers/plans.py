@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any
+import threading
+from typing import Annotated, Any, Literal
 
 import structlog
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from service.api.deps import CatalogDep, DispatcherDep, SessionDep
 from service.api.errors import ProblemError
-from service.api.schemas import PlanBody, PlanList, PlanResource
+from service.api.schemas import LaunchFiles, PlanBody, PlanList, PlanResource
 from service.db import clusters as cluster_store
 from service.db import plans as plan_store
-from service.db.models import PlanStatus
+from service.db.models import Plan, PlanStatus
 from service.dispatch import Dispatcher
 from service.placement.fleet_plan import FleetSpec
 from service.planning.plan_spec import parse_plan_spec
 from service.planning.search import MAX_SEARCH_SPACE, count_search_space
+from service.planning.specs import PlanningError
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 log = structlog.get_logger("splan.api.plans")
@@ -180,3 +183,70 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanResource:
         raise ProblemError(404, f"no plan with id {plan_id}") from None
     except plan_store.PlanStateError as exc:
         raise ProblemError(409, str(exc)) from None
+
+
+# Matplotlib's style settings are process-global while a figure is drawn: one report renders at a time.
+_REPORT_LOCK = threading.Lock()
+
+
+def _succeeded(session: Session, plan_id: str) -> Plan:
+    """The stored plan, once it has a result; 404 when unknown, 409 before it succeeded."""
+    try:
+        plan = plan_store.get_plan(session, plan_id=plan_id)
+    except plan_store.PlanNotFoundError:
+        raise ProblemError(404, f"no plan with id {plan_id}") from None
+    if plan.status != PlanStatus.SUCCEEDED.value or plan.result is None:
+        raise ProblemError(409, f"plan {plan_id} is {plan.status}; its report and launch files exist once it succeeded")
+    return plan
+
+
+@router.get(
+    "/{plan_id}/report",
+    operation_id="getPlanReport",
+    summary="The plan's self-contained HTML report",
+    response_class=HTMLResponse,
+    responses={**PROBLEMS, 200: {"description": "One HTML page, no external fetches", "content": {"text/html": {}}}},
+)
+def get_plan_report(plan_id: str, session: SessionDep) -> HTMLResponse:
+    """Spec, ranked strategies, frontier and latency plots, and why layouts were pruned (fleet plans: placement)."""
+    from service.reporting import render_fleet_report, render_plan_report
+
+    plan = _succeeded(session, plan_id)
+    render = render_fleet_report if plan.kind == "fleet" else render_plan_report
+    with _REPORT_LOCK:
+        page = render(dict(plan.spec), dict(plan.result or {}), title=f"splan plan {plan.id}")
+    return HTMLResponse(page)
+
+
+@router.get(
+    "/{plan_id}/launch",
+    operation_id="getPlanLaunch",
+    summary="Launch commands and Kubernetes manifests for one of the plan's strategies",
+    response_model=LaunchFiles,
+    responses=PROBLEMS,
+)
+def get_plan_launch(
+    plan_id: str,
+    session: SessionDep,
+    catalog: CatalogDep,
+    engine: Annotated[
+        Literal["vllm", "sglang", "trtllm"] | None, Query(description="one engine (default: all)")
+    ] = None,
+    strategy: Annotated[int, Query(ge=1, le=1000, description="rank of the strategy to launch")] = 1,
+) -> LaunchFiles:
+    """Per engine the launch scripts (prefill, decode and router for disaggregated strategies), manifests, README."""
+    from service.launch import launch_bundle
+
+    plan = _succeeded(session, plan_id)
+    if plan.kind == "fleet":
+        raise ProblemError(
+            422, "launch files are made for a strategy plan; a fleet plan's deployments are plans of their own"
+        )
+    result = dict(plan.result or {})
+    try:
+        files = launch_bundle(
+            dict(plan.spec), result, strategy_rank=strategy, engines=[engine] if engine else None, catalog=catalog
+        )
+    except PlanningError as exc:
+        raise ProblemError(422, str(exc)) from None
+    return LaunchFiles(plan_id=plan.id, strategy=result["strategies"][strategy - 1]["label"], files=files)
