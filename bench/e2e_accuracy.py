@@ -1,7 +1,8 @@
 """Score `splan estimate` against the measured end-to-end runs in ../shared/reference/e2e_h100_sxm.csv.
 
 Usage: python bench/e2e_accuracy.py [--reference DIR] [--out predictions.csv] [--limit N]
-Each row is estimated exactly as `splan estimate` would (same code path, same defaults).
+Each row is estimated exactly as `splan estimate` would (same code path, same defaults); the row -> request mapping
+is service/planning/user_calibration.py's, shared with `splan calibrate`.
 """
 
 from __future__ import annotations
@@ -17,28 +18,25 @@ import time
 from pathlib import Path
 
 from service.catalog.loader import default_catalog
-from service.planning.deployment import Mode
 from service.planning.estimate import EstimateRequest, run_estimate
 from service.planning.specs import PlanningError
+from service.planning.user_calibration import (
+    MODEL_ALIASES,
+    MOE_MODELS,
+    engine_for,
+    request_for_benchmark_row,
+)
 
-MODEL_NAMES = {
-    "qwen3-32b": "qwen3-32b",
-    "llama-3.1-8b-instruct": "llama-3.1-8b",
-    "llama-3.1-8b": "llama-3.1-8b",
-    "llama-3.1-70b": "llama-3.1-70b",
-    "deepseek-r1": "deepseek-r1",
-    "deepseek-v3": "deepseek-v3",
-    "minimax-m2.5": "minimax-m2.5",
-    "qwen3-235b-a22b-fp8": "qwen3-235b-a22b",
-    "gpt-oss-120b": "gpt-oss-120b",
-}
+# Re-exported for bench/fit_engines.py and bench/peer_suite.py.
+__all__ = ["MOE_MODELS", "TRAIN_MODELS", "default_reference_dir", "engine_for", "model_for", "request_for_row"]
+
+MODEL_NAMES = MODEL_ALIASES
 # Split by model, never by row: engine CPU constants are fitted on TRAIN_MODELS (bench/fit_engines.py) and
 # reported on the others. Each engine family gets dense training rows, where the kernel model is best checked
 # (vLLM >= 0.14: Llama-3.1-70B; vLLM 0.12, SGLang, TRT-LLM: Qwen3-32B), plus MoE rows; the held-out side keeps a
 # dense model (Llama-3.1-8B on TRT-LLM) and three MoE models. DeepSeek-R1 and V3 share one architecture, so they
 # sit on the same side.
 TRAIN_MODELS = frozenset({"qwen3-32b", "llama-3.1-70b", "qwen3-235b-a22b", "gpt-oss-120b"})
-MOE_MODELS = frozenset({"deepseek-r1", "deepseek-v3", "minimax-m2.5", "qwen3-235b-a22b", "gpt-oss-120b"})
 
 
 def default_reference_dir() -> Path:
@@ -49,124 +47,14 @@ def default_reference_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
-def _int(value: str) -> int:
-    return int(float(value)) if value else 0
-
-
-def engine_for(row: dict[str, str]) -> str:
-    """The catalog engine of a run: vLLM before 0.14 schedules synchronously."""
-    version = row.get("backend_version", "")
-    if row["backend"] == "vllm" and version and tuple(int(p) for p in version.split(".")[:2]) < (0, 14):
-        return "vllm-0.12"
-    return row["backend"]
-
-
-def _dtypes(row: dict[str, str], model: str) -> tuple[str, str | None]:
-    """(dense weight dtype, expert weight dtype) of a run from its precision and quant-mode columns."""
-    if row["precision"] == "unrecorded":
-        return "bf16", None
-    if row["precision"] == "fp4" and model.startswith("gpt-oss"):
-        # gpt-oss ships mxfp4 experts with bf16 attention; on Hopper vLLM runs the experts weight-only.
-        return "bf16", "mxfp4"
-    gemm = row.get("gemm_quant_mode") or row["precision"]
-    moe = row.get("moe_quant_mode") or gemm
-    names = {"fp8": "fp8", "fp8_block": "fp8", "nvfp4": "fp4", "fp4": "fp4"}
-    return names.get(gemm, "bf16"), names.get(moe, "bf16") if model in MOE_MODELS else None
-
-
-def _pool(row: dict[str, str], prefix: str) -> dict[str, int | None]:
-    """Layout fields of one pool (prefix '' for collocated rows, 'prefill_' or 'decode_')."""
-    tp = _int(row[f"{prefix}tp_size"]) or 1
-    dp = _int(row.get(f"{prefix}attention_dp_size", "")) or 1
-    moe_tp = _int(row.get(f"{prefix}moe_tp_size", ""))
-    moe_ep = _int(row.get(f"{prefix}moe_ep_size", ""))
-    if moe_tp * moe_ep != tp * dp:
-        # Layout not recorded (older rows) or inconsistent: the engine's default, experts cut like attention.
-        moe_tp, moe_ep = 0, 1
-    return {
-        "tp": tp,
-        "pp": _int(row[f"{prefix}pp_size"]) or 1,
-        "attention_dp": dp,
-        "moe_tp": moe_tp or None,
-        "moe_ep": moe_ep or 1,
-    }
-
-
-# InferenceX (SemiAnalysisAI/InferenceX, benchmarks/benchmark_lib.sh and utils/bench_serving/benchmark_serving.py at
-# 843c625): ISL/OSL 1k/1k, 1k/8k, 8k/1k; `--random-range-ratio 0.8` draws each request's input and output length
-# uniformly from [int(0.8 L), L]; `--num-prompts 10 x CONC --max-concurrency CONC --request-rate inf --ignore-eos`
-# after 2 x CONC warm-up requests. The dated CSV exports (`source_kind` source_file) are these sweeps.
-INFERENCEX_SHAPES = frozenset({(1024, 1024), (1024, 8192), (8192, 1024)})
-INFERENCEX_RANGE_RATIO = 0.8
-INFERENCEX_REQUESTS_PER_CLIENT = 10
-
-
-def client_lengths(row: dict[str, str]) -> tuple[str, str, int | None]:
-    """(isl, osl, requests per client) as the row's benchmark client drew them."""
-    isl, osl = _int(row["isl"]), _int(row["osl"])
-    if row.get("source_kind") == "source_file" and (isl, osl) in INFERENCEX_SHAPES:
-
-        def ranged(tokens: int) -> str:
-            return f"uniform:{int(tokens * INFERENCEX_RANGE_RATIO)}:{tokens}"
-
-        return ranged(isl), ranged(osl), INFERENCEX_REQUESTS_PER_CLIENT
-    # The other rows come from aiperf sweeps with exact lengths (docs/ENGINES.md).
-    return str(isl), str(osl), None
-
-
 def model_for(row: dict[str, str]) -> str:
     """Catalog name of a run's model."""
     return MODEL_NAMES[row["model"].lower()]
 
 
 def request_for_row(row: dict[str, str], *, client_start: str = "benchmark") -> EstimateRequest:
-    """The estimate request that reproduces one measured run."""
-    model = model_for(row)
-    weight, moe_weight = _dtypes(row, model)
-    concurrency = _int(row["concurrency"]) or _int(row["batch_size"])
-    isl, osl, requests_per_client = client_lengths(row)
-    common: dict[str, object] = {
-        "model": model,
-        "gpu": "h100-sxm",
-        "engine": engine_for(row),
-        "weight_dtype": weight,
-        "moe_weight_dtype": moe_weight,
-        "isl": isl,
-        "osl": osl,
-        "client_start": client_start,
-        "requests_per_client": requests_per_client,
-    }
-    if row["mode"] == "disagg":
-        workers = _int(row["decode_num_workers"]) or 1
-        concurrency = concurrency or _int(row["decode_batch_size"]) * workers
-        prefill, decode = _pool(row, "prefill_"), _pool(row, "decode_")
-        return EstimateRequest(
-            **common,  # type: ignore[arg-type]
-            mode=Mode.DISAGGREGATED,
-            prefill_tp=int(prefill["tp"] or 1),
-            prefill_pp=int(prefill["pp"] or 1),
-            prefill_attention_dp=int(prefill["attention_dp"] or 1),
-            prefill_moe_tp=prefill["moe_tp"],
-            prefill_moe_ep=int(prefill["moe_ep"] or 1),
-            prefill_workers=_int(row["prefill_num_workers"]) or 1,
-            decode_tp=int(decode["tp"] or 1),
-            decode_pp=int(decode["pp"] or 1),
-            decode_attention_dp=int(decode["attention_dp"] or 1),
-            decode_moe_tp=decode["moe_tp"],
-            decode_moe_ep=int(decode["moe_ep"] or 1),
-            decode_workers=workers,
-            concurrency=concurrency,
-        )
-    pool = _pool(row, "")
-    return EstimateRequest(
-        **common,  # type: ignore[arg-type]
-        tp=int(pool["tp"] or 1),
-        pp=int(pool["pp"] or 1),
-        attention_dp=int(pool["attention_dp"] or 1),
-        moe_tp=pool["moe_tp"],
-        moe_ep=int(pool["moe_ep"] or 1),
-        concurrency=concurrency,
-    )
+    """The estimate request that reproduces one measured run (the mapping `splan calibrate` uses for such rows)."""
+    return request_for_benchmark_row(row, gpu="h100-sxm", model=model_for(row), client_start=client_start)
 
 
 def ape(predicted: float, actual: float) -> float:

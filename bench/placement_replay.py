@@ -1,7 +1,8 @@
-"""Replay seeded cold starts on a simulated cluster under three placement policies; time place() on a big cluster.
+"""Fair placement replay: seeded requests with cold starts, keep-alive and warm reuse on a simulated cluster,
+every policy seeing the same state (see service/placement/replay.py); time place() on a big cluster.
 
-Usage: python bench/placement_replay.py [--seed N] [--cold-starts N] [--servers N] [--sync-interval-s S]
-                                        [--latency-calls N]
+Usage: python -m bench.placement_replay [--seeds 0,1,2,3,4] [--rates 1,2,4] [--scenarios stated,degraded]
+                                        [--duration-s 3600] [--servers 16] [--keep-alive-s 60] [--latency-calls N]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from service.catalog.loader import default_catalog
 from service.placement.cluster import Cluster
 from service.placement.optimizer import PlacementRequest, place
-from service.placement.replay import REPLAY_MODELS, ReplayConfig, run_replay, synthetic_cluster
+from service.placement.replay import REPLAY_MODELS, Policy, ReplayConfig, Scenario, run_replay, synthetic_cluster
 from service.planning.catalog import Catalog
 
 
@@ -52,48 +53,81 @@ def placement_latency_ms(catalog: Catalog, *, calls: int, seed: int) -> dict[str
 
 
 def main() -> None:
-    """Run the replay and the latency measurement, print markdown."""
+    """Run the replay over seeds, rates and scenarios, print one table per scenario and rate, and time place()."""
     defaults = ReplayConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--cold-starts", type=int, default=defaults.cold_starts)
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
+    parser.add_argument("--rates", default="1,2,4", help="comma-separated request rates (req/s)")
+    parser.add_argument("--scenarios", default="stated,degraded", help="stated and/or degraded")
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
     parser.add_argument("--servers", type=int, default=defaults.servers)
-    parser.add_argument("--sync-interval-s", type=float, default=defaults.sync_interval_s)
+    parser.add_argument("--keep-alive-s", type=float, default=defaults.keep_alive_s)
     parser.add_argument("--latency-calls", type=int, default=300, help="place() calls to time (0 to skip)")
     args = parser.parse_args()
-    config = replace(
-        defaults,
-        seed=args.seed,
-        cold_starts=args.cold_starts,
-        servers=args.servers,
-        sync_interval_s=args.sync_interval_s,
-    )
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    rates = [float(x) for x in args.rates.split(",") if x]
+    scenarios = [Scenario(x) for x in args.scenarios.split(",") if x]
     catalog = default_catalog()
     print(f"Command: `{' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}`\n")
+    config = replace(defaults, servers=args.servers, duration_s=args.duration_s, keep_alive_s=args.keep_alive_s)
     print(
         f"Cluster: {config.servers} servers x {config.gpus_per_server} {config.gpu_type}, DRAM "
         f"{config.dram_bytes / 1e9:.0f} GB, SSD {config.ssd_bytes / 1e12:.0f} TB at "
-        f"{config.ssd_read_bytes_per_s / 1e9:.0f} GB/s nominal ({config.degraded_ssd_share:.0%} of servers degraded), "
-        f"PCIe {config.pcie_bytes_per_s / 1e9:.0f} GB/s per GPU, network "
-        f"{'/'.join(f'{g:g}' for g in config.network_gbit_per_s)} Gbit/s per server, remote store "
-        f"{config.remote_store_bytes_per_s / 1e9:.1f} GB/s shared. {len(REPLAY_MODELS)} catalog models x "
-        f"{config.variants_per_model} fine-tuned variants, Zipf {config.zipf_exponent}; {config.cold_starts} cold "
-        f"starts (Poisson, target utilization {config.utilization:.0%}, mean lifetime {config.mean_lifetime_s:.0f} s); "
-        f"placer state synced every {config.sync_interval_s:g} s; seed {config.seed}.\n"
+        f"{config.ssd_read_bytes_per_s / 1e9:.0f} GB/s stated, PCIe {config.pcie_bytes_per_s / 1e9:.0f} GB/s per GPU, "
+        f"network {'/'.join(f'{g:g}' for g in config.network_gbit_per_s)} Gbit/s per server. {config.checkpoints} "
+        f"checkpoints of {len(REPLAY_MODELS)} catalog models (7-72B), Zipf {config.zipf_exponent}; Poisson requests "
+        f"for {config.duration_s:g} s, up to {config.max_requests_per_instance} per instance, keep-alive "
+        f"{config.keep_alive_s:g} s; seeds {seeds}. Every column is the mean over the seeds.\n"
     )
-    start = time.perf_counter()
-    result = run_replay(config, catalog=catalog)
-    replay_s = time.perf_counter() - start
-    print("Startup latency (arrival to instance ready):\n")
-    print(result.markdown())
-    print(f"\nReplay time: {replay_s:.1f} s for {len(result.results)} policies.")
+    started = time.perf_counter()
+    for scenario in scenarios:
+        for rate in rates:
+            results = [
+                run_replay(replace(config, seed=seed, rate_per_s=rate, scenario=scenario), catalog=catalog)
+                for seed in seeds
+            ]
+            print(f"### {scenario.value} bandwidths, {rate:g} req/s\n")
+            print(
+                "| policy | requests | cold starts | mean startup (s) | p50 (s) | p99 (s) | GPU-hours | mean vs SLLM | "
+                "p99 vs SLLM | GPU-h vs SLLM | migrations | staged | idle stopped | estimate error (s) |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            rows = {}
+            for policy in Policy:
+                per_seed = [r.result(policy) for r in results]
+                rows[policy] = {
+                    "requests": float(np.mean([len(p.startup_s) for p in per_seed])),
+                    "cold": float(np.mean([p.cold_starts for p in per_seed])),
+                    "mean": float(np.mean([p.mean_s for p in per_seed])),
+                    "p50": float(np.mean([p.percentile_s(50) for p in per_seed])),
+                    "p99": float(np.mean([p.percentile_s(99) for p in per_seed])),
+                    "gpuh": float(np.mean([p.gpu_seconds for p in per_seed])) / 3600,
+                    "mig": float(np.mean([p.migrations for p in per_seed])),
+                    "staged": float(np.mean([p.staged for p in per_seed])),
+                    "stopped": float(np.mean([p.stopped_idle for p in per_seed])),
+                    "err": float(np.mean([p.estimate_error_s for p in per_seed])),
+                }
+            base = rows[Policy.SERVERLESSLLM]
+            for policy, row in rows.items():
+                print(
+                    f"| {policy.value} | {row['requests']:.0f} | {row['cold']:.0f} | {row['mean']:.2f} | "
+                    f"{row['p50']:.2f} | {row['p99']:.2f} | {row['gpuh']:.1f} | {_ratio(row['mean'], base['mean'])} | "
+                    f"{_ratio(row['p99'], base['p99'])} | {_ratio(row['gpuh'], base['gpuh'])} | {row['mig']:.1f} | "
+                    f"{row['staged']:.1f} | {row['stopped']:.1f} | {row['err']:.2f} |"
+                )
+            print()
+    print(f"Replay time: {time.perf_counter() - started:.0f} s.")
     if args.latency_calls > 0:
-        latency = placement_latency_ms(catalog, calls=args.latency_calls, seed=args.seed)
+        latency = placement_latency_ms(catalog, calls=args.latency_calls, seed=seeds[0])
         print(f"\nplace() latency, 64 servers / 512 GPUs / 200 instances, {args.latency_calls} calls:\n")
         print("| garbage collector | p50 (ms) | p99 (ms) |")
         print("|---|---:|---:|")
         for label in ("gc on", "gc paused"):
             print(f"| {label} | {latency[f'{label} p50']:.2f} | {latency[f'{label} p99']:.2f} |")
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "-"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from service.catalog.loader import load_catalog, load_hf_model_config, read_structured_file
+from service.catalog.loader import load_catalog, load_hf_model_config, read_structured_file, read_text_file
 from service.cli_service import ServiceCliError, add_command, add_service_commands, run_service_command
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
@@ -140,16 +140,45 @@ def build_parser() -> argparse.ArgumentParser:
         est.add_argument(f"--{pool}-workers", type=int, default=1, help=f"disagg: {pool} workers")
     est.add_argument(
         "--isl",
-        required=True,
-        help="input tokens: N, uniform:LO:HI, normal:MEAN:STD, lognormal:MEAN:STD or file:PATH[:COLUMN]",
+        help="input tokens: N, uniform:LO:HI, normal:MEAN:STD, lognormal:MEAN:STD or file:PATH[:COLUMN] (resamples "
+        "one column; --trace keeps each request's pair) (no default: give --isl and --osl, or --trace)",
     )
-    est.add_argument("--osl", required=True, help="output tokens, same forms as --isl")
-    load = est.add_mutually_exclusive_group(required=True)
+    est.add_argument("--osl", help="output tokens, same forms as --isl (no default)")
+    load = est.add_mutually_exclusive_group()
     load.add_argument(
         "--concurrency", type=int, help="closed loop: this many clients (no default: give --concurrency or --rate)"
     )
     load.add_argument(
-        "--rate", type=float, help="open loop: requests per second (no default: give --concurrency or --rate)"
+        "--rate",
+        type=float,
+        help="open loop: requests per second; with --trace, the mean rate to rescale it to "
+        "(no default: give --concurrency or --rate)",
+    )
+    est.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="replay requests as recorded (CSV/JSONL: arrival_s, input_tokens, output_tokens, optional prefix_id or "
+        "session_id; common other names accepted) instead of --isl/--osl and a load (default: none)",
+    )
+    est.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="with --trace: factor on its time offsets, 0.5 = twice the recorded rate (default: 1)",
+    )
+    est.add_argument(
+        "--shared-prefix-tokens",
+        type=int,
+        default=0,
+        help="leading prompt tokens that requests share (a system prompt), reused when prefix caching is on",
+    )
+    est.add_argument(
+        "--prefix-hit-rate",
+        type=float,
+        default=1.0,
+        help="share of the requests that start with the shared prefix",
     )
     est.add_argument(
         "--arrival",
@@ -184,7 +213,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batched-tokens", type=int, default=None, help="engine token budget per step (default: the engine's)"
     )
     est.add_argument("--max-seqs", type=int, default=None, help="engine sequences per step (default: the engine's)")
+    est.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="share of GPU memory the engine takes (default: the engine's, 0.9 for vLLM)",
+    )
+    est.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest request (prompt + output) the engine accepts; longer ones are refused, and one must fit in the "
+        "KV cache (default: the longest request of the workload)",
+    )
+    est.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="automatic prefix caching (default: the engine's; on for vLLM V1, SGLang and TRT-LLM)",
+    )
+    est.add_argument("--kv-block-size", type=int, default=None, help="tokens per KV-cache block (default: 16)")
+    est.add_argument(
+        "--router",
+        choices=["round_robin", "random", "least_loaded"],
+        default="round_robin",
+        help="how --replicas (and attention-DP ranks) share the requests",
+    )
     est.add_argument("--gpu-price", type=float, default=None, help="USD per GPU-hour (default: the catalog's)")
+    est.add_argument(
+        "--profile", type=Path, default=None, help="calibration profile from `splan calibrate` (default: none)"
+    )
     est.add_argument("--json", action="store_true", help="print the result as JSON")
 
     pl = add_command(
@@ -194,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("spec", type=Path, help="plan or fleet spec, YAML or JSON (see examples/)")
     pl.add_argument("--json", action="store_true", help="print the result as JSON (as the API stores it)")
+    pl.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="calibration profile from `splan calibrate`; replaces the spec's `profile` (default: the spec's)",
+    )
     pl.add_argument(
         "--report",
         type=Path,
@@ -217,14 +281,106 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --emit-launch: the rank of the strategy to launch",
     )
 
+    pw = add_command(sub, "prewarm", "which checkpoints to copy into which server tier now, and keep-alive per model")
+    pw.add_argument("--cluster", type=Path, required=True, help="cluster state, YAML or JSON")
+    pw.add_argument(
+        "--rates",
+        type=Path,
+        required=True,
+        help="YAML or JSON list of {model, checkpoint, tp, rate_per_s} (recent rates or a forecast)",
+    )
+    pw.add_argument("--copy-s", type=float, default=120.0, help="seconds of copying each server may do now")
+    pw.add_argument("--keep-alive-s", type=float, default=60.0, help="keep-alive whose idle GPU-seconds are the budget")
+    pw.add_argument("--json", action="store_true", help="print the advice as JSON")
+
     cat = add_command(sub, "catalog", "list models, GPUs or engines")
     cat.add_argument("kind", choices=["models", "gpus", "engines"], help="which table")
     cat.add_argument("--json", action="store_true", help="print the table as JSON")
+    cat.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="gpus: check a GPU catalog file (gpus.yaml shape) for missing or implausible numbers (default: none)",
+    )
+
+    cal = add_command(sub, "calibrate", "fit a calibration profile on your own measurements")
+    cal.add_argument(
+        "measured",
+        type=Path,
+        nargs="+",
+        metavar="MEASURED",
+        help="benchmark rows (CSV/JSONL: model, isl, osl, concurrency or rate, layout, ttft_ms, tpot_ms), per-request "
+        "records (CSV/JSONL, `vllm bench serve --save-detailed` JSON, aiperf profile_export.jsonl) or kernel tables "
+        "(NAME_gemm.csv, ... as in the reference data)",
+    )
+    cal.add_argument("-o", "--out", type=Path, required=True, metavar="PROFILE.yaml", help="where to write the profile")
+    cal.add_argument("--gpu", required=True, help="catalog GPU the measurements ran on")
+    cal.add_argument("--engine", default=None, help="catalog engine (default: the rows' backend, else vllm)")
+    cal.add_argument("--model", default=None, help="catalog model (default: the rows' model; required for records)")
+    cal.add_argument(
+        "--fit",
+        default=None,
+        help="comma-separated parameters to fit, each must be identifiable (default: the identifiable ones of "
+        "memory_bandwidth, compute, request_overhead_s, step_overhead_s, per_sequence_overhead_s, step_gap_s, "
+        "collective_bandwidth)",
+    )
+    cal.add_argument("--tp", type=int, default=1, help="records: tensor parallelism of the measured deployment")
+    cal.add_argument("--pp", type=int, default=1, help="records: pipeline stages of the measured deployment")
+    cal.add_argument("--weight-dtype", default="bf16", help="records: dtype of the weights")
+    cal.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=None,
+        help="records: engine token budget per step (default: the engine's)",
+    )
+    cal.add_argument(
+        "--max-seqs", type=int, default=None, help="records: engine sequences per step (default: the engine's)"
+    )
+    cal.add_argument("--budget-s", type=float, default=25.0, help="time budget of the fit in seconds")
+    cal.add_argument("--json", action="store_true", help="print the fit report as JSON")
     add_service_commands(sub)
     return parser
 
 
+def _estimate_trace(args: argparse.Namespace) -> Any:
+    """The --trace file read (None without one); refuses --trace beside --isl/--osl/--concurrency, or neither."""
+    if args.trace is None:
+        if args.isl is None or args.osl is None:
+            raise CliError("the following arguments are required: --isl and --osl (or --trace FILE)")
+        if args.concurrency is None and args.rate is None:
+            raise CliError("one of the arguments --concurrency --rate is required (or --trace FILE)")
+        return None
+    if args.isl is not None or args.osl is not None or args.concurrency is not None:
+        raise CliError("--trace brings each request's lengths and arrival: leave out --isl, --osl and --concurrency")
+    from service.planning.trace import read_trace
+
+    return read_trace(args.trace)
+
+
+def _trace_lines(result: Mapping[str, Any]) -> list[str]:
+    """What the output says about a replayed trace, prefix caching and refused requests."""
+    lines = []
+    trace = result.get("trace")
+    if trace:
+        columns = ", ".join(f"{role}={name}" for role, name in trace["columns"].items())
+        lines.append(
+            f"trace: {trace['source']}, {trace['requests']} requests over {trace['duration_s']:.1f} s "
+            f"({trace['rate_per_s']:.3g} req/s recorded, time scale {trace['time_scale']:.3g}); columns {columns}"
+        )
+    cache = result.get("prefix_cache") or {}
+    if cache.get("hit_tokens"):
+        lines.append(
+            f"prefix cache: {cache['hit_tokens']} prompt tokens reused ({cache['hit_rate']:.0%} of the prompts "
+            "that share a prefix)"
+        )
+    if result.get("refused_requests"):
+        lines.append(f"refused: {result['refused_requests']} requests longer than max_model_len")
+    return lines
+
+
 def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
+    trace = _estimate_trace(args)
     if not args.model and not args.model_config:
         raise CliError("give --model NAME or --model-config PATH")
     model_spec = load_hf_model_config(args.model_config) if args.model_config else None
@@ -256,8 +412,17 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         decode_moe_tp=args.decode_moe_tp,
         decode_moe_ep=args.decode_moe_ep,
         decode_workers=args.decode_workers,
-        isl=_length(args.isl),
-        osl=_length(args.osl),
+        isl=None if args.isl is None else _length(args.isl),
+        osl=None if args.osl is None else _length(args.osl),
+        trace=trace,
+        time_scale=args.time_scale,
+        shared_prefix_tokens=args.shared_prefix_tokens,
+        prefix_hit_rate=args.prefix_hit_rate,
+        memory_fraction=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        prefix_caching=args.enable_prefix_caching,
+        kv_block_tokens=args.kv_block_size,
+        router=args.router,
         concurrency=args.concurrency,
         rate=args.rate,
         arrival=args.arrival,
@@ -269,8 +434,10 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         max_batched_tokens=args.max_batched_tokens,
         max_sequences=args.max_seqs,
         gpu_price_per_hour=args.gpu_price,
+        profile=_read_profile(args.profile) if args.profile else None,
     )
     result = run_estimate(request, catalog=catalog).as_dict()
+    _print_warnings(result.get("warnings", []))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -285,13 +452,50 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         f"throughput: {th['requests_per_s']:.2f} req/s, {th['output_tokens_per_s']:.0f} output tok/s "
         f"({th['output_tokens_per_s_per_gpu']:.0f} per GPU); bottleneck: {result['bottleneck']}"
     )
+    for line in _trace_lines(result):
+        print(line)
+    if result.get("truncated"):
+        print(f"truncated: {result['truncated_reason']}")
     return 0
+
+
+def _read_profile(path: Path) -> dict[str, Any]:
+    """A profile file, validated (one-line error otherwise)."""
+    from service.planning.profile import parse_profile
+
+    document = read_structured_file(path)
+    try:
+        parse_profile(document)
+    except PlanningError as exc:
+        raise PlanningError(f"{path}: {exc}") from None
+    return dict(document)
+
+
+def _print_warnings(warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        print(f"splan: warning: {warning}", file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace, catalog: Catalog) -> int:
     raw = read_structured_file(args.spec)
     if not isinstance(raw, dict):
         raise PlanningError(f"{args.spec} must hold a mapping (a plan spec or a fleet spec)")
+    if args.profile is not None:
+        raw["profile"] = _read_profile(args.profile)
+    elif isinstance(raw.get("profile"), str):
+        # A path in a spec file is read here and stored inline with the plan: the worker never reads files.
+        path = Path(raw["profile"])
+        raw["profile"] = _read_profile(path if path.is_absolute() else args.spec.parent / path)
+    workload = raw.get("workload")
+    if isinstance(workload, dict) and isinstance(workload.get("trace"), str):
+        # A trace path is read here, relative to the spec, and stored inline: the worker never reads files.
+        from service.planning.trace import read_trace_records
+
+        path = Path(workload["trace"])
+        raw["workload"] = {
+            **workload,
+            "trace": read_trace_records(path if path.is_absolute() else args.spec.parent / path),
+        }
     if spec_kind(raw) == "fleet":
         return _plan_fleet(args, catalog, raw)
     return _plan_strategies(args, catalog, {k: v for k, v in raw.items() if k != "kind"})
@@ -311,6 +515,7 @@ def _plan_strategies(args: argparse.Namespace, catalog: Catalog, raw: dict[str, 
         spec = {**{k: v for k, v in raw.items() if k != "model_config"}, "model": name}
     with ProgressReporter(f"planning {request.model.name} on {request.gpu}") as progress:
         result, _ = execute_spec("strategy", spec, catalog=run_catalog, progress=progress)
+    _print_warnings(result.get("warnings", []))
     _write_plan_outputs(args, raw, result, catalog=run_catalog)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -463,6 +668,9 @@ def _workload_text(workload: Any) -> str:
         load = f"{workload.arrival} arrivals{cv}"
         if workload.rate is not None:
             load += f" at {workload.rate:g} req/s"
+    if workload.trace is not None:
+        scale = f", time scale {workload.time_scale:g}" if workload.time_scale is not None else ""
+        return f"trace of {len(workload.trace)} requests replayed as recorded{scale}"
     return f"{load}, input {workload.isl} tokens, output {workload.osl} tokens"
 
 
@@ -667,7 +875,133 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
+def _read_rows(path: Path) -> Any:
+    """A measurement file: a JSON document, JSONL objects, or CSV rows with a header."""
+    if path.suffix == ".json":
+        return read_structured_file(path)
+    text = read_text_file(path)
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise PlanningError(f"cannot parse {path}: {exc.msg} at line {exc.lineno}") from None
+    return list(csv.DictReader(text.splitlines()))
+
+
+def _kernel_table(path: Path) -> str | None:
+    """The kernel table a CSV file holds, by its name (h100_sxm_gemm.csv -> gemm), or None."""
+    from service.planning.kernel_accuracy import MOE_TABLES, TABLES
+
+    if path.suffix != ".csv":
+        return None
+    stem = path.stem
+    return next(
+        (t for t in sorted(TABLES + MOE_TABLES, key=len, reverse=True) if stem == t or stem.endswith(f"_{t}")), None
+    )
+
+
+def _calibrate(args: argparse.Namespace, catalog: Catalog) -> int:
+    # Imported here: scipy and the fit are for this command only.
+    import numpy as np
+    import yaml
+
+    from service.planning import user_calibration as uc
+    from service.planning.profile import Profile
+
+    gpu = catalog.gpu(args.gpu).name
+    if args.engine:
+        catalog.engine(args.engine)
+    defaults = {
+        "tp": args.tp,
+        "pp": args.pp,
+        "weight_dtype": args.weight_dtype,
+        "max_batched_tokens": args.max_batched_tokens,
+        "max_sequences": args.max_seqs,
+    }
+    points: list[Any] = []
+    tables: dict[str, Any] = {}
+    for path in args.measured:
+        table = _kernel_table(path)
+        if table is not None:
+            tables[table] = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding=None)
+            continue
+        content = _read_rows(path)
+        kind = uc.measurement_kind(content)
+        if kind == "rows":
+            points += uc.points_from_benchmark_rows(
+                content, gpu=gpu, model=args.model, engine=args.engine, source=path.name
+            )
+            continue
+        if not args.model:
+            raise CliError(f"{path} holds per-request records, which do not name the model: give --model")
+        readers: dict[str, Callable[[Any], list[Any]]] = {
+            "vllm": uc.records_from_vllm_bench,
+            "aiperf": uc.records_from_aiperf,
+            "records": uc.records_from_rows,
+        }
+        records = readers[kind]
+        points += uc.points_from_records(
+            records(content),
+            gpu=gpu,
+            model=args.model,
+            engine=args.engine or "vllm",
+            source=path.name,
+            defaults=defaults,
+        )
+    kernel_values: dict[str, Any] = {}
+    if tables:
+        kernel_values, kernel_summary = uc.fit_kernel_tables(tables, catalog=catalog, gpu=gpu)
+        for kind, rows, before, after in kernel_summary:
+            print(f"kernel {kind:24s} {rows:6d} rows: median error {before:.1f}% -> {after:.1f}%")
+    engines = sorted({p.request.engine for p in points})
+    if len(engines) > 1:
+        raise CliError(f"the measurements cover engines {', '.join(engines)}: calibrate one at a time (--engine)")
+    engine = catalog.engine(engines[0] if engines else args.engine or "vllm").name
+    if points:
+        fit = [name.strip() for name in args.fit.split(",") if name.strip()] if args.fit else None
+        result = uc.fit_profile(
+            points,
+            catalog=catalog,
+            gpu=gpu,
+            engine=engine,
+            fit=fit,
+            time_budget_s=args.budget_s,
+            kernel_calibration=kernel_values,
+        )
+        profile = result.profile
+        lines = uc.report_lines(result)
+    elif tables:
+        models = (uc.catalog_model_name(args.model),) if args.model else ()
+        profile = Profile(gpu=gpu, engine=engine, models=models, kernel_calibration=kernel_values)
+        lines = [f"calibrated {gpu} kernels on {len(tables)} tables (no end-to-end measurements: factors stay 1)"]
+    else:
+        raise CliError("no measurements to calibrate on")
+    document = profile.as_document()
+    try:
+        args.out.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write the profile to {args.out}: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        for line in lines:
+            print(line)
+    print(f"splan: wrote the profile to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _catalog(args: argparse.Namespace, catalog: Catalog) -> int:
+    if args.check is not None:
+        from service.catalog.loader import check_gpu_catalog
+
+        if args.kind != "gpus":
+            raise CliError("--check takes a GPU catalog file: `splan catalog gpus --check FILE`")
+        findings = check_gpu_catalog(read_structured_file(args.check))
+        for finding in findings:
+            print(f"{args.check}: {finding}")
+        errors = sum(1 for f in findings if f.severity == "error")
+        print(f"{args.check}: {errors} errors, {len(findings) - errors} warnings")
+        return 2 if errors else 0
     tables: dict[str, dict[str, Any]] = {
         "models": dict(catalog.models),
         "gpus": dict(catalog.gpus),
@@ -703,6 +1037,40 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     return (CliError, PlanningError, ServiceCliError, ClusterError)
 
 
+def _prewarm(args: argparse.Namespace, catalog: Catalog) -> int:
+    """Prewarming advice for a cluster file and request rates."""
+    # Imported here: the placement package would slow every `splan estimate`.
+    from service.placement.cluster import parse_cluster, validated
+    from service.placement.prewarm import PrewarmRequest, advise_prewarm
+
+    document = read_structured_file(args.cluster)
+    if not isinstance(document, dict):
+        raise PlanningError(f"{args.cluster} must hold a mapping")
+    cluster = parse_cluster(document)
+    rates = read_structured_file(args.rates)
+    models = rates.get("models", rates) if isinstance(rates, dict) else rates
+    body = {"models": models, "max_copy_s_per_server": args.copy_s, "default_keep_alive_s": args.keep_alive_s}
+    request = validated("invalid rates", lambda: PrewarmRequest.model_validate(body, strict=False))
+    advice = advise_prewarm(cluster, request, catalog=catalog, now_s=time.time())
+    if args.json:
+        print(advice.model_dump_json(indent=2))
+        return 0
+    print(
+        f"expected cold start {advice.expected_cold_start_s_before:.2f} s -> "
+        f"{advice.expected_cold_start_s_after:.2f} s (busy share {advice.busy_share:.0%})"
+    )
+    for c in advice.copies:
+        print(
+            f"copy  {c.checkpoint} -> {c.server} {c.to_tier.value} from {c.from_tier.value} ({c.copy_s:.1f} s, "
+            f"saves {c.startup_s_saved_per_hour:.1f} s/h)"
+        )
+    for e in advice.evictions:
+        print(f"evict {e.checkpoint} from {e.server} {e.tier.value} (costs {e.startup_s_lost_per_hour:.1f} s/h)")
+    for k in advice.keep_alive:
+        print(f"keep-alive {k.checkpoint}: {k.keep_alive_s:.0f} s ({k.rate_per_s:.3f} req/s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `splan` console script."""
     try:
@@ -710,7 +1078,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in SERVICE_COMMANDS:
             return run_service_command(args)
         catalog = load_catalog(tuple(args.catalog))
-        handler = {"estimate": _estimate, "plan": _plan, "catalog": _catalog}[args.command]
+        handler = {
+            "estimate": _estimate,
+            "plan": _plan,
+            "catalog": _catalog,
+            "calibrate": _calibrate,
+            "prewarm": _prewarm,
+        }[args.command]
         return handler(args, catalog)
     except _expected_errors() as exc:
         print(f"splan: error: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,6 +21,7 @@ from service.placement.cluster import Cluster, ClusterError, parse_cluster
 from service.placement.fleet_plan import parse_fleet_spec, plan_fleet
 from service.planning.catalog import Catalog
 from service.planning.plan_spec import parse_plan_spec
+from service.planning.profile import profiled_catalog
 from service.planning.search import plan as search_plan
 from service.planning.specs import PlanningError
 from service.settings import Settings
@@ -53,6 +55,7 @@ def execute_spec(
     *,
     catalog: Catalog,
     progress: Callable[[int, int], None],
+    checkpoint: Callable[[], None] | None = None,
     cluster_loader: Callable[[str], Cluster] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one stored spec: the result document and its summary columns."""
@@ -66,7 +69,11 @@ def execute_spec(
         result = plan_fleet(fleet, catalog=catalog, cluster=cluster, now_s=time.time(), progress=progress)
         return result, {"best_gpus": result["total_gpus"]}
     request = parse_plan_spec(spec, catalog=catalog)
-    result = search_plan(request, catalog=catalog, progress=progress).as_dict()
+    catalog, warnings = profiled_catalog(
+        catalog, spec.get("profile"), gpu=request.gpu, engine=request.engine, model=request.model.name
+    )
+    result = search_plan(request, catalog=catalog, progress=progress, checkpoint=checkpoint).as_dict()
+    result["warnings"] = warnings
     best = result["strategies"][0] if result["strategies"] else None
     summary = {
         "best_goodput_rps": best["goodput_rps"] if best else None,
@@ -102,11 +109,35 @@ def run_plan(
     started = time.monotonic()
     last_report = 0.0
 
+    lost = threading.Event()
+    finished = threading.Event()
+
+    def heartbeat() -> None:
+        # Renews the lease while a long simulation holds the search; a canceled or superseded plan is noticed
+        # here within one beat, and the search stops at its next checkpoint.
+        while not finished.wait(settings.plan_heartbeat_s):
+            try:
+                with session_factory() as session:
+                    owned = plan_store.renew_lease(
+                        session, plan_id=plan_id, attempt=attempt, lease_s=settings.plan_lease_s
+                    )
+            except Exception:  # the database may be away for a moment: the next beat retries, the lease decides
+                log.warning("plan.heartbeat_failed", plan_id=plan_id, exc_info=True)
+                continue
+            if not owned:
+                lost.set()
+                return
+
+    def checkpoint() -> None:
+        if lost.is_set():
+            raise PlanAbortedError
+        if time.monotonic() - started > settings.plan_time_limit_s:
+            raise PlanTimeLimitError
+
     def progress(done: int, total: int) -> None:
         nonlocal last_report
+        checkpoint()
         now = time.monotonic()
-        if now - started > settings.plan_time_limit_s:
-            raise PlanTimeLimitError
         if done < total and now - last_report < PROGRESS_INTERVAL_S:
             return
         last_report = now
@@ -120,6 +151,8 @@ def run_plan(
     result: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    beat = threading.Thread(target=heartbeat, name=f"splan-heartbeat-{plan_id}", daemon=True)
+    beat.start()
     try:
         progress(0, 1)
         result, summary = execute_spec(
@@ -127,6 +160,7 @@ def run_plan(
             spec,
             catalog=catalog or default_catalog(),
             progress=progress,
+            checkpoint=checkpoint,
             cluster_loader=lambda name: load_cluster(session_factory, name),
         )
     except PlanAbortedError:
@@ -139,6 +173,9 @@ def run_plan(
     except Exception as exc:  # a bug must fail the plan, not leave it running until the lease expires
         log.exception("plan.crashed", plan_id=plan_id)
         error = problem("Plan failed", 500, f"internal error while planning ({type(exc).__name__})")
+    finally:
+        finished.set()
+        beat.join()
     with session_factory() as session:
         written = plan_store.finish_plan(
             session, plan_id=plan_id, attempt=attempt, result=result, error=error, summary=summary

@@ -53,7 +53,8 @@ class ClusterCache:
             hit = self._entries.get(name)
         if hit is not None and hit[0] == version:
             return hit
-        stored = cluster_store.get_cluster(session, name=name)
+        # The holds are kept apart (see holds()): the parsed document is cached per version.
+        stored = cluster_store.get_cluster(session, name=name, with_holds=False)
         parsed = parse_cluster(stored.state)
         self.remember(name, stored.version, parsed)
         return stored.version, parsed

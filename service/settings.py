@@ -27,13 +27,19 @@ class Settings(BaseSettings):
     data_dir: Path = Path()
     queue_name: str = "splan-plans"
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    plan_lease_s: float = Field(default=60.0, gt=0)
+    # A running plan's worker renews its lease every plan_heartbeat_s; a plan whose lease lapses is re-run by the
+    # sweeper within sweep_interval_s, so a lost worker costs at most lease + sweep interval (13 s by default).
+    plan_lease_s: float = Field(default=10.0, gt=0)
+    plan_heartbeat_s: float = Field(default=1.0, gt=0)
     plan_time_limit_s: float = Field(default=600.0, gt=0)
     requeue_queued_after_s: float = Field(default=120.0, gt=0)
-    sweep_interval_s: float = Field(default=15.0, gt=0)
+    sweep_interval_s: float = Field(default=3.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     in_process_workers: int = Field(default=2, ge=1)
     estimate_max_requests: int = Field(default=1000, ge=1)
+    # Sequence-steps one POST /v1/estimates may simulate: the simulator does 1.4-1.6 M a second on one core, so
+    # about 0.8 s (bench/RESULTS.md, issue 16).
+    estimate_max_sequence_steps: int = Field(default=1_200_000, ge=1000)
     worker_concurrency: int = Field(default=2, ge=1)
 
     @property

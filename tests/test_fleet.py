@@ -101,8 +101,8 @@ def test_cluster_packing_is_all_or_nothing_per_deployment(catalog: Catalog) -> N
     )
     reasons = {u.name: u.reason for u in plan.unplaced}
     assert reasons["wide"] == (
-        "needs 4 h100-sxm GPUs per instance on one server; after placing 1 of 2 instances the most free on any "
-        "server is 2"
+        "needs 4 h100-sxm GPUs per instance on one server; only 1 of its 2 instances fit (the most free on any server "
+        "is then 2), and a deployment is placed whole or not at all: none placed"
     )
     pair = next(p for p in plan.placed if p.name == "pair")
     assert len(pair.instances) == 3

@@ -278,3 +278,59 @@ def test_moe_plan_with_attention_dp_and_ep_runs_on_the_celery_worker(production:
         assert any(layout["attention_dp"] > 1 and layout["moe_ep"] > 1 for layout in layouts)
         for layout in layouts:
             assert layout["tp"] * layout["attention_dp"] == layout["moe_tp"] * layout["moe_ep"]
+
+
+def test_a_killed_workers_plan_is_rerun_within_fifteen_seconds(postgres_url: str, tmp_path: Path) -> None:
+    import signal
+
+    from tests.test_jobs import SLOW_SPEC
+
+    # Default lease, heartbeat and sweep settings: the figure the README promises is the one tested.
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres_url,
+        "BROKER_URL": REDIS_URL,
+        "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}",
+        "PYTHONPATH": str(REPO),
+    }
+    subprocess.run([*SPLAN, "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [*SPLAN, "worker", "--concurrency", "1"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: the kill takes the pool's children too
+        )
+
+    first = start_worker()
+    api, base_url = start_quiet(["serve"], env, tmp_path)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_ready(base_url, api)
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            plan_id = client.post("/v1/plans", json=SLOW_SPEC).json()["id"]
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/plans/{plan_id}").json()["status"] != "running":
+                assert time.monotonic() < deadline, "the plan never started"
+                time.sleep(0.1)
+            os.killpg(first.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            second = start_worker()
+            while True:
+                plan = client.get(f"/v1/plans/{plan_id}").json()
+                if plan["attempt"] >= 2:
+                    break
+                assert time.monotonic() - killed_at < 30, plan
+                time.sleep(0.2)
+            rerun_after_s = time.monotonic() - killed_at
+            final = wait_final(client, plan_id)
+        assert rerun_after_s <= 15.0
+        assert final["status"] == "succeeded"
+        assert final["attempt"] == 2
+    finally:
+        for process in (api, first, second):
+            if process is not None and process.poll() is None:
+                stop(process)

@@ -171,3 +171,53 @@ def test_a_bad_stored_spec_fails_with_a_problem(
     assert plan.error is not None
     assert plan.error["status"] == 422
     assert "no-such-model" in plan.error["detail"]
+
+
+SLOW_SPEC: dict[str, Any] = {
+    **SPEC,
+    "model": "llama-3.1-70b",
+    "max_gpus": 8,
+    "search": {"tp": [2, 4, 8], "pp": [1], "modes": ["collocated"], "requests": 3000, "simulate_top": 3},
+}
+
+
+def test_cancel_reaches_a_running_search_within_a_second(
+    sessions: SessionFactory, db_settings: Settings, catalog: Catalog
+) -> None:
+    import threading
+    import time
+
+    plan_id = _create(sessions, spec=SLOW_SPEC)
+    outcome: list[str] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(
+            run_plan(plan_id, session_factory=sessions, settings=db_settings, catalog=catalog)
+        )
+    )
+    runner.start()
+    deadline = time.monotonic() + 30
+    while _get(sessions, plan_id).progress_done < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the search is between its first and last simulated strategy now
+    with sessions() as session:
+        plan_store.cancel_plan(session, plan_id=plan_id)
+    canceled_at = time.monotonic()
+    runner.join(timeout=30)
+    stopped_after_s = time.monotonic() - canceled_at
+    assert outcome == ["aborted"]
+    # One heartbeat (1 s) to notice, then the search stops before its next simulation.
+    assert stopped_after_s < db_settings.plan_heartbeat_s + 1.0
+    assert _get(sessions, plan_id).status == PlanStatus.CANCELED
+
+
+def test_renew_lease_extends_only_the_running_attempt(sessions: SessionFactory) -> None:
+    plan_id = _create(sessions)
+    with sessions() as session:
+        plan_store.claim_plan(session, plan_id=plan_id, worker="a", lease_s=1, max_attempts=3)
+        assert plan_store.renew_lease(session, plan_id=plan_id, attempt=1, lease_s=60)
+        assert not plan_store.renew_lease(session, plan_id=plan_id, attempt=2, lease_s=60)
+    lease = _get(sessions, plan_id).lease_expires_at
+    assert lease is not None
+    assert lease.replace(tzinfo=None) > utcnow().replace(tzinfo=None) + timedelta(seconds=50)
+    with sessions() as session:
+        plan_store.cancel_plan(session, plan_id=plan_id)
+        assert not plan_store.renew_lease(session, plan_id=plan_id, attempt=1, lease_s=60)

@@ -410,10 +410,10 @@ def test_instance_started_consumes_its_reservation(catalog: Catalog) -> None:
 
 
 def test_replay_is_deterministic_and_beats_any_free_gpu(catalog: Catalog) -> None:
-    config = ReplayConfig(seed=3, servers=6, cold_starts=150, variants_per_model=4)
+    config = ReplayConfig(seed=3, servers=6, checkpoints=24, rate_per_s=1.0, duration_s=300.0)
     first = run_replay(config, catalog=catalog)
     second = run_replay(config, catalog=catalog)
     assert first.results == second.results
     assert first.result(Policy.OURS).mean_s <= first.result(Policy.ANY_FREE).mean_s
-    assert len(first.result(Policy.OURS).startup_s) == 150
+    assert len(first.result(Policy.OURS).startup_s) == len(first.result(Policy.ANY_FREE).startup_s) > 0
     assert "| ours |" in first.markdown()

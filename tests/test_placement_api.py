@@ -172,3 +172,50 @@ def test_instance_started_confirms_a_held_placement(client: TestClient) -> None:
     held = place(client, model="qwen3-32b", tp=1, allow_migration=False)["placements"][0]
     other = {**started, "id": "intruder", "server": held["server"], "gpu_ids": held["gpu_ids"]}
     assert_problem(client.post("/v1/clusters/demo/events", json={"events": [other]}), 422)
+
+
+def test_prewarm_advice_over_http(client: TestClient) -> None:
+    models = [
+        {"model": "qwen3-32b", "tp": 2, "rate_per_s": 0.05},
+        {"model": "mixtral-8x7b", "tp": 2, "rate_per_s": 0.01},
+    ]
+    response = client.post("/v1/placements/prewarm", json={"cluster": "demo", "models": models})
+    assert response.status_code == 200, response.text
+    advice = response.json()
+    assert advice["cluster_version"] == 1
+    assert advice["copies"]
+    assert {k["checkpoint"] for k in advice["keep_alive"]} == {"qwen3-32b", "mixtral-8x7b"}
+    assert advice["expected_cold_start_s_after"] <= advice["expected_cold_start_s_before"]
+    assert_problem(client.post("/v1/placements/prewarm", json={"cluster": "nope", "models": models}), 404)
+    bad = [{"model": "no-such-model", "rate_per_s": 1.0}]
+    assert_problem(client.post("/v1/placements/prewarm", json={"cluster": "demo", "models": bad}), 422)
+
+
+def test_fleet_plan_respects_live_reservations(client: TestClient) -> None:
+    held = place(client, model="llama-3.1-8b", tp=8, instances=2, allow_migration=False, ttl_s=600)
+    assert len(held["placements"]) == 2
+    reserved = {(p["server"], g) for p in held["placements"] for g in p["gpu_ids"]}
+    fleet = {
+        "kind": "fleet",
+        "cluster": "demo",
+        "deployments": [
+            {
+                "name": "wide",
+                "model": "llama-3.1-8b",
+                "workload": {"arrival": "poisson", "isl": 512, "osl": 64, "rate": 0.5},
+                "slo": {"ttft_ms": 2000, "tpot_ms": 200},
+                "search": {"tp": [8], "pp": [1], "requests": 20},
+            }
+        ],
+    }
+    response = client.post("/v1/plans", json=fleet)
+    assert response.status_code == 202, response.text
+    plan = wait_final(client, response.json()["id"], timeout_s=120)
+    assert plan["status"] == "succeeded", plan
+    deployment = plan["result"]["deployments"][0]
+    used = {(i["server"], g) for i in deployment["instances_placed"] for g in i["gpu_ids"]}
+    assert not used & reserved
+    # Only the two emptied servers had 8 free GPUs: the plan must not place on them, and says so consistently.
+    assert not deployment["placed"]
+    assert deployment["instances_placed"] == []
+    assert "none placed" in plan["result"]["unmet"][0]["reason"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from service.planning.catalog import Catalog
@@ -146,3 +148,76 @@ def test_api_server_latency_adds_to_ttft_and_e2e_only(catalog: Catalog) -> None:
     assert slow["ttft_ms"]["mean"] == pytest.approx(base["ttft_ms"]["mean"] + 50.0)
     assert slow["e2e_ms"]["p50"] == pytest.approx(base["e2e_ms"]["p50"] + 50.0)
     assert slow["tpot_ms"] == base["tpot_ms"]
+
+
+def _same_latencies(a: object, b: object) -> None:
+    from service.planning.deployment import Estimate
+
+    assert isinstance(a, Estimate)
+    assert isinstance(b, Estimate)
+    assert a.result.ttft_s.tolist() == b.result.ttft_s.tolist()
+    assert a.result.tpot_s.tolist() == b.result.tpot_s.tolist()
+    assert a.scale == b.scale
+    assert a.requests_per_s == b.requests_per_s
+
+
+@pytest.mark.parametrize("router", ["round_robin", "random", "least_loaded"])
+def test_estimate_and_plan_give_the_same_latency_for_the_same_deployment_and_load(
+    catalog: Catalog, router: str
+) -> None:
+    # Two TP2 replicas of Llama-8B at 12 req/s: `splan estimate` and the plan search's evaluation of the very
+    # same deployment at the very same rate (one code path, simulate_deployment) must agree request for request.
+    from service.planning.estimate import resolve_deployment, resolve_workload
+    from service.planning.search import _simulate_unit
+    from service.planning.workload import sample_requests
+
+    request = EstimateRequest(
+        model="llama-3.1-8b",
+        gpu="h100-sxm",
+        isl="uniform:200:1500",
+        osl="uniform:20:200",
+        rate=12.0,
+        requests=150,
+        tp=2,
+        replicas=2,
+        router=router,
+        seed=4,
+    )
+    estimate = run_estimate(request, catalog=catalog)
+    workload = resolve_workload(request)
+    deployment = resolve_deployment(request, catalog)
+    planned = _simulate_unit(deployment, workload, sample_requests(workload), 12.0, {})
+    _same_latencies(estimate, planned)
+    assert estimate.scale == (1 if router == "least_loaded" else 2)
+    # Closed loop: the plan's level is one replica's clients.
+    closed = replace(request, rate=None, concurrency=16, requests=96)
+    workload = resolve_workload(closed)
+    planned = _simulate_unit(deployment, workload, sample_requests(workload), 8.0, {})
+    _same_latencies(run_estimate(closed, catalog=catalog), planned)
+
+
+def test_the_router_changes_only_multi_replica_runs(catalog: Catalog) -> None:
+    base = {"isl": "uniform:200:3000", "osl": "uniform:10:300", "rate": 30.0, "requests": 300, "seed": 2}
+    one = {r: _est(catalog, router=r, **base)["ttft_ms"]["p90"] for r in ("round_robin", "random", "least_loaded")}
+    assert len(set(one.values())) == 1
+    many = {r: _est(catalog, router=r, replicas=3, **base)["ttft_ms"]["p90"] for r in one}
+    # Round robin spreads load more evenly than random picks (fewer bursts on one replica).
+    assert many["round_robin"] <= many["random"]
+
+
+def test_max_model_len_refuses_longer_requests_and_sizes_the_kv_check(catalog: Catalog) -> None:
+    out = _est(catalog, isl="uniform:100:4000", osl=100, rate=2.0, requests=100, max_model_len=2048)
+    assert 0 < out["refused_requests"] < 100
+    assert out["completed"] == 100 - out["refused_requests"]
+    with pytest.raises(PlanningError, match="max_model_len 2000000"):
+        _est(catalog, isl=100, osl=10, rate=1.0, requests=10, max_model_len=2_000_000)
+    with pytest.raises(PlanningError, match="every request is longer"):
+        _est(catalog, isl=3000, osl=100, rate=1.0, requests=10, max_model_len=1024)
+
+
+def test_kv_block_size_and_memory_utilization_change_the_kv_pool(catalog: Catalog) -> None:
+    small = _est(catalog, rate=1.0, requests=20, memory_fraction=0.5)
+    big = _est(catalog, rate=1.0, requests=20, memory_fraction=0.9)
+    assert small["memory"]["replica"]["kv_capacity_tokens"] < big["memory"]["replica"]["kv_capacity_tokens"]
+    blocks = _est(catalog, rate=1.0, requests=20, kv_block_tokens=128)
+    assert blocks["memory"]["replica"]["kv_capacity_tokens"] % 128 == 0

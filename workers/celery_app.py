@@ -8,6 +8,7 @@ from pathlib import Path
 from celery import Celery
 from kombu import Queue
 
+from service.logging_setup import configure_logging
 from service.settings import Settings, get_settings
 
 
@@ -15,6 +16,7 @@ def create_celery(settings: Settings) -> Celery:
     """A worker-side Celery app; results live in the database, so no result backend."""
     if not settings.broker_url:
         raise RuntimeError("splan worker needs BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+    configure_logging()
     app = Celery("splan", broker=settings.broker_url, include=["workers.tasks"])
     app.conf.update(
         task_default_queue=settings.queue_name,

@@ -10,11 +10,12 @@ from fastapi import FastAPI
 
 from service.api.errors import install_problem_handlers
 from service.api.metrics import ApiMetrics, PlanCollector
-from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from service.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware, RequestMetricsMiddleware
 from service.api.routers import catalog, clusters, estimates, health, placements, plans
 from service.catalog.loader import default_catalog
 from service.db.session import SessionFactory, make_engine, make_session_factory
 from service.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
+from service.logging_setup import configure_logging
 from service.placement_service import ClusterCache
 from service.settings import Execution, Settings, get_settings
 
@@ -31,6 +32,7 @@ def make_dispatcher(settings: Settings, session_factory: SessionFactory) -> Disp
 def create_app(settings: Settings | None = None, *, start_executor: bool = True) -> FastAPI:
     """The API app; `start_executor=False` builds it without an executor (for the OpenAPI document)."""
     settings = settings or get_settings()
+    configure_logging()
     engine = make_engine(settings)
     session_factory = make_session_factory(engine)
     metrics = ApiMetrics()
@@ -65,5 +67,6 @@ def create_app(settings: Settings | None = None, *, start_executor: bool = True)
     for router in (plans.router, estimates.router, clusters.router, placements.router, catalog.router, health.router):
         app.include_router(router)
     app.add_middleware(RequestMetricsMiddleware, histogram=metrics.request_latency)
+    app.add_middleware(ControlCharacterMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

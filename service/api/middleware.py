@@ -1,10 +1,12 @@
-"""ASGI middleware: request body size limit (413 problem) and request latency metrics."""
+"""ASGI middleware: request body size limit (413), control characters refused (422), request latency metrics."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,10 +62,7 @@ class BodySizeLimitMiddleware:
 
     async def _reject(self, send: Send) -> None:
         detail = f"request body exceeds the limit of {self.max_body_bytes} bytes"
-        body = _problem_bytes(413, "Content Too Large", detail)
-        headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _reject(send, 413, "Content Too Large", detail)
 
 
 class _BodyTooLargeError(Exception):
@@ -96,3 +95,82 @@ class RequestMetricsMiddleware:
             route: Any = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.histogram.labels(scope.get("method", ""), path, str(status)).observe(time.perf_counter() - started)
+
+
+# C0 control characters and DEL: no name, id or label needs them, and PostgreSQL text cannot hold NUL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _control_path(value: Any, path: str) -> str | None:
+    """The JSON path of the first string (key or value) holding a control character, or None."""
+    if isinstance(value, str):
+        return path if _CONTROL.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if _CONTROL.search(str(key)):
+                return here
+            found = _control_path(item, here)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _control_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+class ControlCharacterMiddleware:
+    """Refuses control characters in the path, the query and every string of a JSON body with a 422 problem."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        target = unquote(scope.get("path", "")) + unquote(scope.get("query_string", b"").decode("latin-1"))
+        if _CONTROL.search(target):
+            await _reject(send, 422, "Unprocessable Content", "the URL holds a control character")
+            return
+        is_json = any(name == b"content-type" and b"json" in value.lower() for name, value in scope.get("headers", []))
+        if not is_json or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            document = None  # the app answers malformed JSON itself
+        where = _control_path(document, "")
+        if where is not None:
+            await _reject(send, 422, "Unprocessable Content", f"{where or 'the body'} holds a control character")
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _reject(send: Send, status: int, title: str, detail: str) -> None:
+    body = _problem_bytes(status, title, detail)
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

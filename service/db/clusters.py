@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,44 @@ def current_version(session: Session, *, name: str) -> int | None:
     return int(version) if version is not None else None
 
 
-def get_cluster(session: Session, *, name: str) -> StoredCluster:
-    """The stored cluster."""
+def get_cluster(session: Session, *, name: str, with_holds: bool = True) -> StoredCluster:
+    """The stored cluster; unless ``with_holds`` is off, with the live placement holds written in as reservations
+    and queued loads (so that readers such as fleet plans never hand out GPUs a placement holds)."""
     row = session.get(ClusterState, name)
     if row is None:
         raise ClusterNotFoundError(name)
-    return StoredCluster(row.name, row.version, row.state)
+    state = row.state
+    if with_holds:
+        now_s = time.time()
+        live = list(
+            session.scalars(
+                select(PlacementHold.hold).where(PlacementHold.cluster == name, PlacementHold.expires_at_s > now_s)
+            )
+        )
+        if live:
+            state = _with_hold_documents(state, live)
+    return StoredCluster(row.name, row.version, state)
+
+
+def _with_hold_documents(state: dict[str, Any], holds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A copy of the cluster document with hold documents added as reservations and queued loads."""
+    known = {r.get("id") for r in state.get("reservations", [])}
+    reservations = list(state.get("reservations", []))
+    queued: dict[str, list[dict[str, Any]]] = {}
+    for hold in holds:
+        reservation = hold.get("reservation", {})
+        if reservation.get("id") in known:
+            continue
+        reservations.append(reservation)
+        for load in hold.get("loads", []):
+            queued.setdefault(load.get("server"), []).append(load.get("task"))
+    servers = [
+        {**server, "loading_queue": [*server.get("loading_queue", []), *queued.get(server.get("name"), [])]}
+        if server.get("name") in queued
+        else server
+        for server in state.get("servers", [])
+    ]
+    return {**state, "servers": servers, "reservations": reservations}
 
 
 def put_cluster(session: Session, *, name: str, state: dict[str, Any], if_match: int | None) -> tuple[int, bool]:

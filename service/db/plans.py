@@ -221,6 +221,18 @@ def record_progress(session: Session, *, plan_id: str, attempt: int, done: int, 
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def renew_lease(session: Session, *, plan_id: str, attempt: int, lease_s: float) -> bool:
+    """Extend the running attempt's lease; False when the plan was canceled or claimed by another attempt."""
+    now = utcnow()
+    result = session.execute(
+        update(Plan)
+        .where(Plan.id == plan_id, Plan.attempt == attempt, Plan.status == PlanStatus.RUNNING)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+    )
+    session.commit()
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def finish_plan(
     session: Session,
     *,

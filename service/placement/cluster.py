@@ -89,6 +89,12 @@ class LoadingTask(_Strict):
     remaining_bytes: NonNegative
     bandwidth_bytes_per_s: Positive = Field(description="rate the load runs at (observed or estimated)")
     reservation_id: Name | None = None
+    starts_in_s: NonNegative = Field(
+        default=0.0, description="the load waits this long for its GPUs (a migration freeing them) before it runs"
+    )
+    staged: bool = Field(
+        default=False, description="reads the checkpoint into host memory only; the GPU copy follows separately"
+    )
 
     @property
     def finish_in_s(self) -> float:
@@ -111,6 +117,12 @@ class RunningInstance(_Strict):
     weight_dtype: DTypeField = DType.BF16
     engine: Name = "vllm"
     checkpoint: Name | None = Field(default=None, description="checkpoint name in the tiers; default: model")
+    tokens_per_s: Positive | None = Field(
+        default=None, description="observed generation rate: the tokens a migration recomputes grow meanwhile"
+    )
+    idle_since_s: float | None = Field(
+        default=None, description="kept alive with no request since (epoch s): stopping it frees its GPUs at once"
+    )
 
     @property
     def checkpoint_name(self) -> str:
@@ -368,6 +380,7 @@ class InstanceStarted(_Strict):
     input_tokens: Tokens = 0
     generated_tokens: Tokens = 0
     expected_output_tokens: Tokens | None = None
+    tokens_per_s: Positive | None = None
     reservation_id: Name | None = None
 
 
@@ -419,6 +432,8 @@ class RequestProgress(_Strict):
     id: Name
     input_tokens: Tokens
     generated_tokens: Tokens
+    tokens_per_s: Positive | None = None
+    idle_since_s: float | None = Field(default=None, description="set when the instance has no request left")
 
 
 class MigrationFinished(_Strict):
@@ -583,9 +598,14 @@ def _apply(draft: _Draft, event: ClusterEvent) -> None:
             inst = draft.instances.get(event.id)
             if inst is None:
                 raise ClusterError(f"unknown instance {event.id!r}")
-            draft.instances[event.id] = inst.model_copy(
-                update={"input_tokens": event.input_tokens, "generated_tokens": event.generated_tokens}
-            )
+            update: dict[str, Any] = {
+                "input_tokens": event.input_tokens,
+                "generated_tokens": event.generated_tokens,
+                "idle_since_s": event.idle_since_s,
+            }
+            if event.tokens_per_s is not None:
+                update["tokens_per_s"] = event.tokens_per_s
+            draft.instances[event.id] = inst.model_copy(update=update)
         case MigrationFinished():
             _finish_migration(draft, event)
         case ReservationConfirmed():

@@ -11,6 +11,16 @@ as its slowest stage:
   server's network link and its share of the remote store, which all servers downloading at once split
   evenly. Writing the downloaded checkpoint to the local SSD runs beside the pipeline, off its critical path.
 
+A load that needs GPUs still held by running work (a migration freeing them, a request finishing) starts only
+once they are free: ``max(queue, GPUs free) + transfer``. Only a plan that explicitly stages the checkpoint into
+host memory overlaps the two: ``max(queue + staging, GPUs free) + host-to-GPU copy``, and it needs DRAM room.
+
+A live migration runs as ServerlessLLM's two rounds: the destination loads the instance's checkpoint (its
+own queue and tier), recomputes the KV cache of every token so far (``a * (t_in + t_out) + b``, ``t_out``
+counted when the recompute starts, the source generating meanwhile), then the source stops and the
+destination recomputes the tokens generated during the first round (the pause the running request sees)
+before the source GPUs are handed over. An instance whose remaining tokens run out first simply finishes.
+
 The remote store is assumed to hold every checkpoint. Learned bandwidths (from reported loads) replace
 the stage they measure: dram the per-GPU host-to-GPU link (also the last stage of the other tiers),
 ssd the SSD read, remote the server's download link.
@@ -53,6 +63,11 @@ class EstimatorOptions:
 
     use_learned: bool = True
     share_remote_link: bool = True
+    # None: as many migrations as freeing the GPUs needs; ServerlessLLM moves at most one instance.
+    max_migrations: int | None = None
+    allow_staging: bool = True
+    # Rank on startup plus the pause migrated requests see; off: on startup alone (ServerlessLLM).
+    harm_aware: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +96,8 @@ class ServerStatic:
     type_of_gpu: dict[int, str]
     dram: frozenset[str]
     ssd: frozenset[str]
+    dram_capacity_bytes: float
+    dram_write_bytes_per_s: float
     ssd_read_bytes_per_s: float
     pcie_bytes_per_s: float
     network_bytes_per_s: float
@@ -133,6 +150,8 @@ def _build_static(cluster: Cluster) -> ClusterStatic:
                 type_of_gpu=type_of,
                 dram=frozenset(dram.checkpoints) if dram else empty,
                 ssd=frozenset(ssd.checkpoints) if ssd else empty,
+                dram_capacity_bytes=dram.capacity_bytes if dram else 0.0,
+                dram_write_bytes_per_s=dram.read_bandwidth_bytes_per_s if dram else 0.0,
                 ssd_read_bytes_per_s=ssd.read_bandwidth_bytes_per_s if ssd else 0.0,
                 pcie_bytes_per_s=s.pcie_bandwidth_bytes_per_s,
                 network_bytes_per_s=s.network_bandwidth_bytes_per_s,
@@ -219,7 +238,8 @@ class ClusterView:
             for task in (*s.loading_queue, *held_loads.get(s.name, ())):
                 if task.remaining_bytes <= 0 or (task.reservation_id is not None and task.reservation_id not in active):
                     continue
-                wait += task.finish_in_s
+                # A load waiting for its GPUs holds the loader until they are free (the replay does the same).
+                wait = max(wait, task.starts_in_s) + task.finish_in_s
                 if task.tier is TierKind.REMOTE:
                     self.downloading.add(s.name)
             self.queue_wait_s[s.name] = wait
@@ -266,6 +286,19 @@ class ClusterView:
         )
         return self.estimate(server, tier=tier, transfer_s=transfer_s, checkpoint_bytes=checkpoint_bytes)
 
+    def staging(self, server: str, *, checkpoint: str, checkpoint_bytes: float) -> tuple[float, TierKind] | None:
+        """Time to read the checkpoint into host memory (no GPUs needed) and the tier it comes from; None when
+        it is already there or the server's DRAM cannot hold it."""
+        st = self.static.by_name[server]
+        if checkpoint in st.dram or st.dram_capacity_bytes < checkpoint_bytes:
+            return None
+        remote_bytes_per_s = self.download_bytes_per_s(server)
+        if checkpoint in st.ssd and self.ssd_rate[server] >= remote_bytes_per_s:
+            rate, tier = self.ssd_rate[server], TierKind.SSD
+        else:
+            rate, tier = remote_bytes_per_s, TierKind.REMOTE
+        return checkpoint_bytes / min(rate, st.dram_write_bytes_per_s), tier
+
     def gpu_stage_s(self, server: str, *, shard_bytes: float) -> float:
         """Time of the last stage (host to GPU) of a load on that server."""
         return shard_bytes / self.pcie_rate[server]
@@ -292,9 +325,12 @@ class ClusterView:
         for gpu_type, ids in self.free[server].items():
             self.free[server][gpu_type] = [g for g in ids if g not in taken]
 
-    def enqueue(self, server: str, *, load: LoadEstimate) -> None:
-        """Append a load to the server's queue."""
-        self.queue_wait_s[server] += load.transfer_s
+    def enqueue(self, server: str, *, load: LoadEstimate, loader_busy_s: float | None = None) -> None:
+        """Append a load to the server's queue (``loader_busy_s``: when the loader is free again, when the load
+        waits for GPUs or only stages)."""
+        if loader_busy_s is None:
+            loader_busy_s = self.queue_wait_s[server] + load.transfer_s
+        self.queue_wait_s[server] = max(self.queue_wait_s[server], loader_busy_s)
         if load.tier is TierKind.REMOTE:
             self.downloading.add(server)
 
@@ -412,8 +448,45 @@ def recompute_cost(
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationTimeline:
+    """A live migration as it runs, in seconds from the decision."""
+
+    dest_ready_s: float
+    tokens: int
+    recompute_s: float
+    pause_s: float
+    gpus_free_s: float
+    finishes_first: bool
+
+
+def remaining_s(inst: RunningInstance) -> float | None:
+    """Seconds until the instance's request finishes on its own; None when its output length or rate is unknown."""
+    if inst.expected_output_tokens is None or inst.tokens_per_s is None:
+        return None
+    return max(0, inst.expected_output_tokens - inst.generated_tokens) / inst.tokens_per_s
+
+
+def migration_timeline(inst: RunningInstance, *, dest_load_s: float, recompute: RecomputeCost) -> MigrationTimeline:
+    """Destination load, first-round recompute of every token so far, second-round recompute of the tokens
+    generated meanwhile (the pause), handover; or the request finishing first when its remaining tokens run out."""
+    rate = inst.tokens_per_s or 0.0
+    cap = inst.expected_output_tokens
+    generated = inst.generated_tokens + rate * dest_load_s
+    if cap is not None:
+        generated = min(generated, float(max(cap, inst.generated_tokens)))
+    tokens = int(inst.input_tokens + generated)
+    first_s = recompute.time_s(tokens)
+    pause_s = recompute.time_s(rate * first_s)
+    handover_s = dest_load_s + first_s + pause_s
+    left_s = remaining_s(inst)
+    if left_s is not None and left_s <= handover_s:
+        return MigrationTimeline(dest_load_s, tokens, first_s, 0.0, left_s, True)
+    return MigrationTimeline(dest_load_s, tokens, first_s, pause_s, handover_s, False)
+
+
+@dataclass(frozen=True, slots=True)
 class MigrationEstimate:
-    """Cost of moving one running instance to other GPUs: destination load, then KV recomputation."""
+    """Cost of moving one running instance to other GPUs: destination load, then two rounds of KV recomputation."""
 
     instance_id: str
     checkpoint: str
@@ -424,8 +497,10 @@ class MigrationEstimate:
     tokens: int
     recompute_s: float
     recompute_source: str
+    pause_s: float = 0.0
+    gpus_free_s: float | None = None
 
     @property
     def finish_s(self) -> float:
-        """When the source GPUs are free: destination load + a * (t_in + t_out) + b."""
-        return self.load.total_s + self.recompute_s
+        """When the source GPUs are free (the timeline's handover; destination load + recompute without one)."""
+        return self.gpus_free_s if self.gpus_free_s is not None else self.load.total_s + self.recompute_s

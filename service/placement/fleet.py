@@ -240,8 +240,9 @@ def _place_on_view(
             most = max((len(f.get(gpu_type, ())) for f in view.free.values()), default=0)
             view.restore(saved)
             return (
-                f"needs {d.gpus_per_instance} {gpu_type} GPUs per instance on one server; after placing "
-                f"{index} of {d.instances} instances the most free on any server is {most}"
+                f"needs {d.gpus_per_instance} {gpu_type} GPUs per instance on one server; only {index} of its "
+                f"{d.instances} instances fit (the most free on any server is then {most}), and a deployment is "
+                "placed whole or not at all: none placed"
             )
         option = best[0]
         commit_option(view, option=option)

@@ -1,13 +1,14 @@
-"""Placement: where the next instances of a model start soonest, with free GPUs now or by migrating others away.
+"""Placement: where the next instances of a model start soonest, with free GPUs now or by freeing others.
 
-For each server the optimizer takes the cheaper of two options (ServerlessLLM's locality-aware scheduler):
-A, free GPUs now, costing the load time from the server's fastest tier behind its loading queue; and B, when
-the server lacks free GPUs, moving some of its running instances to other servers (each costs its own load
-there plus KV recomputation) and loading here meanwhile. B's startup is
-``max(load here, migrations done + host-to-GPU copy)``: staging the checkpoint into host memory overlaps the
-migrations, but the last copy needs the GPUs the migrated instances leave. B never beats A on the same server
-(same load, later start), so B is only evaluated for servers without enough free GPUs, and only while its
-lower bound (the load alone) can still enter the ranking.
+Every server gets its options priced on one timeline (see ``estimators``): A, free GPUs now, costing the load
+from the server's fastest tier behind its loading queue; and, when the server lacks free GPUs, ways to free
+them: stopping instances that are only kept alive (idle), waiting for requests whose remaining tokens are
+known, one migration, or several. Each way frees the GPUs at some time F; the load then either starts once
+they are free (``max(queue, F) + transfer``) or, when the plan stages the checkpoint into host memory first
+(DRAM room permitting), overlaps them (``max(queue + staging, F) + host-to-GPU copy``). Options are compared
+on startup latency plus the harm to running work (the pause each migrated request sees at handover); the
+candidate reports the breakdown. None of these beats A's load on the same server, so the others are priced
+only while that lower bound can still enter the ranking.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from service.placement.estimators import (
     ServerStatic,
     checkpoint_bytes,
     derived_recompute_cost,
+    migration_timeline,
     recompute_cost,
+    remaining_s,
     shard_bytes,
 )
 from service.planning.catalog import Catalog
@@ -111,6 +114,7 @@ class PlannedMigration(_Out):
     recompute_s: float
     recompute_source: str
     finish_s: float
+    pause_s: float = Field(default=0.0, description="interruption the migrated request sees at handover")
 
 
 class Candidate(_Out):
@@ -124,6 +128,18 @@ class Candidate(_Out):
     load: LoadBreakdown
     migration_s: float = Field(description="when the migrations free the GPUs (0 without migration)")
     migrations: list[PlannedMigration]
+    option: str = Field(
+        default="free", description="free | stop-idle | wait | migrate | migrate-several, with -staged when staging"
+    )
+    gpus_free_s: float = Field(default=0.0, description="when the GPUs the instance needs are free")
+    staged_from: TierKind | None = Field(
+        default=None, description="the checkpoint is first read into host memory from this tier"
+    )
+    staging_s: float = Field(default=0.0, description="time of that read (behind the loading queue)")
+    harm_s: float = Field(default=0.0, description="pause the migrated requests see at handover, summed")
+    score_s: float = Field(default=0.0, description="what the ranking compares: startup latency plus harm")
+    stopped_instances: list[str] = Field(default_factory=list, description="idle instances stopped for the GPUs")
+    awaited_instances: list[str] = Field(default_factory=list, description="instances whose requests finish first")
 
 
 class Exclusion(_Out):
@@ -155,15 +171,34 @@ class PlacementOption:
     gpu_ids: list[int]
     load: LoadEstimate
     migrations: tuple[MigrationEstimate, ...] = ()
+    gpus_free_s: float = 0.0
+    staged_from: TierKind | None = None
+    staging_s: float = 0.0
+    harm_s: float = 0.0
+    stopped: tuple[str, ...] = ()
+    awaited: tuple[str, ...] = ()
+    kind: str = "free"
+    score_s: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.score_s < 0:
+            self.score_s = self.startup_s + self.harm_s
 
     @property
     def migration_s(self) -> float:
         """When the migrations free the GPUs (0 without migration)."""
         return max((m.finish_s for m in self.migrations), default=0.0)
 
-    def sort_key(self) -> tuple[float, int, str]:
-        """Soonest start first, then fewer migrations, then server name (deterministic ties)."""
-        return (self.startup_s, len(self.migrations), self.server)
+    @property
+    def loader_busy_s(self) -> float:
+        """When the server's loader is free again after this option's load."""
+        if self.staged_from is not None:
+            return self.load.queue_wait_s + self.staging_s
+        return max(self.load.queue_wait_s, self.gpus_free_s) + self.load.transfer_s
+
+    def sort_key(self) -> tuple[float, int, int, str]:
+        """Lowest score first, then fewer migrations, fewer stopped instances, then server name."""
+        return (self.score_s, len(self.migrations), len(self.stopped), self.server)
 
     def to_candidate(self) -> Candidate:
         """The output model of this option."""
@@ -187,9 +222,18 @@ class PlacementOption:
                     recompute_s=m.recompute_s,
                     recompute_source=m.recompute_source,
                     finish_s=m.finish_s,
+                    pause_s=m.pause_s,
                 )
                 for m in self.migrations
             ],
+            option=self.kind,
+            gpus_free_s=self.gpus_free_s,
+            staged_from=self.staged_from,
+            staging_s=self.staging_s,
+            harm_s=self.harm_s,
+            score_s=self.score_s,
+            stopped_instances=list(self.stopped),
+            awaited_instances=list(self.awaited),
         )
 
 
@@ -346,51 +390,39 @@ def resolve_need(request: PlacementRequest, *, model: ModelSpec) -> InstanceNeed
     )
 
 
-def _migration_option(
+@dataclass(frozen=True, slots=True)
+class _Release:
+    """One way to free GPUs on a busy server: what it does and when the GPUs are free."""
+
+    kind: str
+    gpus_free_s: float
+    gpu_ids: tuple[int, ...]
+    migrations: tuple[MigrationEstimate, ...] = ()
+    awaited: tuple[str, ...] = ()
+    harm_s: float = 0.0
+    stopped: tuple[str, ...] = ()
+
+
+def _moves(
     view: ClusterView,
     ctx: PlacementContext,
     st: ServerStatic,
-    gpu_type: str,
-    free: list[int],
-    load: LoadEstimate,
-    need: InstanceNeed,
-) -> PlacementOption | str:
-    """Option B on one server: move instances away until enough GPUs are free; a reason when impossible."""
-    held = view.reserved.get(st.name, set())
-    movable: list[MovableInstance] = []
-    for inst in st.instances:
-        if inst.id in view.moved or view.static.gpu_type_of_instance[inst.id] != gpu_type:
-            continue
-        if held and not held.isdisjoint(inst.gpu_ids):
-            continue
-        priced = ctx.movable(view, inst=inst)
-        if priced is not None:
-            movable.append(priced)
-    have = len(free)
-    freeable = sum(m.need.gpus for m in movable)
-    if have + freeable < need.gpus:
-        return (
-            f"needs {need.gpus} free {gpu_type} GPUs, has {have}; moving its {len(movable)} movable "
-            f"instances would free only {freeable} more"
-        )
-    # Cheapest unconstrained destination of each instance orders the greedy choice.
-    ranked: list[tuple[float, MovableInstance]] = []
-    for m in movable:
-        for total_s, dest, _, _ in ctx.destinations_for(view, need=m.need):
-            if dest != st.name:
-                tokens = m.instance.input_tokens + m.instance.generated_tokens
-                ranked.append((total_s + m.recompute.time_s(tokens), m))
-                break
-    ranked.sort(key=lambda item: (item[0], item[1].instance.id))
+    movables: Sequence[MovableInstance],
+    *,
+    short: int,
+) -> tuple[MigrationEstimate, ...] | None:
+    """Migrate ``movables`` in order, each to its soonest destination with room, until ``short`` GPUs are freed;
+    None when the destinations run out. Loads sent to one destination queue behind each other."""
     used: dict[str, int] = {}
     extra_wait_s: dict[str, float] = {}
     chosen: list[MigrationEstimate] = []
-    freed: list[int] = []
-    for _, m in ranked:
-        if have + len(freed) >= need.gpus:
+    freed = 0
+    for m in movables:
+        if freed >= short:
             break
+        assert m.need.gpu_type is not None
         for _, dest, tier, transfer_s in ctx.destinations_for(view, need=m.need):
-            room = view.free[dest][gpu_type]
+            room = view.free[dest][m.need.gpu_type]
             start = used.get(dest, 0)
             if dest == st.name or len(room) - start < m.need.gpus:
                 continue
@@ -399,7 +431,7 @@ def _migration_option(
                 dest_load = replace(dest_load, queue_wait_s=dest_load.queue_wait_s + extra_wait_s[dest])
             used[dest] = start + m.need.gpus
             extra_wait_s[dest] = extra_wait_s.get(dest, 0.0) + dest_load.transfer_s
-            tokens = m.instance.input_tokens + m.instance.generated_tokens
+            timeline = migration_timeline(m.instance, dest_load_s=dest_load.total_s, recompute=m.recompute)
             chosen.append(
                 MigrationEstimate(
                     instance_id=m.instance.id,
@@ -408,21 +440,176 @@ def _migration_option(
                     to_server=dest,
                     to_gpu_ids=tuple(room[start : start + m.need.gpus]),
                     load=dest_load,
-                    tokens=tokens,
-                    recompute_s=m.recompute.time_s(tokens),
+                    tokens=timeline.tokens,
+                    recompute_s=timeline.recompute_s,
                     recompute_source=m.recompute.source,
+                    pause_s=timeline.pause_s,
+                    gpus_free_s=timeline.gpus_free_s,
                 )
             )
-            freed.extend(m.instance.gpu_ids)
+            freed += len(m.instance.gpu_ids)
             break
-    if have + len(freed) < need.gpus:
-        return (
-            f"needs {need.gpus} free {gpu_type} GPUs, has {have}; other servers lack room for enough of its instances"
+        else:
+            return None
+    return tuple(chosen) if freed >= short else None
+
+
+def _solo_cost_s(view: ClusterView, ctx: PlacementContext, st: ServerStatic, m: MovableInstance) -> float:
+    """When moving this instance alone frees its GPUs (plus its pause when ranking on harm)."""
+    moves = _moves(view, ctx, st, [m], short=1)
+    if moves is None:
+        return float("inf")
+    harm = moves[0].pause_s if view.options.harm_aware else 0.0
+    return moves[0].finish_s + harm
+
+
+def _releases(
+    view: ClusterView,
+    ctx: PlacementContext,
+    st: ServerStatic,
+    gpu_type: str,
+    free: list[int],
+    need: InstanceNeed,
+) -> list[_Release] | str:
+    """Ways to free enough GPUs on a server that lacks them (stop idle, wait, one migration, several); a reason
+    when there is none."""
+    held = view.reserved.get(st.name, set())
+    idle: list[RunningInstance] = []
+    waitable: list[tuple[float, RunningInstance]] = []
+    movable: list[MovableInstance] = []
+    for inst in st.instances:
+        if inst.id in view.moved or view.static.gpu_type_of_instance[inst.id] != gpu_type:
+            continue
+        if held and not held.isdisjoint(inst.gpu_ids):
+            continue
+        if inst.idle_since_s is not None:
+            idle.append(inst)
+            continue
+        left_s = remaining_s(inst)
+        if left_s is not None:
+            waitable.append((left_s, inst))
+        priced = ctx.movable(view, inst=inst)
+        if priced is not None:
+            movable.append(priced)
+    # Idle instances go first (longest idle first): stopping them costs no running work anything.
+    idle.sort(key=lambda i: (i.idle_since_s or 0.0, i.id))
+    ids = list(free)
+    stopped: list[str] = []
+    for inst in idle:
+        if len(ids) >= need.gpus:
+            break
+        stopped.append(inst.id)
+        ids.extend(inst.gpu_ids)
+    view_stops = tuple(stopped)
+    if len(ids) >= need.gpus:
+        return [_Release("stop-idle", 0.0, tuple(ids), stopped=view_stops)]
+    short = need.gpus - len(ids)
+    out: list[_Release] = []
+    waitable.sort(key=lambda item: (item[0], item[1].id))
+    awaited: list[str] = []
+    waited_ids = list(ids)
+    for left_s, inst in waitable:
+        awaited.append(inst.id)
+        waited_ids.extend(inst.gpu_ids)
+        if len(waited_ids) >= need.gpus:
+            out.append(_Release("wait", left_s, tuple(waited_ids), awaited=tuple(awaited)))
+            break
+    limit = view.options.max_migrations
+    harm_aware = view.options.harm_aware
+    by_id = {m.instance.id: m for m in movable}
+    if limit is None or limit >= 1:
+        solo = sorted((_solo_cost_s(view, ctx, st, m), m.instance.id) for m in movable)
+        singles = [(cost, iid) for cost, iid in solo if cost < float("inf") and by_id[iid].need.gpus >= short]
+        if singles:
+            moves = _moves(view, ctx, st, [by_id[singles[0][1]]], short=short)
+            if moves is not None:
+                out.append(_release_of("migrate", ids, moves, by_id, harm_aware=harm_aware))
+        if (limit is None or limit > 1) and len(movable) > 1:
+            # Cheapest GPUs first: a large instance that moves as fast as a small one frees more.
+            ranked = sorted(movable, key=lambda m: (_solo_cost_s(view, ctx, st, m) / m.need.gpus, m.instance.id))
+            moves = _moves(view, ctx, st, ranked, short=short)
+            if moves is not None and len(moves) > 1 and (limit is None or len(moves) <= limit):
+                out.append(_release_of("migrate-several", ids, moves, by_id, harm_aware=harm_aware))
+    if not out:
+        freeable = sum(m.need.gpus for m in movable)
+        if len(ids) + freeable < need.gpus:
+            return (
+                f"needs {need.gpus} free {gpu_type} GPUs, has {len(free)}; stopping {len(view_stops)} idle and "
+                f"moving its {len(movable)} movable instances would free only {len(ids) - len(free) + freeable} more"
+            )
+        what = "more than one migration" if limit is not None and limit < 2 else "other servers lack room"
+        return f"needs {need.gpus} free {gpu_type} GPUs, has {len(free)}; freeing them needs {what}"
+    return [replace(r, stopped=view_stops) for r in out]
+
+
+def _release_of(
+    kind: str,
+    ids: list[int],
+    moves: tuple[MigrationEstimate, ...],
+    by_id: dict[str, MovableInstance],
+    *,
+    harm_aware: bool,
+) -> _Release:
+    freed = [g for m in moves for g in by_id[m.instance_id].instance.gpu_ids]
+    free_s = max(m.finish_s for m in moves)
+    harm = sum(m.pause_s for m in moves) if harm_aware else 0.0
+    return _Release(kind, free_s, (*ids, *sorted(freed)), migrations=moves, harm_s=harm)
+
+
+def _freeing_options(
+    view: ClusterView,
+    ctx: PlacementContext,
+    st: ServerStatic,
+    gpu_type: str,
+    free: list[int],
+    load: LoadEstimate,
+    need: InstanceNeed,
+) -> list[PlacementOption] | str:
+    """Options on a server without enough free GPUs: each way to free them, loading directly once they are free
+    or staging the checkpoint into host memory meanwhile, whichever starts sooner."""
+    releases = _releases(view, ctx, st, gpu_type, free, need)
+    if isinstance(releases, str):
+        return releases
+    staging = (
+        view.staging(st.name, checkpoint=need.checkpoint, checkpoint_bytes=need.checkpoint_bytes)
+        if view.options.allow_staging
+        else None
+    )
+    gpu_stage_s = view.gpu_stage_s(st.name, shard_bytes=need.shard_bytes)
+    options: list[PlacementOption] = []
+    for r in releases:
+        q = load.queue_wait_s
+        startup_s = max(q, r.gpus_free_s) + load.transfer_s
+        chosen_load, staged_from, staging_s, kind = load, None, 0.0, r.kind
+        if staging is not None and r.gpus_free_s > q:
+            staged_s = max(q + staging[0], r.gpus_free_s) + gpu_stage_s
+            if staged_s < startup_s:
+                startup_s, staged_from, staging_s, kind = staged_s, staging[1], staging[0], f"{r.kind}-staged"
+                chosen_load = replace(
+                    load,
+                    tier=staging[1],
+                    transfer_s=gpu_stage_s,
+                    bandwidth_bytes_per_s=need.checkpoint_bytes / max(staging[0], 1e-12),
+                )
+        gpu_ids = sorted(r.gpu_ids[: need.gpus])
+        options.append(
+            PlacementOption(
+                startup_s,
+                st.name,
+                gpu_type,
+                gpu_ids,
+                chosen_load,
+                r.migrations,
+                gpus_free_s=r.gpus_free_s,
+                staged_from=staged_from,
+                staging_s=staging_s,
+                harm_s=r.harm_s,
+                stopped=r.stopped,
+                awaited=r.awaited,
+                kind=kind,
+            )
         )
-    gpu_ids = sorted([*free, *sorted(freed)][: need.gpus])
-    migration_s = max(m.finish_s for m in chosen)
-    startup_s = max(load.total_s, migration_s + view.gpu_stage_s(st.name, shard_bytes=need.shard_bytes))
-    return PlacementOption(startup_s, st.name, gpu_type, gpu_ids, load, tuple(chosen))
+    return options
 
 
 def rank_options(
@@ -476,20 +663,21 @@ def rank_options(
     options.sort(key=PlacementOption.sort_key)
     deferred.sort(key=lambda item: (item[0], item[1].name))
     for lower_bound_s, st, gpu_type, free, load in deferred:
-        bound_s = options[keep - 1].startup_s if len(options) >= keep else float("inf")
+        bound_s = options[keep - 1].score_s if len(options) >= keep else float("inf")
         if lower_bound_s >= bound_s:
-            # Option B starts no earlier than its load; the ranking is already full of faster options.
+            # Freeing GPUs starts no earlier than the load; the ranking is already full of better options.
             reasons.setdefault(st.name, []).append(
-                f"needs {need.gpus} free {gpu_type} GPUs, has {len(free)}; with migration it would start no "
+                f"needs {need.gpus} free {gpu_type} GPUs, has {len(free)}; freeing them it would start no "
                 f"sooner than {lower_bound_s:.2f} s, slower than the {keep} best options"
             )
             continue
-        option = _migration_option(view, ctx, st, gpu_type, free, load, need)
-        if isinstance(option, str):
-            reasons.setdefault(st.name, []).append(option)
+        priced = _freeing_options(view, ctx, st, gpu_type, free, load, need)
+        if isinstance(priced, str):
+            reasons.setdefault(st.name, []).append(priced)
             continue
         hosted.add(st.name)
-        options.append(option)
+        # One option per server in the ranking: its best way to free the GPUs.
+        options.append(min(priced, key=PlacementOption.sort_key))
         options.sort(key=PlacementOption.sort_key)
     excluded = [Exclusion(server=name, reason="; ".join(r)) for name, r in reasons.items() if name not in hosted]
     return options[:keep], excluded
@@ -498,7 +686,9 @@ def rank_options(
 def commit_option(view: ClusterView, *, option: PlacementOption) -> None:
     """Apply a chosen option to the working view: GPUs taken, loads queued, instances moved."""
     view.take(option.server, gpu_ids=option.gpu_ids)
-    view.enqueue(option.server, load=option.load)
+    view.enqueue(option.server, load=option.load, loader_busy_s=option.loader_busy_s)
+    view.moved.update(option.stopped)
+    view.moved.update(option.awaited)
     for m in option.migrations:
         view.take(m.to_server, gpu_ids=list(m.to_gpu_ids))
         view.enqueue(m.to_server, load=m.load)
@@ -598,6 +788,9 @@ def hold_decision(
         load: LoadBreakdown,
         movable: Iterable[int],
         migrating_instance: str | None = None,
+        *,
+        starts_in_s: float = 0.0,
+        staged: bool = False,
     ) -> None:
         """Reserve the GPUs for the checkpoint (a new reservation) and queue its load on the server."""
         if server not in servers:
@@ -615,6 +808,8 @@ def hold_decision(
             remaining_bytes=load.checkpoint_bytes,
             bandwidth_bytes_per_s=load.bandwidth_bytes_per_s,
             reservation_id=rid,
+            starts_in_s=starts_in_s,
+            staged=staged,
         )
         reservation = Reservation(
             id=rid,
@@ -634,7 +829,27 @@ def hold_decision(
                 raise ClusterError(f"instance {m.instance_id!r} is no longer on {placement.server!r}; place again")
             leaving.extend(inst.gpu_ids)
             hold(m.to_server, m.to_gpu_ids, m.checkpoint, m.load, (), migrating_instance=m.instance_id)
-        hold(placement.server, placement.gpu_ids, decision.checkpoint, placement.load, leaving)
+        for iid in (*placement.stopped_instances, *placement.awaited_instances):
+            inst = instances.get(iid)
+            if inst is None or inst.server != placement.server:
+                raise ClusterError(f"instance {iid!r} is no longer on {placement.server!r}; place again")
+            leaving.extend(inst.gpu_ids)
+        staged = placement.staged_from is not None
+        if staged:
+            load = placement.load.model_copy(
+                update={"bandwidth_bytes_per_s": placement.load.checkpoint_bytes / max(placement.staging_s, 1e-9)}
+            )
+        else:
+            load = placement.load
+        hold(
+            placement.server,
+            placement.gpu_ids,
+            decision.checkpoint,
+            load,
+            leaving,
+            starts_in_s=0.0 if staged else placement.gpus_free_s,
+            staged=staged,
+        )
     return new
 
 

@@ -1,24 +1,34 @@
-"""Trace replay: a simulated GPU cluster serving cold starts, the same seeded trace under several placement policies.
+"""Trace replay: a simulated GPU cluster serving requests with cold starts, the same seeded trace under several
+placement policies, each seeing exactly the same cluster state.
 
-The simulated truth: each server loads one checkpoint at a time (its loading queue), from the tier the placer
-chose (or, when that copy is gone, the fastest local one), as a pipeline whose slowest stage sets the pace
-(host-to-GPU per GPU; SSD read; download = the smaller of the server's link and an even share of the remote
-store among the downloads running when it starts). True bandwidths differ from the
-nominal ones the cluster file states (PCIe and network run below line rate, some SSDs are degraded). Loads
-cache the checkpoint in DRAM (and on SSD after a download), evicting least recently used checkpoints. A live
-migration loads the instance on its destination, then recomputes its KV cache (a * tokens + b from the
-planning core's prefill cost) and hands its GPUs over.
+Requests for checkpoints (Zipf popularity) arrive as a Poisson process. A request goes to a warm instance of
+its checkpoint with room (up to ``max_requests_per_instance`` at once), or joins one that is loading; otherwise
+it is a cold start and the policy places a new instance. An instance that has served its last request stays
+alive, idle, for its keep-alive, and a policy may stop an idle instance to use its GPUs.
 
-The placer sees the cluster as of its last sync (every ``sync_interval_s``): a decision made on a stale view
-can pick GPUs that are already gone, and the request then waits for the next sync. Policies:
+The simulated truth runs on the same timeline the estimators use (``estimators``): each server loads one
+checkpoint at a time from the fastest tier holding it when the load starts; a load whose GPUs are still in use
+(freed by a migration) starts once they are free, unless the plan staged the checkpoint into DRAM first; a live
+migration loads the instance on its destination, recomputes its KV cache in two rounds
+(``estimators.migration_timeline``) and hands its GPUs over, or frees them when its requests finish first.
+Loads cache the checkpoint in DRAM (and on SSD after a download), evicting the least recently used.
+Scenarios: ``stated``, the bandwidths the cluster file states are the true ones and every server has its own
+link to the remote store; ``degraded``, PCIe and network run below line rate, a quarter of the SSDs read at a
+quarter to half their rate, and all downloads share the store. Every policy learns bandwidths from the same
+reported loads; estimate and outcome differ only by what no policy knows (future arrivals, when requests end).
 
-- any-free: a random server with enough free GPUs, its first free GPUs;
-- serverlessllm: locality- and queue-aware choice with migration, nominal bandwidths, no link sharing, no
-  reservation (ServerlessLLM's estimator);
-- ours: the optimizer with learned bandwidths (from reported loads), remote-link sharing, and a reservation
-  after every decision so that decisions between syncs do not collide.
+Policies:
 
-Every policy replays the same arrivals, models, lifetimes and server bandwidths (common random numbers).
+- any-free: a random server with enough free GPUs (else the least-loaded one, stopping idle instances);
+- locality-blind: the server with the shortest loading queue, ignoring where checkpoints are cached;
+- serverlessllm: ServerlessLLM's scheduler: loading queue and fastest tier per server, at most one live
+  migration, no staging, ranked on startup latency alone;
+- ours: the optimizer (any number of migrations, staging, link sharing, ranked on startup plus harm);
+- ours+prewarm: the optimizer, with prewarming advice applied every ``prewarm_interval_s`` (copies run on the
+  servers' loaders like any load) and its keep-alive per checkpoint.
+
+GPU-seconds count every GPU from the moment a policy takes it (for a load, a migration or a warm instance) to
+the moment it is released, idle keep-alive included.
 """
 
 from __future__ import annotations
@@ -39,7 +49,6 @@ from service.placement.cluster import (
     Learned,
     LoadFinished,
     LoadingTask,
-    MigrationFinished,
     RunningInstance,
     Server,
     StorageTier,
@@ -47,14 +56,15 @@ from service.placement.cluster import (
     apply_events,
 )
 from service.placement.estimators import (
-    ClusterView,
     EstimatorOptions,
     RecomputeCost,
     checkpoint_bytes,
     derived_recompute_cost,
+    migration_timeline,
     shard_bytes,
 )
-from service.placement.optimizer import Candidate, PlacementOption, PlacementRequest, place, reserve
+from service.placement.optimizer import Candidate, PlacementRequest, place
+from service.placement.prewarm import ModelDemand, PrewarmAdvice, PrewarmRequest, advise_prewarm
 from service.planning.catalog import Catalog
 from service.planning.specs import DType, ModelSpec, PlanningError
 
@@ -80,8 +90,22 @@ class Policy(StrEnum):
     """Placement policies the replay compares."""
 
     ANY_FREE = "any-free"
+    LOCALITY_BLIND = "locality-blind"
     SERVERLESSLLM = "serverlessllm"
     OURS = "ours"
+    OURS_PREWARM = "ours+prewarm"
+
+
+class Scenario(StrEnum):
+    """How the true bandwidths relate to the stated ones."""
+
+    STATED = "stated"
+    DEGRADED = "degraded"
+
+
+SERVERLESSLLM_OPTIONS = EstimatorOptions(
+    use_learned=True, share_remote_link=False, max_migrations=1, allow_staging=False, harm_aware=False
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +113,7 @@ class ReplayConfig:
     """The simulated cluster and trace."""
 
     seed: int = 0
+    scenario: Scenario = Scenario.STATED
     servers: int = 16
     gpus_per_server: int = 8
     gpu_type: str = "h100-sxm"
@@ -98,43 +123,48 @@ class ReplayConfig:
     pcie_bytes_per_s: float = 25e9
     ssd_read_bytes_per_s: float = 6e9
     network_gbit_per_s: tuple[float, ...] = (10.0, 25.0)
+    # The shared store of the degraded scenario; in the stated one it serves every link at full rate.
     remote_store_bytes_per_s: float = 12.5e9
-    # Fine-tuned variants per catalog model: each is its own checkpoint with the base model's size.
-    variants_per_model: int = 16
+    checkpoints: int = 64
     zipf_exponent: float = 1.1
     # Share of each SSD filled with (popularity-weighted) checkpoints before the trace starts.
     initial_ssd_fill: float = 0.5
-    cold_starts: int = 1000
-    mean_lifetime_s: float = 300.0
-    # Target share of GPUs busy; sets the Poisson arrival rate.
-    utilization: float = 0.7
+    rate_per_s: float = 2.0
+    duration_s: float = 3600.0
     median_input_tokens: float = 1000.0
+    median_output_tokens: float = 300.0
     generated_tokens_per_s: float = 30.0
-    sync_interval_s: float = 1.0
-    reservation_ttl_s: float = 60.0
-    # Share of servers whose SSD reads well below its datasheet rate (worn or shared disks).
+    max_requests_per_instance: int = 4
+    keep_alive_s: float = 60.0
+    prewarm_interval_s: float = 300.0
+    prewarm_copy_s_per_server: float = 20.0
+    prewarm_min_keep_alive_s: float = 60.0
+    # Share of servers whose SSD reads well below its datasheet rate in the degraded scenario.
     degraded_ssd_share: float = 0.25
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyResult:
-    """Startup latencies of one policy over the trace."""
+    """Startup latencies (every request; 0 for a warm one) and costs of one policy over the trace."""
 
     policy: Policy
     startup_s: tuple[float, ...]
+    cold_starts: int
     tiers: dict[str, int]
     migrations: int
-    conflicts: int
-    waited: int
+    staged: int
+    stopped_idle: int
+    gpu_seconds: float
+    estimate_error_s: float
 
     @property
     def mean_s(self) -> float:
         """Mean startup latency."""
-        return float(np.mean(self.startup_s))
+        return float(np.mean(self.startup_s)) if self.startup_s else 0.0
 
     def percentile_s(self, q: float) -> float:
         """Startup latency percentile (0-100)."""
-        return float(np.percentile(self.startup_s, q))
+        return float(np.percentile(self.startup_s, q)) if self.startup_s else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,15 +181,16 @@ class ReplayResult:
     def markdown(self) -> str:
         """A markdown table of the policies side by side."""
         lines = [
-            "| policy | mean startup (s) | p50 (s) | p99 (s) | dram / ssd / remote loads | migrations | stale-view "
-            "conflicts | waited for GPUs |",
-            "|---|---:|---:|---:|---|---:|---:|---:|",
+            "| policy | requests | cold starts | mean startup (s) | p50 (s) | p99 (s) | GPU-hours | "
+            "dram / ssd / remote loads | migrations | staged | idle stopped | mean abs. estimate error (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         ]
         for r in self.results:
             tiers = " / ".join(str(r.tiers.get(t.value, 0)) for t in TierKind)
             lines.append(
-                f"| {r.policy.value} | {r.mean_s:.2f} | {r.percentile_s(50):.2f} | {r.percentile_s(99):.2f} | "
-                f"{tiers} | {r.migrations} | {r.conflicts} | {r.waited} |"
+                f"| {r.policy.value} | {len(r.startup_s)} | {r.cold_starts} | {r.mean_s:.2f} | "
+                f"{r.percentile_s(50):.2f} | {r.percentile_s(99):.2f} | {r.gpu_seconds / 3600:.1f} | {tiers} | "
+                f"{r.migrations} | {r.staged} | {r.stopped_idle} | {r.estimate_error_s:.2f} |"
             )
         return "\n".join(lines)
 
@@ -171,21 +202,6 @@ class _Checkpoint:
     tp: int
     size_bytes: float
     shard_bytes: float
-
-    def running(
-        self, instance_id: str, *, server: str, gpu_ids: list[int], input_tokens: int, generated_tokens: int
-    ) -> RunningInstance:
-        """An instance of this checkpoint as the cluster lists it."""
-        return RunningInstance(
-            id=instance_id,
-            model=self.model.name,
-            checkpoint=self.name,
-            server=server,
-            gpu_ids=gpu_ids,
-            tp=self.tp,
-            input_tokens=input_tokens,
-            generated_tokens=generated_tokens,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +223,9 @@ class _Trace:
     initial_ssd: tuple[tuple[int, ...], ...]
     arrival_s: np.ndarray
     checkpoint_index: np.ndarray
-    lifetime_s: np.ndarray
     input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    remote_store_bytes_per_s: float
 
 
 def _server(
@@ -220,7 +237,7 @@ def _server(
     ssd: list[str],
     queue: list[LoadingTask],
 ) -> Server:
-    """A simulated server as the cluster lists it: nominal bandwidths, the given busy GPUs, cache and queue."""
+    """A simulated server as the cluster lists it: stated bandwidths, the given busy GPUs, cache and queue."""
     return Server(
         name=truth.name,
         gpus=[Gpu(id=g, type=config.gpu_type, busy=g in busy) for g in range(config.gpus_per_server)],
@@ -246,34 +263,37 @@ def _server(
 
 def _checkpoints(config: ReplayConfig, catalog: Catalog) -> tuple[_Checkpoint, ...]:
     out = []
-    for name, tp in REPLAY_MODELS:
+    for i in range(config.checkpoints):
+        name, tp = REPLAY_MODELS[i % len(REPLAY_MODELS)]
         model = catalog.model(name)
         size = checkpoint_bytes(model, weight_dtype=DType.BF16)
         shard = shard_bytes(model, weight_dtype=DType.BF16, tp=tp)
-        for v in range(config.variants_per_model):
-            out.append(_Checkpoint(f"{name}@ft{v}", model, tp, size, shard))
+        out.append(_Checkpoint(f"{name}@ft{i // len(REPLAY_MODELS)}", model, tp, size, shard))
     return tuple(out)
 
 
 def make_trace(config: ReplayConfig, *, catalog: Catalog) -> _Trace:
-    """Draw the servers' true bandwidths, initial caches and the cold-start arrivals for a seed."""
+    """Draw the servers' true bandwidths, initial caches and the requests for a seed."""
     rng = np.random.default_rng(config.seed)
     checkpoints = _checkpoints(config, catalog)
     ranks = rng.permutation(len(checkpoints)) + 1
     popularity = 1.0 / ranks.astype(np.float64) ** config.zipf_exponent
     popularity /= popularity.sum()
+    degraded = config.scenario is Scenario.DEGRADED
     servers = []
     for i in range(config.servers):
         network = float(rng.choice(config.network_gbit_per_s)) * GBIT
-        degraded = rng.random() < config.degraded_ssd_share
-        ssd_factor = rng.uniform(0.25, 0.5) if degraded else rng.uniform(0.85, 1.0)
+        slow_ssd = rng.random() < config.degraded_ssd_share
+        ssd_factor = rng.uniform(0.25, 0.5) if slow_ssd else rng.uniform(0.85, 1.0)
+        pcie_factor = rng.uniform(0.8, 0.95)
+        net_factor = rng.uniform(0.6, 0.95)
         servers.append(
             _ServerTruth(
                 name=f"node-{i:02d}",
                 network_bytes_per_s=network,
-                true_pcie_bytes_per_s=config.pcie_bytes_per_s * rng.uniform(0.8, 0.95),
-                true_ssd_bytes_per_s=config.ssd_read_bytes_per_s * ssd_factor,
-                true_network_bytes_per_s=network * rng.uniform(0.6, 0.95),
+                true_pcie_bytes_per_s=config.pcie_bytes_per_s * (pcie_factor if degraded else 1.0),
+                true_ssd_bytes_per_s=config.ssd_read_bytes_per_s * (ssd_factor if degraded else 1.0),
+                true_network_bytes_per_s=network * (net_factor if degraded else 1.0),
             )
         )
     initial: list[tuple[int, ...]] = []
@@ -283,31 +303,31 @@ def make_trace(config: ReplayConfig, *, catalog: Catalog) -> _Trace:
         for idx in order:
             size = checkpoints[int(idx)].size_bytes
             if used + size > config.initial_ssd_fill * config.ssd_bytes:
-                break
+                continue
             held.append(int(idx))
             used += size
         initial.append(tuple(held))
-    mean_gpus = float(sum(p * c.tp for p, c in zip(popularity, checkpoints, strict=True)))
-    total_gpus = config.servers * config.gpus_per_server
-    rate_per_s = config.utilization * total_gpus / (mean_gpus * config.mean_lifetime_s)
-    gaps = rng.exponential(1.0 / rate_per_s, size=config.cold_starts)
-    chosen = rng.choice(len(checkpoints), size=config.cold_starts, p=popularity)
-    lifetimes = rng.exponential(config.mean_lifetime_s, size=config.cold_starts)
-    inputs = np.clip(rng.lognormal(math.log(config.median_input_tokens), 0.8, size=config.cold_starts), 16, 16000)
+    count = int(rng.poisson(config.rate_per_s * config.duration_s))
+    arrivals = np.sort(rng.uniform(0.0, config.duration_s, size=count))
+    chosen = rng.choice(len(checkpoints), size=count, p=popularity)
+    inputs = np.clip(rng.lognormal(math.log(config.median_input_tokens), 0.8, size=count), 16, 16000)
+    outputs = np.clip(rng.lognormal(math.log(config.median_output_tokens), 0.8, size=count), 16, 4000)
+    store = config.remote_store_bytes_per_s if degraded else sum(s.network_bytes_per_s for s in servers)
     return _Trace(
         checkpoints=checkpoints,
         popularity=popularity,
         servers=tuple(servers),
         initial_ssd=tuple(initial),
-        arrival_s=np.cumsum(gaps),
+        arrival_s=arrivals,
         checkpoint_index=chosen,
-        lifetime_s=lifetimes,
         input_tokens=inputs.astype(np.int64),
+        output_tokens=outputs.astype(np.int64),
+        remote_store_bytes_per_s=store,
     )
 
 
 # Event kinds, in the order simultaneous events are handled.
-_LOAD_DONE, _MIGRATION_DONE, _READY, _END, _RETRY, _ARRIVAL = range(6)
+_LOAD_DONE, _FREE, _HANDOVER, _READY, _REQUEST_END, _IDLE_END, _PREWARM, _ARRIVAL = range(8)
 
 
 @dataclass(slots=True)
@@ -318,30 +338,34 @@ class _Load:
     start_s: float
     end_s: float
     gpus: int
+    staged: bool = False
+    to_ssd: bool = False
 
 
 @dataclass(slots=True)
 class _Instance:
-    request: int
+    id: int
     checkpoint: int
     server: int
     gpu_ids: list[int]
-    ready_s: float = math.inf
-    end_s: float = math.inf
+    ready_s: float
+    keep_alive_s: float
+    # Request -> (start, end) of its generation on this instance.
+    requests: dict[int, tuple[float, float, int]] = field(default_factory=dict)
     state: str = "loading"
-    input_tokens: int = 0
-    migrate_to: tuple[int, list[int]] | None = None
-    # Source GPUs a migration frees that the displacing instance does not need.
-    leftover: list[int] = field(default_factory=list)
+    idle_since_s: float | None = None
+    epoch: int = 0
 
 
 @dataclass(slots=True)
 class _Stats:
     startup_s: dict[int, float] = field(default_factory=dict)
     tiers: dict[str, int] = field(default_factory=dict)
+    cold_starts: int = 0
     migrations: int = 0
-    conflicts: int = 0
-    waited: set[int] = field(default_factory=set)
+    staged: int = 0
+    stopped_idle: int = 0
+    estimate_error_s: list[float] = field(default_factory=list)
 
 
 class _Simulation:
@@ -353,22 +377,25 @@ class _Simulation:
         self.policy = policy
         self.catalog = catalog
         self.rng = np.random.default_rng([config.seed, list(Policy).index(policy)])
-        self.gpu = catalog.gpu(config.gpu_type)
+        gpu = catalog.gpu(config.gpu_type)
         engine = catalog.engine("vllm")
         self.recompute: list[RecomputeCost] = [
             derived_recompute_cost(
                 c.model,
-                gpu=self.gpu,
+                gpu=gpu,
                 engine=engine,
-                calibration=catalog.calibration_for(self.gpu),
+                calibration=catalog.calibration_for(gpu),
                 weight_dtype=DType.BF16,
                 tp=c.tp,
             )
             for c in trace.checkpoints
         ]
-        self.index = {c.name: i for i, c in enumerate(trace.checkpoints)}
+        self.names = [c.name for c in trace.checkpoints]
         n = config.servers
         self.free: list[set[int]] = [set(range(config.gpus_per_server)) for _ in range(n)]
+        self.busy_gpus = 0
+        self.busy_since_s = 0.0
+        self.gpu_seconds = 0.0
         self.dram: list[OrderedDict[int, float]] = [OrderedDict() for _ in range(n)]
         self.ssd: list[OrderedDict[int, float]] = [
             OrderedDict((i, trace.checkpoints[i].size_bytes) for i in held) for held in trace.initial_ssd
@@ -376,21 +403,19 @@ class _Simulation:
         self.loader_free_at_s = [0.0] * n
         self.loads: list[list[_Load]] = [[] for _ in range(n)]
         self.instances: dict[int, _Instance] = {}
+        self.by_checkpoint: dict[int, set[int]] = {}
+        self.next_instance = 0
         self.events: list[tuple[float, int, int, object]] = []
         self.seq = 0
         self.pending: list[int] = []
-        self.retry_scheduled = False
         self.stats = _Stats()
         self.view: Cluster | None = None
-        self.view_built_s = -math.inf
-        self.dirty = True
+        self.view_key: tuple[float, int] = (-1.0, -1)
+        self.version = 0
         self.feedback: list[ClusterEvent] = []
         self.learning = self._cluster(0.0, learned=Learned(), with_state=False)
-        self.options = (
-            EstimatorOptions(use_learned=False, share_remote_link=False)
-            if policy is Policy.SERVERLESSLLM
-            else EstimatorOptions()
-        )
+        self.keep_alive_s: dict[int, float] = {}
+        self.options = SERVERLESSLLM_OPTIONS if policy is Policy.SERVERLESSLLM else EstimatorOptions()
 
     # Event loop ----------------------------------------------------------------------------------
 
@@ -401,84 +426,186 @@ class _Simulation:
     def run(self) -> PolicyResult:
         for r, t in enumerate(self.trace.arrival_s):
             self.push(float(t), _ARRIVAL, r)
+        if self.policy is Policy.OURS_PREWARM:
+            self.push(0.0, _PREWARM, None)
         while self.events:
             t, kind, _, payload = heapq.heappop(self.events)
+            retry = True
             if kind == _ARRIVAL:
                 assert isinstance(payload, int)
-                if not self.try_place(payload, t):
-                    self.wait(payload, t)
-            elif kind == _RETRY:
-                self.retry_scheduled = False
-                waiting, self.pending = self.pending, []
-                for r in waiting:
-                    if not self.try_place(r, t):
-                        self.pending.append(r)
-                if self.pending:
-                    self.schedule_retry(t)
+                self.arrive(payload, t)
+                retry = False
             elif kind == _LOAD_DONE:
                 assert isinstance(payload, _Load)
                 self.load_done(payload)
-            elif kind == _MIGRATION_DONE:
+                retry = False
+            elif kind == _FREE:
                 assert isinstance(payload, tuple)
-                self.migration_done(*payload)
+                self.release(payload[0], payload[1], t)
+            elif kind == _HANDOVER:
+                assert isinstance(payload, tuple)
+                self.handover(payload[0], payload[1], payload[2], t)
             elif kind == _READY:
                 assert isinstance(payload, _Instance)
-                payload.state = "running"
-                self.dirty = True
-            elif kind == _END:
-                assert isinstance(payload, _Instance)
-                self.end(payload)
+                self.ready(payload, t)
+            elif kind == _REQUEST_END:
+                assert isinstance(payload, tuple)
+                self.request_end(payload[0], payload[1], t)
+            elif kind == _IDLE_END:
+                assert isinstance(payload, tuple)
+                self.idle_end(payload[0], payload[1], t)
+            elif kind == _PREWARM:
+                self.prewarm(t)
+                retry = False
+            if retry and self.pending:
+                waiting, self.pending = self.pending, []
+                for r in waiting:
+                    if not self.serve(r, t):
+                        self.pending.append(r)
+        self.account(self.busy_since_s)
         if self.pending:
-            raise PlanningError(f"{len(self.pending)} cold starts were never placed")
+            raise PlanningError(f"{len(self.pending)} requests were never served")
         startup = tuple(self.stats.startup_s[r] for r in range(len(self.trace.arrival_s)))
+        errors = self.stats.estimate_error_s
         return PolicyResult(
             policy=self.policy,
             startup_s=startup,
+            cold_starts=self.stats.cold_starts,
             tiers=dict(self.stats.tiers),
             migrations=self.stats.migrations,
-            conflicts=self.stats.conflicts,
-            waited=len(self.stats.waited),
+            staged=self.stats.staged,
+            stopped_idle=self.stats.stopped_idle,
+            gpu_seconds=self.gpu_seconds,
+            estimate_error_s=float(np.mean(errors)) if errors else 0.0,
         )
 
-    def wait(self, request: int, time_s: float) -> None:
-        self.stats.waited.add(request)
-        self.pending.append(request)
-        self.schedule_retry(time_s)
+    # GPUs and instances ----------------------------------------------------------------------------
 
-    def schedule_retry(self, time_s: float) -> None:
-        if not self.retry_scheduled:
-            self.retry_scheduled = True
-            self.push(time_s + max(self.config.sync_interval_s, 0.5), _RETRY, None)
+    def account(self, time_s: float) -> None:
+        self.gpu_seconds += self.busy_gpus * max(0.0, time_s - self.busy_since_s)
+        self.busy_since_s = max(self.busy_since_s, time_s)
+
+    def take(self, server: int, gpu_ids: list[int], time_s: float) -> None:
+        self.account(time_s)
+        taken = self.free[server] & set(gpu_ids)
+        self.free[server] -= taken
+        self.busy_gpus += len(taken)
+        self.version += 1
+
+    def release(self, server: int, gpu_ids: list[int], time_s: float) -> None:
+        self.account(time_s)
+        back = set(gpu_ids) - self.free[server]
+        self.free[server] |= back
+        self.busy_gpus -= len(back)
+        self.version += 1
+
+    def remove(self, inst: _Instance, time_s: float) -> None:
+        self.release(inst.server, inst.gpu_ids, time_s)
+        inst.state = "gone"
+        self.instances.pop(inst.id, None)
+        self.by_checkpoint.get(inst.checkpoint, set()).discard(inst.id)
+
+    def go_idle(self, inst: _Instance, time_s: float) -> None:
+        inst.idle_since_s = time_s
+        inst.epoch += 1
+        self.push(time_s + inst.keep_alive_s, _IDLE_END, (inst, inst.epoch))
+        self.version += 1
+
+    def ready(self, inst: _Instance, time_s: float) -> None:
+        if inst.state != "loading":
+            return
+        inst.state = "warm"
+        if not inst.requests:
+            self.go_idle(inst, time_s)
+        self.version += 1
+
+    def request_end(self, inst: _Instance, request: int, time_s: float) -> None:
+        inst.requests.pop(request, None)
+        if not inst.requests and inst.state == "warm":
+            self.go_idle(inst, time_s)
+        self.version += 1
+
+    def idle_end(self, inst: _Instance, epoch: int, time_s: float) -> None:
+        if inst.state == "warm" and not inst.requests and inst.epoch == epoch:
+            self.remove(inst, time_s)
+
+    def handover(self, inst: _Instance, dest: int, gpu_ids: list[int], time_s: float) -> None:
+        if inst.state != "migrating":
+            return
+        inst.server, inst.gpu_ids, inst.state = dest, gpu_ids, "warm"
+        if not inst.requests:
+            self.go_idle(inst, time_s)
+        self.version += 1
+
+    def attach(self, inst: _Instance, request: int, time_s: float) -> None:
+        start_s = max(time_s, inst.ready_s)
+        out = int(self.trace.output_tokens[request])
+        end_s = start_s + out / self.config.generated_tokens_per_s
+        inst.requests[request] = (start_s, end_s, int(self.trace.input_tokens[request]))
+        if inst.idle_since_s is not None:
+            inst.idle_since_s = None
+            inst.epoch += 1
+        self.push(end_s, _REQUEST_END, (inst, request))
+        self.stats.startup_s[request] = start_s - float(self.trace.arrival_s[request])
+        self.version += 1
+
+    # Requests ---------------------------------------------------------------------------------------
+
+    def arrive(self, request: int, time_s: float) -> None:
+        if not self.serve(request, time_s):
+            self.pending.append(request)
+
+    def serve(self, request: int, time_s: float) -> bool:
+        checkpoint = int(self.trace.checkpoint_index[request])
+        best: _Instance | None = None
+        for iid in self.by_checkpoint.get(checkpoint, ()):
+            inst = self.instances[iid]
+            if inst.state not in ("warm", "loading") or len(inst.requests) >= self.config.max_requests_per_instance:
+                continue
+            if best is None or (inst.ready_s, inst.id) < (best.ready_s, best.id):
+                best = inst
+        if best is not None:
+            self.attach(best, request, time_s)
+            return True
+        return self.cold_start(request, time_s)
 
     # Truth ----------------------------------------------------------------------------------------
 
-    def start_load(self, server: int, checkpoint: int, time_s: float, tier: TierKind) -> _Load:
-        """Queue a load on the server's loader at its true rates, from the tier the placer chose when the
-        checkpoint is still there (else the fastest local copy, else the remote store)."""
+    def start_load(
+        self, server: int, checkpoint: int, time_s: float, *, staged: bool = False, to_ssd: bool = False
+    ) -> _Load:
+        """Queue a load on the server's loader at its true rates, from the fastest tier holding the checkpoint;
+        ``staged`` reads it into DRAM only, ``to_ssd`` downloads it onto the SSD only."""
         ckpt = self.trace.checkpoints[checkpoint]
         truth = self.trace.servers[server]
         start_s = max(time_s, self.loader_free_at_s[server])
         gpu_stage_s = ckpt.shard_bytes / truth.true_pcie_bytes_per_s
-        downloads = sum(
-            1 for loads in self.loads for ld in loads if ld.tier is TierKind.REMOTE and ld.start_s <= start_s < ld.end_s
-        )
-        share = self.config.remote_store_bytes_per_s / (downloads + 1)
-        in_dram, in_ssd = checkpoint in self.dram[server], checkpoint in self.ssd[server]
-        if (tier is TierKind.DRAM and not in_dram) or (tier is TierKind.SSD and not in_ssd):
-            tier = TierKind.DRAM if in_dram else TierKind.SSD if in_ssd else TierKind.REMOTE
-        if tier is TierKind.DRAM:
-            transfer_s = gpu_stage_s
+        dram_s = ckpt.size_bytes / self.config.dram_read_bytes_per_s
+        if checkpoint in self.dram[server] and not to_ssd:
+            tier = TierKind.DRAM
+            transfer_s = 0.0 if staged else gpu_stage_s
             self.dram[server].move_to_end(checkpoint)
-        elif tier is TierKind.SSD:
-            transfer_s = max(ckpt.size_bytes / truth.true_ssd_bytes_per_s, gpu_stage_s)
+        elif checkpoint in self.ssd[server] and not to_ssd:
+            tier = TierKind.SSD
+            read_s = ckpt.size_bytes / truth.true_ssd_bytes_per_s
+            transfer_s = max(read_s, dram_s) if staged else max(read_s, gpu_stage_s)
             self.ssd[server].move_to_end(checkpoint)
         else:
-            transfer_s = max(ckpt.size_bytes / min(truth.true_network_bytes_per_s, share), gpu_stage_s)
-        load = _Load(server, checkpoint, tier, start_s, start_s + transfer_s, ckpt.tp)
+            tier = TierKind.REMOTE
+            downloads = sum(
+                1
+                for loads in self.loads
+                for ld in loads
+                if ld.tier is TierKind.REMOTE and ld.start_s <= start_s < ld.end_s
+            )
+            share = self.trace.remote_store_bytes_per_s / (downloads + 1)
+            read_s = ckpt.size_bytes / min(truth.true_network_bytes_per_s, share)
+            transfer_s = read_s if to_ssd else max(read_s, dram_s) if staged else max(read_s, gpu_stage_s)
+        load = _Load(server, checkpoint, tier, start_s, start_s + transfer_s, ckpt.tp, staged, to_ssd)
         self.loader_free_at_s[server] = load.end_s
         self.loads[server].append(load)
         self.push(load.end_s, _LOAD_DONE, load)
-        self.dirty = True
+        self.version += 1
         return load
 
     def cache(self, tier: OrderedDict[int, float], checkpoint: int, capacity_bytes: float) -> None:
@@ -489,11 +616,14 @@ class _Simulation:
 
     def load_done(self, load: _Load) -> None:
         self.loads[load.server].remove(load)
-        self.cache(self.dram[load.server], load.checkpoint, self.config.dram_bytes)
+        if not load.to_ssd:
+            self.cache(self.dram[load.server], load.checkpoint, self.config.dram_bytes)
         if load.tier is TierKind.REMOTE:
             self.cache(self.ssd[load.server], load.checkpoint, self.config.ssd_bytes)
         ckpt = self.trace.checkpoints[load.checkpoint]
-        if self.policy is Policy.OURS:
+        duration_s = load.end_s - load.start_s
+        if duration_s > 0 and not (load.staged and load.tier is TierKind.DRAM):
+            staged = load.staged or load.to_ssd
             self.feedback.append(
                 LoadFinished(
                     type="load_finished",
@@ -501,206 +631,232 @@ class _Simulation:
                     model=ckpt.name,
                     tier=load.tier,
                     size_bytes=ckpt.size_bytes,
-                    duration_s=load.end_s - load.start_s,
-                    gpus=load.gpus,
+                    duration_s=duration_s,
+                    gpus=1 if staged else load.gpus,
                 )
             )
-        self.dirty = True
+        self.version += 1
 
-    def tokens_at(self, inst: _Instance, time_s: float) -> tuple[int, int]:
-        generated = max(0.0, time_s - inst.ready_s) * self.config.generated_tokens_per_s
-        return inst.input_tokens, int(generated)
+    def tokens(self, inst: _Instance, time_s: float) -> tuple[int, int, int]:
+        """Input tokens, tokens generated so far and requests generating, over the instance's requests."""
+        t_in = generated = active = 0
+        for start_s, end_s, inputs in inst.requests.values():
+            t_in += inputs
+            generated += int(max(0.0, min(time_s, end_s) - start_s) * self.config.generated_tokens_per_s)
+            active += 1 if start_s <= time_s < end_s else 0
+        return t_in, generated, active
 
-    def migration_done(self, inst: _Instance, dest: int, gpu_ids: list[int], tokens: int, recompute_s: float) -> None:
-        if inst.state == "ended":
-            return
-        self.free[inst.server].update(inst.leftover)
-        inst.server, inst.gpu_ids, inst.state, inst.migrate_to, inst.leftover = dest, gpu_ids, "running", None, []
-        if self.policy is Policy.OURS:
-            ckpt = self.trace.checkpoints[inst.checkpoint]
-            self.feedback.append(
-                MigrationFinished(
-                    type="migration_finished",
-                    model=ckpt.model.name,
-                    gpu=self.config.gpu_type,
-                    tp=ckpt.tp,
-                    input_tokens=inst.input_tokens,
-                    output_tokens=max(0, tokens - inst.input_tokens),
-                    duration_s=recompute_s,
-                )
-            )
-        self.dirty = True
-
-    def end(self, inst: _Instance) -> None:
-        if inst.state == "migrating" and inst.migrate_to is not None:
-            # Its source GPUs already belong to the instance that displaced it; free the destination.
-            dest, gpu_ids = inst.migrate_to
-            self.free[dest].update(gpu_ids)
-            self.free[inst.server].update(inst.leftover)
-        else:
-            self.free[inst.server].update(inst.gpu_ids)
-        inst.state = "ended"
-        self.instances.pop(inst.request, None)
-        self.dirty = True
+    def running(self, inst: _Instance, time_s: float) -> RunningInstance:
+        ckpt = self.trace.checkpoints[inst.checkpoint]
+        t_in, generated, active = self.tokens(inst, time_s)
+        return RunningInstance(
+            id=str(inst.id),
+            model=ckpt.model.name,
+            checkpoint=ckpt.name,
+            server=self.trace.servers[inst.server].name,
+            gpu_ids=sorted(inst.gpu_ids),
+            tp=ckpt.tp,
+            input_tokens=t_in,
+            generated_tokens=generated,
+            tokens_per_s=self.config.generated_tokens_per_s * active if active else None,
+            idle_since_s=inst.idle_since_s,
+        )
 
     # What the placer sees ---------------------------------------------------------------------------
 
-    def _cluster(self, time_s: float, *, learned: Learned, with_state: bool = True) -> Cluster:
+    def _cluster(self, time_s: float, *, learned: Learned, with_state: bool = True, blind: bool = False) -> Cluster:
         config = self.config
         servers = []
         for i, truth in enumerate(self.trace.servers):
             queue = []
             if with_state:
                 for ld in self.loads[i]:
-                    if ld.end_s <= time_s:
+                    if ld.end_s <= time_s or ld.end_s <= ld.start_s:
                         continue
                     size = self.trace.checkpoints[ld.checkpoint].size_bytes
                     left = (ld.end_s - max(time_s, ld.start_s)) / (ld.end_s - ld.start_s)
                     queue.append(
                         LoadingTask(
-                            model=self.trace.checkpoints[ld.checkpoint].name,
+                            model=self.names[ld.checkpoint],
                             tier=ld.tier,
                             remaining_bytes=size * left,
                             bandwidth_bytes_per_s=size / (ld.end_s - ld.start_s),
+                            starts_in_s=max(0.0, ld.start_s - time_s),
+                            staged=ld.staged or ld.to_ssd,
                         )
                     )
-            names = [c.name for c in self.trace.checkpoints]
+            cached = with_state and not blind
             servers.append(
                 _server(
                     config,
                     truth,
                     busy=set(range(config.gpus_per_server)) - self.free[i] if with_state else (),
-                    dram=[names[c] for c in self.dram[i]] if with_state else [],
-                    ssd=[names[c] for c in self.ssd[i]] if with_state else [],
+                    dram=[self.names[c] for c in self.dram[i]] if cached else [],
+                    ssd=[self.names[c] for c in self.ssd[i]] if cached else [],
                     queue=queue,
                 )
             )
         instances = []
         if with_state:
-            for inst in self.instances.values():
-                if inst.state != "running":
-                    continue
-                ckpt = self.trace.checkpoints[inst.checkpoint]
-                t_in, t_out = self.tokens_at(inst, time_s)
-                instances.append(
-                    ckpt.running(
-                        str(inst.request),
-                        server=self.trace.servers[inst.server].name,
-                        gpu_ids=sorted(inst.gpu_ids),
-                        input_tokens=t_in,
-                        generated_tokens=t_out,
-                    )
-                )
+            instances = [self.running(inst, time_s) for inst in self.instances.values() if inst.state == "warm"]
         return Cluster(
             servers=servers,
             instances=instances,
-            remote_store_bandwidth_bytes_per_s=config.remote_store_bytes_per_s,
+            remote_store_bandwidth_bytes_per_s=self.trace.remote_store_bytes_per_s,
             learned=learned,
         )
 
-    def current_view(self, time_s: float) -> Cluster:
-        interval = self.config.sync_interval_s
-        stale = self.dirty if interval <= 0 else time_s - self.view_built_s >= interval
-        if self.view is None or stale:
-            if self.feedback:
-                self.learning = apply_events(self.learning, self.feedback)
-                self.feedback = []
-            learned = self.learning.learned if self.policy is Policy.OURS else Learned()
-            self.view = self._cluster(time_s, learned=learned)
-            self.view_built_s = time_s
-            self.dirty = False
+    def current_view(self, time_s: float, *, blind: bool = False) -> Cluster:
+        if self.feedback:
+            self.learning = apply_events(self.learning, self.feedback)
+            self.feedback = []
+            self.version += 1
+        key = (time_s, self.version + (1 << 40 if blind else 0))
+        if self.view is None or key != self.view_key:
+            self.view = self._cluster(time_s, learned=self.learning.learned, blind=blind)
+            self.view_key = key
         return self.view
 
     # Decisions ------------------------------------------------------------------------------------
 
-    def choose(self, request: int, time_s: float) -> Candidate | None:
-        ckpt = self.trace.checkpoints[int(self.trace.checkpoint_index[request])]
-        view = self.current_view(time_s)
+    def choose(self, checkpoint: int, time_s: float) -> Candidate | None:
+        ckpt = self.trace.checkpoints[checkpoint]
+        request = PlacementRequest(model=ckpt.model.name, tp=ckpt.tp, checkpoint=ckpt.name, max_candidates=1)
         if self.policy is Policy.ANY_FREE:
-            hosts = [
-                (s.name, free) for s in view.servers if len(free := [g.id for g in s.gpus if not g.busy]) >= ckpt.tp
-            ]
-            if not hosts:
-                return None
-            name, free = hosts[int(self.rng.integers(len(hosts)))]
-            load = ClusterView(view, now_s=time_s).load(
-                name, checkpoint=ckpt.name, checkpoint_bytes=ckpt.size_bytes, shard_bytes=ckpt.shard_bytes
-            )
-            return PlacementOption(load.total_s, name, self.config.gpu_type, free[: ckpt.tp], load).to_candidate()
-        request_model = PlacementRequest(model=ckpt.model.name, tp=ckpt.tp, checkpoint=ckpt.name, max_candidates=1)
-        decision = place(view, request_model, now_s=time_s, catalog=self.catalog, options=self.options)
-        if not decision.placements:
-            return None
-        if self.policy is Policy.OURS:
-            self.view = reserve(view, decision, now_s=time_s, ttl_s=self.config.reservation_ttl_s)
-        return decision.placements[0]
+            hosts = [s for s in range(self.config.servers) if len(self.free[s]) >= ckpt.tp]
+            if hosts:
+                server = hosts[int(self.rng.integers(len(hosts)))]
+                view = self.current_view(time_s)
+                only = view.model_copy(update={"servers": [view.servers[server]], "instances": [], "reservations": []})
+                decision = place(
+                    only, request.model_copy(update={"allow_migration": False}), now_s=time_s, catalog=self.catalog
+                )
+                return decision.placements[0] if decision.placements else None
+        if self.policy in (Policy.ANY_FREE, Policy.LOCALITY_BLIND):
+            view = self.current_view(time_s, blind=True)
+            request = request.model_copy(update={"allow_migration": False})
+            decision = place(view, request, now_s=time_s, catalog=self.catalog)
+        else:
+            view = self.current_view(time_s)
+            decision = place(view, request, now_s=time_s, catalog=self.catalog, options=self.options)
+        return decision.placements[0] if decision.placements else None
 
-    def try_place(self, request: int, time_s: float) -> bool:
-        choice = self.choose(request, time_s)
+    def cold_start(self, request: int, time_s: float) -> bool:
+        checkpoint = int(self.trace.checkpoint_index[request])
+        choice = self.choose(checkpoint, time_s)
         if choice is None:
             return False
         server = int(choice.server.split("-")[1])
-        moving: list[tuple[_Instance, int, list[int], TierKind]] = []
-        for m in choice.migrations:
-            inst = self.instances.get(int(m.instance_id))
-            dest = int(m.to_server.split("-")[1])
-            if inst is None or inst.state != "running" or inst.server != server:
-                break
-            if not set(m.to_gpu_ids) <= self.free[dest]:
-                break
-            moving.append((inst, dest, list(m.to_gpu_ids), m.load.tier))
-        else:
-            handed_over = {g for inst, _, _, _ in moving for g in inst.gpu_ids}
-            if set(choice.gpu_ids) <= self.free[server] | handed_over:
-                self.execute(request, time_s, server, choice.gpu_ids, moving, choice.tier)
-                return True
-        # The view was stale: the GPUs or the instances it counted on are gone.
-        self.stats.conflicts += 1
-        return False
-
-    def execute(
-        self,
-        request: int,
-        time_s: float,
-        server: int,
-        gpu_ids: list[int],
-        moving: list[tuple[_Instance, int, list[int], TierKind]],
-        tier: TierKind,
-    ) -> None:
-        checkpoint = int(self.trace.checkpoint_index[request])
         ckpt = self.trace.checkpoints[checkpoint]
-        migrations_done_s = 0.0
-        for inst, dest, dest_gpus, dest_tier in moving:
-            self.free[dest] -= set(dest_gpus)
-            load = self.start_load(dest, inst.checkpoint, time_s, dest_tier)
-            tokens = sum(self.tokens_at(inst, load.end_s))
-            recompute_s = self.recompute[inst.checkpoint].time_s(tokens)
-            inst.state, inst.migrate_to = "migrating", (dest, dest_gpus)
-            inst.leftover = sorted(set(inst.gpu_ids) - set(gpu_ids))
-            done_s = load.end_s + recompute_s
-            migrations_done_s = max(migrations_done_s, done_s)
-            self.push(done_s, _MIGRATION_DONE, (inst, dest, dest_gpus, tokens, recompute_s))
+        for iid in choice.stopped_instances:
+            inst = self.instances[int(iid)]
+            if inst.state != "warm" or inst.requests or inst.server != server:
+                raise PlanningError(f"the placer stopped instance {iid}, which is not idle on {choice.server}")
+            self.remove(inst, time_s)
+            self.stats.stopped_idle += 1
+        gpus_free_s = time_s
+        handed: set[int] = set()
+        for m in choice.migrations:
+            inst = self.instances[int(m.instance_id)]
+            dest = int(m.to_server.split("-")[1])
+            if inst.state != "warm" or inst.server != server or not set(m.to_gpu_ids) <= self.free[dest]:
+                raise PlanningError(f"the placer moved instance {m.instance_id} to GPUs that are not free")
+            snapshot = self.running(inst, time_s)
+            self.take(dest, list(m.to_gpu_ids), time_s)
+            load = self.start_load(dest, inst.checkpoint, time_s)
+            timeline = migration_timeline(
+                snapshot, dest_load_s=load.end_s - time_s, recompute=self.recompute[inst.checkpoint]
+            )
+            handover_s = time_s + timeline.gpus_free_s
+            last_end_s = max((end for _, end, _ in inst.requests.values()), default=time_s)
+            free_s = min(handover_s, max(last_end_s, time_s))
+            inst.state = "migrating"
+            self.push(handover_s, _HANDOVER, (inst, dest, list(m.to_gpu_ids)))
+            leftover = sorted(set(inst.gpu_ids) - set(choice.gpu_ids))
+            if leftover:
+                self.push(free_s, _FREE, (server, leftover))
+            handed |= set(inst.gpu_ids)
+            gpus_free_s = max(gpus_free_s, free_s)
             self.stats.migrations += 1
-        self.free[server] -= set(gpu_ids)
-        load = self.start_load(server, checkpoint, time_s, tier)
-        ready_s = load.end_s
-        if moving:
-            gpu_stage_s = ckpt.shard_bytes / self.trace.servers[server].true_pcie_bytes_per_s
-            ready_s = max(ready_s, migrations_done_s + gpu_stage_s)
+        if not set(choice.gpu_ids) <= self.free[server] | handed:
+            raise PlanningError(f"the placer handed out busy GPUs on {choice.server}")
+        # Handed-over GPUs stay busy throughout: the migrating instance's, then the new one's.
+        self.take(server, choice.gpu_ids, time_s)
+        if choice.staged_from is not None:
+            load = self.start_load(server, checkpoint, time_s, staged=True)
+            truth = self.trace.servers[server]
+            ready_s = max(load.end_s, gpus_free_s) + ckpt.shard_bytes / truth.true_pcie_bytes_per_s
+            self.stats.staged += 1
+        else:
+            load = self.start_load(server, checkpoint, gpus_free_s)
+            ready_s = load.end_s
         inst = _Instance(
-            request=request,
+            id=self.next_instance,
             checkpoint=checkpoint,
             server=server,
-            gpu_ids=list(gpu_ids),
+            gpu_ids=list(choice.gpu_ids),
             ready_s=ready_s,
-            end_s=ready_s + float(self.trace.lifetime_s[request]),
-            input_tokens=int(self.trace.input_tokens[request]),
+            keep_alive_s=self.keep_alive_s.get(checkpoint, self.config.keep_alive_s),
         )
-        self.instances[request] = inst
+        self.next_instance += 1
+        self.instances[inst.id] = inst
+        self.by_checkpoint.setdefault(checkpoint, set()).add(inst.id)
         self.push(ready_s, _READY, inst)
-        self.push(inst.end_s, _END, inst)
-        self.stats.startup_s[request] = ready_s - float(self.trace.arrival_s[request])
+        self.attach(inst, request, time_s)
+        self.stats.cold_starts += 1
         self.stats.tiers[load.tier.value] = self.stats.tiers.get(load.tier.value, 0) + 1
+        self.stats.estimate_error_s.append(abs(choice.startup_latency_s - (ready_s - time_s)))
+        return True
+
+    # Prewarming -------------------------------------------------------------------------------------
+
+    def demand(self, time_s: float) -> list[ModelDemand]:
+        """Request rates per checkpoint: the forecast (popularity) at the start, then what arrived so far."""
+        trace = self.trace
+        if time_s <= 0:
+            rates = trace.popularity * self.config.rate_per_s
+        else:
+            seen = trace.arrival_s <= time_s
+            counts = np.bincount(trace.checkpoint_index[seen], minlength=len(trace.checkpoints))
+            # Blend with the forecast so that an hour-old trace does not forget rare checkpoints.
+            rates = (counts + trace.popularity * self.config.rate_per_s * 60.0) / (time_s + 60.0)
+        return [
+            ModelDemand(model=c.model.name, checkpoint=c.name, tp=c.tp, rate_per_s=float(rate))
+            for c, rate in zip(trace.checkpoints, rates, strict=True)
+        ]
+
+    def prewarm(self, time_s: float) -> None:
+        view = self.current_view(time_s)
+        advice = advise_prewarm(
+            view,
+            PrewarmRequest(
+                models=self.demand(time_s),
+                max_copy_s_per_server=self.config.prewarm_copy_s_per_server,
+                default_keep_alive_s=self.config.keep_alive_s,
+                # Keep-alive advice may only shorten the default: prewarming must not cost GPU-seconds.
+                max_keep_alive_s=self.config.keep_alive_s,
+                min_keep_alive_s=min(self.config.keep_alive_s, self.config.prewarm_min_keep_alive_s),
+            ),
+            catalog=self.catalog,
+            now_s=time_s,
+        )
+        self.apply_advice(advice, time_s)
+        if time_s + self.config.prewarm_interval_s < self.config.duration_s:
+            self.push(time_s + self.config.prewarm_interval_s, _PREWARM, None)
+
+    def apply_advice(self, advice: PrewarmAdvice, time_s: float) -> None:
+        index = {name: i for i, name in enumerate(self.names)}
+        for ev in advice.evictions:
+            server = int(ev.server.split("-")[1])
+            tier = self.dram[server] if ev.tier is TierKind.DRAM else self.ssd[server]
+            tier.pop(index[ev.checkpoint], None)
+        for copy in advice.copies:
+            server = int(copy.server.split("-")[1])
+            to_dram = copy.to_tier is TierKind.DRAM
+            self.start_load(server, index[copy.checkpoint], time_s, staged=to_dram, to_ssd=not to_dram)
+        for keep in advice.keep_alive:
+            self.keep_alive_s[index[keep.checkpoint]] = keep.keep_alive_s
+        self.version += 1
 
 
 def run_replay(config: ReplayConfig, *, catalog: Catalog, policies: tuple[Policy, ...] = tuple(Policy)) -> ReplayResult:
@@ -732,12 +888,16 @@ def synthetic_cluster(
         gpu_ids = free[: ckpt.tp]
         busy[s].update(gpu_ids)
         running.append(
-            ckpt.running(
-                f"inst-{n}",
+            RunningInstance(
+                id=f"inst-{n}",
+                model=ckpt.model.name,
+                checkpoint=ckpt.name,
                 server=trace.servers[s].name,
                 gpu_ids=gpu_ids,
+                tp=ckpt.tp,
                 input_tokens=int(rng.integers(64, 8000)),
                 generated_tokens=int(rng.integers(0, 2000)),
+                tokens_per_s=30.0,
             )
         )
     server_models = []

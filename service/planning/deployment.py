@@ -8,10 +8,13 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
 from service.planning.kernels import KernelCalibration
-from service.planning.memory import MemoryPlan, plan_memory, require_fit
+from service.planning.memory import KV_BLOCK_TOKENS, MemoryPlan, plan_memory, require_fit
 from service.planning.moe_cost import MoeCalibration
 from service.planning.simulator import (
+    ROUTERS,
     InstanceConfig,
     KvTransfer,
     Role,
@@ -39,6 +42,10 @@ class KnobOverrides:
     max_sequences: int | None = None
     chunked_prefill: bool | None = None
     memory_fraction: float | None = None
+    # Longest request (prompt + output) the engine accepts; it also needs KV for one such request to start.
+    max_model_len: int | None = None
+    prefix_caching: bool | None = None
+    kv_block_tokens: int | None = None
 
     def knobs_for(self, engine: EngineSpec) -> SchedulerKnobs:
         """The effective scheduler knobs on ``engine``."""
@@ -49,6 +56,8 @@ class KnobOverrides:
             chunked_prefill=engine.chunked_prefill if self.chunked_prefill is None else self.chunked_prefill,
             # An explicit token budget is what the user set on the engine: no sizing to the prompt then.
             prompt_sized_token_budget=engine.prompt_sized_token_budget and self.max_batched_tokens is None,
+            prefix_caching=engine.prefix_caching if self.prefix_caching is None else self.prefix_caching,
+            kv_block_tokens=self.kv_block_tokens or KV_BLOCK_TOKENS,
         )
 
 
@@ -73,6 +82,8 @@ class Deployment:
     # Expert weights may be stored differently from the rest (gpt-oss: mxfp4 experts, bf16 attention).
     moe_weight_dtype: DType | None = None
     moe_calibration: MoeCalibration = MoeCalibration()
+    # How requests are shared among replicas (and attention-DP ranks): round_robin, random or least_loaded.
+    router: str = "round_robin"
 
     @property
     def expert_dtype(self) -> DType:
@@ -130,8 +141,14 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         max_batched_tokens=knobs.max_batched_tokens,
         memory_fraction=deployment.knobs.memory_fraction,
         moe_weight_dtype=deployment.moe_weight_dtype,
+        kv_block_tokens=knobs.kv_block_tokens,
     )
     label = f"{deployment.model.name} {layout.label()} on {deployment.gpu.name} ({deployment.weight_dtype.value})"
+    max_model_len = deployment.knobs.max_model_len
+    if max_model_len is not None:
+        # vLLM and SGLang refuse to start when the KV cache cannot hold one request of max_model_len tokens.
+        min_tokens = max_model_len
+        label += f" with max_model_len {max_model_len}"
     require_fit(memory, min_tokens=min_tokens, label=label)
     cost = ReplicaStepCost(
         model=deployment.model,
@@ -168,6 +185,8 @@ class Estimate:
     memory: dict[str, MemoryPlan]
     # Identical instances each simulated one stands for (replicas and attention-DP ranks not simulated).
     scale: float = 1.0
+    # Requests the engine refused (longer than max_model_len); they count as offered but never complete.
+    refused: int = 0
 
     @property
     def requests_per_s(self) -> float:
@@ -194,6 +213,15 @@ class Estimate:
             "gpus": self.deployment.gpus,
             "requests": r.offered,
             "completed": r.completed,
+            "truncated": r.budget_cut,
+            "truncated_reason": (
+                f"stopped at the work budget of {self.workload.max_sequence_steps} sequence-steps (one sequence in one "
+                f"engine step) with "
+                f"{r.completed} of {r.offered} requests completed: the figures cover those; simulate fewer requests "
+                "or a lighter load"
+                if r.budget_cut
+                else None
+            ),
             "ttft_ms": r.ttft.as_dict(),
             "tpot_ms": r.tpot.as_dict(),
             "e2e_ms": r.e2e.as_dict(),
@@ -205,6 +233,17 @@ class Estimate:
             "bottleneck": r.bottleneck(),
             "preemptions": r.preemptions,
             "peak_kv_fraction": r.peak_kv_fraction,
+            "refused_requests": self.refused,
+            "router": self.deployment.router,
+            "prefix_cache": {
+                "enabled": self.deployment.knobs.knobs_for(self.deployment.engine).prefix_caching,
+                "hit_tokens": r.prefix_hit_tokens,
+                # Share of the looked-up prompt tokens (requests with a shared prefix) whose prefill was skipped.
+                "hit_rate": r.prefix_hit_tokens / r.prefix_looked_up_tokens if r.prefix_looked_up_tokens else 0.0,
+            },
+            "trace": None
+            if self.workload.trace is None
+            else {**self.workload.trace.describe(), "time_scale": self.workload.time_scale},
             "memory": {
                 role: {
                     "weights_gib": m.weight_bytes / 1024**3,
@@ -222,58 +261,150 @@ def min_request_tokens(workload: Workload) -> int:
     return workload.input_length.max_tokens() + workload.output_length.max_tokens()
 
 
+def unit_fold(deployment: Deployment, workload: Workload) -> int:
+    """How many identical units share an open-loop stream; one is simulated and stands for all (1: no folding).
+
+    Collocated: every replica and attention-DP rank. Disaggregated: the largest group count that divides both
+    pools. A least-loaded router couples the instances, so they are all simulated; closed loops are folded by
+    simulate_deployment itself (attention-DP ranks when the clients divide evenly).
+    """
+    if workload.arrival is ArrivalKind.CLOSED or deployment.router == "least_loaded":
+        return 1
+    if deployment.mode is Mode.COLLOCATED:
+        return deployment.replicas * deployment.layout.attention_dp
+    entry = deployment.prefill_workers * deployment.prefill_layout.attention_dp
+    decode = deployment.decode_workers * deployment.decode_layout.attention_dp
+    return math.gcd(entry, decode)
+
+
+def routed_share(sample: RequestSample, units: int, router: str, seed: int, *, exact: bool) -> RequestSample:
+    """The requests one of ``units`` identical targets receives from the router, in stream time.
+
+    ``exact`` (a trace): the very requests round-robin (every units-th) or a seeded random router sends it.
+    Otherwise every request with the gaps the router makes: round-robin joins ``units`` consecutive gaps of the
+    stream, a random router a geometric number of them (exactly thinned Poisson arrivals for a Poisson stream),
+    so the unit sees as many distinct requests as a lone replica would.
+    """
+    if units <= 1:
+        return sample
+    if exact:
+        return sample.strided(units) if router == "round_robin" else sample.thinned(units, seed)
+    gaps = np.diff(sample.unit_arrival_s)
+    if gaps.size == 0:
+        return sample
+    if router == "round_robin":
+        counts = np.full(sample.size - 1, units, dtype=np.int64)
+    else:
+        counts = np.random.default_rng([seed, units, 0x70]).geometric(1.0 / units, sample.size - 1)
+    # Gap k of the unit spans the stream's next counts[k] gaps, cycling through the sample's own gaps.
+    cumulative = np.concatenate(([0.0], np.cumsum(np.tile(gaps, -(-int(counts.sum()) // gaps.size)))))
+    ends = np.cumsum(counts)
+    unit = np.concatenate(([0.0], cumulative[ends])) + float(sample.unit_arrival_s[0])
+    return RequestSample(sample.input_tokens, sample.output_tokens, unit, sample.prefixes)
+
+
+def admitted(sample: RequestSample, max_model_len: int | None) -> tuple[RequestSample, int]:
+    """The requests an engine with ``max_model_len`` accepts (prompt + output within it), and how many it refused."""
+    if max_model_len is None:
+        return sample, 0
+    ok = sample.input_tokens + sample.output_tokens <= max_model_len
+    refused = int(sample.size - np.count_nonzero(ok))
+    if refused == sample.size:
+        longest = int((sample.input_tokens + sample.output_tokens).min())
+        raise PlanningError(
+            f"every request is longer than max_model_len {max_model_len} (the shortest needs {longest} tokens)"
+        )
+    return (sample.take(np.flatnonzero(ok).astype(np.int64)) if refused else sample), refused
+
+
+BuildInstance = Callable[[Deployment, ParallelLayout, Role, int], BuiltInstance]
+
+
+def _build(deployment: Deployment, layout: ParallelLayout, role: Role, min_tokens: int) -> BuiltInstance:
+    return build_instance(deployment, layout, role, min_tokens=min_tokens)
+
+
 def simulate_deployment(
     deployment: Deployment,
     workload: Workload,
     *,
     sample: RequestSample | None = None,
     rate_per_s: float | None = None,
-    replicas_simulated: int | None = None,
+    build: BuildInstance = _build,
 ) -> Estimate:
-    """Simulate a deployment; collocated replicas share the load round-robin."""
+    """Simulate a deployment under a workload: what `splan estimate` reports and what the plan search ranks.
+
+    ``sample`` is the stream offered to the whole deployment (default: the workload's) and ``rate_per_s`` its
+    total rate; the router shares it among replicas and attention-DP ranks. Open loops fold identical units
+    (unit_fold); closed loops simulate every replica and fold the attention-DP ranks when the clients divide.
+    """
+    if deployment.router not in ROUTERS:
+        raise PlanningError(f"unknown router {deployment.router!r}; use one of {', '.join(ROUTERS)}")
     sample = sample if sample is not None else sample_requests(workload)
+    sample, refused = admitted(sample, deployment.knobs.max_model_len)
     need = min_request_tokens(workload)
+    if deployment.knobs.max_model_len is not None:
+        need = min(need, deployment.knobs.max_model_len)
     rate = workload.rate_per_s if rate_per_s is None else rate_per_s
+    closed = workload.arrival is ArrivalKind.CLOSED
+    units = unit_fold(deployment, workload)
+    exact = workload.trace is not None
+    router_seed = workload.seed
     if deployment.mode is Mode.COLLOCATED:
         if deployment.replicas < 1:
             raise PlanningError("replicas must be at least 1")
-        built = build_instance(deployment, deployment.layout, Role.COLLOCATED, min_tokens=need)
-        replicas = deployment.replicas if replicas_simulated is None else replicas_simulated
-        # Each attention-DP rank schedules its own batch and KV cache; the step cost already charges the
-        # lock-step MoE layers for all ranks' tokens. Ranks that see the same share of the load behave
-        # alike, so one stands for all when the load splits evenly (the run is dp times shorter).
+        built = build(deployment, deployment.layout, Role.COLLOCATED, need)
         dp = deployment.layout.attention_dp
-        ranks = 1 if _ranks_symmetric(workload, replicas, dp) else dp
-        concurrency = workload.concurrency // (dp // ranks)
-        rank_sample = sample.strided(dp // ranks)
-        count = replicas * ranks
+        if closed:
+            # Each attention-DP rank schedules its own batch and KV cache; the step cost already charges the
+            # lock-step MoE layers for all ranks' tokens. Ranks that see the same share of the load behave
+            # alike, so one stands for all when the clients split evenly (the run is dp times shorter).
+            ranks = 1 if _ranks_symmetric(workload, deployment.replicas, dp) else dp
+            concurrency = workload.concurrency // (dp // ranks)
+            unit_sample = sample.strided(dp // ranks)
+            count = deployment.replicas * ranks
+            scale = deployment.replicas * dp / count
+        else:
+            concurrency = 0
+            unit_sample = routed_share(sample, units, deployment.router, router_seed, exact=exact)
+            count = deployment.replicas * dp // units
+            scale = float(units)
         result = _simulate_rounds(
             lambda rounds_sample: simulate(
                 instances=[built.config] * count,
                 sample=rounds_sample,
                 arrival=workload.arrival,
-                # The strided sample already thins the arrivals to one rank's share of the replica's rate.
-                rate_per_s=rate * replicas / deployment.replicas,
+                # Unit samples keep stream time: their arrivals are already thinned to one unit's share.
+                rate_per_s=rate,
                 concurrency=concurrency,
-                closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, rounds_sample, workload, count * dp // ranks),
+                closed_loop_ramp_s=_closed_loop_ramp_s(
+                    built.config.cost, rounds_sample, workload, deployment.replicas * dp
+                ),
                 profiled_rounds=workload.profiled_rounds,
+                router=deployment.router,
+                router_seed=router_seed,
+                max_sequence_steps=workload.max_sequence_steps,
             ),
-            rank_sample,
+            unit_sample,
             workload,
             concurrency,
         )
-        scale = deployment.replicas * dp / count
-        return Estimate(deployment, workload, result, {"replica": built.memory}, scale)
+        return Estimate(deployment, workload, result, {"replica": built.memory}, scale, refused)
     if deployment.prefill_workers < 1 or deployment.decode_workers < 1:
         raise PlanningError("disaggregated serving needs at least one prefill and one decode worker")
-    prefill = build_instance(
-        deployment, deployment.prefill_layout, Role.PREFILL, min_tokens=workload.input_length.max_tokens() + 1
-    )
-    decode = build_instance(deployment, deployment.decode_layout, Role.DECODE, min_tokens=need)
+    prefill_need = workload.input_length.max_tokens() + 1
+    if deployment.knobs.max_model_len is not None:
+        prefill_need = min(prefill_need, deployment.knobs.max_model_len)
+    prefill = build(deployment, deployment.prefill_layout, Role.PREFILL, prefill_need)
+    decode = build(deployment, deployment.decode_layout, Role.DECODE, need)
+    entry = deployment.prefill_workers * deployment.prefill_layout.attention_dp // units
+    decoders = deployment.decode_workers * deployment.decode_layout.attention_dp // units
+    unit_sample = routed_share(sample, units, deployment.router, router_seed, exact=exact)
     result = _simulate_rounds(
         lambda rounds_sample: simulate(
-            instances=[prefill.config] * (deployment.prefill_workers * deployment.prefill_layout.attention_dp),
-            decode_instances=[decode.config] * (deployment.decode_workers * deployment.decode_layout.attention_dp),
+            instances=[prefill.config] * entry,
+            decode_instances=[decode.config] * decoders,
+            # KV moves over the links of the whole deployment (intra-node only when it all fits in one domain).
             transfer=transfer_model(deployment),
             sample=rounds_sample,
             arrival=workload.arrival,
@@ -286,12 +417,16 @@ def simulate_deployment(
                 deployment.decode_workers * deployment.decode_layout.attention_dp,
             ),
             profiled_rounds=workload.profiled_rounds,
+            router=deployment.router,
+            router_seed=router_seed,
+            max_sequence_steps=workload.max_sequence_steps,
         ),
-        sample,
+        unit_sample,
         workload,
         workload.concurrency,
     )
-    return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory})
+    memory = {"prefill": prefill.memory, "decode": decode.memory}
+    return Estimate(deployment, workload, result, memory, float(units), refused)
 
 
 # Consecutive closed-loop rounds whose mean TTFT and TPOT agree within this share count as settled.

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, Estimate, KnobOverrides, Mode, simulate_deployment
+from service.planning.profile import profiled_catalog
+from service.planning.simulator import ROUTERS
 from service.planning.specs import DTYPE_ALIASES, WEIGHT_DTYPES, DType, GpuSpec, ModelSpec, PlanningError
 from service.planning.stepcost import make_layout, validate_layout
+from service.planning.trace import Trace, trace_from_records
 from service.planning.workload import (
     BENCHMARK_REQUESTS_PER_CLIENT,
+    MAX_SEED,
+    MIN_RATE_PER_S,
     ArrivalKind,
     ClientStart,
     LengthDistribution,
@@ -57,8 +65,9 @@ class EstimateRequest:
 
     model: str
     gpu: str
-    isl: str | int | LengthDistribution
-    osl: str | int | LengthDistribution
+    # Lengths of sampled requests (not needed with a trace).
+    isl: str | int | LengthDistribution | None = None
+    osl: str | int | LengthDistribution | None = None
     engine: str = "vllm"
     weight_dtype: str = "bf16"
     kv_dtype: str | None = None
@@ -93,6 +102,8 @@ class EstimateRequest:
     # with --num-prompts 10 x concurrency 10).
     requests_per_client: int | None = None
     requests: int | None = None
+    # Work budget in sequence-steps (one sequence in one engine step): the simulation stops there and says so.
+    max_sequence_steps: int | None = None
     seed: int = 0
     max_batched_tokens: int | None = None
     max_sequences: int | None = None
@@ -100,6 +111,20 @@ class EstimateRequest:
     memory_fraction: float | None = None
     gpu_price_per_hour: float | None = None
     model_spec: ModelSpec | None = None
+    # A calibration profile (the mapping `splan calibrate` writes), applied to this GPU and engine.
+    profile: Mapping[str, Any] | None = None
+    # Requests replayed as recorded (a read trace, or records as the API takes them); time_scale stretches
+    # their time offsets (0.5: twice the recorded rate), or `rate` rescales them to that mean rate.
+    trace: Trace | Sequence[Mapping[str, Any]] | None = None
+    time_scale: float | None = None
+    # Sampled requests: a shared prefix of this many tokens at the start of a prefix_hit_rate share of them.
+    shared_prefix_tokens: int = 0
+    prefix_hit_rate: float = 1.0
+    # Engine settings: longest request accepted, automatic prefix caching, tokens per KV block, replica router.
+    max_model_len: int | None = None
+    prefix_caching: bool | None = None
+    kv_block_tokens: int | None = None
+    router: str = "round_robin"
 
 
 def client_staggered(client_start: str) -> bool:
@@ -111,8 +136,57 @@ def client_staggered(client_start: str) -> bool:
         raise PlanningError(f"unknown client start {client_start!r}; use one of {names}") from None
 
 
+def as_trace(value: Trace | Sequence[Mapping[str, Any]]) -> Trace:
+    """A trace from itself or from its records (the API's inline form)."""
+    return value if isinstance(value, Trace) else trace_from_records(list(value))
+
+
+def trace_workload(
+    trace: Trace, *, rate: float | None, time_scale: float | None, seed: int = 0, arrival: str | None = None
+) -> Workload:
+    """A workload replaying ``trace`` at its recorded times x ``time_scale``, or rescaled to mean ``rate``."""
+    if rate is not None and time_scale is not None:
+        raise PlanningError("give a trace either a rate or a time scale, not both")
+    if arrival is not None and arrival != ArrivalKind.POISSON.value:
+        raise PlanningError("a trace brings its own arrival times: leave the arrival law out")
+    if time_scale is not None and not (math.isfinite(time_scale) and time_scale > 0):
+        raise PlanningError(f"time scale must be positive (got {time_scale:g})")
+    if rate is not None and not rate > 0:
+        raise PlanningError(f"rate must be positive (got {rate:g})")
+    workload = Workload(
+        arrival=ArrivalKind.POISSON,
+        input_length=LengthDistribution.from_samples(trace.input_tokens.tolist()),
+        output_length=LengthDistribution.from_samples(trace.output_tokens.tolist()),
+        rate_per_s=rate if rate is not None else trace.rate_per_s / (time_scale or 1.0),
+        num_requests=trace.size,
+        seed=seed,
+        trace=trace,
+    )
+    workload.validate()
+    return workload
+
+
 def resolve_workload(request: EstimateRequest) -> Workload:
     """The workload an estimate request describes."""
+    if request.trace is not None:
+        if request.concurrency is not None:
+            raise PlanningError("a trace is replayed open loop: give a rate or a time scale, not a concurrency")
+        if request.requests is not None:
+            raise PlanningError("a trace sets the requests: leave the request count out")
+        if request.isl is not None or request.osl is not None:
+            raise PlanningError("a trace sets the request lengths: leave isl and osl out")
+        return trace_workload(
+            as_trace(request.trace),
+            rate=request.rate,
+            time_scale=request.time_scale,
+            seed=request.seed,
+            arrival=request.arrival,
+        )
+    if request.time_scale is not None:
+        raise PlanningError("a time scale applies to a trace only")
+    if request.isl is None or request.osl is None:
+        raise PlanningError("give the input and output lengths (isl and osl), or a trace")
+    isl, osl = request.isl, request.osl
     if request.concurrency is not None and request.rate is not None:
         raise PlanningError("give either a concurrency (closed loop) or a rate, not both")
     if request.concurrency is None and request.rate is None:
@@ -125,8 +199,12 @@ def resolve_workload(request: EstimateRequest) -> Workload:
             raise PlanningError(f"unknown arrival {request.arrival!r}; use one of {names}") from None
     else:
         arrival = ArrivalKind.CLOSED if request.concurrency is not None else ArrivalKind.POISSON
+    if not 0 <= request.seed <= MAX_SEED:
+        raise PlanningError(f"seed must be between 0 and {MAX_SEED} (got {request.seed})")
     if request.rate is not None and request.rate <= 0:
         raise PlanningError(f"rate must be positive (got {request.rate:g})")
+    if request.rate is not None and not request.rate >= MIN_RATE_PER_S:
+        raise PlanningError(f"rate must be at least {MIN_RATE_PER_S:g} requests per second (got {request.rate:g})")
     if request.concurrency is not None and request.concurrency < 1:
         raise PlanningError(f"concurrency must be at least 1 (got {request.concurrency})")
     concurrency = request.concurrency or 0
@@ -136,7 +214,7 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         # The benchmark client profiles a fixed number of rounds per client (see docs/ENGINES.md); the
         # simulation runs rounds until they settle and its last round stands for the rest.
         profiled_rounds = request.requests_per_client or BENCHMARK_REQUESTS_PER_CLIENT
-        fixed = all(as_length(n).kind is LengthKind.FIXED for n in (request.isl, request.osl))
+        fixed = all(as_length(n).kind is LengthKind.FIXED for n in (isl, osl))
         # Fixed lengths settle into a steady pattern within a few rounds; drawn lengths are drawn for every round.
         simulated = min(profiled_rounds, SIMULATED_BENCHMARK_ROUNDS) if fixed else profiled_rounds
         count = min(MAX_REQUESTS, concurrency * simulated)
@@ -146,8 +224,8 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         raise PlanningError(f"requests must be between 1 and {MAX_REQUESTS} (got {count})")
     workload = Workload(
         arrival=arrival,
-        input_length=as_length(request.isl),
-        output_length=as_length(request.osl),
+        input_length=as_length(isl),
+        output_length=as_length(osl),
         rate_per_s=request.rate or 0.0,
         concurrency=concurrency,
         cv=request.cv,
@@ -155,6 +233,8 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         seed=request.seed,
         closed_loop_staggered=client_staggered(request.client_start),
         profiled_rounds=profiled_rounds,
+        shared_prefix_tokens=request.shared_prefix_tokens,
+        prefix_hit_rate=request.prefix_hit_rate,
     )
     workload.validate()
     return workload
@@ -178,7 +258,11 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
         max_sequences=request.max_sequences,
         chunked_prefill=request.chunked_prefill,
         memory_fraction=request.memory_fraction,
+        max_model_len=request.max_model_len,
+        prefix_caching=request.prefix_caching,
+        kv_block_tokens=request.kv_block_tokens,
     )
+    validate_engine_settings(knobs, request.router)
     if request.memory_fraction is not None and not 0.1 <= request.memory_fraction <= 1.0:
         raise PlanningError("memory fraction must be between 0.1 and 1.0")
     for value, what in (
@@ -204,6 +288,7 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
         knobs=knobs,
         moe_weight_dtype=moe_weight_dtype if model.is_moe else None,
         moe_calibration=catalog.moe_calibration_for(gpu),
+        router=request.router,
     )
     if request.mode is Mode.COLLOCATED:
         layout = make_layout(
@@ -246,6 +331,16 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
     )
 
 
+def validate_engine_settings(knobs: KnobOverrides, router: str) -> None:
+    """Refuse engine settings no engine accepts (one line naming the setting)."""
+    if knobs.max_model_len is not None and knobs.max_model_len < 2:
+        raise PlanningError(f"max model length must be at least 2 tokens (got {knobs.max_model_len})")
+    if knobs.kv_block_tokens is not None and not 1 <= knobs.kv_block_tokens <= 1024:
+        raise PlanningError(f"KV block size must be between 1 and 1024 tokens (got {knobs.kv_block_tokens})")
+    if router not in ROUTERS:
+        raise PlanningError(f"unknown router {router!r}; use one of {', '.join(ROUTERS)}")
+
+
 def require_supported(gpu: GpuSpec, dtype: DType) -> None:
     """Refuse weights in a format the GPU can neither run nor dequantise."""
     if not gpu.supports_weights(dtype):
@@ -257,8 +352,49 @@ def require_supported(gpu: GpuSpec, dtype: DType) -> None:
         )
 
 
-def run_estimate(request: EstimateRequest, *, catalog: Catalog) -> Estimate:
+@dataclass(frozen=True, slots=True)
+class ProfiledEstimate(Estimate):
+    """An estimate with the warnings its calibration profile raised (use outside the profile's scope)."""
+
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary with a `warnings` list."""
+        out = Estimate.as_dict(self)
+        out["warnings"] = list(self.warnings)
+        return out
+
+
+def check_work_budget(deployment: Deployment, workload: Workload) -> None:
+    """Refuse, before simulating, a workload whose prompts alone need more sequence-steps than its work budget."""
+    budget_tokens = deployment.knobs.knobs_for(deployment.engine).max_batched_tokens
+    prompt_tokens = workload.num_requests * workload.input_length.mean_tokens()
+    # Every step carries at most the token budget of prompt tokens: a lower bound on the steps (each one
+    # sequence-step at least) the run needs.
+    steps = math.ceil(prompt_tokens / max(1, budget_tokens))
+    if steps > workload.max_sequence_steps:
+        raise PlanningError(
+            f"this estimate needs at least {steps} engine steps ({workload.num_requests} requests x "
+            f"{workload.input_length.mean_tokens():.0f} prompt tokens / a token budget of {budget_tokens}), over the "
+            f"work budget of {workload.max_sequence_steps} sequence-steps: simulate fewer requests or raise "
+            "max_batched_tokens"
+        )
+
+
+def run_estimate(request: EstimateRequest, *, catalog: Catalog) -> ProfiledEstimate:
     """Estimate latency and throughput of one deployment under one workload."""
     workload = resolve_workload(request)
+    if request.max_sequence_steps is not None:
+        workload = replace(workload, max_sequence_steps=request.max_sequence_steps)
+    model = request.model_spec.name if request.model_spec else request.model
+    catalog, warnings = profiled_catalog(catalog, request.profile, gpu=request.gpu, engine=request.engine, model=model)
     deployment = resolve_deployment(request, catalog)
-    return simulate_deployment(deployment, workload)
+    check_work_budget(deployment, workload)
+    estimate = simulate_deployment(deployment, workload)
+    if estimate.result.budget_cut and estimate.result.completed == 0:
+        raise PlanningError(
+            f"the work budget of {workload.max_sequence_steps} sequence-steps ran out before any request finished: "
+            "simulate fewer requests, shorter ones or a lighter load"
+        )
+    values = {f.name: getattr(estimate, f.name) for f in fields(Estimate)}
+    return ProfiledEstimate(**values, warnings=tuple(warnings))

@@ -12,7 +12,7 @@ GIB = 1024.0**3
 # Memory outside PyTorch's allocator (CUDA context, NCCL buffers) per GPU.
 NON_TORCH_RESERVE_BYTES = 0.6 * GIB
 CUDA_GRAPH_RESERVE_BYTES = 0.5 * GIB
-# KV cache is allocated in blocks of this many tokens.
+# KV cache is allocated in blocks of this many tokens (vLLM's default block_size; --kv-block-size changes it).
 KV_BLOCK_TOKENS = 16
 
 
@@ -153,6 +153,7 @@ def plan_memory(
     max_batched_tokens: int,
     memory_fraction: float | None = None,
     moe_weight_dtype: DType | None = None,
+    kv_block_tokens: int = KV_BLOCK_TOKENS,
 ) -> MemoryPlan:
     """Budget one GPU of the replica; the KV capacity may come out zero or negative."""
     fraction = engine.gpu_memory_fraction if memory_fraction is None else memory_fraction
@@ -161,7 +162,7 @@ def plan_memory(
     reserve = activation_reserve_bytes(model, layout, engine, max_batched_tokens)
     kv_bytes = usable - weights - reserve
     per_token = kv_bytes_per_token_per_gpu(model, layout, kv_dtype)
-    tokens = int(max(0.0, kv_bytes) // per_token) // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+    tokens = int(max(0.0, kv_bytes) // per_token) // kv_block_tokens * kv_block_tokens
     return MemoryPlan(gpu.memory_bytes, usable, weights, reserve, kv_bytes, per_token, tokens)
 
 

@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from service.planning.memory import KV_BLOCK_TOKENS
+from service.planning.prefix_cache import PrefixCache
 from service.planning.specs import EngineSpec
 from service.planning.stepcost import ReplicaStepCost
 
@@ -58,6 +59,10 @@ class SchedulerKnobs:
     prompt_sized_token_budget: bool = False
     # API-server latency each request adds to the client's TTFT and E2E (EngineSpec.request_overhead_s).
     request_overhead_s: float = 0.0
+    # Automatic prefix caching (vLLM enable_prefix_caching, SGLang radix cache, TRT-LLM enable_block_reuse).
+    prefix_caching: bool = False
+    # Tokens per KV-cache block: the allocation unit, and the unit a cached prefix is reused in.
+    kv_block_tokens: int = KV_BLOCK_TOKENS
 
     @classmethod
     def from_engine(cls, engine: EngineSpec, **changes: Any) -> SchedulerKnobs:
@@ -88,6 +93,15 @@ class SimRequest:
     first_token_s: float = math.nan
     finish_s: float = math.nan
     preemptions: int = 0
+    # Prefix caching: the request's prefix group (-1: none), the leading prompt tokens earlier requests of the
+    # group computed, the leading context tokens it leaves for later ones, and the cached blocks it holds.
+    group: int = -1
+    shared_tokens: int = 0
+    cacheable_tokens: int = 0
+    cache_keys: list[int] | None = None
+    # Leading blocks already offered to the cache, and whether this admission looked the prefix up.
+    offered_blocks: int = 0
+    looked_up: bool = False
 
     @property
     def context(self) -> int:
@@ -143,6 +157,8 @@ class SimInstance:
     ff_steps: int = 0
     # Per-step figures of that run (GEMM, attention, communication seconds, sequences, CPU-bound).
     ff_step: tuple[float, float, float, int, bool] = (0.0, 0.0, 0.0, 0, False)
+    # Cached prefix blocks (None: caching off, or no request shares a prefix).
+    prefix_cache: PrefixCache | None = None
 
     @property
     def kv_free(self) -> int:
@@ -158,18 +174,91 @@ class SimInstance:
         need = tokens - req.kv_alloc
         if need <= 0:
             return True
-        blocks = -(-need // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+        block = self.config.knobs.kv_block_tokens
+        blocks = -(-need // block) * block
         if blocks > self.kv_free:
             return False
+        cache = self.prefix_cache
+        if cache is not None:
+            # Idle cached blocks sit in free memory: the allocator takes the least recently freed ones when
+            # no never-cached block is left.
+            untouched = self.config.kv_capacity_tokens - self.kv_used - cache.idle_tokens
+            if blocks > untouched:
+                cache.evict(-(-(blocks - untouched) // block))
         req.kv_alloc += blocks
         self.kv_used += blocks
         self.peak_kv = max(self.peak_kv, self.kv_used)
         return True
 
     def release(self, req: SimRequest) -> None:
-        """Free all of ``req``'s KV blocks."""
+        """Free all of ``req``'s KV blocks (its cached prefix blocks stay cached, idle once nobody holds them)."""
+        if self.prefix_cache is not None and req.group >= 0:
+            self.release_cached(req, self.prefix_cache)
+            return
         self.kv_used -= req.kv_alloc
         req.kv_alloc = 0
+
+    def match_prefix(self, req: SimRequest) -> None:
+        """At admission: hold the cached leading blocks of ``req``'s prefix and skip their prefill."""
+        cache = self.prefix_cache
+        if cache is None or req.group < 0 or req.looked_up or req.kv_alloc or req.prefilled:
+            return
+        req.looked_up = True
+        block = cache.block_tokens
+        # The engine recomputes at least the last prompt token (vLLM caps a full hit at prompt - 1 tokens).
+        limit = min(req.shared_tokens, req.prompt_tokens - 1) // block
+        cache.looked_up_tokens += req.prompt_tokens
+        if limit <= 0:
+            return
+        before = len(cache.idle)
+        keys = cache.acquire(req.group, limit)
+        if not keys:
+            return
+        # Blocks that were idle are in use again (held blocks already count in kv_used).
+        self.kv_used += (before - len(cache.idle)) * block
+        self.peak_kv = max(self.peak_kv, self.kv_used)
+        tokens = len(keys) * block
+        req.cache_keys = keys
+        req.offered_blocks = len(keys)
+        req.kv_alloc = req.prefilled = tokens
+        cache.hit_tokens += tokens
+
+    def offer_computed(self, req: SimRequest) -> None:
+        """Name ``req``'s newly computed full prefix blocks in the cache, so later requests of its group reuse them."""
+        cache = self.prefix_cache
+        if cache is None or req.group < 0:
+            return
+        block = cache.block_tokens
+        limit = min(req.prefilled, req.cacheable_tokens, req.kv_alloc) // block
+        if limit <= req.offered_blocks:
+            return
+        keys = req.cache_keys if req.cache_keys is not None else []
+        base = req.group * (1 << 32)
+        for index in range(req.offered_blocks, limit):
+            key = base + index
+            # A block another request computed first stays this request's own copy (not shared).
+            if cache.add_held(key):
+                keys.append(key)
+        req.cache_keys = keys
+        req.offered_blocks = limit
+
+    def release_cached(self, req: SimRequest, cache: PrefixCache) -> None:
+        """Free ``req``'s own blocks and drop its holds; prefix blocks stay cached, the tail ones evicted first."""
+        block = cache.block_tokens
+        keys = req.cache_keys or []
+        held_tokens = len(keys) * block
+        computed = req.prefilled if req.in_prefill else req.context
+        limit = min(computed, req.cacheable_tokens, req.kv_alloc) // block
+        base = req.group * (1 << 32)
+        # Blocks computed since the last offer (a session's answer) are kept too, freed tail first like vLLM.
+        kept = sum(1 for index in range(limit - 1, req.offered_blocks - 1, -1) if cache.add_idle(base + index))
+        freed_holds = cache.release(keys[::-1])
+        self.kv_used -= req.kv_alloc - held_tokens + freed_holds * block
+        req.kv_alloc = 0
+        req.cache_keys = None
+        req.offered_blocks = 0
+        req.looked_up = False
+        del kept  # kept blocks move from this request's own memory to idle cached memory: no change to kv_used
 
     def evict(self, victim: SimRequest, *, front: bool) -> None:
         """Recompute preemption: drop the cache; the request re-prefills prompt plus output so far."""
@@ -294,6 +383,8 @@ class VllmScheduler(BatchScheduler):
             return batch
         while inst.waiting and budget > 0 and len(inst.running) < knobs.max_sequences:
             req = inst.waiting[0]
+            if inst.prefix_cache is not None:
+                inst.match_prefix(req)
             chunk = self.prefill_chunk(req, budget)
             if chunk is None or not inst.grow_kv(req, req.prefilled + chunk):
                 break
@@ -364,6 +455,8 @@ class SglangScheduler(BatchScheduler):
             rem_total = float(inst.kv_free)
         while inst.waiting and rem_chunk > 0 and rem_input > 0 and len(inst.running) < knobs.max_sequences:
             req = inst.waiting[0]
+            if inst.prefix_cache is not None:
+                inst.match_prefix(req)
             remaining = req.prompt_tokens - req.prefilled
             expected_output = min(req.output_tokens - req.generated, SGLANG_CLIP_MAX_NEW_TOKENS)
             if inst.config.role is Role.PREFILL:
@@ -392,7 +485,10 @@ class SglangScheduler(BatchScheduler):
         decoding = [r for r in inst.running if not r.in_prefill and id(r) not in skip]
         if not decoding:
             return []
-        need = sum(1 for r in decoding if r.input_tokens + r.generated + 1 > r.kv_alloc) * KV_BLOCK_TOKENS
+        need = (
+            sum(1 for r in decoding if r.input_tokens + r.generated + 1 > r.kv_alloc)
+            * inst.config.knobs.kv_block_tokens
+        )
         if need > inst.kv_free:
             self.retract(inst, decoding)
             decoding = [r for r in inst.running if not r.in_prefill and id(r) not in skip]
@@ -499,7 +595,10 @@ class TrtllmScheduler(BatchScheduler):
                 inst.waiting.popleft()
                 inst.rejected += 1
                 continue
-            need = self.reserve_for(req)
+            if inst.prefix_cache is not None:
+                inst.match_prefix(req)
+            # Cached prefix blocks it holds are allocated already.
+            need = self.reserve_for(req) - req.kv_alloc
             if inst.kv_free - reserved < need:
                 break
             inst.waiting.popleft()

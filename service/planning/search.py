@@ -17,18 +17,20 @@ from service.planning.deployment import (
     Estimate,
     KnobOverrides,
     Mode,
-    _closed_loop_ramp_s,
     build_instance,
     min_request_tokens,
-    transfer_model,
+    simulate_deployment,
+    unit_fold,
 )
 from service.planning.estimate import parse_dtype, require_supported
-from service.planning.simulator import Role, quantiles_ms, simulate
+from service.planning.simulator import Role, quantiles_ms
 from service.planning.specs import KV_DTYPES, WEIGHT_DTYPES, ModelSpec, PlanningError
 from service.planning.stepcost import ParallelLayout, ReplicaStepCost, validate_layout
 from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
 
 MAX_SEARCH_SPACE = 5000
+# Work budget of one simulation in the search, in sequence-steps: about two seconds of one core.
+SEARCH_SIMULATION_SEQUENCE_STEPS = 3_000_000
 # Quantiles of each simulated strategy's TTFT and TPOT kept in the result, for CDF plots.
 CDF_QUANTILES = tuple(i / 20 for i in range(21))
 # Attention data-parallel degrees tried for MoE models unless the spec names them (capped by max_gpus).
@@ -87,6 +89,9 @@ class PlanRequest:
     kv_dtype: str | None = None
     limits: SearchLimits = SearchLimits()
     gpu_price_per_hour: float | None = None
+    # Engine settings every strategy keeps (the search varies max_batched_tokens), and the replica router.
+    knobs: KnobOverrides = KnobOverrides()
+    router: str = "round_robin"
 
 
 @dataclass(slots=True)
@@ -132,6 +137,8 @@ class PlanResult:
 
 
 ProgressCallback = Callable[[int, int], None]
+# Called before every simulation; raises to stop the search (cancellation, time limit).
+Checkpoint = Callable[[], None]
 
 
 def _base_deployment(request: PlanRequest, catalog: Catalog) -> Deployment:
@@ -154,6 +161,8 @@ def _base_deployment(request: PlanRequest, catalog: Catalog) -> Deployment:
         kv,
         catalog.calibration_for(gpu),
         moe_calibration=catalog.moe_calibration_for(gpu),
+        knobs=request.knobs,
+        router=request.router,
     )
 
 
@@ -268,22 +277,6 @@ def _built(
     return built
 
 
-def _unit_fold(deployment: Deployment, closed: bool, concurrency: int) -> int:
-    """How many identical units the deployment splits into (one is simulated and stands for all).
-
-    Collocated: every attention-DP rank of every replica gets an even share of an open-loop stream; a
-    closed loop's ``concurrency`` (per replica) folds by the ranks it divides. Disaggregated: the largest
-    group count that divides both the prefill and the decode instances (and the clients).
-    """
-    if deployment.mode is Mode.COLLOCATED:
-        dp = deployment.layout.attention_dp
-        return deployment.replicas * (math.gcd(dp, concurrency) if closed else dp)
-    entry = deployment.prefill_workers * deployment.prefill_layout.attention_dp
-    decode = deployment.decode_workers * deployment.decode_layout.attention_dp
-    fold = math.gcd(entry, decode)
-    return math.gcd(fold, concurrency) if closed else fold
-
-
 def _simulate_unit(
     deployment: Deployment,
     workload: Workload,
@@ -291,53 +284,22 @@ def _simulate_unit(
     level: float,
     cache: BuiltCache,
 ) -> Estimate:
-    """Simulate one of the identical units of a deployment at its share of the load.
+    """The deployment at load ``level``, through simulate_deployment: the code path of `splan estimate`.
 
     ``level`` is the total open-loop rate, or the closed-loop concurrency of one collocated replica (of the
-    whole deployment when disaggregated). The unit gets the whole sample at its share of the rate, so every
-    simulated instance sees as many distinct requests as a lone replica would; Estimate.scale carries the
-    number of units.
+    whole deployment when disaggregated). ``sample`` is the stream offered to the whole deployment.
     """
-    closed = workload.arrival is ArrivalKind.CLOSED
-    clients = max(1, int(level)) if closed else 0
-    fold = _unit_fold(deployment, closed, clients)
-    need = min_request_tokens(workload)
-    if deployment.mode is Mode.COLLOCATED:
-        if closed:
-            fold_in_replica = fold // deployment.replicas
-            instances = deployment.layout.attention_dp // fold_in_replica
-            clients //= fold_in_replica
-        else:
-            instances = 1
-        built = _built(deployment, deployment.layout, Role.COLLOCATED, need, cache)
-        unit_workload = replace(workload, concurrency=clients)
-        result = simulate(
-            instances=[built.config] * instances,
-            sample=sample,
-            arrival=workload.arrival,
-            rate_per_s=level / fold,
-            concurrency=clients,
-            closed_loop_ramp_s=_closed_loop_ramp_s(built.config.cost, sample, unit_workload, instances),
-        )
-        return Estimate(deployment, workload, result, {"replica": built.memory}, float(fold))
-    prefill = _built(deployment, deployment.prefill_layout, Role.PREFILL, workload.input_length.max_tokens() + 1, cache)
-    decode = _built(deployment, deployment.decode_layout, Role.DECODE, need, cache)
-    entry = deployment.prefill_workers * deployment.prefill_layout.attention_dp // fold
-    decoders = deployment.decode_workers * deployment.decode_layout.attention_dp // fold
-    clients //= fold
-    unit_workload = replace(workload, concurrency=clients)
-    result = simulate(
-        instances=[prefill.config] * entry,
-        decode_instances=[decode.config] * decoders,
-        # KV moves over the links of the whole deployment (intra-node only when it all fits in one domain).
-        transfer=transfer_model(deployment),
-        sample=sample,
-        arrival=workload.arrival,
-        rate_per_s=level / fold,
-        concurrency=clients,
-        closed_loop_ramp_s=_closed_loop_ramp_s(decode.config.cost, sample, unit_workload, decoders),
-    )
-    return Estimate(deployment, workload, result, {"prefill": prefill.memory, "decode": decode.memory}, float(fold))
+
+    def build(dep: Deployment, layout: ParallelLayout, role: Role, min_tokens: int) -> BuiltInstance:
+        return _built(dep, layout, role, min_tokens, cache)
+
+    if workload.arrival is ArrivalKind.CLOSED:
+        clients = max(1, int(level))
+        if deployment.mode is Mode.COLLOCATED:
+            clients *= deployment.replicas
+        load = replace(workload, concurrency=clients)
+        return simulate_deployment(deployment, load, sample=sample, build=build)
+    return simulate_deployment(deployment, workload.with_rate(level), sample=sample, rate_per_s=level, build=build)
 
 
 def _goodput(
@@ -347,6 +309,7 @@ def _goodput(
     slo: Slo,
     limits: SearchLimits,
     cache: BuiltCache | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> None:
     """Bisect the request rate (or concurrency) for the highest one meeting the SLO attainment."""
     deployment = candidate.deployment
@@ -355,14 +318,18 @@ def _goodput(
     closed = workload.arrival is ArrivalKind.CLOSED
     # Identical units (replicas, attention-DP ranks, groups of disaggregated instances) behind a
     # round-robin router are independent: one is simulated at its share of the rate.
-    units = 1 if closed else _unit_fold(deployment, False, 0)
+    units = unit_fold(deployment, workload)
 
     lifetime_s = 0.0
 
     def run(level: float) -> Estimate:
         nonlocal lifetime_s
+        if checkpoint is not None:
+            checkpoint()
         if closed:
-            return _simulate_unit(deployment, workload, sample, level, cache)
+            # Every replica keeps as many requests as a lone replica would get.
+            replicas = deployment.replicas if deployment.mode is Mode.COLLOCATED else 1
+            return _simulate_unit(deployment, workload, sample.head(sample.size * replicas), level, cache)
         # A short burst never reaches the steady-state concurrency and looks better than the real thing:
         # replay the sample until arrivals span several request lifetimes (known from the previous run).
         span_s = float(sample.unit_arrival_s[-1]) / (level / units) if level > 0 else 0.0
@@ -490,12 +457,22 @@ def _pareto(strategies: list[dict[str, Any]]) -> list[int]:
     return frontier
 
 
-def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback | None = None) -> PlanResult:
+def plan(
+    request: PlanRequest,
+    *,
+    catalog: Catalog,
+    progress: ProgressCallback | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> PlanResult:
     """Search the strategy space and rank strategies by goodput per GPU."""
     request.slo.validate()
     if request.max_gpus < 1:
         raise PlanningError("max_gpus must be at least 1")
-    workload = replace(request.workload, num_requests=request.limits.requests)
+    # Each simulation of the search stops at a work budget, so a cancel or the time limit (checked between
+    # simulations) acts within a couple of seconds; a cut run counts its unfinished requests as SLO misses.
+    workload = replace(
+        request.workload, num_requests=request.limits.requests, max_sequence_steps=SEARCH_SIMULATION_SEQUENCE_STEPS
+    )
     workload.validate()
     space = count_search_space(request)
     if space > MAX_SEARCH_SPACE:
@@ -513,7 +490,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
     prefill_caps: dict[tuple[ParallelLayout, int | None], float] = {}
     for layout in layouts:
         for mbt in limits.max_batched_tokens:
-            dep = replace(base, layout=layout, knobs=KnobOverrides(max_batched_tokens=mbt))
+            dep = replace(base, layout=layout, knobs=replace(base.knobs, max_batched_tokens=mbt))
             try:
                 built = _built(dep, layout, Role.COLLOCATED, need, cache)
             except PlanningError as exc:
@@ -545,7 +522,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
         if Mode.COLLOCATED in limits.modes and replicas >= 1 and dcap > 0:
             # Collocated: prefill work steals time from decode steps.
             per_replica = 1.0 / (1.0 / dcap + 1.0 / pcap)
-            dep = replace(base, layout=layout, replicas=replicas, knobs=KnobOverrides(max_batched_tokens=mbt))
+            dep = replace(base, layout=layout, replicas=replicas, knobs=replace(base.knobs, max_batched_tokens=mbt))
             candidates[Mode.COLLOCATED].append(Candidate(dep, per_replica * replicas))
     if Mode.DISAGGREGATED in limits.modes and request.max_gpus >= 2:
         for (p_layout, mbt), pcap in prefill_caps.items():
@@ -576,7 +553,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
                     prefill_workers=n_p,
                     decode_layout=d_layout,
                     decode_workers=n_d,
-                    knobs=KnobOverrides(max_batched_tokens=mbt),
+                    knobs=replace(base.knobs, max_batched_tokens=mbt),
                 )
                 candidates[Mode.DISAGGREGATED].append(Candidate(dep, min(n_p * pcap, n_d * dcap)))
     sample = sample_requests(workload)
@@ -595,7 +572,7 @@ def plan(request: PlanRequest, *, catalog: Catalog, progress: ProgressCallback |
         chosen.extend(ranked[: limits.simulate_top])
     total = len(chosen)
     for index, candidate in enumerate(chosen):
-        _goodput(candidate, workload, sample, request.slo, limits, cache)
+        _goodput(candidate, workload, sample, request.slo, limits, cache, checkpoint)
         result.evaluated += 1
         if progress is not None:
             progress(index + 1, total)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from service.planning.memory import KV_BLOCK_TOKENS
+from service.planning.prefix_cache import PrefixCache
 from service.planning.schedulers import (
     Batch,
     BatchScheduler,
@@ -36,6 +37,13 @@ __all__ = [
 
 # A simulation that has not finished by this many steps is overloaded beyond any useful answer.
 MAX_STEPS = 2_000_000
+# Default work budget of one simulation, in sequence-steps (one sequence in one engine step).
+MAX_SEQUENCE_STEPS = 200_000_000
+# What one engine step costs the simulator beyond its sequences, in sequence-steps (profiled: ~40 us a step,
+# ~0.7 us a sequence).
+STEP_SEQUENCE_EQUIVALENT = 40
+# How the entry instances share arriving requests (open loop) or issued ones (closed loop).
+ROUTERS = ("round_robin", "random", "least_loaded")
 
 
 def quantiles_ms(values_s: FloatArray, qs: Sequence[float], weights: FloatArray | None = None) -> list[float]:
@@ -100,6 +108,13 @@ class SimulationResult:
     weights: FloatArray | None = None
     # Closed loop: the client round each completed request belongs to.
     rounds: npt.NDArray[np.int64] | None = None
+    # Prefix caching: prompt tokens whose prefill a cached prefix skipped, of the prompt tokens looked up.
+    prefix_hit_tokens: int = 0
+    prefix_looked_up_tokens: int = 0
+    # The run hit its work budget (sequence-steps) before every request finished.
+    budget_cut: bool = False
+    # Work the simulation did: one sequence in one engine step is one sequence-step.
+    sequence_steps: int = 0
 
     def round_means_s(self, last: int) -> list[tuple[float, float]]:
         """Mean (TTFT, TPOT) of each of the last ``last`` closed-loop rounds, oldest first."""
@@ -204,7 +219,17 @@ class _Simulation:
         concurrency: int,
         closed_loop_ramp_s: float = 0.0,
         profiled_rounds: int = 0,
+        router: str = "round_robin",
+        router_seed: int = 0,
+        max_sequence_steps: int = MAX_SEQUENCE_STEPS,
     ) -> None:
+        self.max_sequence_steps = max_sequence_steps
+        self.budget_cut = False
+        self.sequence_steps = 0
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; use one of {', '.join(ROUTERS)}")
+        self.router = router
+        self.router_rng = random.Random(router_seed)
         self.ramp_s = closed_loop_ramp_s
         self.profiled_rounds = profiled_rounds
         self.entry = [SimInstance(c, i) for i, c in enumerate(entry)]
@@ -225,6 +250,13 @@ class _Simulation:
         self.next_entry = 0
         self.now = 0.0
         self.request_overhead_s = self.entry[0].config.knobs.request_overhead_s if self.entry else 0.0
+        self.prefixes = sample.prefixes
+        if self.prefixes is not None:
+            for inst in self.entry:
+                knobs = inst.config.knobs
+                if knobs.prefix_caching:
+                    capacity = inst.config.kv_capacity_tokens // knobs.kv_block_tokens
+                    inst.prefix_cache = PrefixCache(capacity, knobs.kv_block_tokens)
 
     def scheduler_for(
         self, inst: SimInstance, sample: RequestSample, arrival: ArrivalKind, concurrency: int
@@ -253,6 +285,10 @@ class _Simulation:
         self.issued += 1
         req = SimRequest(i, int(self.sample.input_tokens[i]), int(self.sample.output_tokens[i]), time_s)
         req.prompt_tokens = req.input_tokens
+        if self.prefixes is not None and self.prefixes.group[i] >= 0:
+            req.group = int(self.prefixes.group[i])
+            req.shared_tokens = int(self.prefixes.shared_tokens[i])
+            req.cacheable_tokens = int(self.prefixes.cacheable_tokens[i])
         self.push(time_s, _ARRIVE, 0, req)
 
     def run(self) -> SimulationResult:
@@ -265,7 +301,7 @@ class _Simulation:
             times = self.sample.arrivals_at(self.rate)
             for _ in range(total):
                 self.issue(float(times[self.issued]))
-        steps = 0
+        steps = work = 0
         while self.heap:
             time_s, counter, kind, idx, req = heapq.heappop(self.heap)
             if kind == _STEP_DONE and counter != self.instances[idx].pending_event:
@@ -273,8 +309,7 @@ class _Simulation:
             self.now = time_s
             if kind == _ARRIVE:
                 assert req is not None
-                inst = self.entry[self.next_entry % len(self.entry)]
-                self.next_entry += 1
+                inst = self.route()
                 inst.waiting.append(req)
                 self.cut_fast_forward(inst)
                 self.kick(inst)
@@ -286,12 +321,29 @@ class _Simulation:
                 self.kick(inst)
             else:
                 inst = self.instances[idx]
+                # Work is what the simulator does per step: one unit per sequence the scheduler walks (the running
+                # ones, batched or not) plus the step's own cost, which weighs about as much as 40 sequences (costing
+                # the batch, the event); a fast-forwarded run of decode steps counts as one step.
+                work += max(len(inst.batch), len(inst.running)) + STEP_SEQUENCE_EQUIVALENT
                 self.finish_step(inst)
                 self.kick(inst)
                 steps += 1
-                if steps > MAX_STEPS:
+                if steps > MAX_STEPS or work > self.max_sequence_steps:
+                    self.budget_cut = True
                     break
+        self.sequence_steps = work
         return self.result(total)
+
+    def route(self) -> SimInstance:
+        """The entry instance the router sends the next request to."""
+        if self.router == "round_robin" or len(self.entry) == 1:
+            inst = self.entry[self.next_entry % len(self.entry)]
+            self.next_entry += 1
+            return inst
+        if self.router == "random":
+            return self.entry[self.router_rng.randrange(len(self.entry))]
+        # Fewest requests queued or running; ties to the first instance.
+        return min(self.entry, key=SimInstance.load)
 
     def kick(self, inst: SimInstance) -> None:
         if inst.busy:
@@ -397,8 +449,9 @@ class _Simulation:
         # (cut_fast_forward), so the run goes on until a request finishes or the KV blocks run out.
         horizon = math.inf
         remaining = min(req.output_tokens - req.generated for req, _ in batch)
-        free_blocks = inst.kv_free // KV_BLOCK_TOKENS
-        kv_steps = KV_BLOCK_TOKENS * max(0, free_blocks // max(1, seqs) - 1)
+        block = inst.config.knobs.kv_block_tokens
+        free_blocks = inst.kv_free // block
+        kv_steps = block * max(0, free_blocks // max(1, seqs) - 1)
         limit = max(1, min(remaining, kv_steps + 1))
         if limit == 1:
             return first_s, 1
@@ -452,6 +505,8 @@ class _Simulation:
         for req, tokens in inst.batch:
             if req.in_prefill:
                 req.prefilled += tokens
+                if inst.prefix_cache is not None and req.group >= 0:
+                    inst.offer_computed(req)
                 if req.in_prefill:
                     continue
                 req.generated += 1
@@ -522,6 +577,12 @@ class _Simulation:
             queue_share=queue,
             weights=weights,
             rounds=rounds,
+            budget_cut=self.budget_cut,
+            sequence_steps=self.sequence_steps,
+            prefix_hit_tokens=sum(i.prefix_cache.hit_tokens for i in instances if i.prefix_cache is not None),
+            prefix_looked_up_tokens=sum(
+                i.prefix_cache.looked_up_tokens for i in instances if i.prefix_cache is not None
+            ),
         )
 
 
@@ -536,6 +597,9 @@ def simulate(
     transfer: KvTransfer | None = None,
     closed_loop_ramp_s: float = 0.0,
     profiled_rounds: int = 0,
+    router: str = "round_robin",
+    router_seed: int = 0,
+    max_sequence_steps: int = MAX_SEQUENCE_STEPS,
 ) -> SimulationResult:
     """Simulate requests through collocated instances, or prefill instances feeding decode instances."""
     decode = decode_instances or []
@@ -551,4 +615,7 @@ def simulate(
         concurrency,
         closed_loop_ramp_s,
         profiled_rounds,
+        router,
+        router_seed,
+        max_sequence_steps,
     ).run()

@@ -122,6 +122,9 @@ class GpuSpec:
     # Weight formats the GPU's kernels dequantise to bf16 math (no tensor-core path of their own).
     weight_only_dtypes: tuple[DType, ...] = (DType.INT4, DType.MXFP4)
     description: str = ""
+    # Architecture family (hopper, blackwell, ada, ampere, cdna3): a GPU without a kernel calibration of its own
+    # takes its family's (service/catalog/loader.py ARCHITECTURE_CALIBRATION).
+    architecture: str = ""
 
     @property
     def scale_up_domain_gpus(self) -> int:
@@ -188,6 +191,8 @@ class EngineSpec:
     max_prefill_tokens: int = 16384
     # TRT-LLM without chunked prefill: max_num_tokens sized to max_batch_size + prompt + 500 (benchmarked configs).
     prompt_sized_token_budget: bool = False
+    # Automatic prefix caching on by default (vLLM V1 enable_prefix_caching, SGLang radix cache, TRT-LLM block reuse).
+    prefix_caching: bool = False
     # KV-cache dtype used by default for a given weight dtype.
     default_kv_dtype: dict[DType, DType] = field(default_factory=dict)
     description: str = ""

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from service.planning.specs import PlanningError
+
+if TYPE_CHECKING:
+    from service.planning.trace import Trace
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -36,6 +40,9 @@ class ClientStart(StrEnum):
 
 # Profiled requests per client in aiconfigurator's aiperf sweep (BENCH_MULTI_ROUND, 20 since v0.8.0).
 BENCHMARK_REQUESTS_PER_CLIENT = 20
+# Bounds of a workload's numbers: a lower rate is a day between requests, and seeds are numpy's (non-negative).
+MIN_RATE_PER_S = 1e-6
+MAX_SEED = 2**63 - 1
 
 
 class LengthKind(StrEnum):
@@ -177,11 +184,33 @@ class Workload:
     # fixed-length requests settle into a steady pattern, so the simulation stops once two rounds agree and
     # its last round stands for the rest.
     profiled_rounds: int = 0
+    # Requests replayed as recorded (arrivals, lengths, prefix groups); the rate rescales its time offsets.
+    trace: Trace | None = None
+    # Leading prompt tokens shared by a share (prefix_hit_rate) of the sampled requests: a system prompt.
+    shared_prefix_tokens: int = 0
+    prefix_hit_rate: float = 1.0
+    # Work budget in sequence-steps (one sequence in one engine step): a simulation stops there and says so.
+    max_sequence_steps: int = 200_000_000
+
+    @property
+    def time_scale(self) -> float:
+        """Factor on a trace's recorded time offsets at this workload's rate (2: half the recorded rate)."""
+        if self.trace is None or not self.rate_per_s > 0:
+            return 1.0
+        return self.trace.rate_per_s / self.rate_per_s
 
     def validate(self) -> None:
         """Refuse workloads that cannot be simulated."""
         if self.num_requests < 1:
             raise PlanningError("requests must be at least 1")
+        if self.shared_prefix_tokens < 0:
+            raise PlanningError("shared prefix tokens must be at least 0")
+        if not 0.0 <= self.prefix_hit_rate <= 1.0:
+            raise PlanningError(f"prefix hit rate must be between 0 and 1 (got {self.prefix_hit_rate:g})")
+        if self.trace is not None:
+            if not self.rate_per_s > 0:
+                raise PlanningError("a replayed trace needs a positive rate (its own, or one to rescale it to)")
+            return
         if self.arrival is ArrivalKind.CLOSED:
             if self.concurrency < 1:
                 raise PlanningError("closed-loop workloads need a concurrency of at least 1")
@@ -198,29 +227,71 @@ class Workload:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixPlan:
+    """What each request may reuse of earlier requests' KV cache (see service/planning/prefix_cache.py)."""
+
+    # Prefix group of each request (-1: none): requests of a group start with the same tokens.
+    group: IntArray
+    # Leading prompt tokens earlier requests of the group computed (a warm cache skips their prefill).
+    shared_tokens: IntArray
+    # Leading context tokens this request leaves in the cache for later requests of its group.
+    cacheable_tokens: IntArray
+
+    def take(self, index: npt.NDArray[np.int64] | slice) -> PrefixPlan:
+        """The plan of the requests at ``index``."""
+        return PrefixPlan(self.group[index], self.shared_tokens[index], self.cacheable_tokens[index])
+
+
+@dataclass(frozen=True, slots=True)
 class RequestSample:
     """Sampled requests: lengths and unit-rate arrival offsets (scaled by 1/rate when simulated)."""
 
     input_tokens: IntArray
     output_tokens: IntArray
     unit_arrival_s: FloatArray
+    # Shared prefixes, when some requests have them (None: every prompt is unique, nothing to cache).
+    prefixes: PrefixPlan | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of requests."""
+        return int(self.input_tokens.size)
 
     def arrivals_at(self, rate_per_s: float) -> FloatArray:
         """Arrival times at ``rate_per_s`` (common random numbers across rates)."""
         scaled: FloatArray = self.unit_arrival_s / rate_per_s
         return scaled
 
+    def take(self, index: npt.NDArray[np.int64] | slice) -> RequestSample:
+        """The requests at ``index`` (a slice or index array), in that order, each with its own lengths."""
+        return RequestSample(
+            self.input_tokens[index],
+            self.output_tokens[index],
+            self.unit_arrival_s[index],
+            None if self.prefixes is None else self.prefixes.take(index),
+        )
+
     def head(self, count: int) -> RequestSample:
         """The first ``count`` requests, repeating the sample when it is shorter."""
         size = self.input_tokens.size
         longer = self.repeated(-(-count // size)) if count > size else self
-        return RequestSample(longer.input_tokens[:count], longer.output_tokens[:count], longer.unit_arrival_s[:count])
+        return longer.take(slice(0, count))
 
     def strided(self, step: int) -> RequestSample:
         """Every ``step``-th request: what one of ``step`` round-robin targets receives."""
         if step <= 1:
             return self
-        return RequestSample(self.input_tokens[::step], self.output_tokens[::step], self.unit_arrival_s[::step])
+        return self.take(slice(None, None, step))
+
+    def thinned(self, parts: int, seed: int) -> RequestSample:
+        """The requests a random router sends to the first of ``parts`` targets (each request picks one uniformly)."""
+        if parts <= 1:
+            return self
+        picks = np.random.default_rng([seed, parts, 0x5EED]).integers(0, parts, self.size)
+        chosen = np.flatnonzero(picks == 0)
+        if chosen.size == 0:
+            chosen = np.zeros(1, dtype=np.int64)
+        return self.take(chosen.astype(np.int64))
 
     def repeated(self, times: int) -> RequestSample:
         """The sample played `times` times back to back (a longer run with the same statistics)."""
@@ -230,16 +301,30 @@ class RequestSample:
         gap = float(self.unit_arrival_s[-1]) / max(1, size - 1) if size > 1 else 1.0
         period = float(self.unit_arrival_s[-1]) + gap
         offsets = np.repeat(np.arange(times, dtype=np.float64) * period, size)
+        prefixes = None
+        if self.prefixes is not None:
+            p = self.prefixes
+            prefixes = PrefixPlan(
+                np.tile(p.group, times), np.tile(p.shared_tokens, times), np.tile(p.cacheable_tokens, times)
+            )
         return RequestSample(
             np.tile(self.input_tokens, times),
             np.tile(self.output_tokens, times),
             np.tile(self.unit_arrival_s, times) + offsets,
+            prefixes,
         )
 
 
 def sample_requests(workload: Workload) -> RequestSample:
-    """Draw the request sample of a workload from its seed."""
+    """Draw the request sample of a workload from its seed (a trace: its requests as recorded)."""
     workload.validate()
+    if workload.trace is not None:
+        trace = workload.trace
+        plan = (
+            PrefixPlan(trace.prefix_group, trace.shared_tokens, trace.cacheable_tokens) if trace.has_prefixes else None
+        )
+        # Unit-rate offsets: arrivals_at(rate) replays the recorded times scaled by the trace's rate / rate.
+        return RequestSample(trace.input_tokens, trace.output_tokens, trace.arrival_s * trace.rate_per_s, plan)
     rng = np.random.default_rng(workload.seed)
     count = workload.num_requests
     inputs = workload.input_length.sample(rng, count)
@@ -257,4 +342,16 @@ def sample_requests(workload: Workload) -> RequestSample:
     else:
         unit = np.zeros(count)
     unit = unit - unit[0] if workload.arrival is not ArrivalKind.CLOSED else unit
-    return RequestSample(inputs, outputs, unit.astype(np.float64))
+    return RequestSample(inputs, outputs, unit.astype(np.float64), _shared_prefix_plan(workload, inputs))
+
+
+def _shared_prefix_plan(workload: Workload, inputs: IntArray) -> PrefixPlan | None:
+    """One shared prefix (a system prompt) at the start of a ``prefix_hit_rate`` share of the requests."""
+    if workload.shared_prefix_tokens <= 0 or workload.prefix_hit_rate <= 0:
+        return None
+    # A stream of its own: the lengths and arrivals drawn above stay those of the same workload without a prefix.
+    rng = np.random.default_rng([workload.seed, 0x9F1])
+    carries = rng.random(inputs.size) < workload.prefix_hit_rate
+    tokens = np.where(carries, np.minimum(inputs, workload.shared_prefix_tokens), 0).astype(np.int64)
+    group = np.where(carries, 0, -1).astype(np.int64)
+    return PrefixPlan(group, tokens, tokens.copy())

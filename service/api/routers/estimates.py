@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.api.deps import CatalogDep
+from service.api.deps import CatalogDep, SettingsDep
 from service.api.routers.plans import PROBLEMS
 from service.api.schemas import EstimateBody
 from service.planning.deployment import Mode
@@ -16,8 +16,12 @@ router = APIRouter(prefix="/v1/estimates", tags=["estimates"])
 
 
 @router.post("", operation_id="createEstimate", summary="Estimate one deployment", responses=PROBLEMS)
-def create_estimate(body: EstimateBody, catalog: CatalogDep) -> dict[str, Any]:
-    """Latency and throughput of one deployment under one workload (as `splan estimate --json`)."""
+def create_estimate(body: EstimateBody, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
+    """Latency and throughput of one deployment under one workload (as `splan estimate --json`).
+
+    Priced before it runs: a workload that cannot fit the work budget is a 422; one cut short says `truncated`.
+    """
     fields = body.model_dump()
+    fields["max_sequence_steps"] = settings.estimate_max_sequence_steps
     fields["mode"] = Mode.COLLOCATED if body.mode == "collocated" else Mode.DISAGGREGATED
     return run_estimate(EstimateRequest(**fields), catalog=catalog).as_dict()

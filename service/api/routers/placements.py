@@ -12,8 +12,11 @@ from service.api.deps import CatalogDep, MetricsDep, SessionDep
 from service.api.errors import ProblemError
 from service.api.routers.clusters import PROBLEMS, ClusterName, cache_of, stale
 from service.db import clusters as cluster_store
+from service.placement.cluster import ClusterError
 from service.placement.optimizer import PlacementRequest
-from service.placement_service import place_on_cluster
+from service.placement.prewarm import PrewarmRequest, advise_prewarm
+from service.placement_service import current_state, place_on_cluster
+from service.planning.specs import PlanningError
 
 router = APIRouter(prefix="/v1/placements", tags=["placements"])
 
@@ -59,3 +62,29 @@ def create_placement(
         "dry_run": outcome.dry_run,
         "reservation_ids": outcome.reservation_ids,
     }
+
+
+class PrewarmBody(PrewarmRequest):
+    """`POST /v1/placements/prewarm` body: the cluster and the recent (or forecast) request rate per checkpoint."""
+
+    cluster: ClusterName
+
+
+@router.post(
+    "/prewarm",
+    operation_id="advisePrewarm",
+    summary="Which checkpoints to copy into which server tier now, which to evict, and keep-alive per model",
+    responses=PROBLEMS,
+)
+def advise_prewarming(body: PrewarmBody, request: Request, session: SessionDep, catalog: CatalogDep) -> dict[str, Any]:
+    """Copies and evictions that lower the expected cold-start latency most per second of copying, and
+    keep-alive advice per checkpoint; nothing is changed on the cluster."""
+    try:
+        version, cluster = current_state(session, cache=cache_of(request), name=body.cluster)
+    except cluster_store.ClusterNotFoundError:
+        raise ProblemError(404, f"no cluster named {body.cluster!r}; PUT /v1/clusters/{body.cluster} first") from None
+    try:
+        advice = advise_prewarm(cluster, body, catalog=catalog, now_s=time.time())
+    except (PlanningError, ClusterError) as exc:
+        raise ProblemError(422, str(exc)) from None
+    return {**advice.model_dump(mode="json"), "cluster": body.cluster, "cluster_version": version}

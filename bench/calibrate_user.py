@@ -1,0 +1,207 @@
+"""Calibrate from measurements as a user would (`splan calibrate`'s code path), then predict what was held out.
+
+Usage: python -m bench.calibrate_user [--reference DIR] [--part peer|e2e|both] [--fraction 0.2] [--jobs J]
+
+peer: the peer suite's vLLM runs on H100 (../shared/reference/peer_suite). Per model, the load stages in run order
+(experiment timestamp, then stage); the first ceil(fraction x stages) calibrate one profile for that model, the
+other stages are predicted with and without it. The rows given to the fit are the stage summaries a user of
+`vllm bench serve` has: rate (constant arrivals), mean prompt and output tokens, engine knobs, TTFT mean/p90/p99,
+E2E mean/median. The runs' TPOT/ITL columns are not fitted on: their ITL median is 0.03 ms (tokens arrive in
+bursts) and (E2E - TTFT) / (output tokens - 1) is about twice the reported TPOT, so that column is reported only.
+e2e: e2e_h100_sxm.csv split by model (bench/e2e_accuracy.py TRAIN_MODELS): one profile per engine fitted on its
+training-model rows, the held-out models' rows scored before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.e2e_accuracy import TRAIN_MODELS, ape, default_reference_dir, engine_for, model_for, pct, request_for_row
+from service.catalog.loader import default_catalog
+from service.planning.estimate import run_estimate
+from service.planning.specs import PlanningError
+from service.planning.user_calibration import (
+    catalog_model_name,
+    fit_profile,
+    points_from_benchmark_rows,
+    predicted_metrics,
+    report_lines,
+)
+
+PEER_METRICS = {
+    # column in the runs file -> predicted metric
+    "ttft_mean": ("ttft_mean_ms", "ttft_mean"),
+    "ttft_p90": ("ttft_p90_ms", "ttft_p90"),
+    "ttft_p99": ("ttft_p99_ms", "ttft_p99"),
+    "itl_mean": ("itl_mean_ms", "tpot_mean"),
+    "e2e_mean": ("e2e_mean_ms", "e2e_mean"),
+    "e2e_median": ("e2e_median_ms", "e2e_p50"),
+}
+
+
+def peer_row(run: dict[str, str]) -> dict[str, str]:
+    """One load stage as the benchmark row `splan calibrate` reads (what `vllm bench serve` reports)."""
+    return {
+        "model": catalog_model_name(run["model"]),
+        "backend": "vllm",
+        "tp": run["tp"],
+        "rate": run["rate_req_s"],
+        "arrival": "constant",
+        "duration_s": run["duration_s"],
+        "isl": run["prompt_len_mean"],
+        "osl": run["output_len_mean"],
+        "max_num_batched_tokens": run["max_num_batched_tokens"],
+        "max_num_seqs": run["max_num_seqs"],
+        "ttft_ms": run["ttft_mean_ms"],
+        "ttft_p90_ms": run["ttft_p90_ms"],
+        "ttft_p99_ms": run["ttft_p99_ms"],
+        "e2e_ms": run["e2e_mean_ms"],
+        "e2e_p50_ms": run["e2e_median_ms"],
+    }
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):6.1f}" if values else "     –"
+
+
+def peer_suite(reference: Path, fraction: float, budget_s: float) -> None:
+    """Calibrate per model on its first stages, print per-stage predictions and the error table."""
+    runs = [r for r in csv.DictReader((reference / "peer_suite" / "vllm_h100_runs.csv").open()) if int(r["stage"]) >= 0]
+    by_model: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: (r["experiment"], int(r["stage"]))):
+        by_model[catalog_model_name(run["model"])].append(run)
+    catalog = default_catalog()
+    errors: dict[str, dict[str, list[float]]] = {"before": defaultdict(list), "after": defaultdict(list)}
+    overloaded: dict[str, dict[str, list[float]]] = {"before": defaultdict(list), "after": defaultdict(list)}
+    header = f"{'stage':50s} {'rate':>5s} " + " ".join(f"{m:>21s}" for m in PEER_METRICS)
+    lines = [header, " " * 57 + " ".join(f"{'meas / before / after':>21s}" for _ in PEER_METRICS)]
+    for model, stages in by_model.items():
+        count = max(1, math.ceil(fraction * len(stages)))
+        train, test = stages[:count], stages[count:]
+        points = points_from_benchmark_rows([peer_row(r) for r in train], gpu="h100-sxm", engine="vllm", source=model)
+        started = time.perf_counter()
+        result = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", time_budget_s=budget_s)
+        print(
+            f"== {model}: calibrated on {len(train)} of {len(stages)} stages in {time.perf_counter() - started:.1f} s"
+        )
+        for line in report_lines(result):
+            print("   " + line)
+        document = result.profile.as_document()
+        test_points = points_from_benchmark_rows(
+            [peer_row(r) for r in test], gpu="h100-sxm", engine="vllm", source=model
+        )
+        for run, point in zip(test, test_points, strict=True):
+            before = predicted_metrics(run_estimate(point.request, catalog=catalog).result)
+            after_request = replace(point.request, profile=document)
+            after = predicted_metrics(run_estimate(after_request, catalog=catalog).result)
+            bucket = overloaded if run["workload"] == "reasoning" else errors
+            cells = []
+            for metric, (column, key) in PEER_METRICS.items():
+                measured = float(run[column])
+                bucket["before"][metric].append(ape(before[key], measured))
+                bucket["after"][metric].append(ape(after[key], measured))
+                cells.append(f"{measured:7.0f}/{before[key]:6.0f}/{after[key]:6.0f}")
+            lines.append(f"{run['experiment'][-50:]:50s} {float(run['rate_req_s']):5.1f} " + " ".join(cells))
+    print()
+    for line in lines:
+        print(line)
+    print()
+    print("Median absolute % error over the predicted stages (not calibrated on):")
+    print("| stages | " + " | ".join(PEER_METRICS) + " |")
+    print("|---|" + "---:|" * len(PEER_METRICS))
+    for label, bucket in (("served", errors), ("overloaded `reasoning`", overloaded)):
+        n = len(bucket["before"]["ttft_mean"])
+        for when in ("before", "after"):
+            cells = " | ".join(_median(bucket[when][m]).strip() for m in PEER_METRICS)
+            print(f"| {label} ({n}), {'uncalibrated' if when == 'before' else 'calibrated'} | {cells} |")
+
+
+def _estimate(row: dict[str, str], profile: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(TTFT, TPOT) mean of one e2e row, or None when the estimate is refused."""
+    try:
+        request = replace(request_for_row(row), profile=profile)
+        result = run_estimate(request, catalog=default_catalog()).result
+    except PlanningError:
+        return None
+    return result.ttft.mean, result.tpot.mean
+
+
+def e2e_split(reference: Path, budget_s: float, jobs: int) -> None:
+    """Per engine: fit on the training models' rows, score the held-out models' rows before and after."""
+    rows = list(csv.DictReader((reference / "e2e_h100_sxm.csv").open()))
+    catalog = default_catalog()
+    by_engine: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        by_engine[engine_for(row)].append(row)
+    print(
+        f"{'engine':10s} {'train rows':>10s} {'held-out':>8s} {'TPOT med before/after':>22s} "
+        f"{'TPOT p90 before/after':>22s} {'TTFT med before/after':>22s} {'TTFT p90 before/after':>22s}"
+    )
+    table = []
+    for engine, engine_rows in sorted(by_engine.items()):
+        train = [r for r in engine_rows if model_for(r) in TRAIN_MODELS]
+        held = [r for r in engine_rows if model_for(r) not in TRAIN_MODELS]
+        if not train or not held:
+            continue
+        points = points_from_benchmark_rows(train, gpu="h100-sxm", engine=engine, source=engine)
+        points = [p for p in points if {"ttft_mean", "tpot_mean"} <= set(p.observed_ms)]
+        started = time.perf_counter()
+        result = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine=engine, time_budget_s=budget_s)
+        print(f"== {engine}: fitted in {time.perf_counter() - started:.1f} s")
+        for line in report_lines(result):
+            print("   " + line)
+        document = result.profile.as_document()
+        with multiprocessing.Pool(jobs) as pool:
+            before = pool.map(functools.partial(_estimate, profile=None), held, chunksize=4)
+            after = pool.map(functools.partial(_estimate, profile=document), held, chunksize=4)
+        errs: dict[str, list[float]] = defaultdict(list)
+        for row, b, a in zip(held, before, after, strict=True):
+            for when, value in (("before", b), ("after", a)):
+                tt = 100.0 if value is None else ape(value[0], float(row["ttft_ms"]))
+                tp = 100.0 if value is None else ape(value[1], float(row["tpot_ms"]))
+                errs[f"ttft_{when}"].append(tt)
+                errs[f"tpot_{when}"].append(tp)
+        cells = []
+        for metric in ("tpot", "ttft"):
+            b, a = errs[f"{metric}_before"], errs[f"{metric}_after"]
+            cells.append(f"{statistics.median(b):9.1f} / {statistics.median(a):6.1f}%")
+            cells.append(f"{pct(b, 90):9.1f} / {pct(a, 90):6.1f}%")
+        table.append(f"{engine:10s} {len(points):10d} {len(held):8d} " + " ".join(f"{c:>22s}" for c in cells))
+    print()
+    print(
+        f"{'engine':10s} {'train rows':>10s} {'held-out':>8s} {'TPOT med before/after':>22s} "
+        f"{'TPOT p90 before/after':>22s} {'TTFT med before/after':>22s} {'TTFT p90 before/after':>22s}"
+    )
+    for line in table:
+        print(line)
+
+
+def main() -> int:
+    """Run the chosen parts."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, default=default_reference_dir())
+    parser.add_argument("--part", choices=["peer", "e2e", "both"], default="both")
+    parser.add_argument("--fraction", type=float, default=0.2, help="share of each model's stages to calibrate on")
+    parser.add_argument("--budget-s", type=float, default=25.0, help="time budget of each fit")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for the held-out e2e estimates")
+    args = parser.parse_args()
+    if args.part in ("peer", "both"):
+        peer_suite(args.reference, args.fraction, args.budget_s)
+    if args.part in ("e2e", "both"):
+        e2e_split(args.reference, args.budget_s, args.jobs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
