@@ -5,7 +5,6 @@ Run: .venv/bin/python bench/trace_replay_speed.py
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
@@ -85,7 +84,6 @@ def prefix_caching_ttft() -> None:
     # Hand check: a warm request prefills 512 tokens over 1536 cached ones; a cold one 2048 from scratch.
     deployment = resolve_deployment(EstimateRequest(**base), catalog)  # type: ignore[arg-type]
     cost = build_instance(deployment, deployment.layout, Role.COLLOCATED, min_tokens=1).config.cost
-    tile = cost.calibration.attention_prefill_query_tile
     overhead_ms = deployment.engine.request_overhead_s * 1e3
 
     def prefill_ms(tokens: int, past: int) -> float:
@@ -94,7 +92,6 @@ def prefix_caching_ttft() -> None:
             prefill_key_pairs=tokens * (past + (tokens + 1) / 2.0),
             prefill_kv_tokens=past + tokens,
             prefill_sequences=1,
-            prefill_query_blocks=math.ceil(tokens / tile),
             prefill_chunks=1,
         )
         return step.total_s * 1e3

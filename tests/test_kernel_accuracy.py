@@ -18,6 +18,8 @@ from service.planning.kernels import (
     attention_prefill_time_s,
     collective_time_s,
     gemm_time_s,
+    prefill_chunk_tiles,
+    prefill_tile_shape,
     tp_all_reduce_time_s,
 )
 from service.planning.specs import DType, GpuSpec
@@ -31,7 +33,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     "h100-sxm": {
         "gemm_bf16": (8.0, 28.0),
         "gemm_fp8": (12.5, 37.0),
-        "attention_prefill": (17.5, 48.0),
+        "attention_prefill": (10.5, 28.0),
         "attention_decode": (12.0, 37.0),
         "all_gather": (12.0, 32.0),
         "all_reduce": (12.0, 27.0),
@@ -44,7 +46,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "gemm_fp8": (16.0, 52.0),
         "gemm_fp8_block": (11.0, 36.0),
         "gemm_nvfp4": (11.0, 29.0),
-        "attention_prefill": (23.0, 66.0),
+        "attention_prefill": (14.0, 43.0),
         "attention_decode": (11.0, 42.0),
         "all_gather": (12.0, 39.0),
         "all_reduce": (12.0, 30.0),
@@ -238,34 +240,40 @@ def test_collective_time_exact() -> None:
 
 def test_attention_exact() -> None:
     c, gpu = KernelCalibration(), _gpu()
-    # Prefill: 2 sequences of 256 tokens, 8 heads (2 KV heads) of 128: 2 x 2 query blocks x 8 heads = 32 CTAs.
-    pairs = 2 * 256 * (257 / 2)
-    occupancy = (32 / 100) ** c.attention_prefill_occupancy_power
-    flops = 4 * 8 * 128 * (pairs + c.attention_prefill_overhead_keys * 512)
+    # Prefill: 2 sequences of 256 tokens, 8 heads (2 KV heads) of 128, 128 x 128 tiles, GQA packed: each KV head's
+    # 4 x 256 query rows fill 8 query tiles of 32 tokens; tile j attends 32 (j + 1) keys, 1152 in all = 9 key tiles,
+    # plus half a tile each for rounding: 13 key tiles; the longest tile reads 2.
+    assert prefill_tile_shape(8, 2, 128, c) == (2, 4, 128, 128)
+    assert prefill_chunk_tiles(0.0, 256.0, rows_per_token=4, tile_m=128, tile_n=128) == (8, 13, 2)
+    # MHA, 100 new tokens after 1000 cached: one query tile over 1100 keys (9.09 tiles), longest ceil(1100/128).
+    assert prefill_chunk_tiles(1000.0, 100.0, rows_per_token=1, tile_m=128, tile_n=128) == (1, 1100 / 128 + 0.5, 9)
+    tile_s = 4 * 128 * 128 * 128 / (1e15 / 100 * c.attention_prefill_efficiency) + 128 * 128 * 2.0e-11
+    average_s = 2 * (26 + c.attention_prefill_cta_fixed_tiles * 16) * tile_s / 100
+    longest_s = (2 + c.attention_prefill_cta_fixed_tiles) * tile_s
     moved = 512 * 2 * 128 * 2 * 2 + 2 * 512 * 8 * 128 * 2
-    expected = (
-        c.attention_launch_s
-        + flops / (1e15 * c.attention_prefill_efficiency * occupancy)
-        + moved / (2e12 * c.gemm_bandwidth_efficiency)
-    )
+    expected = c.attention_launch_s + math.hypot(average_s, longest_s) + moved / (2e12 * 0.5)
     got = attention_prefill_time_s(
-        query_tokens=512,
-        attended_key_pairs=pairs,
-        query_blocks=4,
-        heads_per_gpu=8,
-        kv_heads_per_gpu=2,
-        head_dim=128,
-        kv_tokens_read=512,
-        kv_dtype=DType.BF16,
+        query_tiles=16.0,
+        key_tiles=26.0,
+        longest_key_tiles=2.0,
+        head_units=2.0,
+        tile_m=128.0,
+        tile_n=128.0,
+        head_dim=128.0,
+        query_tokens=512.0,
+        kv_tokens_read=512.0,
+        heads_per_gpu=8.0,
+        kv_heads_per_gpu=2.0,
+        kv_bytes_per_element=2.0,
+        fp8_kv=False,
         gpu=gpu,
-        num_sms=gpu.num_sms,
         calibration=c,
     )
     assert got == pytest.approx(expected, rel=1e-12)
     # Decode: 16 sequences of 1000 tokens, fp8 KV, 4096 bytes per token.
     eff = c.attention_decode_bandwidth_efficiency[DType.FP8]
     t_memory = 16000 * 4096 / (2e12 * eff)
-    t_compute = 1e9 / (1e15 * c.attention_prefill_efficiency)
+    t_compute = 1e9 / (1e15 * c.attention_decode_compute_efficiency)
     expected_decode = (
         c.attention_decode_launch_s + c.attention_decode_per_sequence_bytes * 16 / 2e12 + max(t_memory, t_compute)
     )

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -24,7 +23,13 @@ from service.planning import simulator as simulator_module
 from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, KnobOverrides, simulate_deployment
 from service.planning.estimate import EstimateRequest, run_estimate
-from service.planning.kernels import KernelCalibration, attention_prefill_time_s, gemm_time_s
+from service.planning.kernels import (
+    KernelCalibration,
+    attention_prefill_time_s,
+    gemm_time_s,
+    prefill_chunk_tiles,
+    prefill_tile_shape,
+)
 from service.planning.memory import GIB, MemoryPlan, plan_memory, require_fit
 from service.planning.moe_cost import MoeCalibration, moe_layer_time_s
 from service.planning.schedulers import InstanceConfig, Role, SchedulerKnobs, SimInstance, SimRequest
@@ -119,13 +124,11 @@ COSTS = {i: _cost(model, layout) for i, (model, layout) in enumerate(LAYOUTS)}
 
 def _prefill(cost: ReplicaStepCost, tokens: int, past: int, decode: int, decode_ctx: float) -> float:
     """One prompt chunk of ``tokens`` after ``past`` cached tokens, beside ``decode`` decoding sequences."""
-    tile = cost.calibration.attention_prefill_query_tile
     return cost.step(
         prefill_tokens=tokens,
         prefill_key_pairs=tokens * (past + (tokens + 1) / 2.0),
         prefill_kv_tokens=float(past + tokens),
         prefill_sequences=1 if tokens > 0 else 0,
-        prefill_query_blocks=float(math.ceil(tokens / tile)),
         decode_sequences=decode,
         decode_context_tokens=decode_ctx,
     ).total_s
@@ -223,24 +226,32 @@ def test_moe_layer_time_never_falls_with_more_tokens(local_experts: int, topk: i
     assert drops.size == 0, f"MoE layer time falls at tokens = {drops[:5].tolist()}"
 
 
-@pytest.mark.parametrize(("heads", "kv_heads"), [(16, 4), (4, 1), (64, 8)])
-def test_prefill_attention_never_falls_with_more_queries(heads: int, kv_heads: int) -> None:
-    times = [
-        attention_prefill_time_s(
-            query_tokens=p,
-            attended_key_pairs=p * (p + 1) / 2,
-            query_blocks=math.ceil(p / 128),
-            heads_per_gpu=heads,
-            kv_heads_per_gpu=kv_heads,
-            head_dim=128,
-            kv_tokens_read=p,
-            kv_dtype=DType.BF16,
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 4, 128), (4, 1, 64), (64, 8, 256), (8, 8, 128)])
+def test_prefill_attention_never_falls_with_more_queries(heads: int, kv_heads: int, head_dim: int) -> None:
+    cal = KernelCalibration()
+    units, rows_per_token, tile_m, tile_n = prefill_tile_shape(heads, kv_heads, head_dim, cal)
+
+    def time_s(p: int) -> float:
+        tiles = prefill_chunk_tiles(0.0, float(p), rows_per_token=rows_per_token, tile_m=tile_m, tile_n=tile_n)
+        return attention_prefill_time_s(
+            query_tiles=tiles[0],
+            key_tiles=tiles[1],
+            longest_key_tiles=tiles[2],
+            head_units=units,
+            tile_m=tile_m,
+            tile_n=tile_n,
+            head_dim=float(head_dim),
+            query_tokens=float(p),
+            kv_tokens_read=float(p),
+            heads_per_gpu=float(heads),
+            kv_heads_per_gpu=float(kv_heads),
+            kv_bytes_per_element=2.0,
+            fp8_kv=False,
             gpu=GPU,
-            num_sms=GPU.num_sms,
-            calibration=KernelCalibration(),
+            calibration=cal,
         )
-        for p in range(1, 2000)
-    ]
+
+    times = [time_s(p) for p in range(1, 2000)]
     drops = [p + 1 for p, (a, b) in enumerate(itertools.pairwise(times)) if b < a]
     assert drops == [], f"prefill attention falls from p to p+1 query tokens at p = {drops[:5]}"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -41,7 +40,6 @@ def test_a_second_request_sharing_a_1024_token_prefix_prefills_only_the_rest(cat
     on = run_estimate(_request(trace=rows), catalog=catalog)
     off = run_estimate(_request(trace=rows, prefix_caching=False), catalog=catalog)
     cost = _config(catalog).cost
-    tile = cost.calibration.attention_prefill_query_tile
     overhead = catalog.engine("vllm").request_overhead_s
 
     def prefill_s(tokens: int, past: int) -> float:
@@ -50,7 +48,6 @@ def test_a_second_request_sharing_a_1024_token_prefix_prefills_only_the_rest(cat
             prefill_key_pairs=tokens * (past + (tokens + 1) / 2.0),
             prefill_kv_tokens=past + tokens,
             prefill_sequences=1,
-            prefill_query_blocks=math.ceil(tokens / tile),
             prefill_chunks=1,
         ).total_s
 

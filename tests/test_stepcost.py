@@ -19,6 +19,7 @@ from service.planning.kernels import (
     collective_time_s,
     elementwise_time_s,
     gemm_time_s,
+    prefill_chunk_tiles,
 )
 from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
 from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError
@@ -262,17 +263,24 @@ def test_prefill_step_is_the_sum_of_its_parts() -> None:
     tokens = 300
     pairs = tokens * (tokens + 1) / 2
     step = cost.step(prefill_tokens=tokens, prefill_key_pairs=pairs, prefill_kv_tokens=tokens, prefill_sequences=1)
+    # Head dim 16 takes the 192 x 128 tiles; the 4 query heads per KV head share a tile (packed GQA): 2 head units.
+    tiles = prefill_chunk_tiles(0.0, float(tokens), rows_per_token=4.0, tile_m=192.0, tile_n=128.0)
+    assert cost.chunk_tiles(0, tokens) == tiles
     attention = 4 * attention_prefill_time_s(
-        query_tokens=tokens,
-        attended_key_pairs=pairs,
-        query_blocks=tokens / 128,  # no blocks given: the step uses tokens / query tile
-        heads_per_gpu=8,
-        kv_heads_per_gpu=2,
-        head_dim=16,
-        kv_tokens_read=tokens,
-        kv_dtype=DType.BF16,
+        query_tiles=tiles[0],
+        key_tiles=tiles[1],
+        longest_key_tiles=tiles[2],
+        head_units=2.0,
+        tile_m=192.0,
+        tile_n=128.0,
+        head_dim=16.0,
+        query_tokens=float(tokens),
+        kv_tokens_read=float(tokens),
+        heads_per_gpu=8.0,
+        kv_heads_per_gpu=2.0,
+        kv_bytes_per_element=2.0,
+        fp8_kv=False,
         gpu=GPU,
-        num_sms=100,
         calibration=CAL,
     )
     gemm = 4 * _dense_layer_gemms(tokens, 1) + _gemm(1, 1000, 64)  # only the finished prompt is sampled

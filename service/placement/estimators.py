@@ -382,7 +382,6 @@ def _prefill_time_s(cost: ReplicaStepCost, tokens: int, chunk: int) -> float:
     """One sequence of ``tokens`` prefilled in chunks of ``chunk`` (the engine's token budget)."""
     total = 0.0
     done = 0
-    tile = cost.calibration.attention_prefill_query_tile
     while done < tokens:
         c = min(chunk, tokens - done)
         total += cost.step(
@@ -390,7 +389,6 @@ def _prefill_time_s(cost: ReplicaStepCost, tokens: int, chunk: int) -> float:
             prefill_key_pairs=c * (done + (c + 1) / 2.0),
             prefill_kv_tokens=done + c,
             prefill_sequences=1 if done + c >= tokens else 0,
-            prefill_query_blocks=float(-(-c // tile)),
         ).total_s
         done += c
     return total

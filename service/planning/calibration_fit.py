@@ -191,11 +191,14 @@ def fit_gemm(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[st
 
 
 def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
-    """Prefill attention: tensor-core efficiency, per-query fixed work, occupancy exponent and launch floor."""
+    """Prefill attention: MMA efficiency, softmax cost, per-tile fixed work, makespan blend, fp8 KV, memory, launch."""
     params = [
         Param("attention_prefill_efficiency", 0.1, 1.0),
-        Param("attention_prefill_overhead_keys", 1.0, 5000.0),
-        Param("attention_prefill_occupancy_power", 0.05, 1.5),
+        Param("attention_prefill_softmax_s_per_score", 1e-14, 1e-10),
+        Param("attention_prefill_cta_fixed_tiles", 1e-3, 20.0),
+        Param("attention_prefill_makespan_power", 1.0, 16.0),
+        Param("attention_prefill_fp8_kv_factor", 0.5, 2.0),
+        Param("attention_prefill_bandwidth_efficiency", 0.05, 1.0),
         Param("attention_launch_s", 1e-6, 1e-4),
     ]
     return _fit_table("attention_context", rows, gpu, base, params)[1]

@@ -11,10 +11,12 @@ from service.planning.kernels import (
     FloatArray,
     KernelCalibration,
     attention_decode_times_s,
-    attention_prefill_times_s,
+    attention_prefill_time_s,
     collective_times_s,
     custom_all_reduce_times_s,
     gemm_time_s,
+    prefill_chunk_tiles,
+    prefill_tile_shape,
 )
 from service.planning.moe_cost import MoeCalibration
 from service.planning.specs import DType, GpuSpec
@@ -84,18 +86,29 @@ def predict_gemm(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibrati
 def predict_attention_context(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
     """Predicted prefill attention times; rows as in h100_sxm_attention_context.csv."""
     b, s, past = _f(rows, "batch_size"), _f(rows, "input_len"), _f(rows, "past_kv_len")
-    kv_bytes = np.where(rows["kv_cache_dtype"] == "fp8", DType.FP8.bytes_per_element, DType.BF16.bytes_per_element)
-    return attention_prefill_times_s(
+    heads, kv_heads, head_dim = _f(rows, "num_heads"), _f(rows, "num_key_value_heads"), _f(rows, "head_dim")
+    fp8 = rows["kv_cache_dtype"] == "fp8"
+    distinct, index = np.unique(np.stack([heads, kv_heads, head_dim], axis=1), axis=0, return_inverse=True)
+    per_shape = np.array([prefill_tile_shape(h, kv, d, calibration) for h, kv, d in distinct]).reshape(-1, 4)
+    units, rows_per_token, tile_m, tile_n = per_shape[index.ravel()].T
+    query_tiles, key_tiles, longest = prefill_chunk_tiles(
+        past, s, rows_per_token=rows_per_token, tile_m=tile_m, tile_n=tile_n
+    )
+    return attention_prefill_time_s(
+        query_tiles=b * query_tiles,
+        key_tiles=b * key_tiles,
+        longest_key_tiles=longest,
+        head_units=units,
+        tile_m=tile_m,
+        tile_n=tile_n,
+        head_dim=head_dim,
         query_tokens=b * s,
-        attended_key_pairs=b * s * (past + (s + 1) / 2),
-        query_blocks=b * np.ceil(s / calibration.attention_prefill_query_tile),
-        heads_per_gpu=_f(rows, "num_heads"),
-        kv_heads_per_gpu=_f(rows, "num_key_value_heads"),
-        head_dim=_f(rows, "head_dim"),
         kv_tokens_read=b * (s + past),
-        kv_bytes_per_element=kv_bytes,
+        heads_per_gpu=heads,
+        kv_heads_per_gpu=kv_heads,
+        kv_bytes_per_element=np.where(fp8, DType.FP8.bytes_per_element, DType.BF16.bytes_per_element),
+        fp8_kv=fp8,
         gpu=gpu,
-        num_sms=gpu.num_sms,
         calibration=calibration,
     )
 

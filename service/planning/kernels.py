@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +12,8 @@ import numpy.typing as npt
 from service.planning.specs import FOUR_BIT_DTYPES, DType, GpuSpec
 
 FloatArray = npt.NDArray[np.float64]
+# A float or an array of them: the step model passes floats, the kernel tables whole columns.
+Num = TypeVar("Num", float, FloatArray)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +54,27 @@ class KernelCalibration:
     gemm_block_scaled_launch_s: float = 2.0e-5
     # Weight-only 4-bit GEMMs dequantize in the kernel: their compute roof is the bf16 roof times this.
     weight_only_compute_factor: float = 0.6
-    # Prefill attention: FLOPs/(peak*eff*occupancy**occupancy_power); per-query-token fixed work in keys.
-    attention_prefill_efficiency: float = 0.60
-    attention_prefill_overhead_keys: float = 400.0
-    attention_prefill_occupancy_power: float = 0.67
-    attention_prefill_query_tile: int = 128
+    # Prefill attention as FlashAttention-3 runs it (hopper/tile_size.h, heuristics.h): query tiles of tile_m rows
+    # (with GQA packed, vLLM's paged path: the group's query heads share a tile) each loop over the key tiles of
+    # tile_n keys they attend (causal); a key tile costs its MMA FLOPs at peak x efficiency (x the fp8-KV factor)
+    # plus the softmax of its tile_m x tile_n scores; each query tile pays ``cta_fixed_tiles`` key tiles of
+    # prologue and epilogue. Time blends the SMs' average load with the longest query tile (power mean).
+    attention_prefill_efficiency: float = 0.70
+    attention_prefill_softmax_s_per_score: float = 2.0e-11
+    attention_prefill_cta_fixed_tiles: float = 1.0
+    attention_prefill_makespan_power: float = 2.0
+    attention_prefill_fp8_kv_factor: float = 1.0
+    attention_prefill_bandwidth_efficiency: float = 0.5
+    attention_prefill_pack_gqa: bool = True
+    # Tile shapes by head dimension (the smallest bound >= head_dim applies): FA3's sm90 forward tiles.
+    attention_prefill_tile_m: dict[str, float] = field(
+        default_factory=lambda: {"64": 192.0, "128": 128.0, "192": 128.0, "256": 128.0, "512": 128.0}
+    )
+    attention_prefill_tile_n: dict[str, float] = field(
+        default_factory=lambda: {"64": 128.0, "128": 128.0, "192": 96.0, "256": 80.0, "512": 64.0}
+    )
+    # Decode attention's compute roof (rarely binding: wide GQA groups at long context).
+    attention_decode_compute_efficiency: float = 0.45
     attention_launch_s: float = 1.2e-5
     # Decode attention: KV bytes/(bw*eff) plus a per-sequence cost expressed in bytes at the GPU's own bandwidth
     # (page-table walk, query/output and split-KV partials), so it scales with the target GPU.
@@ -156,69 +174,67 @@ def _scalar(value: float) -> FloatArray:
     return np.asarray(value, dtype=np.float64)
 
 
-def _occupancy(work_items: FloatArray, num_sms: int) -> FloatArray:
-    """Fraction of SM slots busy over the waves needed for ``work_items`` thread blocks."""
-    work = np.maximum(np.asarray(work_items, dtype=np.float64), 1.0)
-    out: FloatArray = work / (np.ceil(work / num_sms) * num_sms)
-    return out
+def prefill_tile_shape(
+    heads_per_gpu: float, kv_heads_per_gpu: float, head_dim: float, calibration: KernelCalibration
+) -> tuple[float, float, float, float]:
+    """(head units, query rows per token, tile_m, tile_n) of the prefill attention kernel for one shape."""
+    bounds = sorted((float(k), k) for k in calibration.attention_prefill_tile_m)
+    key = next((k for bound, k in bounds if head_dim <= bound), bounds[-1][1])
+    tile_m, tile_n = calibration.attention_prefill_tile_m[key], calibration.attention_prefill_tile_n[key]
+    group = heads_per_gpu / kv_heads_per_gpu
+    if calibration.attention_prefill_pack_gqa and group > 1:
+        return kv_heads_per_gpu, group, tile_m, tile_n
+    return heads_per_gpu, 1.0, tile_m, tile_n
 
 
-def attention_prefill_times_s(
-    *,
-    query_tokens: FloatArray,
-    attended_key_pairs: FloatArray,
-    query_blocks: FloatArray,
-    heads_per_gpu: FloatArray,
-    kv_heads_per_gpu: FloatArray,
-    head_dim: FloatArray,
-    kv_tokens_read: FloatArray,
-    kv_bytes_per_element: FloatArray,
-    gpu: GpuSpec,
-    num_sms: int,
-    calibration: KernelCalibration,
-) -> FloatArray:
-    """Prefill attention of one layer over a batch (vectorised over batches)."""
-    c = calibration
-    occupancy = _occupancy(heads_per_gpu * query_blocks, num_sms) ** c.attention_prefill_occupancy_power
-    flops = 4.0 * heads_per_gpu * head_dim * (attended_key_pairs + c.attention_prefill_overhead_keys * query_tokens)
-    # A partly filled query tile costs a whole tile: charge the padded work that the occupancy counts.
-    flops = flops * np.maximum(1.0, query_blocks * c.attention_prefill_query_tile / np.maximum(query_tokens, 1.0))
-    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency * occupancy)
-    moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2.0 * kv_bytes_per_element
-    moved = moved + 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0
-    t_memory = moved / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency)
-    out: FloatArray = np.where(query_tokens > 0, c.attention_launch_s + t_compute + t_memory, 0.0)
-    return out
+def prefill_chunk_tiles(
+    past_tokens: Num, new_tokens: Num, *, rows_per_token: float, tile_m: float, tile_n: float
+) -> tuple[Num, Num, Num]:
+    """(query tiles, key tiles summed over them, key tiles of the longest) of one causal chunk, per head unit."""
+    # -(-x // 1) is ceil for floats and arrays alike.
+    query_tiles = -(-(new_tokens * rows_per_token / tile_m) // 1)
+    tokens_per_tile = tile_m / rows_per_token
+    # Query tile j attends past + min((j+1) * tokens_per_tile, new) keys; the last one all of them.
+    attended = query_tiles * past_tokens + tokens_per_tile * query_tiles * (query_tiles - 1) / 2 + new_tokens
+    # Each query tile's key count rounds up to whole key tiles: half a tile on average.
+    key_tiles = attended / tile_n + 0.5 * query_tiles
+    longest = -(-((past_tokens + new_tokens) / tile_n) // 1)
+    return query_tiles, key_tiles, longest
 
 
 def attention_prefill_time_s(
     *,
-    query_tokens: float,
-    attended_key_pairs: float,
-    query_blocks: float,
-    heads_per_gpu: float,
-    kv_heads_per_gpu: float,
-    head_dim: float,
-    kv_tokens_read: float,
-    kv_dtype: DType,
+    query_tiles: Num,
+    key_tiles: Num,
+    longest_key_tiles: Num,
+    head_units: float | FloatArray,
+    tile_m: float | FloatArray,
+    tile_n: float | FloatArray,
+    head_dim: float | FloatArray,
+    query_tokens: Num,
+    kv_tokens_read: Num,
+    heads_per_gpu: float | FloatArray,
+    kv_heads_per_gpu: float | FloatArray,
+    kv_bytes_per_element: float | FloatArray,
+    fp8_kv: bool | npt.NDArray[np.bool_],
     gpu: GpuSpec,
-    num_sms: int,
     calibration: KernelCalibration,
-) -> float:
-    """One layer of (chunked) prefill attention over a batch, on one GPU."""
-    if query_tokens <= 0:
-        return 0.0
-    # Plain floats: the simulator calls this once per step, where numpy's per-call overhead dominates.
+) -> Num:
+    """One layer of (chunked) prefill attention over a batch on one GPU; tile counts per head unit."""
     c = calibration
-    work = max(heads_per_gpu * query_blocks, 1.0)
-    occupancy: float = (work / (math.ceil(work / num_sms) * num_sms)) ** c.attention_prefill_occupancy_power
-    flops = 4.0 * heads_per_gpu * head_dim * (attended_key_pairs + c.attention_prefill_overhead_keys * query_tokens)
-    flops *= max(1.0, query_blocks * c.attention_prefill_query_tile / query_tokens)
-    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency * occupancy)
-    moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2.0 * kv_dtype.bytes_per_element
-    moved += 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0
-    t_memory = moved / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_bandwidth_efficiency)
-    return float(c.attention_launch_s + t_compute + t_memory)
+    sms = float(gpu.num_sms)
+    mma_s = 4.0 * tile_m * tile_n * head_dim / (gpu.peak_for(DType.BF16) / sms * c.attention_prefill_efficiency)
+    fp8_factor = np.where(fp8_kv, c.attention_prefill_fp8_kv_factor, 1.0)
+    tile_s = mma_s * fp8_factor + tile_m * tile_n * c.attention_prefill_softmax_s_per_score
+    average_s = head_units * (key_tiles + c.attention_prefill_cta_fixed_tiles * query_tiles) * tile_s / sms
+    longest_s = (longest_key_tiles + c.attention_prefill_cta_fixed_tiles) * tile_s
+    power = c.attention_prefill_makespan_power
+    compute_s = (average_s**power + longest_s**power) ** (1.0 / power)
+    moved = kv_tokens_read * kv_heads_per_gpu * head_dim * 2.0 * kv_bytes_per_element
+    moved = moved + 2.0 * query_tokens * heads_per_gpu * head_dim * 2.0
+    memory_s = moved / (gpu.hbm_bandwidth_bytes_per_s * c.attention_prefill_bandwidth_efficiency)
+    out = c.attention_launch_s + compute_s + memory_s
+    return cast("Num", out if isinstance(out, np.ndarray) and out.ndim else float(out))
 
 
 def attention_decode_times_s(
@@ -235,7 +251,7 @@ def attention_decode_times_s(
     c = calibration
     bandwidth = gpu.hbm_bandwidth_bytes_per_s
     t_memory = context_tokens * kv_bytes_per_token / (bandwidth * bandwidth_efficiency)
-    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency)
+    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_decode_compute_efficiency)
     per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
     out: FloatArray = np.where(
         sequences > 0, c.attention_decode_launch_s + per_sequence + np.maximum(t_memory, t_compute), 0.0
@@ -260,7 +276,7 @@ def attention_decode_time_s(
     eff = c.attention_decode_bandwidth_efficiency.get(kv_dtype, c.attention_decode_bandwidth_efficiency[DType.BF16])
     bandwidth = gpu.hbm_bandwidth_bytes_per_s
     t_memory = context_tokens * kv_bytes_per_token / (bandwidth * eff)
-    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_prefill_efficiency)
+    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_decode_compute_efficiency)
     per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
     return c.attention_decode_launch_s + per_sequence + max(t_memory, t_compute)
 

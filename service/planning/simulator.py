@@ -398,8 +398,8 @@ class _Simulation:
 
     def batch_duration(self, inst: SimInstance, batch: list[tuple[SimRequest, int]]) -> tuple[float, int]:
         prefill_tokens = decode_seqs = prefill_seqs = chunks = 0
-        key_pairs = kv_read = decode_ctx = blocks = 0.0
-        tile = inst.config.cost.calibration.attention_prefill_query_tile
+        key_pairs = kv_read = decode_ctx = query_tiles = key_tiles = longest = 0.0
+        cost = inst.config.cost
         for req, tokens in batch:
             if req.in_prefill:
                 past = req.prefilled
@@ -407,19 +407,21 @@ class _Simulation:
                 prefill_tokens += tokens
                 key_pairs += tokens * (past + (tokens + 1) / 2.0)
                 kv_read += past + tokens
-                blocks += math.ceil(tokens / tile)
+                tiles = cost.chunk_tiles(past, tokens)
+                query_tiles += tiles[0]
+                key_tiles += tiles[1]
+                longest = max(longest, tiles[2])
                 if past + tokens >= req.prompt_tokens:
                     prefill_seqs += 1
             else:
                 decode_seqs += 1
                 decode_ctx += req.context
-        cost = inst.config.cost
         step = cost.step(
             prefill_tokens=prefill_tokens,
             prefill_key_pairs=key_pairs,
             prefill_kv_tokens=kv_read,
             prefill_sequences=prefill_seqs,
-            prefill_query_blocks=blocks,
+            prefill_tiles=(query_tiles, key_tiles, longest),
             prefill_chunks=chunks,
             decode_sequences=decode_seqs,
             decode_context_tokens=decode_ctx,

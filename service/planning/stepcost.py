@@ -15,6 +15,8 @@ from service.planning.kernels import (
     collective_time_s,
     elementwise_time_s,
     gemm_time_s,
+    prefill_chunk_tiles,
+    prefill_tile_shape,
 )
 from service.planning.mla_cost import MlaCalibration, mla_decode_time_s, mla_prefill_time_s
 from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
@@ -185,6 +187,9 @@ class ReplicaStepCost:
         self.heads_per_gpu = model.num_attention_heads / tp
         self.kv_heads_per_gpu = max(1.0, model.num_kv_heads / tp)
         self.kv_bytes_per_token_layer = kv_bytes_per_token_per_gpu(model, layout, kv_dtype) / self.layers_per_stage
+        self._prefill_shape = prefill_tile_shape(
+            self.heads_per_gpu, self.kv_heads_per_gpu, self._attention_head_dim(), calibration
+        )
         domain = gpu.scale_up_domain_gpus
         self.link_bandwidth = self._link_bandwidth(tp)
         self.moe_link_bandwidth = self._link_bandwidth(layout.stage_gpus)
@@ -381,13 +386,17 @@ class ReplicaStepCost:
         prefill_key_pairs: float = 0.0,
         prefill_kv_tokens: float = 0.0,
         prefill_sequences: int = 0,
-        prefill_query_blocks: float = 0.0,
+        prefill_tiles: tuple[float, float, float] | None = None,
         decode_sequences: int = 0,
         decode_context_tokens: float = 0.0,
         sampled_sequences: int | None = None,
         prefill_chunks: int = 0,
     ) -> StepTime:
-        """Duration of one step that runs the given prefill chunks and decode tokens."""
+        """Duration of one step that runs the given prefill chunks and decode tokens.
+
+        ``prefill_tiles`` (query tiles, key tiles, longest query tile's key tiles; see ``prefill_chunk_tiles``) sums
+        the chunks exactly; without it the prefill counts as ``prefill_chunks`` equal chunks.
+        """
         pp = self.layout.pp
         tokens = prefill_tokens + decode_sequences
         if tokens <= 0:
@@ -410,17 +419,27 @@ class ReplicaStepCost:
                 decode_context_tokens,
             )
         elif prefill_tokens > 0:
+            if prefill_tiles is None:
+                chunks = max(1, prefill_chunks or prefill_sequences)
+                new = prefill_tokens / chunks
+                query_tiles, key_tiles, longest = self.chunk_tiles(max(0.0, prefill_kv_tokens / chunks - new), new)
+                prefill_tiles = (query_tiles * chunks, key_tiles * chunks, longest)
+            units, _, tile_m, tile_n = self._prefill_shape
             attention += layers_total * attention_prefill_time_s(
-                query_tokens=prefill_tokens,
-                attended_key_pairs=prefill_key_pairs,
-                query_blocks=max(prefill_query_blocks, prefill_tokens / c.attention_prefill_query_tile),
+                query_tiles=prefill_tiles[0],
+                key_tiles=prefill_tiles[1],
+                longest_key_tiles=prefill_tiles[2],
+                head_units=units,
+                tile_m=tile_m,
+                tile_n=tile_n,
+                head_dim=self._attention_head_dim(),
+                query_tokens=float(prefill_tokens),
+                kv_tokens_read=prefill_kv_tokens,
                 heads_per_gpu=self.heads_per_gpu,
                 kv_heads_per_gpu=self.kv_heads_per_gpu,
-                head_dim=self._attention_head_dim(),
-                kv_tokens_read=prefill_kv_tokens,
-                kv_dtype=self.kv_dtype,
+                kv_bytes_per_element=self.kv_dtype.bytes_per_element,
+                fp8_kv=self.kv_dtype is DType.FP8,
                 gpu=gpu,
-                num_sms=gpu.num_sms,
                 calibration=c,
             )
         if decode_sequences > 0 and model.mla is None:
@@ -489,6 +508,13 @@ class ReplicaStepCost:
                 calibration=self.calibration,
             )
         return total + per_layer * self.moe_layers
+
+    def chunk_tiles(self, past_tokens: float, new_tokens: float) -> tuple[float, float, float]:
+        """Prefill attention tiles of one chunk of ``new_tokens`` after ``past_tokens`` (``prefill_chunk_tiles``)."""
+        _, rows_per_token, tile_m, tile_n = self._prefill_shape
+        return prefill_chunk_tiles(
+            float(past_tokens), float(new_tokens), rows_per_token=rows_per_token, tile_m=tile_m, tile_n=tile_n
+        )
 
     def _attention_head_dim(self) -> float:
         mla = self.model.mla
