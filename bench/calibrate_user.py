@@ -123,8 +123,8 @@ def peer_suite(reference: Path, fraction: float, budget_s: float) -> None:
     for label, bucket in (("served", errors), ("overloaded `reasoning`", overloaded)):
         n = len(bucket["before"]["ttft_mean"])
         for when in ("before", "after"):
-            cells = " | ".join(_median(bucket[when][m]).strip() for m in PEER_METRICS)
-            print(f"| {label} ({n}), {'uncalibrated' if when == 'before' else 'calibrated'} | {cells} |")
+            row_cells = " | ".join(_median(bucket[when][m]).strip() for m in PEER_METRICS)
+            print(f"| {label} ({n}), {'uncalibrated' if when == 'before' else 'calibrated'} | {row_cells} |")
 
 
 def _estimate(row: dict[str, str], profile: dict[str, Any] | None) -> tuple[float, float] | None:
@@ -174,9 +174,9 @@ def e2e_split(reference: Path, budget_s: float, jobs: int) -> None:
                 errs[f"tpot_{when}"].append(tp)
         cells = []
         for metric in ("tpot", "ttft"):
-            b, a = errs[f"{metric}_before"], errs[f"{metric}_after"]
-            cells.append(f"{statistics.median(b):9.1f} / {statistics.median(a):6.1f}%")
-            cells.append(f"{pct(b, 90):9.1f} / {pct(a, 90):6.1f}%")
+            errs_before, errs_after = errs[f"{metric}_before"], errs[f"{metric}_after"]
+            cells.append(f"{statistics.median(errs_before):9.1f} / {statistics.median(errs_after):6.1f}%")
+            cells.append(f"{pct(errs_before, 90):9.1f} / {pct(errs_after, 90):6.1f}%")
         table.append(f"{engine:10s} {len(points):10d} {len(held):8d} " + " ".join(f"{c:>22s}" for c in cells))
     print()
     print(

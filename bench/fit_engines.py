@@ -25,6 +25,7 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -53,7 +54,8 @@ def _errors(
     With ``request_overhead_s`` given, the row runs its benchmark client's full protocol with that front-end latency.
     """
     catalog = default_catalog()
-    changes: dict[str, float] = dict(zip(PARAMS, values, strict=True))
+    # EngineSpec fields of several types are replaced by name: the values are floats, the mapping is not narrower.
+    changes: dict[str, Any] = dict(zip(PARAMS, values, strict=True))
     request = request_for_row(row)
     if request_overhead_s is None:
         # Fewer profiled requests per client than the benchmark keeps the fit fast; means barely move. The step

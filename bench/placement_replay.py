@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from service.catalog.loader import default_catalog
-from service.placement.cluster import Cluster
+from service.placement.cluster import Cluster, TierKind
 from service.placement.optimizer import PlacementRequest, place
 from service.placement.replay import REPLAY_MODELS, Policy, ReplayConfig, Scenario, run_replay, synthetic_cluster
 from service.planning.catalog import Catalog
@@ -63,10 +63,16 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=defaults.servers)
     parser.add_argument("--keep-alive-s", type=float, default=defaults.keep_alive_s)
     parser.add_argument("--latency-calls", type=int, default=300, help="place() calls to time (0 to skip)")
+    parser.add_argument(
+        "--policies",
+        default="serverlessllm,ours,serverlessllm+prewarm,ours+prewarm",
+        help=f"comma-separated, of {', '.join(p.value for p in Policy)}; serverlessllm is the baseline",
+    )
     args = parser.parse_args()
     seeds = [int(x) for x in args.seeds.split(",") if x]
     rates = [float(x) for x in args.rates.split(",") if x]
     scenarios = [Scenario(x) for x in args.scenarios.split(",") if x]
+    policies = tuple(dict.fromkeys([Policy.SERVERLESSLLM, *(Policy(x) for x in args.policies.split(",") if x)]))
     catalog = default_catalog()
     print(f"Command: `{' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}`\n")
     config = replace(defaults, servers=args.servers, duration_s=args.duration_s, keep_alive_s=args.keep_alive_s)
@@ -83,17 +89,21 @@ def main() -> None:
     for scenario in scenarios:
         for rate in rates:
             results = [
-                run_replay(replace(config, seed=seed, rate_per_s=rate, scenario=scenario), catalog=catalog)
+                run_replay(
+                    replace(config, seed=seed, rate_per_s=rate, scenario=scenario), catalog=catalog, policies=policies
+                )
                 for seed in seeds
             ]
             print(f"### {scenario.value} bandwidths, {rate:g} req/s\n")
             print(
                 "| policy | requests | cold starts | mean startup (s) | p50 (s) | p99 (s) | GPU-hours | mean vs SLLM | "
-                "p99 vs SLLM | GPU-h vs SLLM | migrations | staged | idle stopped | estimate error (s) |"
+                "p99 vs SLLM | GPU-h vs SLLM | dram / ssd / remote loads | startup s from dram / ssd / remote | "
+                "migrations | staged | idle stopped | copied TB | estimate error (s) |"
             )
-            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            rows = {}
-            for policy in Policy:
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|")
+            rows: dict[Policy, dict[str, float]] = {}
+            labels: dict[Policy, tuple[str, str]] = {}
+            for policy in policies:
                 per_seed = [r.result(policy) for r in results]
                 rows[policy] = {
                     "requests": float(np.mean([len(p.startup_s) for p in per_seed])),
@@ -106,14 +116,22 @@ def main() -> None:
                     "staged": float(np.mean([p.staged for p in per_seed])),
                     "stopped": float(np.mean([p.stopped_idle for p in per_seed])),
                     "err": float(np.mean([p.estimate_error_s for p in per_seed])),
+                    "copied": float(np.mean([p.copied_bytes for p in per_seed])) / 1e12,
                 }
+                labels[policy] = (
+                    " / ".join(f"{np.mean([p.tiers.get(t.value, 0) for p in per_seed]):.0f}" for t in TierKind),
+                    " / ".join(
+                        f"{np.mean([p.startup_s_by_tier.get(t.value, 0.0) for p in per_seed]):.0f}" for t in TierKind
+                    ),
+                )
             base = rows[Policy.SERVERLESSLLM]
             for policy, row in rows.items():
                 print(
                     f"| {policy.value} | {row['requests']:.0f} | {row['cold']:.0f} | {row['mean']:.2f} | "
                     f"{row['p50']:.2f} | {row['p99']:.2f} | {row['gpuh']:.1f} | {_ratio(row['mean'], base['mean'])} | "
-                    f"{_ratio(row['p99'], base['p99'])} | {_ratio(row['gpuh'], base['gpuh'])} | {row['mig']:.1f} | "
-                    f"{row['staged']:.1f} | {row['stopped']:.1f} | {row['err']:.2f} |"
+                    f"{_ratio(row['p99'], base['p99'])} | {_ratio(row['gpuh'], base['gpuh'])} | {labels[policy][0]} | "
+                    f"{labels[policy][1]} | {row['mig']:.1f} | {row['staged']:.1f} | {row['stopped']:.1f} | "
+                    f"{row['copied']:.2f} | {row['err']:.2f} |"
                 )
             print()
     print(f"Replay time: {time.perf_counter() - started:.0f} s.")

@@ -22,7 +22,7 @@ from service.planning.estimate import EstimateRequest, run_estimate
 from service.planning.specs import PlanningError, spec_kind
 from service.planning.workload import LengthDistribution
 
-SERVICE_COMMANDS = ("serve", "worker", "submit", "status", "db", "openapi", "place")
+SERVICE_COMMANDS = ("serve", "worker", "submit", "status", "db", "openapi", "place", "keys", "tenants")
 
 
 class CliError(Exception):
@@ -280,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --emit-launch: the rank of the strategy to launch",
     )
+    pl.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="fleet specs: run the candidate searches on N local processes (default: 1, in this process)",
+    )
+    pl.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="fleet specs: neither read nor store candidate searches in the embedded database (default: both, in "
+        "the database of DATABASE_URL, else $SPLAN_DATA_DIR/splan.db)",
+    )
 
     pw = add_command(sub, "prewarm", "which checkpoints to copy into which server tier now, and keep-alive per model")
     pw.add_argument("--cluster", type=Path, required=True, help="cluster state, YAML or JSON")
@@ -461,14 +474,9 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
 
 def _read_profile(path: Path) -> dict[str, Any]:
     """A profile file, validated (one-line error otherwise)."""
-    from service.planning.profile import parse_profile
+    from service.plans_service import read_profile
 
-    document = read_structured_file(path)
-    try:
-        parse_profile(document)
-    except PlanningError as exc:
-        raise PlanningError(f"{path}: {exc}") from None
-    return dict(document)
+    return read_profile(path)
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:
@@ -477,44 +485,36 @@ def _print_warnings(warnings: Sequence[str]) -> None:
 
 
 def _plan(args: argparse.Namespace, catalog: Catalog) -> int:
+    from service.plans_service import inline_spec_files
+
     raw = read_structured_file(args.spec)
     if not isinstance(raw, dict):
         raise PlanningError(f"{args.spec} must hold a mapping (a plan spec or a fleet spec)")
     if args.profile is not None:
         raw["profile"] = _read_profile(args.profile)
-    elif isinstance(raw.get("profile"), str):
-        # A path in a spec file is read here and stored inline with the plan: the worker never reads files.
-        path = Path(raw["profile"])
-        raw["profile"] = _read_profile(path if path.is_absolute() else args.spec.parent / path)
-    workload = raw.get("workload")
-    if isinstance(workload, dict) and isinstance(workload.get("trace"), str):
-        # A trace path is read here, relative to the spec, and stored inline: the worker never reads files.
-        from service.planning.trace import read_trace_records
-
-        path = Path(workload["trace"])
-        raw["workload"] = {
-            **workload,
-            "trace": read_trace_records(path if path.is_absolute() else args.spec.parent / path),
-        }
+    config_path = raw.get("model_config") if isinstance(raw.get("model_config"), str) else None
+    # Paths in a spec file (trace, profile, model_config) are read here and stored inline with the plan, as
+    # `splan submit` sends them: the worker never reads files.
+    raw = inline_spec_files(raw, args.spec.parent)
     if spec_kind(raw) == "fleet":
         return _plan_fleet(args, catalog, raw)
-    return _plan_strategies(args, catalog, {k: v for k, v in raw.items() if k != "kind"})
+    return _plan_strategies(args, catalog, {k: v for k, v in raw.items() if k != "kind"}, config_path)
 
 
-def _plan_strategies(args: argparse.Namespace, catalog: Catalog, raw: dict[str, Any]) -> int:
+def _plan_strategies(
+    args: argparse.Namespace, catalog: Catalog, raw: dict[str, Any], config_path: str | None = None
+) -> int:
     # Imported here: the plan spec's pydantic models and the job runner cost time that estimates do not need.
     from service.jobs import execute_spec
     from service.planning.plan_spec import PlanSpec, parse_plan_spec
 
-    request = parse_plan_spec(raw, catalog=catalog, base_dir=args.spec.parent, model_loader=load_hf_model_config)
-    spec, run_catalog = raw, catalog
+    request = parse_plan_spec(raw, catalog=catalog)
+    run_catalog = catalog
     if raw.get("model_config"):
-        # The worker's code path knows catalog names only: the config read from disk joins this run's catalog.
-        name = request.model.name
-        run_catalog = replace(catalog, models={**catalog.models, name.strip().lower(): request.model})
-        spec = {**{k: v for k, v in raw.items() if k != "model_config"}, "model": name}
+        # Launch files and reports look the model up by name: the inline config joins this run's catalog.
+        run_catalog = replace(catalog, models={**catalog.models, request.model.name.strip().lower(): request.model})
     with ProgressReporter(f"planning {request.model.name} on {request.gpu}") as progress:
-        result, _ = execute_spec("strategy", spec, catalog=run_catalog, progress=progress)
+        result, _ = execute_spec("strategy", raw, catalog=run_catalog, progress=progress)
     _print_warnings(result.get("warnings", []))
     _write_plan_outputs(args, raw, result, catalog=run_catalog)
     if args.json:
@@ -523,7 +523,7 @@ def _plan_strategies(args: argparse.Namespace, catalog: Catalog, raw: dict[str, 
     shown = PlanSpec.model_validate(raw)
     best = result["strategies"][0] if result["strategies"] else None
     kv = shown.kv_dtype or (f"{best['kv_dtype']} (the engine's default)" if best else "the engine's default")
-    model = request.model.name + (f" (config {shown.model_config_path})" if shown.model_config_path else "")
+    model = request.model.name + (f" (config {config_path})" if config_path else "")
     print(
         f"model:    {model} on {shown.gpu}, at most {shown.max_gpus} GPUs; engine {shown.engine}, "
         f"weights {shown.weight_dtype}, KV cache {kv}"
@@ -692,6 +692,7 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, left: S
 
 def _plan_fleet(args: argparse.Namespace, catalog: Catalog, raw: dict[str, Any]) -> int:
     # Imported here: the job runner and placement cost time that estimates do not need.
+    from service.fleet_jobs import FleetSearches
     from service.jobs import execute_spec
     from service.placement.cluster import Cluster, parse_cluster
     from service.placement.fleet_plan import parse_fleet_spec
@@ -732,8 +733,15 @@ def _plan_fleet(args: argparse.Namespace, catalog: Catalog, raw: dict[str, Any])
 
     if args.emit_launch is not None:
         raise PlanningError("--emit-launch takes a strategy plan; a fleet plan's deployments each have their own")
+    if not 1 <= args.jobs <= 256:
+        raise PlanningError(f"--jobs must be between 1 and 256 (got {args.jobs})")
+    searches = FleetSearches(
+        catalog=catalog, session_factory=None if args.no_cache else _cache_sessions(), jobs=args.jobs
+    )
     with ProgressReporter(f"planning a fleet of {len(fleet.deployments)} deployments") as progress:
-        result, _ = execute_spec("fleet", spec, catalog=catalog, progress=progress, cluster_loader=load_cluster)
+        result, _ = execute_spec(
+            "fleet", spec, catalog=catalog, progress=progress, cluster_loader=load_cluster, fleet_searches=searches
+        )
     _write_plan_outputs(args, raw, result, catalog=catalog, fleet=True)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -754,6 +762,29 @@ def _plan_fleet(args: argparse.Namespace, catalog: Catalog, raw: dict[str, Any])
     return 0
 
 
+def _cache_sessions() -> Any:
+    """Sessions on the service's database (the embedded SQLite file unless DATABASE_URL says otherwise), migrated."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.db.migrate import alembic_config, upgrade
+    from service.db.session import make_engine, make_session_factory
+    from service.settings import Settings
+
+    settings = Settings()
+    engine = make_engine(settings)
+    heads = set(ScriptDirectory.from_config(alembic_config(settings)).get_heads())
+    try:
+        with engine.connect() as connection:
+            current = {row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))}
+    except SQLAlchemyError:
+        current = set()
+    if current != heads:
+        upgrade(settings)
+    return make_session_factory(engine)
+
+
 FLEET_HEADERS = (
     "deployment",
     "model",
@@ -765,6 +796,7 @@ FLEET_HEADERS = (
     "capacity (req/s)",
     "TTFT p90 (ms)",
     "TPOT p90 (ms)",
+    "cost ($/h)",
     "placed",
 )
 
@@ -786,11 +818,12 @@ def fleet_summary(result: Mapping[str, Any], *, on_cluster: bool) -> list[str]:
                 f"{d['instances'] * d['goodput_per_instance_rps']:.2f}",
                 _ms(d.get("ttft_ms")),
                 _ms(d.get("tpot_ms")),
+                f"{d['cost_per_hour_usd']:.2f}" if d.get("cost_per_hour_usd") is not None else "-",
                 "yes" if d["placed"] else "no",
             )
             for d in deployments
         ]
-        lines += text_table(FLEET_HEADERS, rows, left=(0, 1, 2, 3, 10))
+        lines += text_table(FLEET_HEADERS, rows, left=(0, 1, 2, 3, 11))
     for d in deployments:
         for i, instance in enumerate(d.get("instances_placed") or [], 1):
             if instance.get("server") is None:
@@ -807,9 +840,27 @@ def fleet_summary(result: Mapping[str, Any], *, on_cluster: bool) -> list[str]:
     lines.append(
         f"total:    {result['total_gpus']} GPUs used of {sum(available.values())}{free} ({by_type}); {verdict}"
     )
+    lines += _fleet_cost_lines(result)
     for miss in result["unmet"]:
         lines.append(f"not met:  {miss['name']}: {miss['reason']}")
     return lines
+
+
+def _fleet_cost_lines(result: Mapping[str, Any]) -> list[str]:
+    """The fleet's cost against the greedy baseline, the solver's gap, and the candidate searches reused."""
+    if result.get("cost_per_hour_usd") is None:
+        return []
+    greedy, solver = result["greedy"], result["solver"]
+    periods = int(result.get("periods", 1))
+    horizon = f", ${result['cost_usd']:.2f} over {periods} periods" if periods > 1 else ""
+    skipped = f" and leaves {len(greedy['unserved'])} unserved" if greedy["unserved"] else ""
+    gap = f"{solver['mip_gap']:.2%}" if solver.get("mip_gap") is not None else "unknown"
+    searches = result.get("candidate_searches", {})
+    return [
+        f"cost:     ${result['cost_per_hour_usd']:.2f}/hour{horizon}; the greedy rule costs "
+        f"${greedy['cost_per_hour_usd']:.2f}/hour{skipped}; optimality gap {gap} ({solver['status']})",
+        f"searches: {searches.get('total', 0)} candidate searches, {searches.get('reused', 0)} reused from the cache",
+    ]
 
 
 class ProgressReporter:

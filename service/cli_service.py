@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import httpx
 
 from service.catalog.loader import read_structured_file
+from service.cli_keys import add_key_commands, run_key_command
 from service.planning.specs import PlanningError, spec_kind
 
 OPENAPI_PATH = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
@@ -35,6 +36,11 @@ def add_service_commands(sub: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve keyless on a non-loopback address: anyone who reaches the port acts as the default tenant",
+    )
 
     worker = add_command(sub, "worker", "run a Celery worker (needs BROKER_URL and DATABASE_URL)")
     worker.add_argument(
@@ -44,6 +50,7 @@ def add_service_commands(sub: Any) -> None:
     worker.add_argument("--loglevel", default="INFO", help="Celery log level")
 
     server_help = "the planning service's URL, e.g. http://127.0.0.1:8765 (default: $SPLAN_SERVER)"
+    key_help = "API key sent as Authorization: Bearer (default: $SPLAN_API_KEY; none for a keyless local server)"
     submit = add_command(sub, "submit", "submit a plan or fleet spec to a server; prints the plan id and a summary")
     submit.add_argument("spec", type=Path, help="plan or fleet spec, YAML or JSON")
     submit.add_argument("--server", default=None, help=server_help)
@@ -53,11 +60,13 @@ def add_service_commands(sub: Any) -> None:
         "--idempotency-key", default=None, help="same key and body give back the same plan (default: none)"
     )
     submit.add_argument("--json", action="store_true", help="print the plan as the API returns it")
+    submit.add_argument("--api-key", default=None, help=key_help)
 
     status = add_command(sub, "status", "show a plan's status, and a summary of its result once finished")
     status.add_argument("plan_id", help="the id `splan submit` printed")
     status.add_argument("--server", default=None, help=server_help)
     status.add_argument("--json", action="store_true", help="print the plan (with its whole result) as JSON")
+    status.add_argument("--api-key", default=None, help=key_help)
 
     db = add_command(sub, "db", "database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=sub._parser_class, metavar="COMMAND")
@@ -77,6 +86,8 @@ def add_service_commands(sub: Any) -> None:
     place.add_argument("--no-migration", action="store_true", help="never move running instances")
     place.add_argument("--candidates", type=int, default=8, help="ranked candidates to show")
     place.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+    add_key_commands(sub, add_command)
 
     openapi = add_command(sub, "openapi", "write the OpenAPI document")
     openapi.add_argument("--out", type=Path, default=OPENAPI_PATH, help="where to write it")
@@ -102,6 +113,8 @@ def run_service_command(args: argparse.Namespace) -> int:
         "db": _db,
         "openapi": _openapi,
         "place": _place,
+        "keys": run_key_command,
+        "tenants": run_key_command,
     }[args.command]
     return handler(args)
 
@@ -109,9 +122,18 @@ def run_service_command(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.auth import is_loopback_host
     from service.settings import get_settings
 
     settings = get_settings()
+    if not settings.api_keys_required and not is_loopback_host(args.host) and not (args.insecure or settings.insecure):
+        raise ServiceCliError(
+            f"refusing to serve without API keys on {args.host}, which is not loopback: set SPLAN_REQUIRE_API_KEYS=1 "
+            "and create keys with `splan keys create`, or pass --insecure"
+        )
+    if args.insecure:
+        # The app is built by uvicorn (in each worker process) from the environment.
+        os.environ["SPLAN_INSECURE"] = "1"
     if settings.database_url is None:
         # Embedded mode must work on a fresh machine: create or update the SQLite file first.
         _upgrade(settings)
@@ -191,11 +213,13 @@ def _server(args: argparse.Namespace) -> str:
     return str(server)
 
 
-def _client(server: str) -> httpx.Client:
+def _client(server: str, api_key: str | None = None) -> httpx.Client:
     # Imported here: the HTTP client is only needed by the service commands, not by estimate or plan.
     import httpx
 
-    return httpx.Client(base_url=server.rstrip("/"), timeout=30.0)
+    key = api_key or os.environ.get("SPLAN_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=server.rstrip("/"), timeout=30.0, headers=headers)
 
 
 def _check(response: httpx.Response) -> dict[str, Any]:
@@ -214,7 +238,10 @@ def _submit(args: argparse.Namespace) -> int:
     import httpx
 
     server = _server(args)
-    spec = _mapping(read_structured_file(args.spec), args.spec)
+    from service.plans_service import inline_spec_files
+
+    # The server reads no files: the trace, profile and model config a spec names travel inline.
+    spec = inline_spec_files(_mapping(read_structured_file(args.spec), args.spec), args.spec.parent)
     if "cluster_file" in spec:
         raise ServiceCliError(
             "cluster_file is read by `splan plan` only; store the cluster with PUT /v1/clusters/NAME and give "
@@ -225,7 +252,7 @@ def _submit(args: argparse.Namespace) -> int:
         spec = {**spec, "kind": "fleet"}
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     try:
-        with _client(server) as client:
+        with _client(server, args.api_key) as client:
             plan = _check(client.post("/v1/plans", json=spec, headers=headers))
             if args.wait:
                 plan = _wait(client, plan, args.timeout)
@@ -270,7 +297,7 @@ def _status(args: argparse.Namespace) -> int:
 
     server = _server(args)
     try:
-        with _client(server) as client:
+        with _client(server, args.api_key) as client:
             plan = _check(client.get(f"/v1/plans/{args.plan_id}"))
     except httpx.HTTPError as exc:
         raise ServiceCliError(f"cannot reach {server}: {exc}") from None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import structlog
 from celery import Celery
-from tenacity import retry, stop_after_attempt, wait_exponential
 
 from service.catalog.loader import default_catalog
 from service.db.session import SessionFactory
@@ -34,6 +34,13 @@ class Dispatcher(Protocol):
         """Messages waiting in the broker, when there is one."""
 
 
+# How often the outbox retries the broker while it is away; a plan sent during an outage leaves within this
+# of the broker's return (plus the send itself).
+OUTBOX_RETRY_S = 0.25
+# Socket timeouts of the API's broker connection: a broker that does not answer fails a send in this long.
+BROKER_SOCKET_TIMEOUT_S = 1.0
+
+
 def celery_client(settings: Settings) -> Celery:
     """A Celery app used to send tasks by name; the worker side lives in workers/."""
     app = Celery("splan", broker=settings.broker_url)
@@ -41,25 +48,77 @@ def celery_client(settings: Settings) -> Celery:
         task_default_queue=settings.queue_name,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 5},
+        # One try per send: a broker that is down must not stall the request; the outbox retries instead.
+        broker_transport_options={
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "max_retries": 0,
+        },
+        broker_pool_limit=10,
     )
     return app
 
 
 class CeleryDispatcher:
-    """Sends run_plan tasks to the broker; a send that fails is retried, then left to the sweeper."""
+    """Sends run_plan tasks to the broker; a send that fails goes to an outbox drained as soon as the broker is back.
+
+    The plan row is committed (queued) before the send, so the outbox is only a fast path: if this process dies
+    with plans in it, the sweeper re-sends them after `requeue_queued_after_s`.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = celery_client(settings)
+        self.outbox: deque[str] = deque()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.drainer = threading.Thread(target=self._drain_forever, name="splan-outbox", daemon=True)
+        self.drainer.start()
 
-    @retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.05, max=0.5), reraise=True)
+    def _send(self, plan_id: str) -> None:
+        self.app.send_task(RUN_PLAN_TASK, args=[plan_id], queue=self.settings.queue_name, retry=False)
+
     def submit(self, plan_id: str) -> None:
-        """Enqueue the plan (retried); the row is already committed, so a lost send is re-sent by the sweeper."""
-        self.app.send_task(RUN_PLAN_TASK, args=[plan_id], queue=self.settings.queue_name)
+        """Enqueue the plan now, or, while the broker is away (or plans wait before it), through the outbox."""
+        if not self.outbox:
+            try:
+                self._send(plan_id)
+                return
+            except Exception as exc:
+                log.warning("plan.enqueue_deferred", plan_id=plan_id, error=type(exc).__name__)
+        # While plans wait, new ones queue behind them without a try: no request waits for an absent broker.
+        self.outbox.append(plan_id)
+        self.wake.set()
+
+    def pending(self) -> int:
+        """Plans in the outbox, waiting for the broker."""
+        return len(self.outbox)
+
+    def _drain_forever(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.wait(OUTBOX_RETRY_S)
+            self.wake.clear()
+            self._drain()
+            if self.outbox:
+                self.stopping.wait(OUTBOX_RETRY_S)
+
+    def _drain(self) -> None:
+        # Only this thread (and close, after it stopped) takes from the outbox; deque appends are thread-safe.
+        sent = 0
+        while self.outbox:
+            try:
+                self._send(self.outbox[0])
+            except Exception:
+                break
+            self.outbox.popleft()
+            sent += 1
+        if sent:
+            log.info("plan.outbox_drained", sent=sent, left=len(self.outbox))
 
     def queue_depth(self) -> int | None:
         """Length of the Redis list behind the plan queue."""
+        if self.outbox:  # the broker is away: do not wait for it at scrape time
+            return None
         try:
             with self.app.connection_for_write() as conn:
                 client = conn.default_channel.client  # type: ignore[attr-defined]
@@ -68,7 +127,11 @@ class CeleryDispatcher:
             return None
 
     def close(self) -> None:
-        """Release broker connections."""
+        """Stop the outbox (one last try to send what it holds) and release broker connections."""
+        self.stopping.set()
+        self.wake.set()
+        self.drainer.join(timeout=5)
+        self._drain()
         self.app.close()
 
 

@@ -12,11 +12,13 @@ from typing import Any
 
 import structlog
 
+from service.auth import cluster_key
 from service.catalog.loader import default_catalog
 from service.db import clusters as cluster_store
 from service.db import plans as plan_store
 from service.db.models import utcnow
 from service.db.session import SessionFactory
+from service.fleet_jobs import FanOut, FleetSearches
 from service.placement.cluster import Cluster, ClusterError, parse_cluster
 from service.placement.fleet_plan import parse_fleet_spec, plan_fleet
 from service.planning.catalog import Catalog
@@ -57,8 +59,10 @@ def execute_spec(
     progress: Callable[[int, int], None],
     checkpoint: Callable[[], None] | None = None,
     cluster_loader: Callable[[str], Cluster] | None = None,
+    fleet_searches: FleetSearches | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run one stored spec: the result document and its summary columns."""
+    """Run one stored spec: the result document and its summary columns (a fleet's candidate searches through
+    ``fleet_searches``: cached, pooled or fanned out; here one by one without it)."""
     if kind == "fleet":
         fleet = parse_fleet_spec(spec)
         cluster = None
@@ -66,7 +70,16 @@ def execute_spec(
             if cluster_loader is None:
                 raise PlanningError("this executor cannot read stored clusters")
             cluster = cluster_loader(fleet.cluster)
-        result = plan_fleet(fleet, catalog=catalog, cluster=cluster, now_s=time.time(), progress=progress)
+        result = plan_fleet(
+            fleet,
+            catalog=catalog,
+            cluster=cluster,
+            now_s=time.time(),
+            progress=progress,
+            checkpoint=checkpoint,
+            run_searches=fleet_searches,
+            reused=fleet_searches.reused_count if fleet_searches is not None else None,
+        )
         return result, {"best_gpus": result["total_gpus"]}
     request = parse_plan_spec(spec, catalog=catalog)
     catalog, warnings = profiled_catalog(
@@ -89,8 +102,10 @@ def run_plan(
     settings: Settings,
     catalog: Catalog | None = None,
     worker: str | None = None,
+    fan_out: FanOut | None = None,
 ) -> str:
-    """Claim the plan, run it, write its outcome guarded by the attempt; returns what happened."""
+    """Claim the plan, run it, write its outcome guarded by the attempt; returns what happened (a fleet plan's
+    candidate searches go to the workers through ``fan_out`` when given, else run here; cached ones are reused)."""
     worker = worker or worker_name()
     with session_factory() as session:
         attempt = plan_store.claim_plan(
@@ -104,7 +119,7 @@ def run_plan(
             log.info("plan.not_claimed", plan_id=plan_id)
             return "not-claimed"
         stored = plan_store.get_plan(session, plan_id=plan_id)
-        kind, spec = stored.kind, stored.spec
+        kind, spec, tenant = stored.kind, stored.spec, stored.tenant_id
     log.info("plan.started", plan_id=plan_id, attempt=attempt, worker=worker)
     started = time.monotonic()
     last_report = 0.0
@@ -155,13 +170,26 @@ def run_plan(
     beat.start()
     try:
         progress(0, 1)
+        catalog = catalog or default_catalog()
+        searches = FleetSearches(
+            catalog=catalog,
+            session_factory=session_factory,
+            checkpoint=checkpoint,
+            fan_out=fan_out,
+            plan_id=plan_id,
+            attempt=attempt,
+            worker=worker,
+            lease_s=settings.plan_lease_s,
+        )
         result, summary = execute_spec(
             kind,
             spec,
-            catalog=catalog or default_catalog(),
+            catalog=catalog,
             progress=progress,
             checkpoint=checkpoint,
-            cluster_loader=lambda name: load_cluster(session_factory, name),
+            fleet_searches=searches if kind == "fleet" else None,
+            # A fleet plan names its tenant's cluster: the stored key carries the tenant.
+            cluster_loader=lambda name: load_cluster(session_factory, cluster_key(tenant, name)),
         )
     except PlanAbortedError:
         log.info("plan.aborted", plan_id=plan_id, attempt=attempt)

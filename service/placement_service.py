@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 from service.db import clusters as cluster_store
 from service.placement.cluster import Cluster, ClusterError, Hold, apply_events, parse_cluster, parse_events
 from service.placement.optimizer import PlacementDecision, PlacementRequest, hold_decision, place, with_holds
+from service.placement.prewarm import PrewarmAdvice, PrewarmRequest, advise_prewarm
 from service.planning.catalog import Catalog
 
 RESERVE_RETRIES = 5
@@ -51,12 +51,42 @@ class ClusterCache:
         self._sizes: dict[str, int] = {}
         self._holds: dict[str, Hold] = {}
         self._lock = threading.Lock()
-        self._writers: dict[str, threading.Lock] = {}
+        self._deciding: dict[str, threading.Lock] = {}
+        self._in_flight: dict[str, dict[str, Hold]] = {}
+        self._swept_s: dict[str, float] = {}
 
-    def writer_lock(self, name: str) -> threading.Lock:
-        """Serializes this process's reservations on one cluster: no conflict storms among its own threads."""
+    def deciding(self, name: str) -> threading.Lock:
+        """Held by one of this process's threads while it decides on a cluster (CPU only, never across database
+        I/O), so that its threads see each other's in-flight holds and do not pick the same GPUs."""
         with self._lock:
-            return self._writers.setdefault(name, threading.Lock())
+            return self._deciding.setdefault(name, threading.Lock())
+
+    def in_flight(self, name: str) -> list[Hold]:
+        """Holds this process has decided on a cluster but not yet committed (or given up)."""
+        with self._lock:
+            return list(self._in_flight.get(name, {}).values())
+
+    def start_flight(self, name: str, holds: list[Hold]) -> None:
+        """Mark holds as decided and being written."""
+        with self._lock:
+            flying = self._in_flight.setdefault(name, {})
+            for hold in holds:
+                flying[hold.reservation.id] = hold
+
+    def end_flight(self, name: str, holds: list[Hold]) -> None:
+        """The holds are committed (and will be read back as holds) or were refused."""
+        with self._lock:
+            flying = self._in_flight.get(name, {})
+            for hold in holds:
+                flying.pop(hold.reservation.id, None)
+
+    def sweep_due(self, name: str, now_s: float, every_s: float = 1.0) -> bool:
+        """Whether this process should drop the cluster's expired holds now (at most once per ``every_s``)."""
+        with self._lock:
+            if now_s - self._swept_s.get(name, 0.0) < every_s:
+                return False
+            self._swept_s[name] = now_s
+            return True
 
     def load(self, session: Session, *, name: str) -> tuple[int, Cluster]:
         """The current version of a cluster, parsed."""
@@ -180,22 +210,34 @@ def place_on_cluster(
     dry_run: bool,
     ttl_s: float,
 ) -> PlacementOutcome:
-    """Decide, and unless dry-run hold what the decision uses: GPU claims that two requests cannot share."""
-    # Identical requests rank the same GPUs first; reserving one at a time per process avoids retries, and
-    # the GPU claims in the database still arbitrate between processes.
-    with contextlib.nullcontext() if dry_run else cache.writer_lock(name):
-        for _ in range(RESERVE_RETRIES):
-            version, cluster = cache.load(session, name=name)
-            now_s = time.time()
-            holds = cache.holds(session, name=name, now_s=now_s)
-            session.rollback()  # end the read transaction; the write below locks afresh
+    """Decide, and unless dry-run hold what the decision uses: GPU claims that two requests cannot share.
+
+    The claims table keeps two answers apart, across threads and processes: a decision whose GPUs another
+    placement claimed first is refused by the primary key and made again on the new state. Within a process,
+    threads decide one at a time and see each other's holds still being written, so they rarely collide.
+    """
+    for _ in range(RESERVE_RETRIES):
+        version, cluster = cache.load(session, name=name)
+        now_s = time.time()
+        holds = cache.holds(session, name=name, now_s=now_s)
+        if dry_run:
+            session.rollback()  # hand the connection back before deciding
             decision = place(cluster, request, now_s=now_s, catalog=catalog, holds=holds)
-            if dry_run or not decision.placements:
+            return PlacementOutcome(decision, [], version, dry_run)
+        with cache.deciding(name):
+            known = {h.reservation.id for h in holds}
+            seen = [*holds, *(h for h in cache.in_flight(name) if h.reservation.id not in known)]
+            decision = place(cluster, request, now_s=now_s, catalog=catalog, holds=seen)
+            if not decision.placements:
+                session.rollback()
                 return PlacementOutcome(decision, [], version, dry_run)
             try:
-                new = hold_decision(cluster, decision, now_s=now_s, ttl_s=ttl_s, holds=holds)
+                new = hold_decision(cluster, decision, now_s=now_s, ttl_s=ttl_s, holds=seen)
             except ClusterError:
+                session.rollback()
                 continue
+            cache.start_flight(name, new)
+        try:
             rows = [
                 (
                     h.reservation.id,
@@ -212,5 +254,20 @@ def place_on_cluster(
                 # Someone else took one of these GPUs or changed the cluster: decide again on the new state.
                 continue
             cache.remember_holds(new)
-            return PlacementOutcome(decision, [h.reservation.id for h in new], version, dry_run)
-        raise cluster_store.StaleVersionError(cluster_store.current_version(session, name=name))
+        finally:
+            cache.end_flight(name, new)
+        if cache.sweep_due(name, now_s):
+            cluster_store.delete_expired_holds(session, name=name, now_s=now_s)
+        return PlacementOutcome(decision, [h.reservation.id for h in new], version, dry_run)
+    raise cluster_store.StaleVersionError(cluster_store.current_version(session, name=name))
+
+
+def prewarm_on_cluster(
+    session: Session, *, cache: ClusterCache, catalog: Catalog, name: str, request: PrewarmRequest
+) -> tuple[int, PrewarmAdvice]:
+    """(cluster version, advice) for prewarming a stored cluster; nothing on the cluster changes.
+
+    Raises ClusterNotFoundError; PlanningError or ClusterError for advice the request cannot get.
+    """
+    version, cluster = current_state(session, cache=cache, name=name)
+    return version, advise_prewarm(cluster, request, catalog=catalog, now_s=time.time())

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # A running plan's worker renews its lease every plan_heartbeat_s; a plan whose lease lapses is re-run by the
     # sweeper within sweep_interval_s, so a lost worker costs at most lease + sweep interval (13 s by default).
     plan_lease_s: float = Field(default=10.0, gt=0)
-    plan_heartbeat_s: float = Field(default=1.0, gt=0)
+    plan_heartbeat_s: float = Field(default=0.5, gt=0)
     plan_time_limit_s: float = Field(default=600.0, gt=0)
     requeue_queued_after_s: float = Field(default=120.0, gt=0)
     sweep_interval_s: float = Field(default=3.0, gt=0)
@@ -41,11 +41,28 @@ class Settings(BaseSettings):
     # about 0.8 s (bench/RESULTS.md, issue 16).
     estimate_max_sequence_steps: int = Field(default=1_200_000, ge=1000)
     worker_concurrency: int = Field(default=2, ge=1)
+    # API keys: required by default in production (a database other than SQLite, or a broker); the embedded
+    # default is keyless and answers loopback clients only unless `insecure` (splan serve --insecure).
+    require_api_keys: bool | None = None
+    insecure: bool = False
+    # Per-tenant quotas where a tenant has none of its own (splan tenants quota).
+    quota_plans_in_flight: int = Field(default=20, ge=1)
+    quota_plans_per_hour: int = Field(default=600, ge=1)
+    quota_search_space: int = Field(default=5000, ge=1)
+    # The Retry-After of a 429 for too many plans in flight: about one plan's run time.
+    quota_in_flight_retry_after_s: int = Field(default=10, ge=1)
 
     @property
     def execution(self) -> Execution:
         """Celery when a broker is configured, else in-process; never a fallback from one to the other."""
         return Execution.CELERY if self.broker_url else Execution.IN_PROCESS
+
+    @property
+    def api_keys_required(self) -> bool:
+        """Whether every API request needs a key: as configured, else in production (PostgreSQL or a broker)."""
+        if self.require_api_keys is not None:
+            return self.require_api_keys
+        return self.broker_url is not None or not self.sqlalchemy_url().startswith("sqlite")
 
     def sqlalchemy_url(self) -> str:
         """The database URL with an explicit driver; a SQLite file in the data directory by default."""

@@ -35,6 +35,43 @@ def reference_dir() -> Path:
 
 PG_ADMIN_URL = os.environ.get("SPLAN_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SPLAN_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# Every queue a test makes is named with this prefix, so that the session can take its keys out of Redis.
+TEST_QUEUE_PREFIX = "splan-test-"
+
+
+def forget_test_queues(client: Any, prefix: str = TEST_QUEUE_PREFIX) -> list[str]:
+    """Delete the queues, kombu bindings and unacknowledged messages of test queues; the keys that were left."""
+    left = [key.decode() for key in client.scan_iter(match=f"*{prefix}*")]
+    if left:
+        client.delete(*left)
+    # Kombu keeps some bookkeeping in keys shared by every queue of the database: take out only our members.
+    for member in client.zrange("_kombu.binding_deadlines", 0, -1):
+        if prefix.encode() in member:
+            client.zrem("_kombu.binding_deadlines", member)
+            left.append(f"_kombu.binding_deadlines[{member.decode()}]")
+    for tag, message in client.hscan_iter("unacked"):
+        if prefix.encode() in message:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
+            left.append(f"unacked[{tag.decode()}]")
+    return left
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_queues_left_in_redis() -> Iterator[None]:
+    """Tests' Redis queues and keys are removed when the session ends (and what was left is printed)."""
+    yield
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        left = forget_test_queues(client)
+    except redis.ConnectionError:
+        return  # no Redis, so nothing of ours in it
+    finally:
+        client.close()
+    if left:
+        print(f"\nremoved {len(left)} Redis keys left by test workers: {', '.join(sorted(left)[:10])}")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +89,9 @@ def postgres_url() -> Iterator[str]:
 
 
 def migrated_settings(url: str, data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a database with the schema applied."""
+    """Settings for a database with the schema applied (keyless unless `require_api_keys` is given)."""
+    # Tests about other things run in the keyless mode on PostgreSQL too; tests/test_auth.py turns keys on.
+    overrides.setdefault("require_api_keys", False)
     settings = Settings(database_url=url, broker_url=None, data_dir=data_dir, **overrides)
     upgrade(settings)
     return settings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from tests.conftest import migrated_settings
+from tests.helpers import wait_final
 from tests.test_jobs import SPEC
 
 PROBLEM = "application/problem+json"
@@ -22,15 +22,6 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     settings = migrated_settings(f"sqlite:///{tmp_path / 'api.db'}", tmp_path, max_body_bytes=4096)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
-
-
-def wait_final(client: TestClient, plan_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        plan: dict[str, Any] = client.get(f"/v1/plans/{plan_id}").json()
-        if plan["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            return plan
-        time.sleep(0.05)
 
 
 def assert_problem(response: Any, status: int) -> dict[str, Any]:

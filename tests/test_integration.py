@@ -7,70 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from tests.conftest import REDIS_URL, REPO
+from tests.helpers import SPLAN, free_port, start_quiet, stop, wait_final, wait_ready
 from tests.test_jobs import SPEC
-
-SPLAN = [sys.executable, "-m", "service.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not become ready")
-
-
-def start_quiet(command: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a `splan` subcommand with its output discarded; `serve` gets a free loopback port."""
-    port = free_port()
-    argv = [*SPLAN, *command, *(["--port", str(port)] if command[0] == "serve" else [])]
-    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def wait_final(client: httpx.Client, plan_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        plan: dict[str, Any] = client.get(f"/v1/plans/{plan_id}").json()
-        if plan["status"] in ("succeeded", "failed", "canceled"):
-            return plan
-        assert time.monotonic() < deadline, f"plan {plan_id} still {plan['status']}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +30,8 @@ def production(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         **os.environ,
         "DATABASE_URL": postgres_url,
         "BROKER_URL": REDIS_URL,
+        # The production set with keys is tested in tests/test_auth.py; these tests are about execution.
+        "SPLAN_REQUIRE_API_KEYS": "false",
         "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}",
         "SPLAN_SWEEP_INTERVAL_S": "2",
         "PYTHONPATH": str(REPO),
@@ -280,6 +231,42 @@ def test_moe_plan_with_attention_dp_and_ep_runs_on_the_celery_worker(production:
             assert layout["tp"] * layout["attention_dp"] == layout["moe_tp"] * layout["moe_ep"]
 
 
+def test_fleet_candidate_searches_fan_out_over_the_workers_and_are_reused(
+    production: tuple[str, dict[str, str]],
+) -> None:
+    import psycopg
+
+    base_url, env = production
+    fleet = {
+        "kind": "fleet",
+        "gpus": {"l40s": 16},
+        "deployments": [
+            {
+                "name": f"d{ttft_ms}",
+                "model": "llama-3.1-8b",
+                "workload": {"isl": 512, "osl": 64, "rate": 2.0},
+                "slo": {"ttft_ms": ttft_ms, "tpot_ms": 60},
+                "search": {"tp": [1], "pp": [1], "requests": 40, "simulate_top": 1},
+            }
+            for ttft_ms in (700, 800, 900, 1000)
+        ],
+    }
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        first = wait_final(client, client.post("/v1/plans", json=fleet).json()["id"])
+        assert first["status"] == "succeeded", first
+        assert first["result"]["candidate_searches"] == {"total": 4, "reused": 0}
+        assert first["result"]["all_slos_met"]
+        with psycopg.connect(env["DATABASE_URL"]) as conn:
+            rows = conn.execute("SELECT status, worker FROM fleet_candidates").fetchall()
+        assert len(rows) == 4
+        assert {status for status, _ in rows} == {"done"}
+        # The plan's own process and at least one other worker process each searched a part.
+        assert len({worker for _, worker in rows}) >= 2
+        again = wait_final(client, client.post("/v1/plans", json=fleet).json()["id"])
+        assert again["result"]["candidate_searches"] == {"total": 4, "reused": 4}
+        assert again["result"]["deployments"] == first["result"]["deployments"]
+
+
 def test_a_killed_workers_plan_is_rerun_within_fifteen_seconds(postgres_url: str, tmp_path: Path) -> None:
     import signal
 
@@ -290,6 +277,8 @@ def test_a_killed_workers_plan_is_rerun_within_fifteen_seconds(postgres_url: str
         **os.environ,
         "DATABASE_URL": postgres_url,
         "BROKER_URL": REDIS_URL,
+        # The production set with keys is tested in tests/test_auth.py; these tests are about execution.
+        "SPLAN_REQUIRE_API_KEYS": "false",
         "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}",
         "PYTHONPATH": str(REPO),
     }

@@ -172,7 +172,7 @@ def test_gemm_time_exact_fp8_and_block_scaled() -> None:
 
     def compute(eff: float) -> float:
         k_over = c.gemm_k_overhead_elems[DType.FP8]
-        return 2 * 384 * 512 * (1024 + k_over) / (2e15 * eff * occupancy**c.gemm_occupancy_power)
+        return float(2 * 384 * 512 * (1024 + k_over) / (2e15 * eff * occupancy**c.gemm_occupancy_power))
 
     roof = (compute(c.gemm_peak_efficiency[DType.FP8]) ** p + t_memory**p) ** (1 / p)
     quant = (

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.catalog.loader import read_structured_file
 from tests.conftest import REPO, migrated_settings
-from tests.test_api import assert_problem, wait_final
+from tests.helpers import wait_final
+from tests.test_api import assert_problem
 
 CLUSTER: dict[str, Any] = read_structured_file(REPO / "examples" / "cluster.yaml")
 
@@ -212,10 +213,13 @@ def test_fleet_plan_respects_live_reservations(client: TestClient) -> None:
     assert response.status_code == 202, response.text
     plan = wait_final(client, response.json()["id"], timeout_s=120)
     assert plan["status"] == "succeeded", plan
-    deployment = plan["result"]["deployments"][0]
-    used = {(i["server"], g) for i in deployment["instances_placed"] for g in i["gpu_ids"]}
+    used = {
+        (i["server"], g) for d in plan["result"]["deployments"] for i in d["instances_placed"] for g in i["gpu_ids"]
+    }
     assert not used & reserved
-    # Only the two emptied servers had 8 free GPUs: the plan must not place on them, and says so consistently.
-    assert not deployment["placed"]
-    assert deployment["instances_placed"] == []
-    assert "none placed" in plan["result"]["unmet"][0]["reason"]
+    # Only the two emptied servers had 8 free GPUs: the solve sees no whole server left for an 8-GPU instance,
+    # serves nothing and says what is short.
+    assert plan["result"]["deployments"] == []
+    (short,) = plan["result"]["shortfall"]
+    assert (short["gpus_needed"], short["gpus_free"], short["gpus_short"]) == (8, 0, 8)
+    assert plan["result"]["unmet"][0]["reason"].startswith("short of 8 h100-sxm GPUs: needs 8 (1 x 8-GPU tp8)")

@@ -9,6 +9,7 @@ shows up as a mismatch.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -132,7 +133,7 @@ def test_alltoall_by_hand() -> None:
     assert float(alltoall_time_s(8.0, **{**_A2A, "ep_ranks": 1, "calibration": cal})) == 0
 
 
-_A2A: dict[str, object] = {
+_A2A: dict[str, Any] = {
     "hidden_size": 64,
     "topk": 2,
     "ep_ranks": 16,

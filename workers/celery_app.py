@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
+from celery.worker.consumer import Consumer
 from kombu import Queue
 
 from service.logging_setup import configure_logging
 from service.settings import Settings, get_settings
+
+# Seconds between the worker's tries to reach a broker that went away. Kombu's default waits 2, 4, 6, ... up to
+# 30 s between tries, so a worker could come back up to 30 s after the broker; plans sent meanwhile would wait.
+RECONNECT_INTERVAL_S = 0.5
+
+
+class PromptReconnectConsumer(Consumer):
+    """Celery's consumer, retrying a lost broker every RECONNECT_INTERVAL_S instead of backing off to 30 s."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        """Connect as Celery does, with short, constant retry intervals."""
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection,
+            interval_start=RECONNECT_INTERVAL_S,
+            interval_step=0,
+            interval_max=RECONNECT_INTERVAL_S,
+        )
+        return super().ensure_connected(conn)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Celery's cleanup of a lost connection, surviving kombu's failure to restore unacked messages."""
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError:
+            # kombu 5.7's Redis channel, closed with unacknowledged messages, rebuilds its connection pool from a
+            # connection already torn down ('NoneType' has no 'hostname') and Celery calls that unrecoverable: the
+            # worker would exit. The messages stay in Redis's unacked set (redelivered after the visibility
+            # timeout, then not claimed: the plan is finished or leased), so reconnecting loses nothing.
+            logging.getLogger("splan.worker").warning("broker connection closed uncleanly; reconnecting")
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -36,6 +69,7 @@ def create_celery(settings: Settings) -> Celery:
         },
         beat_schedule_filename=str(Path(tempfile.gettempdir()) / f"splan-beat-{settings.queue_name}"),
         worker_hijack_root_logger=False,
+        worker_consumer=f"{PromptReconnectConsumer.__module__}:{PromptReconnectConsumer.__qualname__}",
     )
     return app
 

@@ -6,12 +6,14 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI
 
 from service.api.errors import install_problem_handlers
 from service.api.metrics import ApiMetrics, PlanCollector
 from service.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware, RequestMetricsMiddleware
 from service.api.routers import catalog, clusters, estimates, health, placements, plans
+from service.auth import DEFAULT_TENANT
 from service.catalog.loader import default_catalog
 from service.db.session import SessionFactory, make_engine, make_session_factory
 from service.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
@@ -20,6 +22,7 @@ from service.placement_service import ClusterCache
 from service.settings import Execution, Settings, get_settings
 
 API_VERSION = "1.0.0"
+log = structlog.get_logger("splan.api")
 
 
 def make_dispatcher(settings: Settings, session_factory: SessionFactory) -> Dispatcher:
@@ -45,6 +48,15 @@ def create_app(settings: Settings | None = None, *, start_executor: bool = True)
             gc.freeze()
             app.state.dispatcher = make_dispatcher(settings, session_factory)
             metrics.registry.register(PlanCollector(session_factory, app.state.dispatcher.queue_depth))
+            if settings.api_keys_required:
+                log.info("auth.api_keys_required", scheme="Authorization: Bearer")
+            else:
+                log.info(
+                    "auth.keyless",
+                    tenant=DEFAULT_TENANT,
+                    clients="any (--insecure)" if settings.insecure else "loopback only",
+                    note="requests without a key act as the default tenant with every scope",
+                )
         try:
             yield
         finally:

@@ -1,14 +1,17 @@
-"""FastAPI dependencies: database session, catalog, dispatcher, settings."""
+"""FastAPI dependencies: database session, catalog, dispatcher, settings, and the caller (API key and scopes)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException
 
 from service.api.metrics import ApiMetrics
+from service.auth import KEYLESS, Principal, Scope, authenticate, is_remote_address
 from service.dispatch import Dispatcher
 from service.planning.catalog import Catalog
 from service.settings import Settings
@@ -37,3 +40,66 @@ CatalogDep = Annotated[Catalog, Depends(_state("catalog"))]
 DispatcherDep = Annotated[Dispatcher, Depends(_state("dispatcher"))]
 SettingsDep = Annotated[Settings, Depends(_state("settings"))]
 MetricsDep = Annotated[ApiMetrics, Depends(_state("metrics"))]
+
+# auto_error off: a missing or malformed header is answered below as problem+json with WWW-Authenticate.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    bearerFormat="splan_<key id>_<secret>",
+    description="An API key from `splan keys create`; the scopes each operation needs are listed with it.",
+)
+
+
+def _unauthorized(detail: str, *, error: str | None) -> HTTPException:
+    challenge = 'Bearer realm="splan"' + (f', error="{error}"' if error else "")
+    return HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
+
+
+def caller(
+    security_scopes: SecurityScopes,
+    request: Request,
+    session: SessionDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The tenant and scopes of the request's key (keyless: the default tenant); 401 without one, 403 short a scope."""
+    settings: Settings = request.app.state.settings
+    header = request.headers.get("authorization")
+    if header is None:
+        if settings.api_keys_required:
+            raise _unauthorized("an API key is required: send Authorization: Bearer <key>", error=None)
+        client = request.client.host if request.client else None
+        if client is not None and is_remote_address(client) and not settings.insecure:
+            raise _unauthorized(
+                "keyless access is for loopback clients only: send an API key, or start the server with --insecure",
+                error=None,
+            )
+        principal = KEYLESS
+    else:
+        scheme, _, token = header.strip().partition(" ")
+        found = None
+        if scheme.lower() == "bearer" and token.strip():
+            # The request's own session (dependencies are shared within a request): no second connection.
+            found = authenticate(session, token.strip())
+        if found is None:
+            raise _unauthorized("the API key is malformed, unknown or revoked", error="invalid_token")
+        principal = found
+    missing = [scope for scope in security_scopes.scopes if not principal.allows(Scope(scope))]
+    if missing:
+        raise HTTPException(
+            403,
+            f"this key lacks the scope {missing[0]!r} (it has: {', '.join(sorted(principal.scopes)) or 'none'})",
+            headers={"WWW-Authenticate": f'Bearer realm="splan", error="insufficient_scope", scope="{missing[0]}"'},
+        )
+    return principal
+
+
+def _needs(scope: Scope) -> Any:
+    return Security(caller, scopes=[scope.value])
+
+
+PlansRead = Annotated[Principal, _needs(Scope.PLANS_READ)]
+PlansWrite = Annotated[Principal, _needs(Scope.PLANS_WRITE)]
+EstimatesScope = Annotated[Principal, _needs(Scope.ESTIMATES)]
+ClustersRead = Annotated[Principal, _needs(Scope.CLUSTERS_READ)]
+ClustersWrite = Annotated[Principal, _needs(Scope.CLUSTERS_WRITE)]
+PlacementsScope = Annotated[Principal, _needs(Scope.PLACEMENTS)]

@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.placement.cluster import ClusterError
@@ -17,15 +18,43 @@ from service.planning.specs import PlanningError
 PROBLEM_JSON = "application/problem+json"
 log = structlog.get_logger("splan.api")
 
+# How long a client should wait before retrying while the database is unreachable: PostgreSQL restarts and
+# failovers take seconds, and the fault suite measures recovery within 5 s of its return (bench/RESULTS.md).
+DATABASE_RETRY_AFTER_S = 5
+
+# What the driver raises when the database cannot be reached or dropped the connection (OperationalError and
+# InterfaceError wrap psycopg's and sqlite3's), or the pool had no connection to give in time: transient, so 503.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether an exception (or what it was raised from) says the database is unreachable for now."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DATABASE_UNAVAILABLE):
+            return True
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
 
 class ProblemError(Exception):
     """An error the API answers with a problem document."""
 
-    def __init__(self, status: int, detail: str, *, title: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self, status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.title = title or HTTPStatus(status).phrase
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -62,7 +91,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
-        return problem_response(exc.status, exc.detail, title=exc.title, instance=request.url.path, **exc.extra)
+        response = problem_response(exc.status, exc.detail, title=exc.title, instance=request.url.path, **exc.extra)
+        response.headers.update(exc.headers)
+        return response
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -70,7 +101,10 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(422, detail, instance=request.url.path, errors=errors)
 
     async def on_planning(request: Request, exc: Exception) -> JSONResponse:
-        return problem_response(422, str(exc), title="Unprocessable plan", instance=request.url.path)
+        # A spec refused at the door names its field the way request-validation errors do.
+        field = getattr(exc, "field", None)
+        extra = {"errors": [{"location": field, "message": getattr(exc, "reason", str(exc))}]} if field else {}
+        return problem_response(422, str(exc), title="Unprocessable plan", instance=request.url.path, **extra)
 
     async def on_cluster(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(422, str(exc), title="Invalid cluster", instance=request.url.path)
@@ -83,7 +117,21 @@ def install_problem_handlers(app: FastAPI) -> None:
             response.headers.update(exc.headers)
         return response
 
+    async def on_database(request: Request, exc: Exception) -> JSONResponse:
+        # One line, no traceback: an outage makes thousands of these and the cause is already known.
+        log.warning("api.database_unavailable", path=request.url.path, error=type(exc).__name__)
+        response = problem_response(
+            503,
+            f"the database is unreachable ({type(exc).__name__}); retry in {DATABASE_RETRY_AFTER_S} s",
+            title="Database unavailable",
+            instance=request.url.path,
+        )
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+        return response
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):
+            return await on_database(request, exc)
         log.exception("api.unhandled", path=request.url.path)
         return problem_response(500, "internal error; the request was not completed", instance=request.url.path)
 
@@ -92,4 +140,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PlanningError, on_planning)
     app.add_exception_handler(ClusterError, on_cluster)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, on_database)
     app.add_exception_handler(Exception, on_unexpected)

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -138,18 +138,41 @@ def insert_holds(
     holds: list[tuple[str, str, list[int], float, dict[str, Any]]],
     now_s: float,
 ) -> None:
-    """Store holds (id, server, GPU ids, expiry, document) if the cluster is still at `expected_version`."""
+    """Store holds (id, server, GPU ids, expiry, document) if the cluster is still at `expected_version`.
+
+    The cluster row is locked for share: reservations on one cluster run side by side (the GPU claims' primary
+    key refuses a second claim on a GPU), while a state write (``lock_version``) waits for them and they for it.
+    Four statements: the version check, clearing expired claims on these GPUs only, and one insert per table.
+    """
     try:
-        if lock_version(session, name=name) != expected_version:
-            raise StaleVersionError(current_version(session, name=name))
-        session.execute(delete(GpuClaim).where(GpuClaim.cluster == name, GpuClaim.expires_at_s <= now_s))
-        session.execute(delete(PlacementHold).where(PlacementHold.cluster == name, PlacementHold.expires_at_s <= now_s))
-        for hold_id, server, gpu_ids, expires_at_s, document in holds:
-            session.add(PlacementHold(id=hold_id, cluster=name, expires_at_s=expires_at_s, hold=document))
-            for gpu_id in gpu_ids:
-                session.add(
-                    GpuClaim(cluster=name, server=server, gpu_id=gpu_id, hold_id=hold_id, expires_at_s=expires_at_s)
+        version = session.scalar(
+            select(ClusterState.version).where(ClusterState.name == name).with_for_update(read=True)
+        )
+        if version != expected_version:
+            raise StaleVersionError(int(version) if version is not None else None)
+        gpus = [(server, gpu_id) for _, server, gpu_ids, _, _ in holds for gpu_id in gpu_ids]
+        if gpus:
+            session.execute(
+                delete(GpuClaim).where(
+                    GpuClaim.cluster == name,
+                    GpuClaim.expires_at_s <= now_s,
+                    or_(*(and_(GpuClaim.server == server, GpuClaim.gpu_id == gpu_id) for server, gpu_id in gpus)),
                 )
+            )
+        session.execute(
+            insert(PlacementHold),
+            [
+                {"id": hold_id, "cluster": name, "expires_at_s": expires_at_s, "hold": document}
+                for hold_id, _, _, expires_at_s, document in holds
+            ],
+        )
+        claims = [
+            {"cluster": name, "server": server, "gpu_id": gpu_id, "hold_id": hold_id, "expires_at_s": expires_at_s}
+            for hold_id, server, gpu_ids, expires_at_s, _ in holds
+            for gpu_id in gpu_ids
+        ]
+        if claims:
+            session.execute(insert(GpuClaim), claims)
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -157,6 +180,13 @@ def insert_holds(
     except Exception:
         session.rollback()
         raise
+
+
+def delete_expired_holds(session: Session, *, name: str, now_s: float) -> None:
+    """Drop expired holds and claims of a cluster (reads skip them; this only keeps the tables small)."""
+    session.execute(delete(GpuClaim).where(GpuClaim.cluster == name, GpuClaim.expires_at_s <= now_s))
+    session.execute(delete(PlacementHold).where(PlacementHold.cluster == name, PlacementHold.expires_at_s <= now_s))
+    session.commit()
 
 
 def take_all_holds(session: Session, *, name: str) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, TypeDecorator
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, TypeDecorator, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -63,7 +63,8 @@ class Plan(Base):
     gpu: Mapped[str] = mapped_column(String(100))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_hash: Mapped[str] = mapped_column(String(64))
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), default="local", server_default="local")
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
@@ -80,13 +81,48 @@ class Plan(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
+    # Idempotency keys are the tenant's own: another tenant's key neither replays nor conflicts with them.
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_plans_tenant_idempotency_key"),
+        Index("ix_plans_tenant_status", "tenant_id", "status"),
+        Index("ix_plans_tenant_created", "tenant_id", "created_at"),
+    )
+
+
+class Tenant(Base):
+    """A tenant: owner of plans, clusters and keys, with its quotas (None: the settings' default)."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    max_plans_in_flight: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_plans_per_hour: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_search_space: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class ApiKey(Base):
+    """An API key: its public id, the SHA-256 of its secret (never the secret), tenant and scopes."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
 
 class ClusterState(Base):
     """The latest state of one named cluster, versioned for optimistic concurrency (If-Match)."""
 
     __tablename__ = "clusters"
 
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # The storage key (service.auth.cluster_key): the name for the default tenant, `tenant/name` for the others,
+    # so that holds and GPU claims, keyed by it, belong to the cluster's tenant too.
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
@@ -98,7 +134,7 @@ class PlacementHold(Base):
     __tablename__ = "placement_holds"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    cluster: Mapped[str] = mapped_column(String(100))
+    cluster: Mapped[str] = mapped_column(String(200))
     expires_at_s: Mapped[float] = mapped_column(Float)
     hold: Mapped[dict[str, Any]] = mapped_column(JSON)
 
@@ -110,8 +146,26 @@ class GpuClaim(Base):
 
     __tablename__ = "gpu_claims"
 
-    cluster: Mapped[str] = mapped_column(String(100), primary_key=True)
+    cluster: Mapped[str] = mapped_column(String(200), primary_key=True)
     server: Mapped[str] = mapped_column(String(200), primary_key=True)
     gpu_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     hold_id: Mapped[str] = mapped_column(String(64))
     expires_at_s: Mapped[float] = mapped_column(Float)
+
+
+class FleetCandidate(Base):
+    """One fleet candidate search, keyed by the content hash of what it searched: pending, running (claimed
+    under a lease), done (with its result) or failed."""
+
+    __tablename__ = "fleet_candidates"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    search_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())

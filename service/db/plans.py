@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,15 +50,25 @@ class NewPlan:
     total: int
 
 
-def create_plan(session: Session, *, new: NewPlan, idempotency_key: str | None) -> tuple[Plan, bool]:
-    """Insert a queued plan and commit; with a known key and the same body return the existing plan."""
+def create_plan(
+    session: Session,
+    *,
+    new: NewPlan,
+    idempotency_key: str | None,
+    tenant_id: str = "local",
+    admit: Callable[[Session], None] | None = None,
+) -> tuple[Plan, bool]:
+    """Insert a tenant's queued plan once `admit` (quotas) passes and commit; a known key and body replays."""
     spec, kind = new.spec, new.kind
     digest = spec_hash({"kind": kind, "spec": spec})
     if idempotency_key is not None:
-        existing = _by_key(session, idempotency_key)
+        existing = _by_key(session, tenant_id, idempotency_key)
         release(session)
         if existing is not None:
             return _same_body(existing, digest), False
+    if admit is not None:
+        admit(session)
+        release(session)
     now = utcnow()
     plan = Plan(
         id=str(uuid.uuid4()),
@@ -68,6 +79,7 @@ def create_plan(session: Session, *, new: NewPlan, idempotency_key: str | None) 
         spec=spec,
         spec_hash=digest,
         idempotency_key=idempotency_key,
+        tenant_id=tenant_id,
         created_at=now,
         updated_at=now,
         attempt=0,
@@ -80,15 +92,15 @@ def create_plan(session: Session, *, new: NewPlan, idempotency_key: str | None) 
     except IntegrityError:
         # Two requests raced on one key: the loser answers with the winner's plan.
         session.rollback()
-        existing = _by_key(session, idempotency_key) if idempotency_key else None
+        existing = _by_key(session, tenant_id, idempotency_key) if idempotency_key else None
         if existing is None:
             raise
         return _same_body(existing, digest), False
     return plan, True
 
 
-def _by_key(session: Session, key: str) -> Plan | None:
-    return session.scalar(select(Plan).where(Plan.idempotency_key == key))
+def _by_key(session: Session, tenant_id: str, key: str) -> Plan | None:
+    return session.scalar(select(Plan).where(Plan.tenant_id == tenant_id, Plan.idempotency_key == key))
 
 
 def _same_body(plan: Plan, digest: str) -> Plan:
@@ -97,9 +109,12 @@ def _same_body(plan: Plan, digest: str) -> Plan:
     return plan
 
 
-def get_plan(session: Session, *, plan_id: str) -> Plan:
-    """The plan with that id."""
-    plan = session.scalar(select(Plan).where(Plan.id == plan_id))
+def get_plan(session: Session, *, plan_id: str, tenant_id: str | None = None) -> Plan:
+    """The plan with that id; with `tenant_id` only if that tenant owns it (else not found, as if absent)."""
+    query = select(Plan).where(Plan.id == plan_id)
+    if tenant_id is not None:
+        query = query.where(Plan.tenant_id == tenant_id)
+    plan = session.scalar(query)
     release(session)
     if plan is None:
         raise PlanNotFoundError(plan_id)
@@ -115,10 +130,18 @@ class PlanPage:
 
 
 def list_plans(
-    session: Session, *, status: str | None = None, model: str | None = None, before_seq: int | None, limit: int
+    session: Session,
+    *,
+    status: str | None = None,
+    model: str | None = None,
+    before_seq: int | None,
+    limit: int,
+    tenant_id: str | None = None,
 ) -> PlanPage:
-    """Plans newest first, optionally filtered, starting after a cursor."""
+    """Plans newest first, optionally filtered (by tenant too), starting after a cursor."""
     query = select(Plan).order_by(Plan.seq.desc()).limit(limit + 1)
+    if tenant_id is not None:
+        query = query.where(Plan.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Plan.status == status)
     if model is not None:
@@ -132,9 +155,9 @@ def list_plans(
     return PlanPage(items, items[-1].seq if more and items else None)
 
 
-def cancel_plan(session: Session, *, plan_id: str) -> Plan:
-    """Cancel a queued or running plan; a running worker notices at its next progress report."""
-    plan = get_plan(session, plan_id=plan_id)
+def cancel_plan(session: Session, *, plan_id: str, tenant_id: str | None = None) -> Plan:
+    """Cancel a queued or running plan (of that tenant); a running worker notices at its next progress report."""
+    plan = get_plan(session, plan_id=plan_id, tenant_id=tenant_id)
     now = utcnow()
     done = session.execute(
         update(Plan)

@@ -1,25 +1,47 @@
-"""Fleet planning: each deployment's strategy from the goodput search, sized to its rate, then packed on the fleet."""
+"""Fleet planning: candidate strategies per deployment and GPU type from the goodput search, one joint cost-optimal
+solve over all of them, then (on a cluster) the packer's server assignment."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.placement.cluster import Cluster
+from service.placement.estimators import ClusterView
 from service.placement.fleet import FleetDeployment, pack_fleet
+from service.placement.fleet_candidates import (
+    SearchRunner,
+    candidate_tasks,
+    run_sequentially,
+    search_spec,
+)
+from service.placement.fleet_solve import (
+    Option,
+    Solution,
+    aligned_slots,
+    gpus_used,
+    greedy_fleet,
+    instances_needed,
+    solve_fleet,
+)
 from service.planning.catalog import Catalog
-from service.planning.plan_spec import SearchSpec, SloSpec, WorkloadSpec, parse_plan_spec
-from service.planning.search import plan
+from service.planning.plan_spec import SearchSpec, SloSpec, WorkloadSpec
+from service.planning.search import Checkpoint
 from service.planning.specs import PlanningError
+from service.planning.workload import LengthDistribution
 
-MAX_FLEET_DEPLOYMENTS = 64
+MAX_FLEET_DEPLOYMENTS = 1000
+# Work budget of one fleet plan: distinct candidate searches (deployment classes x GPU types), each one goodput
+# search of a few layouts (about 1-8 s of one core, bench/RESULTS.md issue 17).
+FLEET_MAX_CANDIDATE_SEARCHES = 1000
+MAX_PERIODS = 168
 
 
 class FleetDeploymentSpec(BaseModel):
-    """One model to serve: its traffic (with a request rate) and its SLOs."""
+    """One model to serve: its traffic (a rate, or a rate per period), its SLOs and its priority."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=100)
@@ -29,14 +51,33 @@ class FleetDeploymentSpec(BaseModel):
     kv_dtype: str | None = None
     workload: WorkloadSpec
     slo: SloSpec
-    search: SearchSpec = SearchSpec(modes=["collocated"], pp=[1])
+    search: SearchSpec = SearchSpec(modes=["collocated"], pp=[1], simulate_top=3, requests=100)
     gpu_types: list[str] | None = Field(default=None, description="restrict to these GPU types of the fleet")
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="higher is served first when the fleet is too small"
+    )
+    rate_profile: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_PERIODS,
+        description="requests per second in each period (e.g. 24 hourly rates), instead of workload.rate",
+    )
 
     @model_validator(mode="after")
     def _needs_rate(self) -> FleetDeploymentSpec:
-        if self.workload.arrival == "closed" or self.workload.rate is None:
-            raise ValueError("a fleet deployment needs an open-loop workload with a rate (requests per second)")
+        if self.workload.arrival == "closed" or (self.workload.rate is None and self.rate_profile is None):
+            raise ValueError(
+                "a fleet deployment needs an open-loop workload with a rate (requests per second) or a rate_profile"
+            )
+        if self.rate_profile is not None and any(not 0 <= r <= 100_000 for r in self.rate_profile):
+            raise ValueError("rate_profile rates must be between 0 and 100000 requests per second")
         return self
+
+    def rates(self, periods: int) -> list[float]:
+        """Requests per second in each of the fleet's periods."""
+        if self.rate_profile is not None:
+            return list(self.rate_profile)
+        return [float(self.workload.rate or 0.0)] * periods
 
 
 class FleetSpec(BaseModel):
@@ -47,6 +88,10 @@ class FleetSpec(BaseModel):
     deployments: list[FleetDeploymentSpec] = Field(min_length=1, max_length=MAX_FLEET_DEPLOYMENTS)
     gpus: dict[str, int] | None = Field(default=None, description="GPU counts by catalog type")
     cluster: str | None = Field(default=None, description="a cluster stored with PUT /v1/clusters/{name}")
+    prices: dict[str, float] | None = Field(
+        default=None, description="$ per GPU-hour by GPU type, over the catalog's price_per_hour_usd"
+    )
+    period_hours: float = Field(default=1.0, gt=0, le=168, description="length of one rate_profile period")
 
     @model_validator(mode="after")
     def _one_fleet(self) -> FleetSpec:
@@ -54,10 +99,44 @@ class FleetSpec(BaseModel):
             raise ValueError("give the fleet as `gpus` (counts by type) or as a stored `cluster`, exactly one")
         if self.gpus is not None and any(count < 0 for count in self.gpus.values()):
             raise ValueError("GPU counts must not be negative")
+        if self.prices is not None and any(not 0 < price <= 10_000 for price in self.prices.values()):
+            raise ValueError("prices must be positive $ per GPU-hour (at most 10000)")
         names = [d.name for d in self.deployments]
         if len(set(names)) != len(names):
             raise ValueError("deployment names must be unique")
+        lengths = {len(d.rate_profile) for d in self.deployments if d.rate_profile is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"every rate_profile must have the same number of periods (got {sorted(lengths)})")
+        searches = count_candidate_searches(self)
+        if searches > FLEET_MAX_CANDIDATE_SEARCHES:
+            raise ValueError(budget_message(searches))
         return self
+
+    @property
+    def periods(self) -> int:
+        """Periods of the rate profiles (1 when every deployment has a constant rate)."""
+        return next((len(d.rate_profile) for d in self.deployments if d.rate_profile is not None), 1)
+
+
+def budget_message(searches: int) -> str:
+    """Why a fleet is refused: its candidate searches against the work budget."""
+    return (
+        f"the fleet needs {searches} candidate searches (distinct model, engine, dtypes, workload, SLOs and search "
+        f"per GPU type), over the work budget of {FLEET_MAX_CANDIDATE_SEARCHES} candidate searches per fleet plan: "
+        "share workloads and SLOs between deployments, restrict gpu_types, or split the fleet"
+    )
+
+
+def count_candidate_searches(spec: FleetSpec) -> int:
+    """Distinct candidate searches the spec asks for (a stored cluster's types counted as one until it is read)."""
+    fleet_types = sorted(t.lower() for t in spec.gpus) if spec.gpus is not None else ["cluster"]
+    seen: set[str] = set()
+    for deployment in spec.deployments:
+        doc = deployment.model_dump(mode="json", exclude_none=True)
+        types = [t.lower() for t in deployment.gpu_types] if deployment.gpu_types else fleet_types
+        for gpu_type in types:
+            seen.add(json.dumps(search_spec(doc, gpu_type), sort_keys=True))
+    return len(seen)
 
 
 def parse_fleet_spec(raw: Any) -> FleetSpec:
@@ -82,47 +161,22 @@ def fleet_gpu_types(spec: FleetSpec, cluster: Cluster | None) -> dict[str, int]:
     return counts
 
 
-def _sized_choice(deployment: FleetDeploymentSpec, gpu_type: str, *, catalog: Catalog) -> dict[str, Any] | None:
-    """The collocated strategy on this GPU type that serves the rate with the fewest GPUs, sized in replicas."""
-    search = deployment.search
-    largest = max(search.tp) * max(search.pp)
-    raw = {
-        **deployment.model_dump(mode="json", exclude={"name", "gpu_types", "search"}, exclude_none=True),
-        "gpu": gpu_type,
-        "max_gpus": largest,
-        "search": {**search.model_dump(mode="json", exclude_none=True), "modes": ["collocated"]},
-    }
-    result = plan(parse_plan_spec(raw, catalog=catalog), catalog=catalog)
-    rate = float(deployment.workload.rate or 0.0)
-    best: dict[str, Any] | None = None
-    for strategy in result.strategies:
-        layout = strategy["layout"]
-        replicas = int(layout.get("replicas", 1))
-        per_replica = strategy["goodput_rps"] / replicas if replicas else 0.0
-        if per_replica <= 0:
-            continue
-        needed = max(1, math.ceil(rate / per_replica))
-        replica_gpus = int(layout["tp"]) * int(layout.get("pp", 1))
-        choice = {
-            "gpu_type": gpu_type,
-            "strategy": strategy["label"].split(" x")[0],
-            "tp": int(layout["tp"]),
-            "pp": int(layout.get("pp", 1)),
-            "gpus_per_instance": replica_gpus,
-            "instances": needed,
-            "gpus": needed * replica_gpus,
-            "goodput_per_instance_rps": per_replica,
-            "required_rps": rate,
-            "ttft_ms": strategy.get("ttft_ms"),
-            "tpot_ms": strategy.get("tpot_ms"),
-            "cost_per_million_output_tokens_usd": strategy.get("cost_per_million_output_tokens_usd"),
-        }
-        if best is None or (choice["gpus"], choice["cost_per_million_output_tokens_usd"] or 0.0) < (
-            best["gpus"],
-            best["cost_per_million_output_tokens_usd"] or 0.0,
-        ):
-            best = choice
-    return best
+def fleet_prices(spec: FleetSpec, catalog: Catalog, gpu_types: Sequence[str]) -> dict[str, float]:
+    """$ per GPU-hour of each GPU type: the spec's price, else the catalog's."""
+    overrides = {t.lower(): p for t, p in (spec.prices or {}).items()}
+    return {t: overrides[t] if t in overrides else catalog.gpu(t).price_per_hour_usd for t in gpu_types}
+
+
+def _types_for(deployment: FleetDeploymentSpec, available: Mapping[str, int]) -> list[str]:
+    wanted = [t.lower() for t in deployment.gpu_types] if deployment.gpu_types else sorted(available)
+    return [t for t in wanted if available.get(t, 0) > 0]
+
+
+def _mean_output_tokens(deployment: FleetDeploymentSpec) -> float | None:
+    osl = deployment.workload.osl
+    if osl is None:
+        return None
+    return float(osl) if isinstance(osl, int) else LengthDistribution.parse(osl).mean_tokens()
 
 
 def plan_fleet(
@@ -132,83 +186,299 @@ def plan_fleet(
     cluster: Cluster | None = None,
     now_s: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+    run_searches: SearchRunner | None = None,
+    reused: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
-    """Size every deployment with the goodput search, then pack all of them; say which cannot be met and why."""
+    """Search candidates (through ``run_searches``: here, a pool, or workers), solve for the cheapest fleet that
+    meets every SLO it can, and say what is short; ``reused`` tells how many searches came from the cache."""
     available = fleet_gpu_types(spec, cluster)
-    total = sum(len(_types_for(d, available)) for d in spec.deployments)
-    done = 0
-    sized: list[dict[str, Any]] = []
-    unmet: list[dict[str, str]] = []
-    for deployment in spec.deployments:
-        types = _types_for(deployment, available)
-        choices = []
-        for gpu_type in types:
-            choice = _sized_choice(deployment, gpu_type, catalog=catalog)
-            if choice is not None:
-                choices.append(choice)
-            done += 1
-            if progress is not None:
-                progress(done, max(total, 1))
+    prices = fleet_prices(spec, catalog, sorted(available))
+    periods = spec.periods
+    deployments = spec.deployments
+    types_by_deployment = [_types_for(d, available) for d in deployments]
+    docs = [d.model_dump(mode="json", exclude_none=True) for d in deployments]
+    for d in deployments:
+        catalog.model(d.model)
+        catalog.engine(d.engine)
+    tasks, keys = candidate_tasks(zip(docs, types_by_deployment, strict=True), catalog=catalog)
+    if len(tasks) > FLEET_MAX_CANDIDATE_SEARCHES:
+        raise PlanningError(budget_message(len(tasks)))
+    total = len(tasks)
+
+    def done(count: int) -> None:
+        if progress is not None:
+            progress(count, max(total, 1))
+
+    done(0)
+    if run_searches is None:
+
+        def run_searches(ts: list[Any], cb: Callable[[int], None]) -> dict[str, dict[str, Any]]:
+            return run_sequentially(ts, cb, catalog=catalog, checkpoint=checkpoint)
+
+    results = run_searches(tasks, done)
+    done(total)
+
+    options: list[Option] = []
+    candidates: list[dict[str, Any]] = []
+    rates = [d.rates(periods) for d in deployments]
+    for index, by_type in enumerate(keys):
+        for gpu_type, key in by_type.items():
+            for candidate in results[key]["options"]:
+                per_instance = float(candidate["goodput_per_instance_rps"])
+                counts = tuple(instances_needed(r, per_instance) for r in rates[index])
+                gpi = int(candidate["gpus_per_instance"])
+                cost = sum(n * gpi for n in counts) * prices[gpu_type] * spec.period_hours
+                options.append(Option(index, gpu_type, gpi, counts, cost, candidate=len(candidates)))
+                candidates.append(candidate)
+    priorities = [d.priority for d in deployments]
+    view = ClusterView(cluster, now_s=now_s) if cluster is not None else None
+    if view is not None:
+        # Instances stay on their servers all day: on a cluster, the peak must fit, in aligned slots per size.
+        free_by_server = [{t: len(ids) for t, ids in by_type.items()} for by_type in view.free.values()]
+        capacity = {t: sum(f.get(t, 0) for f in free_by_server) for t in available}
+        sizes = sorted({o.gpus_per_instance for o in options if o.gpus_per_instance > 1})
+        peak_options = [
+            Option(
+                o.deployment,
+                o.gpu_type,
+                o.gpus_per_instance,
+                (max(o.instances_by_period),) * periods,
+                o.cost_usd,
+                o.candidate,
+            )
+            for o in options
+        ]
+        solved, slots = peak_options, aligned_slots(free_by_server, sizes)
+    else:
+        capacity, solved, slots = dict(available), options, None
+    solution = solve_fleet(solved, priorities=priorities, capacity_by_type=capacity, slots=slots)
+    greedy = greedy_fleet(solved, priorities=priorities, capacity_by_type=capacity)
+
+    unmet: list[dict[str, Any]] = []
+    shortfall: list[dict[str, Any]] = []
+    used = gpus_used(solved, solution.chosen, sorted(available), periods)
+    # On a cluster, what whole servers still hold for an instance of each size.
+    slot_left = {
+        (t, size): cap
+        - sum(
+            solved[j].peak_gpus
+            for j in solution.chosen.values()
+            if solved[j].gpu_type == t and solved[j].gpus_per_instance >= size
+        )
+        for (t, size), cap in (slots or {}).items()
+    }
+    for index, deployment in enumerate(deployments):
+        if index in solution.chosen:
+            continue
+        types = types_by_deployment[index]
         if not types:
             unmet.append({"name": deployment.name, "reason": "none of its gpu_types is in the fleet"})
             continue
-        if not choices:
+        mine = [o for o in solved if o.deployment == index]
+        if not mine:
+            reasons = [results[keys[index][t]]["reason"] for t in types]
             slo = deployment.slo
             unmet.append(
                 {
                     "name": deployment.name,
                     "reason": f"no strategy on {', '.join(types)} meets TTFT {slo.ttft_ms:g} ms and TPOT "
-                    f"{slo.tpot_ms:g} ms for {slo.attainment:.0%} of requests at any rate",
+                    f"{slo.tpot_ms:g} ms for {slo.attainment:.0%} of requests at any rate"
+                    + (f" ({reasons[0]})" if reasons and reasons[0] else ""),
                 }
             )
             continue
-        best = min(choices, key=lambda c: (c["gpus"], c["cost_per_million_output_tokens_usd"] or 0.0))
-        sized.append({"name": deployment.name, "model": deployment.model, **best})
-    by_name = {d.name: d for d in spec.deployments}
+        short = _shortfall(deployment, mine, candidates, rates[index], capacity, used, slot_left)
+        shortfall.extend(short)
+        best = short[0]
+        unmet.append({"name": deployment.name, "reason": best["reason"]})
+
+    chosen_rows = []
+    for index, j in sorted(solution.chosen.items()):
+        option = options[j]
+        candidate = candidates[option.candidate]
+        deployment = deployments[index]
+        chosen_rows.append(
+            _deployment_row(deployment, option, candidate, rates[index], prices[option.gpu_type], spec.period_hours)
+        )
+    placed_by_name = _pack(chosen_rows, deployments, catalog=catalog, cluster=cluster, now_s=now_s, unmet=unmet)
+    for row in chosen_rows:
+        packed = placed_by_name.get(row["name"])
+        row["placed"] = packed is not None
+        row["instances_placed"] = packed or []
+    served = [row for row in chosen_rows if row["placed"]]
+    hours = periods * spec.period_hours
+    cost = sum(row["cost_usd"] for row in served)
+    peak_by_type = {t: max(used.get(t, [0])) for t in sorted(available)}
+    result: dict[str, Any] = {
+        "kind": "fleet",
+        "deployments": chosen_rows,
+        "unmet": unmet,
+        "shortfall": shortfall,
+        "all_slos_met": not unmet,
+        "gpus_available_by_type": dict(capacity),
+        "gpus_used_by_type": peak_by_type,
+        "total_gpus": sum(peak_by_type.values()),
+        "prices_per_gpu_hour_usd": prices,
+        "periods": periods,
+        "period_hours": spec.period_hours,
+        "cost_usd": cost,
+        "cost_per_hour_usd": cost / hours,
+        "peak_cost_per_hour_usd": max(
+            (sum(used.get(t, [0] * periods)[p] * prices[t] for t in available) for p in range(periods)), default=0.0
+        ),
+        "solver": _solver_doc(solution, hours),
+        "greedy": _greedy_doc(greedy, deployments, hours),
+        "candidate_searches": {"total": total, "reused": reused() if reused is not None else 0},
+    }
+    if periods > 1:
+        result["gpus_used_by_period"] = {t: used.get(t, [0] * periods) for t in sorted(available)}
+    return result
+
+
+def _deployment_row(
+    deployment: FleetDeploymentSpec,
+    option: Option,
+    candidate: Mapping[str, Any],
+    rates: Sequence[float],
+    price: float,
+    period_hours: float,
+) -> dict[str, Any]:
+    peak = max(option.instances_by_period)
+    hours = len(rates) * period_hours
+    cost_per_hour = option.cost_usd / hours
+    osl = _mean_output_tokens(deployment)
+    mean_rate = sum(rates) / len(rates)
+    tokens_per_hour = mean_rate * osl * 3600.0 if osl else 0.0
+    row: dict[str, Any] = {
+        "name": deployment.name,
+        "model": deployment.model,
+        "priority": deployment.priority,
+        "gpu_type": option.gpu_type,
+        "strategy": candidate["strategy"],
+        "tp": candidate["tp"],
+        "pp": candidate["pp"],
+        "attention_dp": candidate.get("attention_dp", 1),
+        "gpus_per_instance": option.gpus_per_instance,
+        "instances": peak,
+        "gpus": peak * option.gpus_per_instance,
+        "goodput_per_instance_rps": candidate["goodput_per_instance_rps"],
+        "required_rps": max(rates),
+        "ttft_ms": candidate.get("ttft_ms"),
+        "tpot_ms": candidate.get("tpot_ms"),
+        "price_per_gpu_hour_usd": price,
+        "cost_usd": option.cost_usd,
+        "cost_per_hour_usd": cost_per_hour,
+        "cost_per_million_output_tokens_usd": cost_per_hour / tokens_per_hour * 1e6 if tokens_per_hour > 0 else None,
+    }
+    if len(rates) > 1:
+        row["instances_by_period"] = list(option.instances_by_period)
+        row["rate_profile"] = list(rates)
+    return row
+
+
+def _shortfall(
+    deployment: FleetDeploymentSpec,
+    mine: Sequence[Option],
+    candidates: Sequence[Mapping[str, Any]],
+    rates: Sequence[float],
+    capacity: Mapping[str, int],
+    used: Mapping[str, list[int]],
+    slot_left: Mapping[tuple[str, int], int],
+) -> list[dict[str, Any]]:
+    """Per GPU type, what the deployment's smallest option needs against what the plan leaves free."""
+    out: list[dict[str, Any]] = []
+    for gpu_type in sorted({o.gpu_type for o in mine}):
+        option = min((o for o in mine if o.gpu_type == gpu_type), key=lambda o: (o.peak_gpus, o.cost_usd))
+        per_instance = float(candidates[option.candidate]["goodput_per_instance_rps"])
+        row = used.get(gpu_type, [0] * len(rates))
+        periods = range(len(rates))
+        aligned = slot_left.get((gpu_type, option.gpus_per_instance))
+        free = [capacity.get(gpu_type, 0) - row[p] for p in periods]
+        if aligned is not None:
+            # Only GPUs in whole-instance blocks of one server count for an instance that spans several.
+            free = [min(f, aligned) for f in free]
+        short = max(option.gpus_by_period[p] - free[p] for p in periods)
+        busiest = max(periods, key=lambda p: option.gpus_by_period[p] - free[p])
+        servable = min(rates[busiest], (free[busiest] // option.gpus_per_instance) * per_instance)
+        out.append(
+            {
+                "name": deployment.name,
+                "priority": deployment.priority,
+                "gpu_type": gpu_type,
+                "gpus_needed": option.gpus_by_period[busiest],
+                "gpus_free": free[busiest],
+                "gpus_short": short,
+                "required_rps": rates[busiest],
+                "servable_rps": servable,
+                "reason": (
+                    f"short of {short} {gpu_type} GPUs: needs {option.gpus_by_period[busiest]} "
+                    f"({option.instances_by_period[busiest]} x {option.gpus_per_instance}-GPU "
+                    f"{candidates[option.candidate]['strategy']}), the plan leaves {free[busiest]} free; those "
+                    f"serve {servable:.2f} of its {rates[busiest]:.2f} req/s"
+                ),
+            }
+        )
+    out.sort(key=lambda s: (s["gpus_short"], -s["servable_rps"]))
+    return out
+
+
+def _pack(
+    rows: list[dict[str, Any]],
+    deployments: Sequence[FleetDeploymentSpec],
+    *,
+    catalog: Catalog,
+    cluster: Cluster | None,
+    now_s: float,
+    unmet: list[dict[str, Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """Where each chosen deployment's instances go: on a cluster, the packer's servers and GPUs; on GPU counts,
+    nowhere in particular (the solve already kept every period within the counts)."""
+    if cluster is None:
+        empty: dict[str, Any] = {"server": None, "gpu_ids": [], "tier": None, "load_s": None}
+        return {row["name"]: [dict(empty) for _ in range(row["instances"])] for row in rows}
+    by_name = {d.name: d for d in deployments}
     packing = pack_fleet(
         [
             FleetDeployment(
-                name=s["name"],
-                model=s["model"],
-                gpu_type=s["gpu_type"],
-                gpus_per_instance=s["gpus_per_instance"],
-                instances=s["instances"],
-                weight_dtype=by_name[s["name"]].weight_dtype,  # type: ignore[arg-type]
-                tp=s["tp"],
-                pp=s["pp"],
-                engine=by_name[s["name"]].engine,
+                name=row["name"],
+                model=row["model"],
+                gpu_type=row["gpu_type"],
+                gpus_per_instance=row["gpus_per_instance"],
+                instances=row["instances"],
+                weight_dtype=by_name[row["name"]].weight_dtype,  # type: ignore[arg-type]
+                tp=row["tp"],
+                pp=row["pp"],
+                engine=by_name[row["name"]].engine,
             )
-            for s in sized
+            for row in rows
         ],
         catalog=catalog,
-        gpus_by_type=available if cluster is None else None,
         cluster=cluster,
         now_s=now_s,
     )
-    placed = {p.name: p for p in packing.placed}
     for miss in packing.unplaced:
         unmet.append({"name": miss.name, "reason": miss.reason})
-    deployments = []
-    for s in sized:
-        packed = placed.get(s["name"])
-        deployments.append({**s, "placed": packed is not None, "instances_placed": _instances(packed)})
+    return {p.name: [i.model_dump(mode="json") for i in p.instances] for p in packing.placed}
+
+
+def _solver_doc(solution: Solution, hours: float) -> dict[str, Any]:
     return {
-        "kind": "fleet",
-        "deployments": deployments,
-        "unmet": unmet,
-        "all_slos_met": not unmet,
-        "gpus_available_by_type": packing.gpus_available_by_type,
-        "gpus_used_by_type": packing.gpus_used_by_type,
-        "total_gpus": sum(packing.gpus_used_by_type.values()),
+        "method": "mixed-integer LP (HiGHS via scipy.optimize.milp)",
+        "status": solution.status,
+        "mip_gap": solution.mip_gap,
+        "dual_bound_cost_per_hour_usd": solution.dual_bound_usd / hours
+        if solution.dual_bound_usd is not None
+        else None,
+        "solves": solution.solves,
+        "solve_s": solution.solve_s,
     }
 
 
-def _types_for(deployment: FleetDeploymentSpec, available: dict[str, int]) -> list[str]:
-    wanted = [t.lower() for t in deployment.gpu_types] if deployment.gpu_types else sorted(available)
-    return [t for t in wanted if available.get(t, 0) > 0]
-
-
-def _instances(packed: Any) -> list[dict[str, Any]]:
-    if packed is None:
-        return []
-    return [instance.model_dump(mode="json") for instance in packed.instances]
+def _greedy_doc(greedy: Solution, deployments: Sequence[FleetDeploymentSpec], hours: float) -> dict[str, Any]:
+    return {
+        "rule": "by priority, each deployment's option with the fewest GPUs at peak (then cost) that still fits",
+        "cost_usd": greedy.cost_usd,
+        "cost_per_hour_usd": greedy.cost_usd / hours,
+        "unserved": [deployments[d].name for d in greedy.unserved],
+    }

@@ -299,6 +299,7 @@ class PlacementContext:
     engine: EngineSpec
     fit_reasons: dict[str, str | None] = field(default_factory=dict)
     movables: dict[str, MovableInstance | None] = field(default_factory=dict)
+    priced: dict[str, tuple[Catalog, MovableInstance | None]] | None = None
     destinations: dict[tuple[str, float, int, str], list[tuple[float, str, TierKind, float]]] = field(
         default_factory=dict
     )
@@ -316,9 +317,16 @@ class PlacementContext:
         return self.fit_reasons[gpu_type]
 
     def movable(self, view: ClusterView, *, inst: RunningInstance) -> MovableInstance | None:
-        """Price an instance for migration once per call; None when its model or GPU is not in the catalog."""
+        """Price an instance for migration; None when its model or GPU is not in the catalog. The price depends
+        only on the instance and the catalog, so it is kept with the parsed cluster for later calls too."""
         if inst.id not in self.movables:
-            self.movables[inst.id] = self._price(view, inst)
+            if self.priced is None:
+                self.priced = view.cluster.cached("placement.priced", _new_prices)
+            hit = self.priced.get(inst.id)
+            if hit is None or hit[0] is not self.catalog:
+                hit = (self.catalog, self._price(view, inst))
+                self.priced[inst.id] = hit
+            self.movables[inst.id] = hit[1]
         return self.movables[inst.id]
 
     def _price(self, view: ClusterView, inst: RunningInstance) -> MovableInstance | None:
@@ -371,6 +379,10 @@ class PlacementContext:
             ranked.sort()
             self.destinations[key] = ranked
         return ranked
+
+
+def _new_prices(_: Cluster) -> dict[str, tuple[Catalog, MovableInstance | None]]:
+    return {}
 
 
 def resolve_need(request: PlacementRequest, *, model: ModelSpec) -> InstanceNeed:
@@ -517,16 +529,18 @@ def _releases(
     limit = view.options.max_migrations
     harm_aware = view.options.harm_aware
     by_id = {m.instance.id: m for m in movable}
+    # Only instances that some other server has room for can move (a full cluster prices no migration).
+    movers = [m for m in movable if any(dest != st.name for _, dest, _, _ in ctx.destinations_for(view, need=m.need))]
     if limit is None or limit >= 1:
-        solo = sorted((_solo_cost_s(view, ctx, st, m), m.instance.id) for m in movable)
+        solo = sorted((_solo_cost_s(view, ctx, st, m), m.instance.id) for m in movers)
         singles = [(cost, iid) for cost, iid in solo if cost < float("inf") and by_id[iid].need.gpus >= short]
         if singles:
             moves = _moves(view, ctx, st, [by_id[singles[0][1]]], short=short)
             if moves is not None:
                 out.append(_release_of("migrate", ids, moves, by_id, harm_aware=harm_aware))
-        if (limit is None or limit > 1) and len(movable) > 1:
+        if (limit is None or limit > 1) and len(movers) > 1:
             # Cheapest GPUs first: a large instance that moves as fast as a small one frees more.
-            ranked = sorted(movable, key=lambda m: (_solo_cost_s(view, ctx, st, m) / m.need.gpus, m.instance.id))
+            ranked = sorted(movers, key=lambda m: (_solo_cost_s(view, ctx, st, m) / m.need.gpus, m.instance.id))
             moves = _moves(view, ctx, st, ranked, short=short)
             if moves is not None and len(moves) > 1 and (limit is None or len(moves) <= limit):
                 out.append(_release_of("migrate-several", ids, moves, by_id, harm_aware=harm_aware))

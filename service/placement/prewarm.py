@@ -15,7 +15,9 @@ The model behind the advice (deliberately simple, so that its numbers can be che
 Keep-alive: keeping an idle instance of c alive longer costs GPU-seconds at ``gpus_c * rate_c * exp(-rate_c K)``
 per second of K and saves startup seconds at ``rate_c^2 * E_c * exp(-rate_c K)``: the ratio does not depend on
 K, so each model gets the longest or the shortest keep-alive. Models with the most startup saved per GPU-second
-get the longest until the expected idle GPU-seconds reach those of ``default_keep_alive_s`` for every model.
+get the longest until the expected idle GPU-seconds reach those of ``default_keep_alive_s`` for every model; a
+model with n running instances counts n of them, each seeing 1/n of its requests. ``evict=False`` copies only into
+free room.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class PrewarmRequest(BaseModel):
     max_keep_alive_s: Annotated[float, Field(ge=0.0, le=86400.0)] = 600.0
     min_saving_s_per_hour: Annotated[float, Field(ge=0.0)] = Field(
         default=1.0, description="copies that save less startup latency per hour than this are not worth the traffic"
+    )
+    evict: bool = Field(
+        default=True,
+        description="false: copy only into free room (caches that loads keep refreshed hold what recent demand "
+        "needs; evicting from them for a forecast lost startup in the replay)",
     )
 
 
@@ -219,6 +226,10 @@ def advise_prewarm(cluster: Cluster, request: PrewarmRequest, *, catalog: Catalo
         return cost(name, *change(name, server, tier, False)) - cost(name, n_dram, n_ssd)
 
     before = _weighted_cold_start(items, holdings, keep, busy)
+    used = {
+        (server, tier): sum(size_of(c) for c in (holdings.dram if tier is TierKind.DRAM else holdings.ssd)[server])
+        for server, tier in capacity
+    }
     budget = dict.fromkeys(servers, request.max_copy_s_per_server)
     copies: list[CopyAdvice] = []
     evictions: list[EvictAdvice] = []
@@ -234,13 +245,16 @@ def advise_prewarm(cluster: Cluster, request: PrewarmRequest, *, catalog: Catalo
                     if name in held or (server, tier) not in capacity:
                         continue
                     gain = base - cost(name, *change(name, server, tier, True))
-                    if gain <= 0 or (best is not None and gain / 1e-3 <= best[0]):
+                    if gain <= 0:
                         continue
                     from_tier, copy_s = _copy_source(view, server, item.size_bytes, tier, name in holdings.ssd[server])
-                    if copy_s > budget[server]:
+                    # Evictions only lower the gain: a copy that cannot beat the best one even without them is out.
+                    if copy_s > budget[server] or (best is not None and gain / max(copy_s, 1e-3) <= best[0]):
                         continue
-                    room = capacity[(server, tier)] - sum(size_of(c) for c in held)
+                    room = capacity[(server, tier)] - used[(server, tier)]
                     victims: list[tuple[str, float]] = []
+                    if room < item.size_bytes and not request.evict:
+                        continue
                     if room < item.size_bytes:
                         found = _victims(
                             [(loss_of(c, server, tier), c, size_of(c)) for c in held], item.size_bytes - room
@@ -258,12 +272,14 @@ def advise_prewarm(cluster: Cluster, request: PrewarmRequest, *, catalog: Catalo
         held = holdings.dram[server] if tier is TierKind.DRAM else holdings.ssd[server]
         for victim, loss in victims:
             held.discard(victim)
+            used[(server, tier)] -= size_of(victim)
             if victim in counts:
                 counts[victim] = holdings.count(victim)
             evictions.append(
                 EvictAdvice(server=server, tier=tier, checkpoint=victim, startup_s_lost_per_hour=loss * 3600.0)
             )
         held.add(name)
+        used[(server, tier)] += items[name].size_bytes
         counts[name] = holdings.count(name)
         budget[server] -= copy_s
         copies.append(
@@ -277,7 +293,11 @@ def advise_prewarm(cluster: Cluster, request: PrewarmRequest, *, catalog: Catalo
                 startup_s_saved_per_hour=net * 3600.0,
             )
         )
-    keep_alive = _keep_alive(items, holdings, busy, request)
+    running: dict[str, int] = {}
+    for inst in cluster.instances:
+        key = inst.checkpoint or inst.model
+        running[key] = running.get(key, 0) + 1
+    keep_alive = _keep_alive(items, holdings, busy, request, running)
     for advice in keep_alive:
         keep[advice.checkpoint] = advice.keep_alive_s
     after = _weighted_cold_start(items, holdings, keep, busy)
@@ -328,14 +348,16 @@ def _weighted_cold_start(items: dict[str, _Item], holdings: _Holdings, keep: dic
 
 
 def _keep_alive(
-    items: dict[str, _Item], holdings: _Holdings, busy: float, request: PrewarmRequest
+    items: dict[str, _Item], holdings: _Holdings, busy: float, request: PrewarmRequest, running: dict[str, int]
 ) -> list[KeepAliveAdvice]:
     """Longest keep-alive for the checkpoints that save most startup per idle GPU-second, within the idle
     GPU-seconds a uniform ``default_keep_alive_s`` would spend."""
 
     def idle_gpus(item: _Item, keep_s: float) -> float:
-        # Expected GPUs held idle: each idle period lasts min(next arrival, keep-alive).
-        return item.gpus * (1.0 - math.exp(-item.rate_per_s * keep_s))
+        # Expected GPUs held idle: each of the n running instances sees 1/n of the requests, and each idle
+        # period lasts min(next arrival, keep-alive); a busy model's n instances all wait out their keep-alive.
+        n = max(1, running.get(item.checkpoint, 0))
+        return item.gpus * n * (1.0 - math.exp(-item.rate_per_s / n * keep_s))
 
     budget = sum(idle_gpus(i, request.default_keep_alive_s) for i in items.values())
     cold: dict[str, float] = {}

@@ -24,8 +24,11 @@ Policies:
 - serverlessllm: ServerlessLLM's scheduler: loading queue and fastest tier per server, at most one live
   migration, no staging, ranked on startup latency alone;
 - ours: the optimizer (any number of migrations, staging, link sharing, ranked on startup plus harm);
-- ours+prewarm: the optimizer, with prewarming advice applied every ``prewarm_interval_s`` (copies run on the
-  servers' loaders like any load) and its keep-alive per checkpoint.
+- ours+prewarm, serverlessllm+prewarm: those placers with prewarming advice applied every ``prewarm_interval_s``
+  and its keep-alive per checkpoint. A copy runs on its server's loader at the true rates (a download takes its
+  share of the store) when no cold start needs the loader, pauses (keeping its progress) when one does, and
+  caches the checkpoint only when done; the start-of-trace forecast comes from how many SSDs hold each
+  checkpoint, then from the requests seen so far.
 
 GPU-seconds count every GPU from the moment a policy takes it (for a load, a migration or a warm instance) to
 the moment it is released, idle keep-alive included.
@@ -94,6 +97,7 @@ class Policy(StrEnum):
     SERVERLESSLLM = "serverlessllm"
     OURS = "ours"
     OURS_PREWARM = "ours+prewarm"
+    SERVERLESSLLM_PREWARM = "serverlessllm+prewarm"
 
 
 class Scenario(StrEnum):
@@ -103,6 +107,7 @@ class Scenario(StrEnum):
     DEGRADED = "degraded"
 
 
+PREWARMED = (Policy.OURS_PREWARM, Policy.SERVERLESSLLM_PREWARM)
 SERVERLESSLLM_OPTIONS = EstimatorOptions(
     use_learned=True, share_remote_link=False, max_migrations=1, allow_staging=False, harm_aware=False
 )
@@ -137,8 +142,11 @@ class ReplayConfig:
     max_requests_per_instance: int = 4
     keep_alive_s: float = 60.0
     prewarm_interval_s: float = 300.0
-    prewarm_copy_s_per_server: float = 20.0
+    prewarm_copy_s_per_server: float = 120.0
     prewarm_min_keep_alive_s: float = 60.0
+    prewarm_max_keep_alive_s: float = 60.0
+    # Copies into free room only (see PrewarmRequest.evict).
+    prewarm_evict: bool = False
     # Share of servers whose SSD reads well below its datasheet rate in the degraded scenario.
     degraded_ssd_share: float = 0.25
 
@@ -156,6 +164,12 @@ class PolicyResult:
     stopped_idle: int
     gpu_seconds: float
     estimate_error_s: float
+    # Startup seconds summed over the requests served by instances loaded from each tier, and by option kind.
+    startup_s_by_tier: dict[str, float] = field(default_factory=dict)
+    startup_s_by_option: dict[str, float] = field(default_factory=dict)
+    options: dict[str, int] = field(default_factory=dict)
+    # Bytes the prewarming copies moved (0 without prewarming).
+    copied_bytes: float = 0.0
 
     @property
     def mean_s(self) -> float:
@@ -327,7 +341,7 @@ def make_trace(config: ReplayConfig, *, catalog: Catalog) -> _Trace:
 
 
 # Event kinds, in the order simultaneous events are handled.
-_LOAD_DONE, _FREE, _HANDOVER, _READY, _REQUEST_END, _IDLE_END, _PREWARM, _ARRIVAL = range(8)
+_LOAD_DONE, _COPY_DONE, _FREE, _HANDOVER, _READY, _REQUEST_END, _IDLE_END, _PREWARM, _COPY_KICK, _ARRIVAL = range(10)
 
 
 @dataclass(slots=True)
@@ -343,6 +357,20 @@ class _Load:
 
 
 @dataclass(slots=True)
+class _Copy:
+    """A prewarming copy on a server's loader: it runs only while no cold start loads there, and pauses (keeping
+    its progress) when one starts."""
+
+    server: int
+    checkpoint: int
+    to_ssd: bool
+    tier: TierKind | None = None
+    left_s: float = -1.0
+    started_s: float = 0.0
+    epoch: int = 0
+
+
+@dataclass(slots=True)
 class _Instance:
     id: int
     checkpoint: int
@@ -350,6 +378,8 @@ class _Instance:
     gpu_ids: list[int]
     ready_s: float
     keep_alive_s: float
+    tier: str = "warm"
+    option: str = "free"
     # Request -> (start, end) of its generation on this instance.
     requests: dict[int, tuple[float, float, int]] = field(default_factory=dict)
     state: str = "loading"
@@ -366,6 +396,9 @@ class _Stats:
     staged: int = 0
     stopped_idle: int = 0
     estimate_error_s: list[float] = field(default_factory=list)
+    startup_s_by_tier: dict[str, float] = field(default_factory=dict)
+    startup_s_by_option: dict[str, float] = field(default_factory=dict)
+    options: dict[str, int] = field(default_factory=dict)
 
 
 class _Simulation:
@@ -402,6 +435,10 @@ class _Simulation:
         ]
         self.loader_free_at_s = [0.0] * n
         self.loads: list[list[_Load]] = [[] for _ in range(n)]
+        self.copies: list[list[_Copy]] = [[] for _ in range(n)]
+        self.copying: list[_Copy | None] = [None] * n
+        self.copied_bytes = 0.0
+        self.now_s = 0.0
         self.instances: dict[int, _Instance] = {}
         self.by_checkpoint: dict[int, set[int]] = {}
         self.next_instance = 0
@@ -415,7 +452,8 @@ class _Simulation:
         self.feedback: list[ClusterEvent] = []
         self.learning = self._cluster(0.0, learned=Learned(), with_state=False)
         self.keep_alive_s: dict[int, float] = {}
-        self.options = SERVERLESSLLM_OPTIONS if policy is Policy.SERVERLESSLLM else EstimatorOptions()
+        sllm = policy in (Policy.SERVERLESSLLM, Policy.SERVERLESSLLM_PREWARM)
+        self.options = SERVERLESSLLM_OPTIONS if sllm else EstimatorOptions()
 
     # Event loop ----------------------------------------------------------------------------------
 
@@ -426,10 +464,11 @@ class _Simulation:
     def run(self) -> PolicyResult:
         for r, t in enumerate(self.trace.arrival_s):
             self.push(float(t), _ARRIVAL, r)
-        if self.policy is Policy.OURS_PREWARM:
+        if self.policy in PREWARMED:
             self.push(0.0, _PREWARM, None)
         while self.events:
             t, kind, _, payload = heapq.heappop(self.events)
+            self.now_s = t
             retry = True
             if kind == _ARRIVAL:
                 assert isinstance(payload, int)
@@ -457,6 +496,14 @@ class _Simulation:
             elif kind == _PREWARM:
                 self.prewarm(t)
                 retry = False
+            elif kind == _COPY_DONE:
+                assert isinstance(payload, tuple)
+                self.copy_done(payload[0], payload[1], t)
+                retry = False
+            elif kind == _COPY_KICK:
+                assert isinstance(payload, int)
+                self.kick(payload, t)
+                retry = False
             if retry and self.pending:
                 waiting, self.pending = self.pending, []
                 for r in waiting:
@@ -477,6 +524,10 @@ class _Simulation:
             stopped_idle=self.stats.stopped_idle,
             gpu_seconds=self.gpu_seconds,
             estimate_error_s=float(np.mean(errors)) if errors else 0.0,
+            startup_s_by_tier=dict(self.stats.startup_s_by_tier),
+            startup_s_by_option=dict(self.stats.startup_s_by_option),
+            options=dict(self.stats.options),
+            copied_bytes=self.copied_bytes,
         )
 
     # GPUs and instances ----------------------------------------------------------------------------
@@ -546,7 +597,12 @@ class _Simulation:
             inst.idle_since_s = None
             inst.epoch += 1
         self.push(end_s, _REQUEST_END, (inst, request))
-        self.stats.startup_s[request] = start_s - float(self.trace.arrival_s[request])
+        wait_s = start_s - float(self.trace.arrival_s[request])
+        self.stats.startup_s[request] = wait_s
+        if wait_s > 0:
+            by_tier, by_option = self.stats.startup_s_by_tier, self.stats.startup_s_by_option
+            by_tier[inst.tier] = by_tier.get(inst.tier, 0.0) + wait_s
+            by_option[inst.option] = by_option.get(inst.option, 0.0) + wait_s
         self.version += 1
 
     # Requests ---------------------------------------------------------------------------------------
@@ -578,6 +634,7 @@ class _Simulation:
         ``staged`` reads it into DRAM only, ``to_ssd`` downloads it onto the SSD only."""
         ckpt = self.trace.checkpoints[checkpoint]
         truth = self.trace.servers[server]
+        self.pause_copy(server, self.now_s)
         start_s = max(time_s, self.loader_free_at_s[server])
         gpu_stage_s = ckpt.shard_bytes / truth.true_pcie_bytes_per_s
         dram_s = ckpt.size_bytes / self.config.dram_read_bytes_per_s
@@ -592,21 +649,85 @@ class _Simulation:
             self.ssd[server].move_to_end(checkpoint)
         else:
             tier = TierKind.REMOTE
-            downloads = sum(
-                1
-                for loads in self.loads
-                for ld in loads
-                if ld.tier is TierKind.REMOTE and ld.start_s <= start_s < ld.end_s
-            )
-            share = self.trace.remote_store_bytes_per_s / (downloads + 1)
-            read_s = ckpt.size_bytes / min(truth.true_network_bytes_per_s, share)
+            read_s = ckpt.size_bytes / self.download_bytes_per_s(server, start_s)
             transfer_s = read_s if to_ssd else max(read_s, dram_s) if staged else max(read_s, gpu_stage_s)
         load = _Load(server, checkpoint, tier, start_s, start_s + transfer_s, ckpt.tp, staged, to_ssd)
         self.loader_free_at_s[server] = load.end_s
         self.loads[server].append(load)
         self.push(load.end_s, _LOAD_DONE, load)
+        if self.copies[server]:
+            self.push(load.end_s, _COPY_KICK, server)
         self.version += 1
         return load
+
+    def download_bytes_per_s(self, server: int, start_s: float) -> float:
+        """True rate of a download starting then: the server's link, or its share of the store."""
+        downloads = sum(
+            1 for loads in self.loads for ld in loads if ld.tier is TierKind.REMOTE and ld.start_s <= start_s < ld.end_s
+        )
+        downloads += sum(1 for c in self.copying if c is not None and c.tier is TierKind.REMOTE)
+        share = self.trace.remote_store_bytes_per_s / (downloads + 1)
+        return min(self.trace.servers[server].true_network_bytes_per_s, share)
+
+    # Prewarming copies (the loader's spare time) ----------------------------------------------------
+
+    def pause_copy(self, server: int, time_s: float) -> None:
+        """A cold start needs the loader: the running copy stops, keeping what it has read."""
+        copy = self.copying[server]
+        if copy is None:
+            return
+        copy.left_s = max(0.0, copy.left_s - (time_s - copy.started_s))
+        copy.epoch += 1
+        self.copying[server] = None
+        self.copies[server].insert(0, copy)
+
+    def kick(self, server: int, time_s: float) -> None:
+        """Run the next copy when the loader has nothing else to do."""
+        if self.copying[server] is not None or self.loader_free_at_s[server] > time_s:
+            return
+        while self.copies[server]:
+            copy = self.copies[server].pop(0)
+            if copy.left_s < 0:
+                ckpt = self.trace.checkpoints[copy.checkpoint]
+                truth = self.trace.servers[server]
+                if copy.to_ssd:
+                    if copy.checkpoint in self.ssd[server]:
+                        continue
+                    copy.tier, copy.left_s = (
+                        TierKind.REMOTE,
+                        ckpt.size_bytes / self.download_bytes_per_s(server, time_s),
+                    )
+                elif copy.checkpoint in self.dram[server]:
+                    continue
+                elif copy.checkpoint in self.ssd[server]:
+                    read_s = ckpt.size_bytes / truth.true_ssd_bytes_per_s
+                    copy.tier, copy.left_s = (
+                        TierKind.SSD,
+                        max(read_s, ckpt.size_bytes / self.config.dram_read_bytes_per_s),
+                    )
+                else:
+                    copy.tier, copy.left_s = (
+                        TierKind.REMOTE,
+                        ckpt.size_bytes / self.download_bytes_per_s(server, time_s),
+                    )
+            copy.started_s = time_s
+            copy.epoch += 1
+            self.copying[server] = copy
+            self.push(time_s + copy.left_s, _COPY_DONE, (copy, copy.epoch))
+            return
+
+    def copy_done(self, copy: _Copy, epoch: int, time_s: float) -> None:
+        if copy.epoch != epoch or self.copying[copy.server] is not copy:
+            return
+        self.copying[copy.server] = None
+        size = self.trace.checkpoints[copy.checkpoint].size_bytes
+        self.copied_bytes += size
+        if not copy.to_ssd:
+            self.cache(self.dram[copy.server], copy.checkpoint, self.config.dram_bytes)
+        if copy.tier is TierKind.REMOTE:
+            self.cache(self.ssd[copy.server], copy.checkpoint, self.config.ssd_bytes)
+        self.version += 1
+        self.kick(copy.server, time_s)
 
     def cache(self, tier: OrderedDict[int, float], checkpoint: int, capacity_bytes: float) -> None:
         tier[checkpoint] = self.trace.checkpoints[checkpoint].size_bytes
@@ -797,7 +918,10 @@ class _Simulation:
             gpu_ids=list(choice.gpu_ids),
             ready_s=ready_s,
             keep_alive_s=self.keep_alive_s.get(checkpoint, self.config.keep_alive_s),
+            tier=load.tier.value,
+            option=choice.option,
         )
+        self.stats.options[choice.option] = self.stats.options.get(choice.option, 0) + 1
         self.next_instance += 1
         self.instances[inst.id] = inst
         self.by_checkpoint.setdefault(checkpoint, set()).add(inst.id)
@@ -811,15 +935,19 @@ class _Simulation:
     # Prewarming -------------------------------------------------------------------------------------
 
     def demand(self, time_s: float) -> list[ModelDemand]:
-        """Request rates per checkpoint: the forecast (popularity) at the start, then what arrived so far."""
+        """Request rates per checkpoint: a forecast from the cluster's state at the start (how many SSDs hold each
+        checkpoint, as past demand left them; the same for every policy), then blended with what arrived so far."""
         trace = self.trace
+        holders = np.bincount([c for held in trace.initial_ssd for c in held], minlength=len(trace.checkpoints))
+        # Every checkpoint may be asked for: one holder's worth for those no SSD holds.
+        forecast = (holders + 1.0) / float((holders + 1.0).sum()) * self.config.rate_per_s
         if time_s <= 0:
-            rates = trace.popularity * self.config.rate_per_s
+            rates = forecast
         else:
             seen = trace.arrival_s <= time_s
             counts = np.bincount(trace.checkpoint_index[seen], minlength=len(trace.checkpoints))
             # Blend with the forecast so that an hour-old trace does not forget rare checkpoints.
-            rates = (counts + trace.popularity * self.config.rate_per_s * 60.0) / (time_s + 60.0)
+            rates = (counts + forecast * 60.0) / (time_s + 60.0)
         return [
             ModelDemand(model=c.model.name, checkpoint=c.name, tp=c.tp, rate_per_s=float(rate))
             for c, rate in zip(trace.checkpoints, rates, strict=True)
@@ -833,9 +961,10 @@ class _Simulation:
                 models=self.demand(time_s),
                 max_copy_s_per_server=self.config.prewarm_copy_s_per_server,
                 default_keep_alive_s=self.config.keep_alive_s,
-                # Keep-alive advice may only shorten the default: prewarming must not cost GPU-seconds.
-                max_keep_alive_s=self.config.keep_alive_s,
+                # The advice spends the idle GPU-seconds the default keep-alive would, not more.
+                max_keep_alive_s=self.config.prewarm_max_keep_alive_s,
                 min_keep_alive_s=min(self.config.keep_alive_s, self.config.prewarm_min_keep_alive_s),
+                evict=self.config.prewarm_evict,
             ),
             catalog=self.catalog,
             now_s=time_s,
@@ -850,10 +979,13 @@ class _Simulation:
             server = int(ev.server.split("-")[1])
             tier = self.dram[server] if ev.tier is TierKind.DRAM else self.ssd[server]
             tier.pop(index[ev.checkpoint], None)
+        # New advice replaces the copies not yet started; a running one finishes.
+        self.copies = [[c for c in queue if c.left_s >= 0] for queue in self.copies]
         for copy in advice.copies:
             server = int(copy.server.split("-")[1])
-            to_dram = copy.to_tier is TierKind.DRAM
-            self.start_load(server, index[copy.checkpoint], time_s, staged=to_dram, to_ssd=not to_dram)
+            self.copies[server].append(_Copy(server, index[copy.checkpoint], to_ssd=copy.to_tier is TierKind.SSD))
+        for server in range(self.config.servers):
+            self.kick(server, time_s)
         for keep in advice.keep_alive:
             self.keep_alive_s[index[keep.checkpoint]] = keep.keep_alive_s
         self.version += 1

@@ -331,6 +331,7 @@ def simulate_deployment(
     sample: RequestSample | None = None,
     rate_per_s: float | None = None,
     build: BuildInstance = _build,
+    checkpoint: Callable[[], None] | None = None,
 ) -> Estimate:
     """Simulate a deployment under a workload: what `splan estimate` reports and what the plan search ranks.
 
@@ -384,6 +385,7 @@ def simulate_deployment(
                 router=deployment.router,
                 router_seed=router_seed,
                 max_sequence_steps=workload.max_sequence_steps,
+                checkpoint=checkpoint,
             ),
             unit_sample,
             workload,
@@ -420,6 +422,7 @@ def simulate_deployment(
             router=deployment.router,
             router_seed=router_seed,
             max_sequence_steps=workload.max_sequence_steps,
+            checkpoint=checkpoint,
         ),
         unit_sample,
         workload,

@@ -283,6 +283,7 @@ def _simulate_unit(
     sample: RequestSample,
     level: float,
     cache: BuiltCache,
+    checkpoint: Checkpoint | None = None,
 ) -> Estimate:
     """The deployment at load ``level``, through simulate_deployment: the code path of `splan estimate`.
 
@@ -298,8 +299,10 @@ def _simulate_unit(
         if deployment.mode is Mode.COLLOCATED:
             clients *= deployment.replicas
         load = replace(workload, concurrency=clients)
-        return simulate_deployment(deployment, load, sample=sample, build=build)
-    return simulate_deployment(deployment, workload.with_rate(level), sample=sample, rate_per_s=level, build=build)
+        return simulate_deployment(deployment, load, sample=sample, build=build, checkpoint=checkpoint)
+    return simulate_deployment(
+        deployment, workload.with_rate(level), sample=sample, rate_per_s=level, build=build, checkpoint=checkpoint
+    )
 
 
 def _goodput(
@@ -329,7 +332,7 @@ def _goodput(
         if closed:
             # Every replica keeps as many requests as a lone replica would get.
             replicas = deployment.replicas if deployment.mode is Mode.COLLOCATED else 1
-            return _simulate_unit(deployment, workload, sample.head(sample.size * replicas), level, cache)
+            return _simulate_unit(deployment, workload, sample.head(sample.size * replicas), level, cache, checkpoint)
         # A short burst never reaches the steady-state concurrency and looks better than the real thing:
         # replay the sample until arrivals span several request lifetimes (known from the previous run).
         span_s = float(sample.unit_arrival_s[-1]) / (level / units) if level > 0 else 0.0
@@ -339,7 +342,7 @@ def _goodput(
             if span_s > 0 and lifetime_s > 0:
                 times = math.ceil(STEADY_STATE_LIFETIMES * lifetime_s / span_s)
                 times = max(1, min(times, MAX_STEADY_STATE_REQUESTS // max(1, sample.input_tokens.size)))
-            est = _simulate_unit(deployment, workload, sample.repeated(times), level, cache)
+            est = _simulate_unit(deployment, workload, sample.repeated(times), level, cache, checkpoint)
             observed = float(np.mean(est.result.e2e_s)) if est.result.e2e_s.size else 0.0
             long_enough = observed <= max(lifetime_s, 1e-9) * 1.5 or times * sample.input_tokens.size >= (
                 MAX_STEADY_STATE_REQUESTS

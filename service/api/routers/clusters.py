@@ -7,8 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.deps import SessionDep
+from service.api.deps import ClustersRead, ClustersWrite, SessionDep
 from service.api.errors import ProblemError
+from service.auth import cluster_key
 from service.db import clusters as cluster_store
 from service.placement.cluster import MAX_EVENTS, Cluster
 from service.placement_service import ClusterCache, current_state, post_events, put_cluster
@@ -19,7 +20,9 @@ ClusterName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Z
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": {"application/problem+json": {}}}
     for status, description in (
-        (404, "No cluster with that name"),
+        (401, "No API key, or a malformed, unknown or revoked one"),
+        (403, "The API key lacks the operation's scope"),
+        (404, "No cluster with that name (of the caller's tenant)"),
         (409, "If-Match names a version that is no longer current"),
         (413, "Body too large"),
         (422, "Invalid cluster state or events"),
@@ -99,6 +102,7 @@ def put(
     request: Request,
     response: Response,
     session: SessionDep,
+    principal: ClustersWrite,
     if_match: Annotated[str | None, Header()] = None,
 ) -> ClusterSummary:
     """Store the whole state; with If-Match only over that version (409 otherwise)."""
@@ -106,7 +110,7 @@ def put(
         version, created, cluster = put_cluster(
             session,
             cache=cache_of(request),
-            name=name,
+            name=cluster_key(principal.tenant, name),
             document=body.model_dump(mode="json"),
             if_match=parse_if_match(if_match),
         )
@@ -118,10 +122,12 @@ def put(
 
 
 @router.get("/{name}", operation_id="getCluster", summary="Read a cluster state", responses=PROBLEMS)
-def get(name: ClusterName, request: Request, response: Response, session: SessionDep) -> dict[str, Any]:
+def get(
+    name: ClusterName, request: Request, response: Response, session: SessionDep, principal: ClustersRead
+) -> dict[str, Any]:
     """The current state with its version (also in the ETag header)."""
     try:
-        version, cluster = current_state(session, cache=cache_of(request), name=name)
+        version, cluster = current_state(session, cache=cache_of(request), name=cluster_key(principal.tenant, name))
     except cluster_store.ClusterNotFoundError:
         raise ProblemError(404, f"no cluster named {name!r}") from None
     response.headers["ETag"] = f'"{version}"'
@@ -141,12 +147,17 @@ def events(
     request: Request,
     response: Response,
     session: SessionDep,
+    principal: ClustersWrite,
     if_match: Annotated[str | None, Header()] = None,
 ) -> ClusterSummary:
     """Apply the events in order, all or none; a bad event answers 422 naming it."""
     try:
         version, cluster = post_events(
-            session, cache=cache_of(request), name=name, events=body.events, if_match=parse_if_match(if_match)
+            session,
+            cache=cache_of(request),
+            name=cluster_key(principal.tenant, name),
+            events=body.events,
+            if_match=parse_if_match(if_match),
         )
     except cluster_store.ClusterNotFoundError:
         raise ProblemError(404, f"no cluster named {name!r}") from None

@@ -6,22 +6,21 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.api.deps import CatalogDep, SettingsDep
+from service.api.deps import CatalogDep, EstimatesScope, SettingsDep
 from service.api.routers.plans import PROBLEMS
 from service.api.schemas import EstimateBody
-from service.planning.deployment import Mode
-from service.planning.estimate import EstimateRequest, run_estimate
+from service.planning.estimate import run_estimate
 
 router = APIRouter(prefix="/v1/estimates", tags=["estimates"])
 
 
 @router.post("", operation_id="createEstimate", summary="Estimate one deployment", responses=PROBLEMS)
-def create_estimate(body: EstimateBody, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
+def create_estimate(
+    body: EstimateBody, catalog: CatalogDep, settings: SettingsDep, _principal: EstimatesScope
+) -> dict[str, Any]:
     """Latency and throughput of one deployment under one workload (as `splan estimate --json`).
 
     Priced before it runs: a workload that cannot fit the work budget is a 422; one cut short says `truncated`.
     """
-    fields = body.model_dump()
-    fields["max_sequence_steps"] = settings.estimate_max_sequence_steps
-    fields["mode"] = Mode.COLLOCATED if body.mode == "collocated" else Mode.DISAGGREGATED
-    return run_estimate(EstimateRequest(**fields), catalog=catalog).as_dict()
+    request = body.to_request(max_sequence_steps=settings.estimate_max_sequence_steps)
+    return run_estimate(request, catalog=catalog).as_dict()

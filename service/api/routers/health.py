@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from service.api.deps import MetricsDep, SessionDep, SettingsDep
-from service.api.errors import ProblemError
+from service.api.errors import DATABASE_RETRY_AFTER_S, ProblemError
 from service.api.schemas import HealthStatus
 
 router = APIRouter(tags=["health"])
@@ -29,7 +29,12 @@ def readyz(session: SessionDep, settings: SettingsDep) -> HealthStatus:
         session.rollback()
         checks["database"] = "ok"
     except Exception as exc:
-        raise ProblemError(503, f"database unreachable ({type(exc).__name__})", title="Not ready") from None
+        raise ProblemError(
+            503,
+            f"database unreachable ({type(exc).__name__})",
+            title="Not ready",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        ) from None
     if settings.broker_url:
         try:
             client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
@@ -37,7 +42,12 @@ def readyz(session: SessionDep, settings: SettingsDep) -> HealthStatus:
             client.close()
             checks["broker"] = "ok"
         except Exception as exc:
-            raise ProblemError(503, f"broker unreachable ({type(exc).__name__})", title="Not ready") from None
+            raise ProblemError(
+                503,
+                f"broker unreachable ({type(exc).__name__})",
+                title="Not ready",
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+            ) from None
     return HealthStatus(status="ok", checks=checks)
 
 

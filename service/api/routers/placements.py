@@ -8,14 +8,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from service.api.deps import CatalogDep, MetricsDep, SessionDep
+from service.api.deps import CatalogDep, MetricsDep, PlacementsScope, SessionDep
 from service.api.errors import ProblemError
 from service.api.routers.clusters import PROBLEMS, ClusterName, cache_of, stale
+from service.auth import cluster_key
 from service.db import clusters as cluster_store
 from service.placement.cluster import ClusterError
 from service.placement.optimizer import PlacementRequest
-from service.placement.prewarm import PrewarmRequest, advise_prewarm
-from service.placement_service import current_state, place_on_cluster
+from service.placement.prewarm import PrewarmRequest
+from service.placement_service import place_on_cluster, prewarm_on_cluster
 from service.planning.specs import PlanningError
 
 router = APIRouter(prefix="/v1/placements", tags=["placements"])
@@ -33,7 +34,12 @@ class PlacementBody(PlacementRequest):
 
 @router.post("", operation_id="createPlacement", summary="Place new instances on a cluster", responses=PROBLEMS)
 def create_placement(
-    body: PlacementBody, request: Request, session: SessionDep, catalog: CatalogDep, metrics: MetricsDep
+    body: PlacementBody,
+    request: Request,
+    session: SessionDep,
+    catalog: CatalogDep,
+    metrics: MetricsDep,
+    principal: PlacementsScope,
 ) -> dict[str, Any]:
     """Ranked candidates with startup-latency breakdowns, exclusions, and (unless dry_run) reserved GPUs."""
     started = time.perf_counter()
@@ -42,7 +48,7 @@ def create_placement(
             session,
             cache=cache_of(request),
             catalog=catalog,
-            name=body.cluster,
+            name=cluster_key(principal.tenant, body.cluster),
             request=body,
             dry_run=body.dry_run,
             ttl_s=body.ttl_s,
@@ -76,15 +82,21 @@ class PrewarmBody(PrewarmRequest):
     summary="Which checkpoints to copy into which server tier now, which to evict, and keep-alive per model",
     responses=PROBLEMS,
 )
-def advise_prewarming(body: PrewarmBody, request: Request, session: SessionDep, catalog: CatalogDep) -> dict[str, Any]:
+def advise_prewarming(
+    body: PrewarmBody, request: Request, session: SessionDep, catalog: CatalogDep, principal: PlacementsScope
+) -> dict[str, Any]:
     """Copies and evictions that lower the expected cold-start latency most per second of copying, and
     keep-alive advice per checkpoint; nothing is changed on the cluster."""
     try:
-        version, cluster = current_state(session, cache=cache_of(request), name=body.cluster)
+        version, advice = prewarm_on_cluster(
+            session,
+            cache=cache_of(request),
+            catalog=catalog,
+            name=cluster_key(principal.tenant, body.cluster),
+            request=body,
+        )
     except cluster_store.ClusterNotFoundError:
         raise ProblemError(404, f"no cluster named {body.cluster!r}; PUT /v1/clusters/{body.cluster} first") from None
-    try:
-        advice = advise_prewarm(cluster, body, catalog=catalog, now_s=time.time())
     except (PlanningError, ClusterError) as exc:
         raise ProblemError(422, str(exc)) from None
     return {**advice.model_dump(mode="json"), "cluster": body.cluster, "cluster_version": version}

@@ -4,36 +4,33 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
 from typing import Annotated, Any, Literal
 
-import structlog
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
-from sqlalchemy.orm import Session
 
-from service.api.deps import CatalogDep, DispatcherDep, SessionDep
+from service import plans_service
+from service.api.deps import CatalogDep, DispatcherDep, PlansRead, PlansWrite, SessionDep, SettingsDep
 from service.api.errors import ProblemError
 from service.api.schemas import LaunchFiles, PlanBody, PlanList, PlanResource
-from service.db import clusters as cluster_store
+from service.auth import QuotaExceededError
 from service.db import plans as plan_store
 from service.db.models import Plan, PlanStatus
-from service.dispatch import Dispatcher
-from service.placement.fleet_plan import FleetSpec
-from service.planning.plan_spec import parse_plan_spec
-from service.planning.search import MAX_SEARCH_SPACE, count_search_space
+from service.planning.plan_spec import SearchSpaceTooLargeError
 from service.planning.specs import PlanningError
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
-log = structlog.get_logger("splan.api.plans")
 
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": {"application/problem+json": {}}}
     for status, description in (
-        (404, "No plan with that id"),
+        (401, "No API key, or a malformed, unknown or revoked one"),
+        (403, "The API key lacks the operation's scope"),
+        (404, "No plan with that id (of the caller's tenant)"),
         (409, "The plan cannot change state"),
         (413, "Body too large"),
         (422, "Invalid spec, idempotency key reused with another body, or search space too large"),
+        (429, "The tenant's plans-in-flight or plans-per-hour quota is spent; see Retry-After"),
     )
 }
 
@@ -72,68 +69,41 @@ def create_plan(
     session: SessionDep,
     catalog: CatalogDep,
     dispatcher: DispatcherDep,
+    settings: SettingsDep,
+    principal: PlansWrite,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> PlanResource:
     """Validate the spec, store the plan as queued (with its idempotency key) and enqueue it after commit.
 
     `kind: fleet` plans many deployments at once onto a fleet (GPU counts by type, or a stored cluster).
     """
-    if isinstance(body, FleetSpec):
-        fleet = body.model_dump(mode="json", exclude_unset=True)
-        fleet["kind"] = "fleet"
-        for deployment in body.deployments:
-            catalog.model(deployment.model)
-            catalog.engine(deployment.engine)
-        if body.cluster is not None and cluster_store.current_version(session, name=body.cluster) is None:
-            raise ProblemError(422, f"no cluster named {body.cluster!r}; PUT /v1/clusters/{body.cluster} first")
-        models = ",".join(sorted({d.model for d in body.deployments}))
-        gpus = ",".join(sorted(body.gpus or {})) or f"cluster:{body.cluster}"
-        new = plan_store.NewPlan(fleet, "fleet", models[:200], gpus[:100], len(body.deployments))
-        return _store_and_enqueue(session, dispatcher, response, new=new, idempotency_key=idempotency_key)
-    spec = body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"kind"})
-    request = parse_plan_spec(spec, catalog=catalog)
-    space = count_search_space(request)
-    if space > MAX_SEARCH_SPACE:
-        raise ProblemError(
-            422,
-            f"the search space has {space} strategies; the limit is {MAX_SEARCH_SPACE}: narrow search.tp, "
-            "search.pp, search.modes or max_gpus",
-            title="Search space too large",
-            search_space=space,
-            limit=MAX_SEARCH_SPACE,
-        )
-    new = plan_store.NewPlan(spec, body.kind, request.model.name, request.gpu, space)
-    return _store_and_enqueue(session, dispatcher, response, new=new, idempotency_key=idempotency_key)
-
-
-def _store_and_enqueue(
-    session: Session,
-    dispatcher: Dispatcher,
-    response: Response,
-    *,
-    new: plan_store.NewPlan,
-    idempotency_key: str | None,
-) -> PlanResource:
-    """Commit the plan, then hand it to the executor; a replayed idempotent request gets the stored plan."""
     try:
-        plan, created = plan_store.create_plan(session, new=new, idempotency_key=idempotency_key)
+        plan = plans_service.validate_plan(body, catalog)
+        submitted = plans_service.submit_plan(
+            session, dispatcher, plan=plan, principal=principal, settings=settings, idempotency_key=idempotency_key
+        )
+    except SearchSpaceTooLargeError as exc:
+        raise ProblemError(
+            422, exc.reason, title="Search space too large", search_space=exc.space, limit=exc.extra["limit"]
+        ) from None
+    except plans_service.ClusterMissingError as exc:
+        raise ProblemError(422, exc.reason) from None
+    except QuotaExceededError as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
+        title = "Quota exceeded" if exc.status == 429 else "Search space over the tenant's quota"
+        raise ProblemError(
+            exc.status, exc.detail, title=title, headers=headers, quota=exc.quota, limit=exc.limit
+        ) from None
     except plan_store.IdempotencyConflictError:
         raise ProblemError(
             422,
             "this Idempotency-Key was already used with a different request body",
             title="Idempotency key reused",
         ) from None
-    response.headers["Location"] = f"/v1/plans/{plan.id}"
-    if not created:
+    response.headers["Location"] = f"/v1/plans/{submitted.plan.id}"
+    if not submitted.created:
         response.status_code = 200
-        return PlanResource.of(plan)
-    try:
-        # No second write: the sweeper judges a never-marked plan by its creation time.
-        dispatcher.submit(plan.id)
-    except Exception:
-        # The plan is committed as queued; the sweeper enqueues it once the broker is back.
-        log.warning("plan.enqueue_deferred", plan_id=plan.id)
-    return PlanResource.of(plan)
+    return PlanResource.of(submitted.plan)
 
 
 @router.get(
@@ -141,6 +111,7 @@ def _store_and_enqueue(
 )
 def list_plans(
     session: SessionDep,
+    principal: PlansRead,
     status: PlanStatus | None = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -148,8 +119,13 @@ def list_plans(
 ) -> PlanList:
     """A page of plans; pass `next_cursor` back as `cursor` for the next one."""
     before = decode_cursor(cursor) if cursor else None
-    page = plan_store.list_plans(
-        session, status=status.value if status else None, model=model, before_seq=before, limit=limit
+    page = plans_service.list_plans(
+        session,
+        tenant=principal.tenant,
+        status=status.value if status else None,
+        model=model,
+        before_seq=before,
+        limit=limit,
     )
     return PlanList(
         items=[PlanResource.of(p, with_result=False) for p in page.items],
@@ -160,10 +136,10 @@ def list_plans(
 @router.get(
     "/{plan_id}", operation_id="getPlan", summary="Read a plan", response_model=PlanResource, responses=PROBLEMS
 )
-def get_plan(plan_id: str, session: SessionDep) -> PlanResource:
+def get_plan(plan_id: str, session: SessionDep, principal: PlansRead) -> PlanResource:
     """Status, progress, and the result once succeeded (or a problem detail once failed)."""
     try:
-        return PlanResource.of(plan_store.get_plan(session, plan_id=plan_id))
+        return PlanResource.of(plans_service.get_plan(session, plan_id=plan_id, tenant=principal.tenant))
     except plan_store.PlanNotFoundError:
         raise ProblemError(404, f"no plan with id {plan_id}") from None
 
@@ -175,29 +151,24 @@ def get_plan(plan_id: str, session: SessionDep) -> PlanResource:
     response_model=PlanResource,
     responses=PROBLEMS,
 )
-def cancel_plan(plan_id: str, session: SessionDep) -> PlanResource:
+def cancel_plan(plan_id: str, session: SessionDep, principal: PlansWrite) -> PlanResource:
     """Cancel a queued or running plan; finished plans answer 409."""
     try:
-        return PlanResource.of(plan_store.cancel_plan(session, plan_id=plan_id))
+        return PlanResource.of(plans_service.cancel_plan(session, plan_id=plan_id, tenant=principal.tenant))
     except plan_store.PlanNotFoundError:
         raise ProblemError(404, f"no plan with id {plan_id}") from None
     except plan_store.PlanStateError as exc:
         raise ProblemError(409, str(exc)) from None
 
 
-# Matplotlib's style settings are process-global while a figure is drawn: one report renders at a time.
-_REPORT_LOCK = threading.Lock()
-
-
-def _succeeded(session: Session, plan_id: str) -> Plan:
-    """The stored plan, once it has a result; 404 when unknown, 409 before it succeeded."""
+def _succeeded(session: SessionDep, plan_id: str, tenant: str) -> Plan:
+    """The tenant's stored plan, once it has a result; 404 when unknown, 409 before it succeeded."""
     try:
-        plan = plan_store.get_plan(session, plan_id=plan_id)
+        return plans_service.succeeded_plan(session, plan_id=plan_id, tenant=tenant)
     except plan_store.PlanNotFoundError:
         raise ProblemError(404, f"no plan with id {plan_id}") from None
-    if plan.status != PlanStatus.SUCCEEDED.value or plan.result is None:
-        raise ProblemError(409, f"plan {plan_id} is {plan.status}; its report and launch files exist once it succeeded")
-    return plan
+    except plans_service.PlanNotReadyError as exc:
+        raise ProblemError(409, str(exc)) from None
 
 
 @router.get(
@@ -207,15 +178,9 @@ def _succeeded(session: Session, plan_id: str) -> Plan:
     response_class=HTMLResponse,
     responses={**PROBLEMS, 200: {"description": "One HTML page, no external fetches", "content": {"text/html": {}}}},
 )
-def get_plan_report(plan_id: str, session: SessionDep) -> HTMLResponse:
+def get_plan_report(plan_id: str, session: SessionDep, principal: PlansRead) -> HTMLResponse:
     """Spec, ranked strategies, frontier and latency plots, and why layouts were pruned (fleet plans: placement)."""
-    from service.reporting import render_fleet_report, render_plan_report
-
-    plan = _succeeded(session, plan_id)
-    render = render_fleet_report if plan.kind == "fleet" else render_plan_report
-    with _REPORT_LOCK:
-        page = render(dict(plan.spec), dict(plan.result or {}), title=f"splan plan {plan.id}")
-    return HTMLResponse(page)
+    return HTMLResponse(plans_service.plan_report(_succeeded(session, plan_id, principal.tenant)))
 
 
 @router.get(
@@ -229,24 +194,16 @@ def get_plan_launch(
     plan_id: str,
     session: SessionDep,
     catalog: CatalogDep,
+    principal: PlansRead,
     engine: Annotated[
         Literal["vllm", "sglang", "trtllm"] | None, Query(description="one engine (default: all)")
     ] = None,
     strategy: Annotated[int, Query(ge=1, le=1000, description="rank of the strategy to launch")] = 1,
 ) -> LaunchFiles:
     """Per engine the launch scripts (prefill, decode and router for disaggregated strategies), manifests, README."""
-    from service.launch import launch_bundle
-
-    plan = _succeeded(session, plan_id)
-    if plan.kind == "fleet":
-        raise ProblemError(
-            422, "launch files are made for a strategy plan; a fleet plan's deployments are plans of their own"
-        )
-    result = dict(plan.result or {})
+    plan = _succeeded(session, plan_id, principal.tenant)
     try:
-        files = launch_bundle(
-            dict(plan.spec), result, strategy_rank=strategy, engines=[engine] if engine else None, catalog=catalog
-        )
+        label, files = plans_service.plan_launch(plan, catalog=catalog, engine=engine, strategy=strategy)
     except PlanningError as exc:
         raise ProblemError(422, str(exc)) from None
-    return LaunchFiles(plan_id=plan.id, strategy=result["strategies"][strategy - 1]["label"], files=files)
+    return LaunchFiles(plan_id=plan.id, strategy=label, files=files)
