@@ -34,7 +34,7 @@ from service.api.app import create_app
 from service.auth import authenticate
 from service.db.session import make_engine, make_session_factory
 from tests.conftest import PG_ADMIN_URL, migrated_settings
-from tests.test_api import wait_final
+from tests.helpers import wait_final
 from tests.test_jobs import SPEC
 from tests.test_placement_api import CLUSTER
 from tests.test_tenants import Tenants, cross_tenant_operations, issue, queued_plan

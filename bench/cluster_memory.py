@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tests.test_integration import start_quiet, stop, wait_ready
+from tests.helpers import start_quiet, stop, wait_ready
 
 BODY_LIMIT_BYTES = 1_048_576
 

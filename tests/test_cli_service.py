@@ -12,7 +12,7 @@ import yaml
 
 from service.cli import main
 from tests.conftest import REPO
-from tests.test_integration import start_quiet, stop, wait_ready
+from tests.helpers import start_quiet, stop, wait_ready
 from tests.test_jobs import SPEC
 
 

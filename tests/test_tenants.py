@@ -17,7 +17,8 @@ from service.db import plans as plan_store
 from service.db import tenants as tenant_store
 from service.db.session import make_engine, make_session_factory
 from service.settings import Settings
-from tests.test_api import assert_problem, wait_final
+from tests.helpers import wait_final
+from tests.test_api import assert_problem
 from tests.test_jobs import SPEC
 from tests.test_placement_api import CLUSTER
 
