@@ -50,6 +50,20 @@ MAX_GPU_PRICE_PER_HOUR = 10_000.0
 T = TypeVar("T")
 
 
+# Workload fields that plan specs and estimate specs share, with one rule each.
+TimeScale = Annotated[
+    float | None,
+    Field(gt=0, le=MAX_TIME_SCALE, description="factor on the trace's time offsets (0.5: twice the recorded rate)"),
+]
+SharedPrefixTokens = Annotated[
+    int,
+    Field(ge=0, le=MAX_SHARED_PREFIX_TOKENS, description="leading prompt tokens shared by requests (a system prompt)"),
+]
+PrefixHitRate = Annotated[
+    float, Field(ge=0, le=1, description="share of the requests that start with the shared prefix")
+]
+
+
 class SpecFieldError(PlanningError):
     """A spec the door refuses, with the dotted path of the field at fault."""
 
@@ -92,21 +106,9 @@ class WorkloadSpec(BaseModel):
         description="requests replayed as recorded: records with arrival_s, input_tokens, output_tokens and an "
         "optional prefix_id or session_id (other common names accepted); a CSV/JSONL path only in spec files",
     )
-    time_scale: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_TIME_SCALE,
-        description="factor on the trace's time offsets (0.5: twice the recorded rate)",
-    )
-    shared_prefix_tokens: int = Field(
-        default=0,
-        ge=0,
-        le=MAX_SHARED_PREFIX_TOKENS,
-        description="leading prompt tokens shared by requests (a system prompt)",
-    )
-    prefix_hit_rate: float = Field(
-        default=1.0, ge=0, le=1, description="share of the requests that start with the shared prefix"
-    )
+    time_scale: TimeScale = None
+    shared_prefix_tokens: SharedPrefixTokens = 0
+    prefix_hit_rate: PrefixHitRate = 1.0
 
     @field_validator("isl", "osl")
     @classmethod
@@ -295,21 +297,9 @@ class EstimateSpec(BaseModel):
         description="records with arrival_s, input_tokens, output_tokens and an optional prefix_id or session_id "
         "(also timestamp, prompt_tokens/isl, completion_tokens/osl); replaces isl, osl and the load",
     )
-    time_scale: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_TIME_SCALE,
-        description="factor on the trace's time offsets (0.5: twice the recorded rate)",
-    )
-    shared_prefix_tokens: int = Field(
-        default=0,
-        ge=0,
-        le=MAX_SHARED_PREFIX_TOKENS,
-        description="leading prompt tokens shared by requests (a system prompt)",
-    )
-    prefix_hit_rate: float = Field(
-        default=1.0, ge=0, le=1, description="share of the requests that start with the shared prefix"
-    )
+    time_scale: TimeScale = None
+    shared_prefix_tokens: SharedPrefixTokens = 0
+    prefix_hit_rate: PrefixHitRate = 1.0
     profile: dict[str, Any] | None = Field(
         default=None,
         description="calibration profile written by `splan calibrate` (the mapping itself; the server reads no files)",
