@@ -8,6 +8,8 @@ import ipaddress
 import math
 import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from service.db.models import ApiKey
-    from service.db.tenants import Quotas
+    from service.db.tenants import Quotas, QuotaUsage
 
 # Keyless requests in the embedded default (loopback, no keys required) act as this tenant; existing rows from
 # before tenants existed belong to it too (migration 0003).
@@ -164,6 +166,34 @@ def authenticate(session: Session, token: str) -> Principal | None:
     return Principal(tenant=key.tenant_id, key_id=key.id, scopes=frozenset(Scope(s) for s in key.scopes))
 
 
+class PrincipalCache:
+    """Tokens checked recently, by digest, with what they authenticated as (None: refused), for `ttl_s` seconds."""
+
+    def __init__(self, ttl_s: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self.entries: dict[str, tuple[float, Principal | None]] = {}
+
+    def get(self, token: str) -> tuple[bool, Principal | None]:
+        """(found, principal): found is False when the token was not checked within the TTL."""
+        entry = self.entries.get(secret_digest(token))
+        if entry is None or entry[0] <= self.clock():
+            return False, None
+        return True, entry[1]
+
+    def put(self, token: str, principal: Principal | None) -> None:
+        """Remember a check; the oldest entries go first past `max_entries` (unknown tokens cannot grow it)."""
+        if self.ttl_s <= 0:
+            return
+        if len(self.entries) >= self.max_entries:
+            now = self.clock()
+            self.entries = {k: v for k, v in self.entries.items() if v[0] > now}
+            while len(self.entries) >= self.max_entries:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[secret_digest(token)] = (self.clock() + self.ttl_s, principal)
+
+
 class QuotaExceededError(Exception):
     """A submission past one of the tenant's quotas: the status to answer, and when to retry."""
 
@@ -176,41 +206,72 @@ class QuotaExceededError(Exception):
         self.retry_after_s = retry_after_s
 
 
-def check_plan_quotas(
-    session: Session, *, tenant: str, search_space: int, defaults: Quotas, in_flight_retry_s: int
-) -> None:
-    """Refuse a new plan past the tenant's search-space, in-flight or per-hour quota."""
+def admit_plans(
+    session: Session,
+    *,
+    tenant: str,
+    search_spaces: list[int],
+    defaults: Quotas,
+    in_flight_retry_s: int,
+    search_space_retry_s: int,
+) -> list[QuotaExceededError | None]:
+    """Judge a tenant's new plans in order against its quotas, holding its quota lock until the transaction ends."""
     from service.db import tenants as tenant_store
 
+    tenant_store.lock_quotas(session, tenant=tenant)
     limits = tenant_store.quotas(session, tenant=tenant, defaults=defaults)
+    now = datetime.now(UTC)
+    usage = tenant_store.quota_usage(session, tenant=tenant, since=now - timedelta(hours=1))
+    admitted = 0
+    verdicts: list[QuotaExceededError | None] = []
+    for search_space in search_spaces:
+        verdict = _quota_verdict(
+            tenant, search_space, limits, usage, admitted, now, in_flight_retry_s, search_space_retry_s
+        )
+        verdicts.append(verdict)
+        admitted += verdict is None
+    return verdicts
+
+
+def _quota_verdict(
+    tenant: str,
+    search_space: int,
+    limits: Quotas,
+    usage: QuotaUsage,
+    admitted: int,
+    now: datetime,
+    in_flight_retry_s: int,
+    search_space_retry_s: int,
+) -> QuotaExceededError | None:
     if search_space > limits.search_space:
-        # A property of the request, not of the moment: waiting does not help, so 422 and no Retry-After.
-        raise QuotaExceededError(
-            422,
+        # Only a narrower search or a larger quota (an admin's change) helps: Retry-After says to come back late.
+        return QuotaExceededError(
+            429,
             f"the search space has {search_space} strategies; tenant {tenant!r} may search {limits.search_space} "
             "per plan: narrow search.tp, search.pp, search.modes or max_gpus",
             quota="search_space",
             limit=limits.search_space,
-            retry_after_s=None,
+            retry_after_s=search_space_retry_s,
         )
-    in_flight = tenant_store.plans_in_flight(session, tenant=tenant)
+    in_flight = usage.in_flight + admitted
     if in_flight >= limits.plans_in_flight:
-        raise QuotaExceededError(
+        return QuotaExceededError(
             429,
             f"tenant {tenant!r} has {in_flight} plans queued or running; its quota is {limits.plans_in_flight}",
             quota="plans_in_flight",
             limit=limits.plans_in_flight,
             retry_after_s=in_flight_retry_s,
         )
-    now = datetime.now(UTC)
-    count, oldest = tenant_store.plans_since(session, tenant=tenant, since=now - timedelta(hours=1))
+    count = usage.since_count + admitted
     if count >= limits.plans_per_hour:
         # The window frees a slot when its oldest plan turns an hour old.
+        oldest = usage.oldest_since
         wait_s = 3600.0 - (now - oldest).total_seconds() if oldest is not None else 1.0
-        raise QuotaExceededError(
+        return QuotaExceededError(
             429,
             f"tenant {tenant!r} submitted {count} plans in the last hour; its quota is {limits.plans_per_hour}",
             quota="plans_per_hour",
             limit=limits.plans_per_hour,
             retry_after_s=max(1, math.ceil(wait_s)),
         )
+    return None

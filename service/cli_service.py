@@ -163,6 +163,9 @@ def _worker(args: argparse.Namespace) -> int:
         )
     from workers.celery_app import app
 
+    if settings.worker_nice:
+        # Inherited by the pool's processes.
+        os.nice(settings.worker_nice)
     argv = ["worker", f"--loglevel={args.loglevel}", "--queues", settings.queue_name, "--without-gossip"]
     argv += ["--without-mingle", f"--concurrency={args.concurrency or settings.worker_concurrency}"]
     if not args.no_beat:

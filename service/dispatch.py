@@ -18,6 +18,9 @@ from service.settings import Settings
 log = structlog.get_logger("splan.dispatch")
 
 RUN_PLAN_TASK = "splan.run_plan"
+# One message per batch of plans the API stored together; a worker sends their run_plan tasks (issue 14: a
+# burst of 200 submissions costs the API one send, not 200).
+DISPATCH_PLANS_TASK = "splan.dispatch_plans"
 REQUEUE_TASK = "splan.requeue_stale_plans"
 
 
@@ -26,6 +29,9 @@ class Dispatcher(Protocol):
 
     def submit(self, plan_id: str) -> None:
         """Start or enqueue the plan."""
+
+    def submit_many(self, plan_ids: list[str]) -> None:
+        """Start or enqueue several plans."""
 
     def close(self) -> None:
         """Stop accepting work."""
@@ -90,6 +96,20 @@ class CeleryDispatcher:
         self.outbox.append(plan_id)
         self.wake.set()
 
+    def submit_many(self, plan_ids: list[str]) -> None:
+        """Enqueue plans with one message (a worker sends one task per plan), or through the outbox."""
+        if len(plan_ids) <= 1 or self.outbox:
+            for plan_id in plan_ids:
+                self.submit(plan_id)
+            return
+        try:
+            self.app.send_task(DISPATCH_PLANS_TASK, args=[plan_ids], queue=self.settings.queue_name, retry=False)
+            return
+        except Exception as exc:
+            log.warning("plan.enqueue_deferred", plans=len(plan_ids), error=type(exc).__name__)
+        self.outbox.extend(plan_ids)
+        self.wake.set()
+
     def pending(self) -> int:
         """Plans in the outbox, waiting for the broker."""
         return len(self.outbox)
@@ -150,6 +170,11 @@ class InProcessDispatcher:
     def submit(self, plan_id: str) -> None:
         """Run the plan on the pool."""
         self.pool.submit(self._run, plan_id)
+
+    def submit_many(self, plan_ids: list[str]) -> None:
+        """Run the plans on the pool, in order."""
+        for plan_id in plan_ids:
+            self.submit(plan_id)
 
     def _run(self, plan_id: str) -> None:
         try:

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 from sqlalchemy.orm import Session
 
-from service.auth import Principal, check_plan_quotas, cluster_key
+from service.auth import Principal, admit_plans, cluster_key
 from service.catalog.loader import read_structured_file
 from service.db import clusters as cluster_store
 from service.db import plans as plan_store
@@ -195,6 +195,84 @@ def validate_plan(body: dict[str, Any] | PlanSpec | FleetSpec, catalog: Catalog)
 # ------------------------------------------------------------------------------------------------ use-cases
 
 
+@dataclass(frozen=True)
+class PlanSubmission:
+    """A validated plan to store for a caller, with the request's idempotency key."""
+
+    plan: ValidatedPlan
+    principal: Principal
+    idempotency_key: str | None
+
+
+def store_plans(
+    session: Session, submissions: list[PlanSubmission], *, settings: Settings
+) -> list[SubmittedPlan | Exception]:
+    """Commit many plans at once within their tenants' quotas (one transaction, one quota check per tenant).
+
+    Each submission gets its stored plan or the error it is answered with (QuotaExceededError,
+    IdempotencyConflictError, ClusterMissingError); `dispatch_new` then hands the new ones to the executor.
+    """
+    defaults = tenant_store.Quotas(
+        settings.quota_plans_in_flight, settings.quota_plans_per_hour, settings.quota_search_space
+    )
+
+    def admit(session: Session, tenant: str, items: list[plan_store.Submission]) -> list[Exception | None]:
+        return list(
+            admit_plans(
+                session,
+                tenant=tenant,
+                search_spaces=[item.new.total if item.new.kind != "fleet" else 0 for item in items],
+                defaults=defaults,
+                in_flight_retry_s=settings.quota_in_flight_retry_after_s,
+                search_space_retry_s=settings.quota_search_space_retry_after_s,
+            )
+        )
+
+    outcomes: list[SubmittedPlan | Exception | None] = [None] * len(submissions)
+    stored: list[int] = []
+    for i, submission in enumerate(submissions):
+        missing = _missing_cluster(session, submission)
+        if missing is not None:
+            outcomes[i] = missing
+        else:
+            stored.append(i)
+    results = plan_store.create_plans(
+        session,
+        [
+            plan_store.Submission(
+                _new_plan(submissions[i].plan), submissions[i].idempotency_key, submissions[i].principal.tenant
+            )
+            for i in stored
+        ],
+        admit=admit,
+    )
+    for i, result in zip(stored, results, strict=True):
+        outcomes[i] = result if isinstance(result, Exception) else SubmittedPlan(*result)
+    return [outcome if outcome is not None else RuntimeError("unsettled submission") for outcome in outcomes]
+
+
+def dispatch_new(dispatcher: Dispatcher, outcomes: list[SubmittedPlan | Exception]) -> None:
+    """Hand the plans this batch created to the executor (replays and refusals are not sent again)."""
+    created = [o.plan.id for o in outcomes if isinstance(o, SubmittedPlan) and o.created]
+    if not created:
+        return
+    try:
+        # No second write: the sweeper judges a never-marked plan by its creation time.
+        dispatcher.submit_many(created)
+    except Exception:
+        # The plans are committed as queued; the sweeper enqueues them once the broker is back.
+        log.warning("plan.enqueue_deferred", plans=len(created))
+
+
+def submit_plans(
+    session: Session, dispatcher: Dispatcher, submissions: list[PlanSubmission], *, settings: Settings
+) -> list[SubmittedPlan | Exception]:
+    """Commit many plans at once within their tenants' quotas, then hand the new ones to the executor."""
+    outcomes = store_plans(session, submissions, settings=settings)
+    dispatch_new(dispatcher, outcomes)
+    return outcomes
+
+
 def submit_plan(
     session: Session,
     dispatcher: Dispatcher,
@@ -204,39 +282,28 @@ def submit_plan(
     settings: Settings,
     idempotency_key: str | None,
 ) -> SubmittedPlan:
-    """Commit the plan within the tenant's quotas, then hand it to the executor; a replay gets the stored plan.
-
-    Raises QuotaExceededError, IdempotencyConflictError or ClusterMissingError.
-    """
-    if plan.kind == "fleet" and plan.spec.get("cluster") is not None:
-        name = str(plan.spec["cluster"])
-        if cluster_store.current_version(session, name=cluster_key(principal.tenant, name)) is None:
-            raise ClusterMissingError("cluster", f"no cluster named {name!r}; PUT /v1/clusters/{name} first")
-    defaults = tenant_store.Quotas(
-        settings.quota_plans_in_flight, settings.quota_plans_per_hour, settings.quota_search_space
+    """Commit one plan within the tenant's quotas, then hand it to the executor; a replay gets the stored plan."""
+    (outcome,) = submit_plans(
+        session, dispatcher, [PlanSubmission(plan, principal, idempotency_key)], settings=settings
     )
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
-    def admit(session: Session) -> None:
-        check_plan_quotas(
-            session,
-            tenant=principal.tenant,
-            search_space=plan.total if plan.kind != "fleet" else 0,
-            defaults=defaults,
-            in_flight_retry_s=settings.quota_in_flight_retry_after_s,
-        )
 
-    new = plan_store.NewPlan(plan.spec, plan.kind, plan.model, plan.gpu, plan.total)
-    stored, created = plan_store.create_plan(
-        session, new=new, idempotency_key=idempotency_key, tenant_id=principal.tenant, admit=admit
-    )
-    if created:
-        try:
-            # No second write: the sweeper judges a never-marked plan by its creation time.
-            dispatcher.submit(stored.id)
-        except Exception:
-            # The plan is committed as queued; the sweeper enqueues it once the broker is back.
-            log.warning("plan.enqueue_deferred", plan_id=stored.id)
-    return SubmittedPlan(stored, created)
+def _new_plan(plan: ValidatedPlan) -> plan_store.NewPlan:
+    return plan_store.NewPlan(plan.spec, plan.kind, plan.model, plan.gpu, plan.total)
+
+
+def _missing_cluster(session: Session, submission: PlanSubmission) -> ClusterMissingError | None:
+    """A fleet plan naming a cluster its tenant has not stored."""
+    spec = submission.plan.spec
+    if submission.plan.kind != "fleet" or spec.get("cluster") is None:
+        return None
+    name = str(spec["cluster"])
+    if cluster_store.current_version(session, name=cluster_key(submission.principal.tenant, name)) is not None:
+        return None
+    return ClusterMissingError("cluster", f"no cluster named {name!r}; PUT /v1/clusters/{name} first")
 
 
 def get_plan(session: Session, *, plan_id: str, tenant: str) -> Plan:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # about 0.8 s (bench/RESULTS.md, issue 16).
     estimate_max_sequence_steps: int = Field(default=1_200_000, ge=1000)
     worker_concurrency: int = Field(default=2, ge=1)
+    # `splan worker` lowers its CPU priority by this much (Unix nice): plans are batch work, and where the API
+    # shares cores with a worker, its answers must not wait behind a simulation (0 keeps the priority).
+    worker_nice: int = Field(default=10, ge=0, le=19)
     # API keys: required by default in production (a database other than SQLite, or a broker); the embedded
     # default is keyless and answers loopback clients only unless `insecure` (splan serve --insecure).
     require_api_keys: bool | None = None
@@ -51,6 +54,13 @@ class Settings(BaseSettings):
     quota_search_space: int = Field(default=5000, ge=1)
     # The Retry-After of a 429 for too many plans in flight: about one plan's run time.
     quota_in_flight_retry_after_s: int = Field(default=10, ge=1)
+    # A search space over the tenant's quota stays over it until an admin raises the quota (or the search narrows).
+    quota_search_space_retry_after_s: int = Field(default=3600, ge=1)
+    # An API process trusts a key it has checked for this long: a burst of requests reads the key once, and a
+    # revoked key stops working within this time on every process (0: check the database on every request).
+    key_cache_ttl_s: float = Field(default=2.0, ge=0)
+    # The most plans one group commit admits (concurrent POST /v1/plans are stored together).
+    admission_max_batch: int = Field(default=256, ge=1)
 
     @property
     def execution(self) -> Execution:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,16 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from service.api.app import create_app
-from service.auth import ALL_SCOPES, Scope, authenticate, create_key, parse_token, revoke_key
+from service.auth import (
+    ALL_SCOPES,
+    Principal,
+    PrincipalCache,
+    Scope,
+    authenticate,
+    create_key,
+    parse_token,
+    revoke_key,
+)
 from service.cli_service import openapi_document
 from service.db.session import make_engine, make_session_factory
 from service.settings import Settings
@@ -286,3 +296,45 @@ def test_cli_keys_round_trip(tmp_path: Path) -> None:
     assert "tenant 'Acme!'" in bad.stderr
     quota = run("tenants", "quota", "acme", "--plans-in-flight", "3")
     assert quota.stdout.split()[:5] == ["acme", "plans", "in", "flight", "3"]
+
+
+def test_the_principal_cache_remembers_a_check_for_its_ttl_only() -> None:
+    now = [100.0]
+    cache = PrincipalCache(2.0, max_entries=3, clock=lambda: now[0])
+    principal = Principal("acme", "k1", frozenset({Scope.PLANS_READ}))
+    assert cache.get("t1") == (False, None)
+    cache.put("t1", principal)
+    cache.put("t2", None)  # a refused token is remembered as refused
+    assert cache.get("t1") == (True, principal)
+    assert cache.get("t2") == (True, None)
+    now[0] = 101.9
+    assert cache.get("t1") == (True, principal)
+    now[0] = 102.0
+    assert cache.get("t1") == (False, None)
+    # Never more than max_entries: expired ones go first, then the oldest.
+    for i in range(10):
+        cache.put(f"x{i}", None)
+    assert len(cache.entries) == 3
+    assert cache.get("x9") == (True, None)
+    assert cache.get("x0") == (False, None)
+    assert PrincipalCache(0.0).entries == {}
+    assert not PrincipalCache(0.0).get("t1")[0]
+    off = PrincipalCache(0.0)
+    off.put("t1", principal)
+    assert off.get("t1") == (False, None)
+
+
+def test_a_revoked_key_is_refused_once_the_cache_ttl_has_passed(db_settings: Settings) -> None:
+    settings = db_settings.model_copy(update={"require_api_keys": True, "key_cache_ttl_s": 0.5})
+    headers = bearer(settings, "acme", Scope.PLANS_READ)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/plans", headers=headers).status_code == 200
+        with session_on(settings) as session:
+            revoke_key(session, key_id=headers["Authorization"].split("_")[1])
+        deadline = time.monotonic() + 5.0
+        while client.get("/v1/plans", headers=headers).status_code == 200:
+            assert time.monotonic() < deadline, "the revoked key was still accepted 5 s later"
+            time.sleep(0.05)
+        revoked_after_s = 5.0 - (deadline - time.monotonic())
+        assert revoked_after_s <= 0.5 + 0.3
+        assert_problem(client.get("/v1/plans", headers=headers), 401)

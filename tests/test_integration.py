@@ -201,6 +201,29 @@ def test_many_concurrent_replays_do_not_exhaust_the_pool(production: tuple[str, 
     assert asyncio.run(replay_all()) == [(200, first)] * 200
 
 
+def test_a_burst_of_submissions_is_stored_together_and_each_plan_runs_once(
+    production: tuple[str, dict[str, str]],
+) -> None:
+    """Concurrent POSTs share a group commit and reach the workers through one batch message; each runs once."""
+    import asyncio
+
+    base_url, _ = production
+    specs = [{**SPEC, "search": {**SPEC["search"], "requests": 40 + i}} for i in range(6)]
+
+    async def submit_all() -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=25) as c:
+            responses = await asyncio.gather(
+                *(c.post("/v1/plans", json=spec, headers={"Idempotency-Key": uuid.uuid4().hex}) for spec in specs)
+            )
+        return [(r.status_code, r.json()["id"]) for r in responses]
+
+    answered = asyncio.run(submit_all())
+    assert [status for status, _ in answered] == [202] * len(specs)
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        finals = [wait_final(client, plan_id) for _, plan_id in answered]
+    assert [(p["status"], p["attempt"]) for p in finals] == [("succeeded", 1)] * len(specs)
+
+
 MOE_SEARCH: dict[str, object] = {"modes": ["collocated"], "tp": [1, 2, 4, 8], "pp": [1], "attention_dp": [1, 2, 4, 8]}
 MOE_SPEC = {
     "model": "qwen3-235b-a22b",

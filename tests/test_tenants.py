@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -12,10 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.api.app import create_app
-from service.auth import ALL_SCOPES, DEFAULT_TENANT, cluster_key, create_key
+from service.auth import ALL_SCOPES, DEFAULT_TENANT, Principal, QuotaExceededError, cluster_key, create_key
 from service.db import plans as plan_store
 from service.db import tenants as tenant_store
 from service.db.session import make_engine, make_session_factory
+from service.plans_service import PlanSubmission, SubmittedPlan, ValidatedPlan, submit_plans
 from service.settings import Settings
 from tests.helpers import wait_final
 from tests.test_api import assert_problem
@@ -202,8 +206,10 @@ def test_search_space_quota_is_per_tenant(tenants: Tenants) -> None:
     t = tenants
     set_quota(t.settings, "acme", search_space=1)
     wide = {**SPEC, "search": {**SPEC["search"], "tp": [1, 2]}}
-    body = assert_problem(t.client.post("/v1/plans", json=wide, headers=t.headers_a), 422)
+    refused = t.client.post("/v1/plans", json=wide, headers=t.headers_a)
+    body = assert_problem(refused, 429)
     assert (body["quota"], body["limit"]) == ("search_space", 1)
+    assert refused.headers["Retry-After"] == str(t.settings.quota_search_space_retry_after_s)
     assert t.client.post("/v1/plans", json=wide, headers=t.headers_b).status_code == 202
 
 
@@ -265,4 +271,90 @@ def test_migration_0003_gives_existing_rows_the_default_tenant(db_settings: Sett
             ).scalar()
             == 3
         )
+    engine.dispose()
+
+
+class _NoExecutor:
+    """A dispatcher that keeps plans queued (they stay in flight) and counts what it was handed."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def submit(self, plan_id: str) -> None:
+        self.sent.append(plan_id)
+
+    def submit_many(self, plan_ids: list[str]) -> None:
+        self.sent.extend(plan_ids)
+
+    def close(self) -> None:
+        return None
+
+    def queue_depth(self) -> int | None:
+        return None
+
+
+def _submission(tenant: str, key: str | None = None, spec: dict[str, Any] | None = None) -> PlanSubmission:
+    plan = ValidatedPlan(spec or SPEC, "strategy", "llama-3.1-8b", "h100-sxm", 1)
+    return PlanSubmission(plan, Principal(tenant, None, ALL_SCOPES), key)
+
+
+def test_racing_submissions_never_pass_the_in_flight_quota(db_settings: Settings) -> None:
+    """Eight threads, each with its own connection, submit three plans apiece at a limit of 5: exactly 5 pass."""
+    set_quota(db_settings, "acme", plans_in_flight=5)
+    engine = make_engine(db_settings)
+    factory = make_session_factory(engine)
+    dispatcher = _NoExecutor()
+    start = threading.Barrier(8)
+
+    def submit_three(_: int) -> list[SubmittedPlan | Exception]:
+        start.wait()
+        with factory() as session:
+            return submit_plans(session, dispatcher, [_submission("acme") for _ in range(3)], settings=db_settings)
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = [o for batch in pool.map(submit_three, range(8)) for o in batch]
+    admitted = [o for o in outcomes if isinstance(o, SubmittedPlan)]
+    refused = [o for o in outcomes if isinstance(o, QuotaExceededError)]
+    assert (len(admitted), len(refused)) == (5, 19)
+    assert {r.quota for r in refused} == {"plans_in_flight"}
+    assert sorted(dispatcher.sent) == sorted(o.plan.id for o in admitted)
+    with factory() as session:
+        usage = tenant_store.quota_usage(session, tenant="acme", since=datetime.now(UTC) - timedelta(hours=1))
+    assert (usage.in_flight, usage.since_count) == (5, 5)
+    engine.dispose()
+
+
+def test_one_batch_settles_replays_repeats_conflicts_and_quotas_in_order(db_settings: Settings) -> None:
+    set_quota(db_settings, "acme", plans_in_flight=2)
+    engine = make_engine(db_settings)
+    factory = make_session_factory(engine)
+    dispatcher = _NoExecutor()
+    with factory() as session:
+        (first,) = submit_plans(session, dispatcher, [_submission("acme", "k1")], settings=db_settings)
+        assert isinstance(first, SubmittedPlan)
+        assert first.created
+        batch = [
+            _submission("acme", "k1"),  # a replay of the stored plan
+            _submission("acme", "k1", {**SPEC, "max_gpus": 1}),  # the same key with another body
+            _submission("acme", "k2"),  # the last slot
+            _submission("acme", "k2"),  # the same key again within the batch: a replay of the one above
+            _submission("acme"),  # over the quota
+            _submission("globex"),  # another tenant's quota
+        ]
+        outcomes = submit_plans(session, dispatcher, batch, settings=db_settings)
+    assert isinstance(first, SubmittedPlan)
+    replay, conflict, last, repeat, over, other = outcomes
+    assert isinstance(replay, SubmittedPlan)
+    assert (replay.plan.id, replay.created) == (first.plan.id, False)
+    assert isinstance(conflict, plan_store.IdempotencyConflictError)
+    assert isinstance(last, SubmittedPlan)
+    assert last.created
+    assert isinstance(repeat, SubmittedPlan)
+    assert (repeat.plan.id, repeat.created) == (last.plan.id, False)
+    assert isinstance(over, QuotaExceededError)
+    assert over.quota == "plans_in_flight"
+    assert isinstance(other, SubmittedPlan)
+    assert other.created
+    assert other.plan.tenant_id == "globex"
+    assert dispatcher.sent == [first.plan.id, last.plan.id, other.plan.id]
     engine.dispose()

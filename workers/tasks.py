@@ -9,7 +9,7 @@ from celery import group
 
 from service.catalog.loader import default_catalog
 from service.db.session import SessionFactory, make_engine, make_session_factory
-from service.dispatch import REQUEUE_TASK, RUN_PLAN_TASK
+from service.dispatch import DISPATCH_PLANS_TASK, REQUEUE_TASK, RUN_PLAN_TASK
 from service.fleet_jobs import run_fleet_candidate
 from service.jobs import requeue_stale, run_plan, worker_name
 from service.settings import get_settings
@@ -31,6 +31,16 @@ def run_plan_task(plan_id: str) -> str:
         catalog=default_catalog(),
         fan_out=_fan_out,
     )
+
+
+@app.task(name=DISPATCH_PLANS_TASK, acks_late=True)
+def dispatch_plans_task(plan_ids: list[str]) -> int:
+    """Send one run_plan task per plan of a batch the API stored together; a repeat only repeats sends."""
+    queue = get_settings().queue_name
+    with app.producer_or_acquire() as producer:
+        for plan_id in plan_ids:
+            app.send_task(RUN_PLAN_TASK, args=[plan_id], queue=queue, producer=producer)
+    return len(plan_ids)
 
 
 FLEET_CANDIDATE_TASK = "splan.fleet_candidate"

@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
+from service.api.admission import plan_admission
 from service.api.errors import install_problem_handlers
 from service.api.metrics import ApiMetrics, PlanCollector
 from service.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware, RequestMetricsMiddleware
 from service.api.routers import catalog, clusters, estimates, health, placements, plans
-from service.auth import DEFAULT_TENANT
+from service.auth import DEFAULT_TENANT, PrincipalCache
 from service.catalog.loader import default_catalog
 from service.db.session import SessionFactory, make_engine, make_session_factory
 from service.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, *, start_executor: bool = True)
             gc.collect()
             gc.freeze()
             app.state.dispatcher = make_dispatcher(settings, session_factory)
+            app.state.admission = plan_admission(settings, session_factory, app.state.dispatcher)
             metrics.registry.register(PlanCollector(session_factory, app.state.dispatcher.queue_depth))
             if settings.api_keys_required:
                 log.info("auth.api_keys_required", scheme="Authorization: Bearer")
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None, *, start_executor: bool = True)
             yield
         finally:
             if start_executor:
+                await app.state.admission.idle()
                 app.state.dispatcher.close()
             engine.dispose()
 
@@ -75,6 +78,8 @@ def create_app(settings: Settings | None = None, *, start_executor: bool = True)
     app.state.catalog = default_catalog()
     app.state.metrics = metrics
     app.state.cluster_cache = ClusterCache()
+    app.state.principal_cache = PrincipalCache(settings.key_cache_ttl_s)
+    app.state.keys_being_checked = {}
     install_problem_handlers(app)
     for router in (plans.router, estimates.router, clusters.router, placements.router, catalog.router, health.router):
         app.include_router(router)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from service.api.admission import PlanAdmission
 from service.api.metrics import ApiMetrics
-from service.auth import KEYLESS, Principal, Scope, authenticate, is_remote_address
+from service.auth import KEYLESS, Principal, PrincipalCache, Scope, authenticate, is_remote_address, parse_token
 from service.dispatch import Dispatcher
 from service.planning.catalog import Catalog
 from service.settings import Settings
@@ -24,10 +27,11 @@ async def _session(request: Request) -> AsyncIterator[Session]:
         yield session
 
 
-def _state(name: str) -> Callable[[Request], Any]:
+def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
     """A dependency returning one attribute of the app state (built once by create_app)."""
 
-    def get(request: Request) -> Any:
+    # Async, so FastAPI calls it on the event loop: a sync dependency costs a worker-thread round trip.
+    async def get(request: Request) -> Any:
         return getattr(request.app.state, name)
 
     return get
@@ -40,6 +44,7 @@ CatalogDep = Annotated[Catalog, Depends(_state("catalog"))]
 DispatcherDep = Annotated[Dispatcher, Depends(_state("dispatcher"))]
 SettingsDep = Annotated[Settings, Depends(_state("settings"))]
 MetricsDep = Annotated[ApiMetrics, Depends(_state("metrics"))]
+AdmissionDep = Annotated[PlanAdmission, Depends(_state("admission"))]
 
 # auto_error off: a missing or malformed header is answered below as problem+json with WWW-Authenticate.
 bearer = HTTPBearer(
@@ -55,10 +60,41 @@ def _unauthorized(detail: str, *, error: str | None) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
 
 
-def caller(
+async def _principal_of(request: Request, token: str) -> Principal | None:
+    """The token's principal through the process's short-lived cache; concurrent misses on one token read it once."""
+    cache: PrincipalCache = request.app.state.principal_cache
+    found, principal = cache.get(token)
+    if found:
+        return principal
+    checking: dict[str, asyncio.Future[Principal | None]] = request.app.state.keys_being_checked
+    pending = checking.get(token)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+    checking[token] = future
+    try:
+
+        def lookup() -> Principal | None:
+            with request.app.state.session_factory() as session:
+                return authenticate(session, token)
+
+        principal = await run_in_threadpool(lookup)
+        cache.put(token, principal)
+        future.set_result(principal)
+        return principal
+    except Exception as exc:
+        future.set_exception(exc)
+        future.exception()  # marked retrieved: no other request may be waiting for it
+        raise
+    finally:
+        if not future.done():  # this request was cancelled mid-check: those waiting on it are too
+            future.cancel()
+        checking.pop(token, None)
+
+
+async def caller(
     security_scopes: SecurityScopes,
     request: Request,
-    session: SessionDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     """The tenant and scopes of the request's key (keyless: the default tenant); 401 without one, 403 short a scope."""
@@ -77,9 +113,8 @@ def caller(
     else:
         scheme, _, token = header.strip().partition(" ")
         found = None
-        if scheme.lower() == "bearer" and token.strip():
-            # The request's own session (dependencies are shared within a request): no second connection.
-            found = authenticate(session, token.strip())
+        if scheme.lower() == "bearer" and parse_token(token.strip()) is not None:
+            found = await _principal_of(request, token.strip())
         if found is None:
             raise _unauthorized("the API key is malformed, unknown or revoked", error="invalid_token")
         principal = found

@@ -58,6 +58,20 @@ class ProblemError(Exception):
         self.extra = extra
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
+
+
+def problem_responses(*described: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI problem+json responses plus 503 (database unreachable); 429 and 503 carry Retry-After."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, description in (*described, (503, "The database is unreachable; see Retry-After")):
+        response: dict[str, Any] = {"description": description, "content": {"application/problem+json": {}}}
+        if status in (429, 503):
+            response["headers"] = _RETRY_AFTER
+        responses[status] = response
+    return responses
+
+
 def problem_response(
     status: int, detail: str, *, title: str | None = None, instance: str | None = None, **extra: Any
 ) -> JSONResponse:

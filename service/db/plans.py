@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -50,63 +50,143 @@ class NewPlan:
     total: int
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One submitted plan: what it is, its idempotency key and its tenant."""
+
+    new: NewPlan
+    idempotency_key: str | None
+    tenant_id: str = "local"
+
+
+# Admission of one tenant's new plans inside the batch's transaction: per plan, None to admit it or the error
+# to answer it with.
+Admit = Callable[[Session, str, list[Submission]], list[Exception | None]]
+Outcome = tuple[Plan, bool] | Exception
+
+
+def create_plans(session: Session, submissions: list[Submission], *, admit: Admit | None = None) -> list[Outcome]:
+    """Insert queued plans in one transaction; per submission (plan, created), or the error it is answered with.
+
+    A known (tenant, key) with the same body replays the stored plan; `admit` judges each tenant's new plans
+    (quotas) within the transaction; everything admitted is committed at once (a group commit).
+    """
+    digests = [spec_hash({"kind": s.new.kind, "spec": s.new.spec}) for s in submissions]
+    outcomes: list[Outcome | None] = [None] * len(submissions)
+    stored = _by_keys(session, submissions)
+    fresh: dict[str, list[int]] = {}
+    claimed: dict[tuple[str, str], int] = {}
+    for i, submission in enumerate(submissions):
+        key = (submission.tenant_id, submission.idempotency_key) if submission.idempotency_key else None
+        if key is not None and key in stored:
+            outcomes[i] = _replay(stored[key], digests[i])
+        elif key is not None and key in claimed:
+            # The same key twice in one batch: the later one is a replay of the earlier, decided below.
+            continue
+        else:
+            if key is not None:
+                claimed[key] = i
+            fresh.setdefault(submission.tenant_id, []).append(i)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for tenant_id, indices in fresh.items():
+        verdicts = admit(session, tenant_id, [submissions[i] for i in indices]) if admit else [None] * len(indices)
+        for i, verdict in zip(indices, verdicts, strict=True):
+            if verdict is not None:
+                outcomes[i] = verdict
+            else:
+                rows.append((i, _new_row(submissions[i], digests[i])))
+    if rows:
+        # One multi-row INSERT without the unit of work: a fifth of the ORM's cost per plan under a burst.
+        session.execute(insert(Plan), [values for _, values in rows])
+    try:
+        session.commit()
+    except IntegrityError:
+        # A key raced with another process's batch: settle each submission on its own, losers replaying.
+        session.rollback()
+        if len(submissions) == 1:
+            existing = stored_by_key(session, submissions[0])
+            if existing is None:
+                raise
+            return [_replay(existing, digests[0])]
+        return [outcome for s in submissions for outcome in create_plans(session, [s], admit=admit)]
+    for i, values in rows:
+        outcomes[i] = (Plan(**values), True)
+    for i, submission in enumerate(submissions):
+        if outcomes[i] is None:  # a repeated key within the batch
+            key = (submission.tenant_id, str(submission.idempotency_key))
+            first = outcomes[claimed[key]]
+            outcomes[i] = _replay(first[0], digests[i]) if isinstance(first, tuple) else first
+    return [outcome if outcome is not None else _unsettled(i) for i, outcome in enumerate(outcomes)]
+
+
+def _unsettled(index: int) -> Outcome:
+    raise AssertionError(f"submission {index} of the batch was not settled")
+
+
 def create_plan(
     session: Session,
     *,
     new: NewPlan,
     idempotency_key: str | None,
     tenant_id: str = "local",
-    admit: Callable[[Session], None] | None = None,
+    admit: Admit | None = None,
 ) -> tuple[Plan, bool]:
     """Insert a tenant's queued plan once `admit` (quotas) passes and commit; a known key and body replays."""
-    spec, kind = new.spec, new.kind
-    digest = spec_hash({"kind": kind, "spec": spec})
-    if idempotency_key is not None:
-        existing = _by_key(session, tenant_id, idempotency_key)
-        release(session)
-        if existing is not None:
-            return _same_body(existing, digest), False
-    if admit is not None:
-        admit(session)
-        release(session)
+    (outcome,) = create_plans(session, [Submission(new, idempotency_key, tenant_id)], admit=admit)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _new_row(submission: Submission, digest: str) -> dict[str, Any]:
+    """The column values of a new queued plan."""
     now = utcnow()
-    plan = Plan(
-        id=str(uuid.uuid4()),
-        kind=kind,
-        status=PlanStatus.QUEUED,
-        model=new.model,
-        gpu=new.gpu,
-        spec=spec,
-        spec_hash=digest,
-        idempotency_key=idempotency_key,
-        tenant_id=tenant_id,
-        created_at=now,
-        updated_at=now,
-        attempt=0,
-        progress_done=0,
-        progress_total=new.total,
-    )
-    session.add(plan)
-    try:
-        session.commit()
-    except IntegrityError:
-        # Two requests raced on one key: the loser answers with the winner's plan.
-        session.rollback()
-        existing = _by_key(session, tenant_id, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return _same_body(existing, digest), False
-    return plan, True
+    new = submission.new
+    return {
+        "id": str(uuid.uuid4()),
+        "kind": new.kind,
+        "status": PlanStatus.QUEUED.value,
+        "model": new.model,
+        "gpu": new.gpu,
+        "spec": new.spec,
+        "spec_hash": digest,
+        "idempotency_key": submission.idempotency_key,
+        "tenant_id": submission.tenant_id,
+        "created_at": now,
+        "updated_at": now,
+        "attempt": 0,
+        "progress_done": 0,
+        "progress_total": new.total,
+    }
+
+
+def _by_keys(session: Session, submissions: list[Submission]) -> dict[tuple[str, str], Plan]:
+    """Stored plans holding any of the submissions' (tenant, idempotency key) pairs."""
+    wanted: dict[str, set[str]] = {}
+    for s in submissions:
+        if s.idempotency_key is not None:
+            wanted.setdefault(s.tenant_id, set()).add(s.idempotency_key)
+    found: dict[tuple[str, str], Plan] = {}
+    for tenant_id, keys in wanted.items():
+        query = select(Plan).where(Plan.tenant_id == tenant_id, Plan.idempotency_key.in_(sorted(keys)))
+        for plan in session.scalars(query):
+            found[(tenant_id, str(plan.idempotency_key))] = plan
+    return found
+
+
+def stored_by_key(session: Session, submission: Submission) -> Plan | None:
+    """The plan stored under the submission's tenant and idempotency key, if any."""
+    if submission.idempotency_key is None:
+        return None
+    return _by_key(session, submission.tenant_id, submission.idempotency_key)
+
+
+def _replay(plan: Plan, digest: str) -> Outcome:
+    return (plan, False) if plan.spec_hash == digest else IdempotencyConflictError()
 
 
 def _by_key(session: Session, tenant_id: str, key: str) -> Plan | None:
     return session.scalar(select(Plan).where(Plan.tenant_id == tenant_id, Plan.idempotency_key == key))
-
-
-def _same_body(plan: Plan, digest: str) -> Plan:
-    if plan.spec_hash != digest:
-        raise IdempotencyConflictError
-    return plan
 
 
 def get_plan(session: Session, *, plan_id: str, tenant_id: str | None = None) -> Plan:

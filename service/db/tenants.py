@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -73,20 +73,39 @@ def quotas(session: Session, *, tenant: str, defaults: Quotas) -> Quotas:
     )
 
 
-def plans_in_flight(session: Session, *, tenant: str) -> int:
-    """The tenant's queued and running plans."""
-    query = select(func.count()).where(
-        Plan.tenant_id == tenant, Plan.status.in_([PlanStatus.QUEUED, PlanStatus.RUNNING])
-    )
-    return int(session.scalar(query) or 0)
+@dataclass(frozen=True)
+class QuotaUsage:
+    """What a tenant's quotas are judged on: plans queued or running, and plans submitted in the window."""
+
+    in_flight: int
+    since_count: int
+    oldest_since: datetime | None
 
 
-def plans_since(session: Session, *, tenant: str, since: datetime) -> tuple[int, datetime | None]:
-    """How many plans the tenant submitted since a moment, and when the oldest of them was."""
-    count, oldest = session.execute(
-        select(func.count(), func.min(Plan.created_at)).where(Plan.tenant_id == tenant, Plan.created_at >= since)
+def lock_quotas(session: Session, *, tenant: str) -> None:
+    """Hold the tenant's quota lock until the transaction ends, so two admissions cannot both take the last slot.
+
+    PostgreSQL: a transaction-level advisory lock per tenant. SQLite: a no-op write takes the database's one write
+    lock now, before the counts are read, instead of at the insert.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"splan-quota:{tenant}", 0))))
+    else:
+        session.execute(update(Tenant).where(Tenant.id == tenant).values(id=Tenant.id))
+
+
+def quota_usage(session: Session, *, tenant: str, since: datetime) -> QuotaUsage:
+    """The tenant's plans in flight, and how many it submitted since a moment and the oldest of those, in one query."""
+    live = Plan.status.in_([PlanStatus.QUEUED, PlanStatus.RUNNING])
+    recent = Plan.created_at >= since
+    in_flight, count, oldest = session.execute(
+        select(
+            func.count().filter(live),
+            func.count().filter(recent),
+            func.min(Plan.created_at).filter(recent),
+        ).where(Plan.tenant_id == tenant, or_(live, recent))
     ).one()
-    return int(count or 0), oldest
+    return QuotaUsage(int(in_flight or 0), int(count or 0), oldest)
 
 
 def add_key(session: Session, *, key_id: str, tenant: str, digest: str, scopes: list[str], label: str | None) -> ApiKey:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import ClustersRead, ClustersWrite, SessionDep
-from service.api.errors import ProblemError
+from service.api.errors import ProblemError, problem_responses
 from service.auth import cluster_key
 from service.db import clusters as cluster_store
 from service.placement.cluster import MAX_EVENTS, Cluster
@@ -17,17 +17,14 @@ from service.placement_service import ClusterCache, current_state, post_events, 
 router = APIRouter(prefix="/v1/clusters", tags=["clusters"])
 
 ClusterName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"description": description, "content": {"application/problem+json": {}}}
-    for status, description in (
-        (401, "No API key, or a malformed, unknown or revoked one"),
-        (403, "The API key lacks the operation's scope"),
-        (404, "No cluster with that name (of the caller's tenant)"),
-        (409, "If-Match names a version that is no longer current"),
-        (413, "Body too large"),
-        (422, "Invalid cluster state or events"),
-    )
-}
+PROBLEMS = problem_responses(
+    (401, "No API key, or a malformed, unknown or revoked one"),
+    (403, "The API key lacks the operation's scope"),
+    (404, "No cluster with that name (of the caller's tenant)"),
+    (409, "If-Match names a version that is no longer current"),
+    (413, "Body too large"),
+    (422, "Invalid cluster state or events"),
+)
 
 
 class ClusterSummary(BaseModel):

@@ -4,35 +4,34 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
 
 from service import plans_service
-from service.api.deps import CatalogDep, DispatcherDep, PlansRead, PlansWrite, SessionDep, SettingsDep
-from service.api.errors import ProblemError
+from service.api.deps import AdmissionDep, CatalogDep, PlansRead, PlansWrite, SessionDep
+from service.api.errors import ProblemError, problem_responses
 from service.api.schemas import LaunchFiles, PlanBody, PlanList, PlanResource
 from service.auth import QuotaExceededError
 from service.db import plans as plan_store
 from service.db.models import Plan, PlanStatus
+from service.placement.fleet_plan import FleetSpec
 from service.planning.plan_spec import SearchSpaceTooLargeError
 from service.planning.specs import PlanningError
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"description": description, "content": {"application/problem+json": {}}}
-    for status, description in (
-        (401, "No API key, or a malformed, unknown or revoked one"),
-        (403, "The API key lacks the operation's scope"),
-        (404, "No plan with that id (of the caller's tenant)"),
-        (409, "The plan cannot change state"),
-        (413, "Body too large"),
-        (422, "Invalid spec, idempotency key reused with another body, or search space too large"),
-        (429, "The tenant's plans-in-flight or plans-per-hour quota is spent; see Retry-After"),
-    )
-}
+PROBLEMS = problem_responses(
+    (401, "No API key, or a malformed, unknown or revoked one"),
+    (403, "The API key lacks the operation's scope"),
+    (404, "No plan with that id (of the caller's tenant)"),
+    (409, "The plan cannot change state"),
+    (413, "Body too large"),
+    (422, "Invalid spec, idempotency key reused with another body, or search space too large"),
+    (429, "The tenant's plans-in-flight, plans-per-hour or search-space quota is exceeded; see Retry-After"),
+)
 
 
 def encode_cursor(seq: int) -> str:
@@ -63,25 +62,26 @@ def decode_cursor(cursor: str) -> int:
         200: {"description": "Same Idempotency-Key and body: the existing plan", "model": PlanResource},
     },
 )
-def create_plan(
+async def create_plan(
     body: PlanBody,
     response: Response,
-    session: SessionDep,
     catalog: CatalogDep,
-    dispatcher: DispatcherDep,
-    settings: SettingsDep,
+    admission: AdmissionDep,
     principal: PlansWrite,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> PlanResource:
     """Validate the spec, store the plan as queued (with its idempotency key) and enqueue it after commit.
 
     `kind: fleet` plans many deployments at once onto a fleet (GPU counts by type, or a stored cluster).
+    Concurrent submissions are stored together (one transaction, one quota check per tenant).
     """
     try:
-        plan = plans_service.validate_plan(body, catalog)
-        submitted = plans_service.submit_plan(
-            session, dispatcher, plan=plan, principal=principal, settings=settings, idempotency_key=idempotency_key
-        )
+        if isinstance(body, FleetSpec):
+            # Up to a thousand deployments to check: off the event loop.
+            plan = await run_in_threadpool(plans_service.validate_plan, body, catalog)
+        else:
+            plan = plans_service.validate_plan(body, catalog)
+        submitted = await admission.submit(plans_service.PlanSubmission(plan, principal, idempotency_key))
     except SearchSpaceTooLargeError as exc:
         raise ProblemError(
             422, exc.reason, title="Search space too large", search_space=exc.space, limit=exc.extra["limit"]
@@ -90,7 +90,7 @@ def create_plan(
         raise ProblemError(422, exc.reason) from None
     except QuotaExceededError as exc:
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
-        title = "Quota exceeded" if exc.status == 429 else "Search space over the tenant's quota"
+        title = "Search space over the tenant's quota" if exc.quota == "search_space" else "Quota exceeded"
         raise ProblemError(
             exc.status, exc.detail, title=title, headers=headers, quota=exc.quota, limit=exc.limit
         ) from None
