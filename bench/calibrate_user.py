@@ -4,10 +4,11 @@ Usage: python -m bench.calibrate_user [--reference DIR] [--part peer|e2e|both] [
 
 peer: the peer suite's vLLM runs on H100 (../shared/reference/peer_suite). Per model, the load stages in run order
 (experiment timestamp, then stage); the first ceil(fraction x stages) calibrate one profile for that model, the
-other stages are predicted with and without it. The rows given to the fit are the stage summaries a user of
-`vllm bench serve` has: rate (constant arrivals), mean prompt and output tokens, engine knobs, TTFT mean/p90/p99,
-E2E mean/median. The runs' TPOT/ITL columns are not fitted on: their ITL median is 0.03 ms (tokens arrive in
-bursts) and (E2E - TTFT) / (output tokens - 1) is about twice the reported TPOT, so that column is reported only.
+other stages are predicted with and without it. The rows given to the fit are the stage summaries of the runs'
+client (inference-perf, see bench/peer_suite.py): rate (Poisson arrivals), the prompt set it cycles through (groups x
+prompts per group), mean prompt tokens, the requested output tokens, engine knobs, TTFT mean/p90/p99, E2E
+mean/median. The ITL column is not fitted on: the client times two streamed messages per output token (ITL median
+0.03 ms), so it is reported beside the predicted TPOT and as tpot_e2e ((E2E - TTFT) / (output tokens - 1)).
 e2e: e2e_h100_sxm.csv split by model (bench/e2e_accuracy.py TRAIN_MODELS): one profile per engine fitted on its
 training-model rows, the held-out models' rows scored before and after.
 """
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.e2e_accuracy import TRAIN_MODELS, ape, default_reference_dir, engine_for, model_for, pct, request_for_row
+from bench.peer_suite import METRICS as PEER_METRICS
+from bench.peer_suite import measured, peer_row, predicted_stage
 from service.catalog.loader import default_catalog
 from service.planning.estimate import run_estimate
 from service.planning.specs import PlanningError
@@ -35,47 +38,15 @@ from service.planning.user_calibration import (
     catalog_model_name,
     fit_profile,
     points_from_benchmark_rows,
-    predicted_metrics,
     report_lines,
 )
-
-PEER_METRICS = {
-    # column in the runs file -> predicted metric
-    "ttft_mean": ("ttft_mean_ms", "ttft_mean"),
-    "ttft_p90": ("ttft_p90_ms", "ttft_p90"),
-    "ttft_p99": ("ttft_p99_ms", "ttft_p99"),
-    "itl_mean": ("itl_mean_ms", "tpot_mean"),
-    "e2e_mean": ("e2e_mean_ms", "e2e_mean"),
-    "e2e_median": ("e2e_median_ms", "e2e_p50"),
-}
-
-
-def peer_row(run: dict[str, str]) -> dict[str, str]:
-    """One load stage as the benchmark row `splan calibrate` reads (what `vllm bench serve` reports)."""
-    return {
-        "model": catalog_model_name(run["model"]),
-        "backend": "vllm",
-        "tp": run["tp"],
-        "rate": run["rate_req_s"],
-        "arrival": "constant",
-        "duration_s": run["duration_s"],
-        "isl": run["prompt_len_mean"],
-        "osl": run["output_len_mean"],
-        "max_num_batched_tokens": run["max_num_batched_tokens"],
-        "max_num_seqs": run["max_num_seqs"],
-        "ttft_ms": run["ttft_mean_ms"],
-        "ttft_p90_ms": run["ttft_p90_ms"],
-        "ttft_p99_ms": run["ttft_p99_ms"],
-        "e2e_ms": run["e2e_mean_ms"],
-        "e2e_p50_ms": run["e2e_median_ms"],
-    }
 
 
 def _median(values: list[float]) -> str:
     return f"{statistics.median(values):6.1f}" if values else "     –"
 
 
-def peer_suite(reference: Path, fraction: float, budget_s: float) -> None:
+def peer_suite(reference: Path, fraction: float, budget_s: float, seeds: int) -> None:
     """Calibrate per model on its first stages, print per-stage predictions and the error table."""
     runs = [r for r in csv.DictReader((reference / "peer_suite" / "vllm_h100_runs.csv").open()) if int(r["stage"]) >= 0]
     by_model: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -98,21 +69,18 @@ def peer_suite(reference: Path, fraction: float, budget_s: float) -> None:
         for line in report_lines(result):
             print("   " + line)
         document = result.profile.as_document()
-        test_points = points_from_benchmark_rows(
-            [peer_row(r) for r in test], gpu="h100-sxm", engine="vllm", source=model
-        )
-        for run, point in zip(test, test_points, strict=True):
-            before = predicted_metrics(run_estimate(point.request, catalog=catalog).result)
-            after_request = replace(point.request, profile=document)
-            after = predicted_metrics(run_estimate(after_request, catalog=catalog).result)
+        for run in test:
+            meas = measured(run)
+            before = predicted_stage(run, catalog=catalog, seeds=seeds)
+            after = predicted_stage(run, catalog=catalog, seeds=seeds, profile=document)
             bucket = overloaded if run["workload"] == "reasoning" else errors
             cells = []
-            for metric, (column, key) in PEER_METRICS.items():
-                measured = float(run[column])
-                bucket["before"][metric].append(ape(before[key], measured))
-                bucket["after"][metric].append(ape(after[key], measured))
-                cells.append(f"{measured:7.0f}/{before[key]:6.0f}/{after[key]:6.0f}")
+            for metric in PEER_METRICS:
+                bucket["before"][metric].append(ape(before[metric], meas[metric]))
+                bucket["after"][metric].append(ape(after[metric], meas[metric]))
+                cells.append(f"{meas[metric]:7.1f}/{before[metric]:6.1f}/{after[metric]:6.1f}")
             lines.append(f"{run['experiment'][-50:]:50s} {float(run['rate_req_s']):5.1f} " + " ".join(cells))
+            print(lines[-1], flush=True)
     print()
     for line in lines:
         print(line)
@@ -195,9 +163,10 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=0.2, help="share of each model's stages to calibrate on")
     parser.add_argument("--budget-s", type=float, default=25.0, help="time budget of each fit")
     parser.add_argument("--jobs", type=int, default=1, help="processes for the held-out e2e estimates")
+    parser.add_argument("--seeds", type=int, default=3, help="arrival draws averaged per predicted peer stage")
     args = parser.parse_args()
     if args.part in ("peer", "both"):
-        peer_suite(args.reference, args.fraction, args.budget_s)
+        peer_suite(args.reference, args.fraction, args.budget_s, args.seeds)
     if args.part in ("e2e", "both"):
         e2e_split(args.reference, args.budget_s, args.jobs)
     return 0

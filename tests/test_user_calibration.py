@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -193,3 +194,33 @@ def test_cli_calibrate_writes_a_profile(tmp_path: Path, catalog: Catalog, capsys
         err = capsys.readouterr().err
         assert err.startswith("splan: error: "), err
         assert err.count("\n") == 1, err
+
+
+def test_rows_with_a_prompt_set_replay_it_warm(catalog: Catalog) -> None:
+    """inference-perf shared_prefix rows cycle N prompts: a repeat hits the cache whole, arrivals span the stage."""
+    row = {
+        "model": "llama-3.1-8b",
+        "rate": "5",
+        "arrival": "poisson",
+        "duration_s": "60",
+        "num_unique_system_prompts": "3",
+        "users_per_system_prompt": "4",
+        "isl": "600",
+        "osl": "20",
+        "ttft_ms": "30",
+    }
+    (point,) = points_from_benchmark_rows([row], gpu="h100-sxm", engine="vllm")
+    assert point.fit_requests is None
+    trace = point.request.trace
+    assert isinstance(trace, list)
+    assert len(trace) == 300
+    assert [r["prefix_id"] for r in trace[:14]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1]
+    gaps = [b["arrival_s"] - a["arrival_s"] for a, b in itertools.pairwise(trace)]
+    # 300 gaps rescaled to sum to 60 s; the first request arrives at 0, so the last one a gap before 60 s.
+    assert 58.5 < trace[-1]["arrival_s"] < 60.0
+    assert max(gaps) > 3 * min(gaps)  # exponential, not even, gaps
+    warm = run_estimate(point.request, catalog=catalog).result
+    cold = run_estimate(replace(point.request, prefix_caching=False), catalog=catalog).result
+    # Only the first round of 12 prompts is prefilled whole; 37 of each later prompt's full blocks come cached.
+    assert warm.prefix_hit_tokens == (300 - 12) * 37 * 16
+    assert warm.ttft.p50 < 0.8 * cold.ttft.p50

@@ -89,6 +89,15 @@ METRIC_WEIGHTS = {
     "e2e_p90": 0.3,
 }
 _RATE_COLUMNS = ("rate", "rate_req_s", "request_rate")
+# inference-perf `shared_prefix` data (kubernetes-sigs/inference-perf, inference_perf/datagen/shared_prefix_datagen.py
+# at 4ad7d4b, 2026-02-14): num_groups x num_prompts_per_group distinct prompts (a group's system prompt + a question),
+# request k sends prompt k mod N (load_lazy_data) and every load stage starts again at prompt 0 (run_stage calls
+# get_data() anew), so each prompt recurs whole every N requests. The columns as its config and exports name them.
+PROMPT_GROUP_COLUMNS = ("num_unique_system_prompts", "num_groups")
+PROMPTS_PER_GROUP_COLUMNS = ("users_per_system_prompt", "num_users_per_system_prompt", "num_prompts_per_group")
+# Most requests a row's cycled-prompt trace simulates: the first N of them find a cold cache (as a run's first
+# stage does), so fewer would overstate the cold share; more costs time in every fit evaluation.
+CYCLED_TRACE_MAX_REQUESTS = 3000
 
 
 def _get(row: Mapping[str, Any], *names: str) -> str:
@@ -166,6 +175,56 @@ def client_lengths(row: Mapping[str, Any]) -> tuple[str, str, int | None]:
     return str(isl), str(osl), None
 
 
+def prompt_pool_size(row: Mapping[str, Any]) -> int:
+    """Distinct prompts a run cycles through (groups x prompts per group), 0 when the row does not say."""
+    groups = _int(_get(row, *PROMPT_GROUP_COLUMNS))
+    per_group = _int(_get(row, *PROMPTS_PER_GROUP_COLUMNS))
+    return groups * per_group if groups > 0 and per_group > 0 else 0
+
+
+def cycled_prompt_trace(
+    *,
+    rate_per_s: float,
+    count: int,
+    input_tokens: int,
+    output_tokens: int,
+    prompts: int,
+    arrival: str,
+    cv: float = 1.0,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Trace records of ``count`` requests sending prompt k mod ``prompts`` whole, arriving by ``arrival``."""
+    # A repeated prompt is one prefix group as long as the prompt: a warm cache serves all its full KV blocks.
+    # Poisson gaps are rescaled to span count / rate seconds, as inference-perf's `constant` load timer draws them
+    # (inference_perf/loadgen/load_timer.py ConstantLoadTimer: exponential intervals normalised to the duration).
+    if count < 1 or prompts < 1 or not rate_per_s > 0:
+        raise PlanningError("a cycled-prompt trace needs a positive rate, requests and prompts")
+    rng = np.random.default_rng([seed, 0xC7C1E])
+    if arrival == "constant":
+        gaps = np.full(count, 1.0 / rate_per_s)
+    elif arrival == "poisson":
+        drawn = rng.exponential(1.0, count)
+        gaps = drawn * (count / rate_per_s) / float(drawn.sum())
+    elif arrival == "gamma":
+        if not cv > 0:
+            raise PlanningError("gamma arrivals need a positive cv")
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, 1.0 / (shape * rate_per_s), count)
+    else:
+        raise PlanningError(f"unknown arrival {arrival!r} for a cycled-prompt run; use poisson, gamma or constant")
+    starts = np.cumsum(gaps) - gaps[0]
+    return [
+        {
+            "arrival_s": float(t),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "prefix_id": k % prompts,
+            "prefix_tokens": input_tokens,
+        }
+        for k, t in enumerate(starts)
+    ]
+
+
 def request_for_benchmark_row(
     row: Mapping[str, Any],
     *,
@@ -231,9 +290,26 @@ def request_for_benchmark_row(
         load = {"concurrency": concurrency}
     elif rate > 0:
         arrival = _get(row, "arrival") or "poisson"
-        load = {"rate": rate, "arrival": "constant" if arrival.startswith("constant") else arrival}
+        kind = "constant" if arrival.startswith("constant") else arrival
+        load = {"rate": rate, "arrival": kind}
         duration_s = float(_get(row, "duration_s") or 0.0)
-        if duration_s > 0:
+        prompts = prompt_pool_size(row)
+        if prompts:
+            # The run repeated a fixed set of prompts (inference-perf shared_prefix): replay that order, exact lengths.
+            count = round(rate * duration_s) if duration_s > 0 else CYCLED_TRACE_MAX_REQUESTS
+            trace = cycled_prompt_trace(
+                rate_per_s=rate,
+                count=max(50, min(CYCLED_TRACE_MAX_REQUESTS, count)),
+                input_tokens=round(float(_get(row, "isl"))),
+                output_tokens=round(float(_get(row, "osl"))),
+                prompts=prompts,
+                arrival=kind,
+                cv=float(_get(row, "cv") or 1.0),
+                seed=int(common.get("seed", 0)),
+            )
+            common.update(isl=None, osl=None, requests_per_client=None)
+            load = {"trace": trace, "time_scale": 1.0}
+        elif duration_s > 0:
             load["requests"] = max(50, min(1000, round(rate * duration_s)))
     else:
         raise PlanningError("a benchmark row needs a load: a `concurrency` or a `rate` (req/s) column")
@@ -302,7 +378,10 @@ def points_from_benchmark_rows(
         except (ValueError, KeyError) as exc:
             raise PlanningError(f"{source} row {i + 1}: {exc}") from None
         concurrency = request.concurrency or 0
-        fit_requests = max(32, 4 * concurrency) if concurrency else min(request.requests or 600, 300)
+        fit_requests: int | None = max(32, 4 * concurrency) if concurrency else min(request.requests or 600, 300)
+        if request.trace is not None:
+            # A replayed run keeps its own requests: fewer would change which prompts find a warm cache.
+            fit_requests = None
         group = f"{request.model}/{request.engine}/{request.mode.value}"
         points.append(MeasuredPoint(request, observed, f"{source}:{i + 1}", group=group, fit_requests=fit_requests))
     return points
