@@ -13,9 +13,11 @@ embedded: `splan plan FLEET.json --jobs N --json` as a subprocess with an empty 
 temporary directory), timed from start to exit. celery: a throw-away PostgreSQL database, Redis database 7 on
 its own queue, `splan worker --concurrency W` and `splan serve`; POST /v1/plans, timed until succeeded. Both then
 re-plan twice, timed the same way: after one deployment's rate changes (nothing to search), and after one
-deployment's SLO changes to a class of its own (its 2 searches run). Last, four fleets are planned from the cache
-(catalog prices; both types at one price; B200 scarce; H100 at $3.00/h) and each plan's $/hour is printed beside
-the greedy rule's. cpu_s (embedded only) is the CPU time of `splan plan` and its pool processes.
+deployment's SLO changes to a class of its own (its 2 searches run). Last, five fleets are planned from the cache
+(catalog prices; the same with `mix_instances: false`, one strategy per deployment; both types at one price; B200
+scarce; H100 at $3.00/h) and each plan's $/hour is printed beside the greedy rule's. cpu_s (embedded only) is the
+CPU time of `splan plan` and its pool processes; mixed counts the deployments served by instances of several
+strategies or GPU types.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def fleets_for_cost(fleet: dict[str, Any], plan: dict[str, Any]) -> list[tuple[s
     cheap_h100 = {**fleet, "prices": {"h100-sxm": 3.00, "b200": 8.60}}
     return [
         ("catalog prices", fleet),
+        ("catalog prices, one strategy each", {**fleet, "mix_instances": False}),
         ("one price for both", one_price),
         ("B200 scarce (1/3)", scarce),
         ("H100 at $3.00/h", cheap_h100),
@@ -260,6 +263,7 @@ def row(where: str, label: str, wall_s: float, result: dict[str, Any]) -> dict[s
         "mip_gap": result["solver"]["mip_gap"],
         "solve_s": result["solver"]["solve_s"],
         "unmet": len(result["unmet"]),
+        "mixed": sum(1 for d in result["deployments"] if d.get("mixed")),
         "gpus": ", ".join(f"{t} {n}" for t, n in result["gpus_used_by_type"].items()),
     }
 
@@ -278,6 +282,7 @@ COLUMNS = (
     ("mip_gap", "{:.2e}"),
     ("solve_s", "{:.2f}"),
     ("unmet", "{}"),
+    ("mixed", "{}"),
     ("gpus", "{}"),
 )
 

@@ -794,6 +794,7 @@ FLEET_HEADERS = (
     "GPUs",
     "needed (req/s)",
     "capacity (req/s)",
+    "rate share (%)",
     "TTFT p90 (ms)",
     "TPOT p90 (ms)",
     "cost ($/h)",
@@ -802,28 +803,35 @@ FLEET_HEADERS = (
 
 
 def fleet_summary(result: Mapping[str, Any], *, on_cluster: bool) -> list[str]:
-    """A fleet result: per deployment its strategy and size, where it went, the totals and what was not met."""
+    """A fleet result: per deployment its strategies and sizes, where it went, the totals and what was not met."""
     lines: list[str] = []
     deployments = result["deployments"]
-    if deployments:
-        rows = [
-            (
-                str(d["name"]),
-                str(d["model"]),
-                str(d["gpu_type"]),
-                str(d["strategy"]),
-                str(d["instances"]),
-                str(d["gpus"]),
-                f"{d['required_rps']:.2f}",
-                f"{d['instances'] * d['goodput_per_instance_rps']:.2f}",
-                _ms(d.get("ttft_ms")),
-                _ms(d.get("tpot_ms")),
-                f"{d['cost_per_hour_usd']:.2f}" if d.get("cost_per_hour_usd") is not None else "-",
-                "yes" if d["placed"] else "no",
+    rows: list[tuple[str, ...]] = []
+    for d in deployments:
+        # One line per option of the deployment (several when instances of several strategies share its rate,
+        # split by the router in proportion to goodput); the deployment's own cells on its first line only.
+        for k, o in enumerate(d.get("options") or [d]):
+            first = k == 0
+            cost = o.get("cost_per_hour_usd")
+            rows.append(
+                (
+                    str(d["name"]) if first else "",
+                    str(d["model"]) if first else "",
+                    str(o["gpu_type"]),
+                    str(o["strategy"]),
+                    str(o["instances"]),
+                    str(o["gpus"]),
+                    f"{d['required_rps']:.2f}" if first else "",
+                    f"{o['instances'] * o['goodput_per_instance_rps']:.2f}",
+                    f"{100 * o.get('rate_share', 1.0):.0f}",
+                    _ms(o.get("ttft_ms")),
+                    _ms(o.get("tpot_ms")),
+                    f"{cost:.2f}" if cost is not None else "-",
+                    ("yes" if d["placed"] else "no") if first else "",
+                )
             )
-            for d in deployments
-        ]
-        lines += text_table(FLEET_HEADERS, rows, left=(0, 1, 2, 3, 11))
+    if rows:
+        lines += text_table(FLEET_HEADERS, rows, left=(0, 1, 2, 3, 12))
     for d in deployments:
         for i, instance in enumerate(d.get("instances_placed") or [], 1):
             if instance.get("server") is None:

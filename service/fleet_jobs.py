@@ -8,7 +8,6 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 import structlog
@@ -17,6 +16,7 @@ from service.db import fleet_cache
 from service.db import plans as plan_store
 from service.db.models import PlanStatus
 from service.db.session import SessionFactory
+from service.fleet_pool import SearchAbortedError, init_pool, pool_search
 from service.placement.fleet_candidates import CandidateTask, run_candidate_search
 from service.planning.catalog import Catalog
 from service.planning.search import Checkpoint
@@ -27,10 +27,6 @@ log = structlog.get_logger("splan.fleet")
 POLL_S = 0.2
 # A Celery fan-out: send the candidate searches of a plan (its id, its attempt, the keys) to the workers.
 FanOut = Callable[[str, int, list[str]], None]
-
-
-class SearchAbortedError(Exception):
-    """The plan this search belongs to was canceled or superseded."""
 
 
 class FleetSearches:
@@ -77,7 +73,8 @@ class FleetSearches:
             return results
         if self.fan_out is not None and self.session_factory is not None:
             self._distributed(misses, results, done)
-        elif self.jobs > 1:
+        elif self.jobs > 1 and len(misses) > 1:
+            # One search gains nothing from a pool but the start-up of a process.
             self._pool(misses, results, done)
         else:
             for task in misses:
@@ -103,12 +100,12 @@ class FleetSearches:
         pool = ProcessPoolExecutor(
             max_workers=min(self.jobs, len(misses)),
             mp_context=context,
-            initializer=_init_pool,
+            initializer=init_pool,
             initargs=(self.catalog, stop),
         )
         try:
             futures: dict[Future[tuple[dict[str, Any], float]], CandidateTask] = {
-                pool.submit(_pool_search, task.spec): task for task in misses
+                pool.submit(pool_search, task.spec): task for task in misses
             }
             pending = set(futures)
             while pending:
@@ -168,28 +165,6 @@ class FleetSearches:
             )
             == "done"
         )
-
-
-_POOL_CATALOG: Catalog | None = None
-_POOL_STOP: EventType | None = None
-
-
-def _init_pool(catalog: Catalog, stop: EventType) -> None:
-    global _POOL_CATALOG, _POOL_STOP
-    _POOL_CATALOG, _POOL_STOP = catalog, stop
-
-
-def _pool_checkpoint() -> None:
-    if _POOL_STOP is not None and _POOL_STOP.is_set():
-        raise SearchAbortedError
-
-
-def _pool_search(spec: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    assert _POOL_CATALOG is not None
-    _pool_checkpoint()
-    started = time.perf_counter()
-    result = run_candidate_search(spec, catalog=_POOL_CATALOG, checkpoint=_pool_checkpoint)
-    return result, time.perf_counter() - started
 
 
 def search_under_claim(

@@ -13,16 +13,35 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.api.app import create_app
+from service.cli import fleet_summary
 from service.db import fleet_cache
 from service.db import plans as plan_store
 from service.db.session import SessionFactory, make_engine, make_session_factory
 from service.fleet_jobs import FleetSearches, run_fleet_candidate, search_under_claim
+from service.placement.cluster import parse_cluster
+from service.placement.fleet import (
+    FleetDeployment,
+    FleetPlan,
+    PackedDeployment,
+    PackedInstance,
+    UnplacedDeployment,
+)
 from service.placement.fleet_candidates import CandidateTask, candidate_tasks
 from service.placement.fleet_plan import FLEET_MAX_CANDIDATE_SEARCHES, parse_fleet_spec, plan_fleet
-from service.placement.fleet_solve import Option, aligned_slots, greedy_fleet, solve_fleet
+from service.placement.fleet_solve import (
+    MIP_REL_GAP,
+    Option,
+    aligned_slots,
+    covers,
+    gpus_used,
+    greedy_fleet,
+    solve_fleet,
+)
 from service.planning.catalog import Catalog
 from service.planning.specs import PlanningError
+from service.reporting import render_fleet_report
 from tests.conftest import migrated_settings
+from tests.test_reporting import section, tables
 
 PRICES = {"h100-sxm": 2.0, "b200": 3.0}
 
@@ -99,6 +118,173 @@ def test_the_joint_solve_takes_the_cheaper_type_where_the_greedy_rule_takes_the_
     assert result["gpus_used_by_type"] == {"b200": 2, "h100-sxm": 4}
     assert result["all_slos_met"]
     assert result["candidate_searches"] == {"total": 4, "reused": 0}
+
+
+def test_a_remainder_cheaper_on_the_other_type_mixes_instances_and_the_router_splits_by_goodput(
+    catalog: Catalog,
+) -> None:
+    # chat: 24 req/s. Alone, 3 H100 (10 req/s each, $2/h) or 2 B200 (14 req/s each, $3/h) cost $6/h either
+    # way; 1 B200 + 1 H100 serve 14 + 10 = 24 req/s for $5/h. The router gives each instance its goodput's share:
+    # B200 14/24 of the rate, H100 10/24, so both run at exactly their goodput.
+    spec = fleet({"h100-sxm": 8, "b200": 8}, deployment("chat", "llama-3.1-8b", 24))
+    result = plan(spec, catalog)
+    (row,) = result["deployments"]
+    assert row["mixed"]
+    assert row["router"] == "goodput_weighted"
+    got = [(o["gpu_type"], o["strategy"], o["instances"], o["gpus"]) for o in row["options"]]
+    assert got == [("b200", "tp1", 1, 1), ("h100-sxm", "tp1", 1, 1)]
+    assert [o["rate_share"] for o in row["options"]] == pytest.approx([14 / 24, 10 / 24])
+    assert [o["rate_per_instance_rps"] for o in row["options"]] == pytest.approx([14.0, 10.0])
+    assert [o["cost_per_hour_usd"] for o in row["options"]] == pytest.approx([3.0, 2.0])
+    # The row's own strategy fields are those of the option with the largest share; its counts, all of them.
+    assert (row["gpu_type"], row["instances"], row["gpus"]) == ("b200", 2, 2)
+    assert row["capacity_rps"] == pytest.approx(24.0)
+    assert [(i["option"], i["gpu_type"]) for i in row["instances_placed"]] == [(0, "b200"), (1, "h100-sxm")]
+    assert result["cost_per_hour_usd"] == pytest.approx(5.0)
+    assert result["greedy"]["cost_per_hour_usd"] == pytest.approx(6.0)
+    assert result["gpus_used_by_type"] == {"b200": 1, "h100-sxm": 1}
+    assert result["solver"]["mip_gap"] == pytest.approx(0.0, abs=1e-4)
+    # mix_instances: false keeps one strategy per deployment: $6/h, the greedy rule's cost.
+    single = plan({**spec, "mix_instances": False}, catalog)
+    (alone,) = single["deployments"]
+    assert not alone["mixed"]
+    assert len(alone["options"]) == 1
+    assert alone["options"][0]["rate_share"] == pytest.approx(1.0)
+    assert single["cost_per_hour_usd"] == pytest.approx(6.0)
+    assert "one strategy per deployment" in single["solver"]["method"]
+
+
+def test_mixed_instances_follow_a_rate_profile_period_by_period(catalog: Catalog) -> None:
+    # 24 req/s by day takes 1 B200 + 1 H100 ($5/h); 10 req/s by night, 1 H100 ($2/h) rather than 1 B200 ($3/h).
+    result = plan(
+        fleet({"h100-sxm": 8, "b200": 8}, deployment("chat", "llama-3.1-8b", [24, 10]), period_hours=12), catalog
+    )
+    (row,) = result["deployments"]
+    by_type = {o["gpu_type"]: o for o in row["options"]}
+    assert by_type["b200"]["instances_by_period"] == [1, 0]
+    assert by_type["h100-sxm"]["instances_by_period"] == [1, 1]
+    assert by_type["h100-sxm"]["rate_share_by_period"] == pytest.approx([10 / 24, 1.0])
+    assert row["instances_by_period"] == [2, 1]
+    assert result["cost_usd"] == pytest.approx(12 * 5.0 + 12 * 2.0)
+    # The greedy rule takes the fewest GPUs at peak: 2 B200 by day, 1 by night, $108 over the day.
+    assert result["greedy"]["cost_usd"] == pytest.approx(12 * 6.0 + 12 * 3.0)
+    assert result["gpus_used_by_period"] == {"b200": [1, 0], "h100-sxm": [1, 1]}
+
+
+def test_a_mixed_plan_on_a_cluster_places_every_option_and_holds_its_peak(catalog: Catalog) -> None:
+    cluster = parse_cluster(
+        {
+            "remote_store_bandwidth_bytes_per_s": 10.0e9,
+            "servers": [
+                {
+                    "name": name,
+                    "network_bandwidth_bytes_per_s": 3.125e9,
+                    "pcie_bandwidth_bytes_per_s": 25.0e9,
+                    "gpus": [{"id": i, "type": gpu_type} for i in range(2)],
+                }
+                for name, gpu_type in (("h", "h100-sxm"), ("b", "b200"))
+            ],
+        }
+    )
+    spec = fleet({"h100-sxm": 1}, deployment("chat", "llama-3.1-8b", [24, 10]), period_hours=12)
+    del spec["gpus"]
+    result = plan_fleet(
+        parse_fleet_spec({**spec, "cluster": "two-types"}),
+        catalog=catalog,
+        cluster=cluster,
+        run_searches=known_searches,
+    )
+    (row,) = result["deployments"]
+    assert row["placed"]
+    assert result["all_slos_met"]
+    # The B200 instance keeps its GPU by night (instances stay on their servers), though it runs only by day.
+    assert result["gpus_used_by_period"] == {"b200": [1, 1], "h100-sxm": [1, 1]}
+    assert sorted((i["server"], i["gpu_type"]) for i in row["instances_placed"]) == [("b", "b200"), ("h", "h100-sxm")]
+    assert result["cost_usd"] == pytest.approx(12 * 5.0 + 12 * 2.0)
+    where = section(render_fleet_report(spec, result), "where").split('<div class="server">')[1:]
+    placed = [(cells[1], cells[5]) for chunk in where for _, cells in tables(chunk)["placements"].rows]
+    assert sorted(placed) == [("chat", "b200"), ("chat", "h100-sxm")]
+
+
+def test_a_mixed_deployment_whose_part_does_not_fit_is_left_out_whole_and_the_rest_packed_again(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chat mixes a B200 and an H100 instance; say the packer finds no server for its H100 part. Its B200 part,
+    # packed first, must not stay: chat is unmet with that part's reason and the packing runs again without it.
+    calls: list[list[str]] = []
+
+    def pack(parts: list[FleetDeployment], **_: Any) -> FleetPlan:
+        calls.append(sorted(p.name for p in parts))
+        placed, unplaced = [], []
+        for part in parts:
+            if part.gpu_type == "h100-sxm" and part.name.startswith("0/"):
+                unplaced.append(UnplacedDeployment(name=part.name, reason="no server has a free h100-sxm"))
+                continue
+            instances = [PackedInstance(server="s", gpu_ids=[i]) for i in range(part.instances)]
+            placed.append(
+                PackedDeployment(
+                    name=part.name,
+                    model=part.model,
+                    gpu_type=part.gpu_type,
+                    gpus_per_instance=part.gpus_per_instance,
+                    instances=instances,
+                )
+            )
+        return FleetPlan(placed=placed, unplaced=unplaced, gpus_available_by_type={}, gpus_used_by_type={})
+
+    monkeypatch.setattr("service.placement.fleet_plan.pack_fleet", pack)
+    spec = fleet({"h100-sxm": 1}, deployment("chat", "llama-3.1-8b", 24), deployment("code", "qwen3-32b", 6))
+    del spec["gpus"]
+    cluster = parse_cluster(
+        {
+            "remote_store_bandwidth_bytes_per_s": 10.0e9,
+            "servers": [
+                {
+                    "name": "s",
+                    "network_bandwidth_bytes_per_s": 3.125e9,
+                    "pcie_bandwidth_bytes_per_s": 25.0e9,
+                    "gpus": [{"id": i, "type": t} for i, t in enumerate(["h100-sxm"] * 4 + ["b200"] * 4)],
+                }
+            ],
+        }
+    )
+    result = plan_fleet(
+        parse_fleet_spec({**spec, "cluster": "one"}), catalog=catalog, cluster=cluster, run_searches=known_searches
+    )
+    rows = {d["name"]: d for d in result["deployments"]}
+    assert rows["chat"]["mixed"]
+    assert not rows["chat"]["placed"]
+    assert rows["chat"]["instances_placed"] == []
+    assert rows["code"]["placed"]
+    assert result["unmet"] == [{"name": "chat", "reason": "option 2: no server has a free h100-sxm"}]
+    assert calls == [["0/0", "0/1", "1/0"], ["1/0"]]
+    assert result["cost_per_hour_usd"] == pytest.approx(rows["code"]["cost_per_hour_usd"])
+
+
+def test_the_report_and_the_cli_table_list_each_option_of_a_mixed_deployment(catalog: Catalog) -> None:
+    spec = fleet({"h100-sxm": 8, "b200": 8}, deployment("chat", "llama-3.1-8b", 24))
+    result = plan(spec, catalog)
+    rows = tables(render_fleet_report(spec, result))["deployments"]
+    column = {h: i for i, h in enumerate(rows.headers)}
+    got = [
+        (cls, cells[0], cells[column["GPU type"]], cells[column["Instances (count)"]], cells[column["Rate share (%)"]])
+        for cls, cells in rows.rows
+    ]
+    assert got == [("deployment", "chat", "b200", "1", "58"), ("deployment option", "chat", "h100-sxm", "1", "42")]
+    assert {cells[column["Headroom (%)"]] for _, cells in rows.rows} == {"0"}
+    gpu_rows = {cells[0]: cells[-1] for _, cells in tables(render_fleet_report(spec, result))["gpu-types"].rows}
+    assert gpu_rows == {"b200": "chat (1 x 1 GPU)", "h100-sxm": "chat (1 x 1 GPU)"}
+    lines = fleet_summary(result, on_cluster=False)
+    header = lines[0].split("  ")
+    assert "rate share (%)" in lines[0]
+    first, second = lines[1].split(), lines[2].split()
+    assert first[:6] == ["chat", "llama-3.1-8b", "b200", "tp1", "1", "1"]
+    assert first[-1] == "yes"
+    assert second[:4] == ["h100-sxm", "tp1", "1", "1"]
+    assert lines[2].startswith(" ")
+    assert lines[2].split()[5] == "42"
+    assert header[0] == "deployment"
+    assert "the greedy rule costs $6.00/hour" in "\n".join(lines)
 
 
 def test_catalog_prices_apply_without_an_override(catalog: Catalog) -> None:
@@ -185,57 +371,85 @@ def test_on_a_cluster_instances_fit_whole_servers(catalog: Catalog) -> None:
     # Two servers with 3 free H100 each: 6 free, but a 2-GPU instance fits once per server, so 2 instances of
     # tp2 at most; aligned_slots says so and the solve holds to it.
     assert aligned_slots([{"h100-sxm": 3}, {"h100-sxm": 3}], [2, 4]) == {("h100-sxm", 2): 4, ("h100-sxm", 4): 0}
-    options = [Option(0, "h100-sxm", 2, (3,), 6.0), Option(0, "h100-sxm", 1, (6,), 7.0)]
-    solved = solve_fleet(
-        options,
-        priorities=[0],
-        capacity_by_type={"h100-sxm": 6},
-        slots=aligned_slots([{"h100-sxm": 3}, {"h100-sxm": 3}], [2]),
-    )
-    assert solved.chosen == {0: 1}
-    assert solved.cost_usd == pytest.approx(7.0)
+    # 6 req/s: three tp2 instances (2 req/s each, $2 per instance) or six tp1 (1 req/s each, $7/6 per instance).
+    options = [Option(0, "h100-sxm", 2, 2.0, 2.0), Option(0, "h100-sxm", 1, 1.0, 7.0 / 6)]
+    for mix in (False, True):
+        solved = solve_fleet(
+            options,
+            rates=[[6.0]],
+            priorities=[0],
+            capacity_by_type={"h100-sxm": 6},
+            slots=aligned_slots([{"h100-sxm": 3}, {"h100-sxm": 3}], [2]),
+            mix=mix,
+        )
+        # One option alone: six tp1. Mixed: two tp2 (one per server) and two tp1 in the GPUs left, $6.33.
+        expected = {1: (6,)} if not mix else {0: (2,), 1: (2,)}
+        assert solved.instances == {0: expected}
+        assert solved.cost_usd == pytest.approx(7.0 if not mix else 4.0 + 7.0 / 3)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.lists(
-            st.tuples(st.sampled_from(["a", "b"]), st.sampled_from([1, 2, 4]), st.integers(1, 4)),
-            min_size=1,
-            max_size=3,
+        st.tuples(
+            st.lists(st.floats(0.0, 40.0, allow_nan=False), min_size=2, max_size=2),
+            st.lists(
+                st.tuples(st.sampled_from(["a", "b"]), st.sampled_from([1, 2, 4]), st.floats(0.5, 12.0)),
+                min_size=1,
+                max_size=3,
+            ),
         ),
         min_size=1,
         max_size=6,
     ),
-    st.integers(0, 16),
-    st.integers(0, 16),
+    st.integers(0, 24),
+    st.integers(0, 24),
     st.lists(st.integers(0, 2), min_size=6, max_size=6),
+    st.booleans(),
+    st.booleans(),
 )
-def test_the_solve_never_costs_more_than_greedy_and_keeps_within_the_fleet(
-    choices: list[list[tuple[str, int, int]]], have_a: int, have_b: int, levels: list[int]
+def test_the_solve_covers_every_rate_never_costs_more_than_greedy_and_keeps_within_the_fleet(
+    deployments: list[tuple[list[float], list[tuple[str, int, float]]]],
+    have_a: int,
+    have_b: int,
+    levels: list[int],
+    mix: bool,
+    hold_peak: bool,
 ) -> None:
     price = {"a": 1.0, "b": 1.7}
+    rates = [profile for profile, _ in deployments]
     options = [
-        Option(d, gpu_type, size, (instances,), instances * size * price[gpu_type])
-        for d, per_deployment in enumerate(choices)
-        for gpu_type, size, instances in per_deployment
+        Option(d, gpu_type, size, goodput, size * price[gpu_type])
+        for d, (_, per_deployment) in enumerate(deployments)
+        for gpu_type, size, goodput in per_deployment
     ]
-    priorities = levels[: len(choices)]
+    priorities = levels[: len(deployments)]
     capacity = {"a": have_a, "b": have_b}
-    solved = solve_fleet(options, priorities=priorities, capacity_by_type=capacity)
-    greedy = greedy_fleet(options, priorities=priorities, capacity_by_type=capacity)
-    for gpu_type, have in capacity.items():
-        assert sum(options[j].peak_gpus for j in solved.chosen.values() if options[j].gpu_type == gpu_type) <= have
+    args: dict[str, Any] = {"rates": rates, "priorities": priorities, "capacity_by_type": capacity}
+    solved = solve_fleet(options, mix=mix, hold_peak=hold_peak, **args)
+    greedy = greedy_fleet(options, hold_peak=hold_peak, **args)
+    assert solved.status == "optimal"
+    for d, counts in solved.instances.items():
+        assert all(options[j].deployment == d for j in counts)
+        assert covers(options, counts, rates[d])
+        if not mix:
+            assert len(counts) == 1
+    for gpu_type, row in gpus_used(options, solved, ["a", "b"], 2, hold_peak=hold_peak).items():
+        assert max(row) <= capacity[gpu_type]
     # Priority first: at every level, from the top, the solve serves at least as many as greedy did
     # whenever it served as many at every level above.
     for level in sorted(set(priorities), reverse=True):
-        mine = sum(1 for d in solved.chosen if priorities[d] == level)
-        theirs = sum(1 for d in greedy.chosen if priorities[d] == level)
+        mine = sum(1 for d in solved.instances if priorities[d] == level)
+        theirs = sum(1 for d in greedy.instances if priorities[d] == level)
         assert mine >= theirs
         if mine > theirs:
             break
     else:
-        assert solved.cost_usd <= greedy.cost_usd + 1e-6
+        assert solved.cost_usd <= greedy.cost_usd * (1 + MIP_REL_GAP) + 1e-9
+    single = solve_fleet(options, mix=False, hold_peak=hold_peak, **args) if mix else solved
+    if not solved.unserved and not single.unserved:
+        # Mixing only adds choices: never dearer than the best single option per deployment.
+        assert solved.cost_usd <= single.cost_usd * (1 + MIP_REL_GAP) + 1e-9
 
 
 def test_candidate_keys_ignore_rate_name_and_priority_but_not_slos(catalog: Catalog) -> None:

@@ -139,7 +139,10 @@ def test_fleet_plan_sizes_and_places_every_deployment(client: TestClient) -> Non
     chat = result["deployments"][0]
     assert chat["name"] == "chat"
     assert chat["placed"]
-    assert chat["instances"] * chat["goodput_per_instance_rps"] >= 20
+    assert chat["capacity_rps"] == pytest.approx(
+        sum(o["instances"] * o["goodput_per_instance_rps"] for o in chat["options"])
+    )
+    assert chat["capacity_rps"] >= 20
     assert all(i["server"] for i in chat["instances_placed"])
     assert [u["name"] for u in result["unmet"]] == ["impossible"]
     assert not result["all_slos_met"]

@@ -6,15 +6,22 @@ import itertools
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from service.planning import search
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode, simulate_deployment
 from service.planning.plan_spec import parse_plan_spec
 from service.planning.search import (
     DEFAULT_MOE_ATTENTION_DP,
     MAX_SEARCH_SPACE,
+    Candidate,
     PlanRequest,
+    SearchLimits,
+    Slo,
     _base_deployment,
     _layouts,
     _simulate_unit,
@@ -23,7 +30,7 @@ from service.planning.search import (
 )
 from service.planning.specs import PlanningError
 from service.planning.stepcost import ParallelLayout, validate_layout
-from service.planning.workload import sample_requests
+from service.planning.workload import ArrivalKind, sample_requests
 
 SPEC = {
     "model": "qwen3-32b",
@@ -234,3 +241,84 @@ def test_a_spec_whose_search_keys_leave_no_layout_is_refused_at_the_door() -> No
     }
     with pytest.raises(PlanningError, match=r"no parallel layout of qwen3-235b-a22b fits in 16 GPUs with search\.tp"):
         parse_plan_spec(spec, catalog=default_catalog())
+
+
+def _doubling_then_bisection(threshold: float, hi: float, tolerance: float) -> tuple[float, int]:
+    """The rate search as it was before climbing from hi (goodput and levels probed), on a unit that meets the SLOs
+    exactly up to ``threshold``."""
+    probes = 0
+
+    def passes(level: float) -> bool:
+        nonlocal probes
+        probes += 1
+        return level <= threshold
+
+    lo = hi * 0.02
+    if not passes(lo):
+        return 0.0, probes
+    top = passes(hi)
+    for _ in range(4):
+        if not top:
+            break
+        lo, hi = hi, hi * 2
+        top = passes(hi)
+    for _ in range(12):
+        if hi - lo <= tolerance * hi:
+            break
+        mid = (lo + hi) / 2
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, probes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 64 * 20), st.floats(0.5, 200.0))
+def test_climbing_from_hi_brackets_the_goodput_where_doubling_and_bisection_did(
+    sixty_fourths: int, bound_rps: float
+) -> None:
+    # A unit meets the SLOs up to a threshold rate (between the lattice points a search can end on); the search
+    # must report what the doubling-then-bisection search reported, and probe no more levels when the goodput is
+    # within an eighth above hi (1.3 x the analytic bound, where the goodput mostly is).
+    hi = bound_rps * 1.3
+    threshold = hi * (sixty_fourths + 0.5) / 64
+    probed: list[float] = []
+
+    class Result:
+        def __init__(self, level: float) -> None:
+            self.level = level
+            self.e2e_s = np.ones(4)
+
+        def attainment(self, ttft_s: float, tpot_s: float) -> float:
+            return 1.0 if self.level <= threshold else 0.0
+
+    class Estimate:
+        def __init__(self, level: float) -> None:
+            self.result = Result(level)
+            self.requests_per_s = level
+
+    class Sample:
+        unit_arrival_s = np.array([0.0, 10.0])
+        input_tokens = np.zeros(100)
+
+        def repeated(self, times: int) -> Sample:
+            return self
+
+    def simulate(deployment: Any, workload: Any, sample: Any, level: float, cache: Any, checkpoint: Any) -> Any:
+        if not probed or probed[-1] != level:
+            probed.append(level)
+        return Estimate(level)
+
+    limits = SearchLimits()
+    candidate = Candidate(deployment=None, bound_rps=bound_rps)  # type: ignore[arg-type]
+    workload = type("Open", (), {"arrival": ArrivalKind.POISSON})()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search, "_simulate_unit", simulate)
+        patch.setattr(search, "unit_fold", lambda deployment, workload: 1)
+        search._goodput(candidate, workload, Sample(), Slo(1000, 50), limits)  # type: ignore[arg-type]
+    expected, probes = _doubling_then_bisection(threshold, hi, limits.rate_tolerance)
+    assert candidate.goodput_rps == pytest.approx(expected, rel=1e-9)
+    assert candidate.goodput_rps <= threshold
+    if hi <= threshold < hi * 1.125:
+        assert len(probed) < probes

@@ -114,12 +114,12 @@ def _fit_reason(deployment: FleetDeployment, catalog: Catalog) -> str | None:
     return weights_fit_reason(shard, gpu=gpu, engine=engine, tp=tp, pp=pp, label=gpu.name)
 
 
-def _ordered(deployments: Sequence[FleetDeployment]) -> list[FleetDeployment]:
+def _ordered(deployments: Sequence[FleetDeployment], limit: int) -> list[FleetDeployment]:
     names = [d.name for d in deployments]
     if len(set(names)) != len(names):
         raise PlanningError("deployment names must be unique")
-    if len(deployments) > MAX_DEPLOYMENTS:
-        raise PlanningError(f"at most {MAX_DEPLOYMENTS} deployments (got {len(deployments)})")
+    if len(deployments) > limit:
+        raise PlanningError(f"at most {limit} deployments (got {len(deployments)})")
     # Decreasing instance size, then total size: big items first leaves the small ones for the gaps.
     return sorted(deployments, key=lambda d: (-d.gpus_per_instance, -d.total_gpus, d.name))
 
@@ -131,9 +131,11 @@ def pack_fleet(
     gpus_by_type: Mapping[str, int] | None = None,
     cluster: Cluster | None = None,
     now_s: float = 0.0,
+    max_deployments: int = MAX_DEPLOYMENTS,
 ) -> FleetPlan:
-    """Pack deployments onto GPU counts by type, or onto the free GPUs of a cluster when one is given."""
-    ordered = _ordered(deployments)
+    """Pack deployments onto GPU counts by type, or onto the free GPUs of a cluster when one is given;
+    ``max_deployments`` is the caller's own bound on the work (a fleet plan packs each option of a deployment)."""
+    ordered = _ordered(deployments, max_deployments)
     if cluster is not None:
         view = ClusterView(cluster, now_s=now_s)
         return _pack(

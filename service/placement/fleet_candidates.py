@@ -23,7 +23,7 @@ from service.planning.search import Checkpoint, plan
 from service.planning.specs import PlanningError
 
 # Bumped whenever what a candidate search computes changes, so that cached results of older code are not reused.
-CANDIDATE_SEARCH_VERSION = 1
+CANDIDATE_SEARCH_VERSION = 2
 # Fields of a fleet deployment that do not change what its search finds.
 NOT_SEARCHED = frozenset({"name", "gpu_types", "search", "priority", "rate_profile"})
 

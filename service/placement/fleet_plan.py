@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.placement.cluster import Cluster
 from service.placement.estimators import ClusterView
-from service.placement.fleet import FleetDeployment, pack_fleet
+from service.placement.fleet import MAX_DEPLOYMENTS, FleetDeployment, pack_fleet
 from service.placement.fleet_candidates import (
     SearchRunner,
     candidate_tasks,
@@ -24,7 +24,7 @@ from service.placement.fleet_solve import (
     aligned_slots,
     gpus_used,
     greedy_fleet,
-    instances_needed,
+    held_instances,
     solve_fleet,
 )
 from service.planning.catalog import Catalog
@@ -92,6 +92,11 @@ class FleetSpec(BaseModel):
         default=None, description="$ per GPU-hour by GPU type, over the catalog's price_per_hour_usd"
     )
     period_hours: float = Field(default=1.0, gt=0, le=168, description="length of one rate_profile period")
+    mix_instances: bool = Field(
+        default=True,
+        description="serve a deployment with instances of several strategies or GPU types behind a router that "
+        "splits its rate in proportion to each instance's goodput; false: one strategy per deployment",
+    )
 
     @model_validator(mode="after")
     def _one_fleet(self) -> FleetSpec:
@@ -225,57 +230,56 @@ def plan_fleet(
     for index, by_type in enumerate(keys):
         for gpu_type, key in by_type.items():
             for candidate in results[key]["options"]:
-                per_instance = float(candidate["goodput_per_instance_rps"])
-                counts = tuple(instances_needed(r, per_instance) for r in rates[index])
                 gpi = int(candidate["gpus_per_instance"])
-                cost = sum(n * gpi for n in counts) * prices[gpu_type] * spec.period_hours
-                options.append(Option(index, gpu_type, gpi, counts, cost, candidate=len(candidates)))
+                per_instance = float(candidate["goodput_per_instance_rps"])
+                instance_cost = gpi * prices[gpu_type] * spec.period_hours
+                options.append(Option(index, gpu_type, gpi, per_instance, instance_cost, candidate=len(candidates)))
                 candidates.append(candidate)
     priorities = [d.priority for d in deployments]
     view = ClusterView(cluster, now_s=now_s) if cluster is not None else None
+    # Instances stay on a cluster's servers all day: there each option holds its peak, in aligned slots per size.
+    hold_peak = view is not None
+    slots: dict[tuple[str, int], int] | None = None
     if view is not None:
-        # Instances stay on their servers all day: on a cluster, the peak must fit, in aligned slots per size.
         free_by_server = [{t: len(ids) for t, ids in by_type.items()} for by_type in view.free.values()]
         capacity = {t: sum(f.get(t, 0) for f in free_by_server) for t in available}
         sizes = sorted({o.gpus_per_instance for o in options if o.gpus_per_instance > 1})
-        peak_options = [
-            Option(
-                o.deployment,
-                o.gpu_type,
-                o.gpus_per_instance,
-                (max(o.instances_by_period),) * periods,
-                o.cost_usd,
-                o.candidate,
-            )
-            for o in options
-        ]
-        solved, slots = peak_options, aligned_slots(free_by_server, sizes)
+        slots = aligned_slots(free_by_server, sizes)
     else:
-        capacity, solved, slots = dict(available), options, None
-    solution = solve_fleet(solved, priorities=priorities, capacity_by_type=capacity, slots=slots)
-    greedy = greedy_fleet(solved, priorities=priorities, capacity_by_type=capacity)
+        capacity = dict(available)
+    solution = solve_fleet(
+        options,
+        rates=rates,
+        priorities=priorities,
+        capacity_by_type=capacity,
+        slots=slots,
+        mix=spec.mix_instances,
+        hold_peak=hold_peak,
+    )
+    greedy = greedy_fleet(options, rates=rates, priorities=priorities, capacity_by_type=capacity, hold_peak=hold_peak)
 
     unmet: list[dict[str, Any]] = []
     shortfall: list[dict[str, Any]] = []
-    used = gpus_used(solved, solution.chosen, sorted(available), periods)
+    used = gpus_used(options, solution, sorted(available), periods, hold_peak=hold_peak)
     # On a cluster, what whole servers still hold for an instance of each size.
     slot_left = {
         (t, size): cap
         - sum(
-            solved[j].peak_gpus
-            for j in solution.chosen.values()
-            if solved[j].gpu_type == t and solved[j].gpus_per_instance >= size
+            max(counts) * options[j].gpus_per_instance
+            for by_option in solution.instances.values()
+            for j, counts in by_option.items()
+            if options[j].gpu_type == t and options[j].gpus_per_instance >= size
         )
         for (t, size), cap in (slots or {}).items()
     }
     for index, deployment in enumerate(deployments):
-        if index in solution.chosen:
+        if index in solution.instances:
             continue
         types = types_by_deployment[index]
         if not types:
             unmet.append({"name": deployment.name, "reason": "none of its gpu_types is in the fleet"})
             continue
-        mine = [o for o in solved if o.deployment == index]
+        mine = [o for o in options if o.deployment == index]
         if not mine:
             reasons = [results[keys[index][t]]["reason"] for t in types]
             slo = deployment.slo
@@ -288,19 +292,22 @@ def plan_fleet(
                 }
             )
             continue
-        short = _shortfall(deployment, mine, candidates, rates[index], capacity, used, slot_left)
+        short = _shortfall(deployment, mine, candidates, rates[index], capacity, used, slot_left, hold_peak)
         shortfall.extend(short)
         best = short[0]
         unmet.append({"name": deployment.name, "reason": best["reason"]})
 
-    chosen_rows = []
-    for index, j in sorted(solution.chosen.items()):
-        option = options[j]
-        candidate = candidates[option.candidate]
-        deployment = deployments[index]
-        chosen_rows.append(
-            _deployment_row(deployment, option, candidate, rates[index], prices[option.gpu_type], spec.period_hours)
+    chosen_rows = [
+        _deployment_row(
+            deployments[index],
+            [(options[j], candidates[options[j].candidate], counts) for j, counts in by_option.items()],
+            rates[index],
+            prices,
+            spec.period_hours,
+            hold_peak=hold_peak,
         )
+        for index, by_option in sorted(solution.instances.items())
+    ]
     placed_by_name = _pack(chosen_rows, deployments, catalog=catalog, cluster=cluster, now_s=now_s, unmet=unmet)
     for row in chosen_rows:
         packed = placed_by_name.get(row["name"])
@@ -312,6 +319,7 @@ def plan_fleet(
     peak_by_type = {t: max(used.get(t, [0])) for t in sorted(available)}
     result: dict[str, Any] = {
         "kind": "fleet",
+        "mix_instances": spec.mix_instances,
         "deployments": chosen_rows,
         "unmet": unmet,
         "shortfall": shortfall,
@@ -327,7 +335,7 @@ def plan_fleet(
         "peak_cost_per_hour_usd": max(
             (sum(used.get(t, [0] * periods)[p] * prices[t] for t in available) for p in range(periods)), default=0.0
         ),
-        "solver": _solver_doc(solution, hours),
+        "solver": _solver_doc(solution, hours, mix=spec.mix_instances),
         "greedy": _greedy_doc(greedy, deployments, hours),
         "candidate_searches": {"total": total, "reused": reused() if reused is not None else 0},
     }
@@ -336,17 +344,69 @@ def plan_fleet(
     return result
 
 
+Part = tuple[Option, Mapping[str, Any], tuple[int, ...]]
+
+
 def _deployment_row(
     deployment: FleetDeploymentSpec,
-    option: Option,
-    candidate: Mapping[str, Any],
+    parts: Sequence[Part],
     rates: Sequence[float],
-    price: float,
+    prices: Mapping[str, float],
     period_hours: float,
+    *,
+    hold_peak: bool,
 ) -> dict[str, Any]:
-    peak = max(option.instances_by_period)
+    """One served deployment: its instances per option, the share of the rate the router gives each, its cost.
+
+    The first option is the one serving the largest share at the busiest period; the row's strategy fields are
+    its own, its counts (instances, GPUs, capacity) those of all options together.
+    """
+    periods = range(len(rates))
+    busiest = max(periods, key=lambda p: rates[p])
+    capacity = [sum(o.goodput_rps * n[p] for o, _, n in parts) for p in periods]
+
+    def share(option: Option, counts: Sequence[int], p: int) -> float:
+        # The router splits the rate in proportion to goodput, so each instance runs at the same fraction of it.
+        return option.goodput_rps * counts[p] / capacity[p] if capacity[p] > 0 else 0.0
+
+    ordered = sorted(
+        parts, key=lambda part: (-share(part[0], part[2], busiest), -max(part[2]), part[0].gpu_type, part[0].candidate)
+    )
     hours = len(rates) * period_hours
-    cost_per_hour = option.cost_usd / hours
+    held = [held_instances(n, hold_peak=hold_peak) for _, _, n in ordered]
+    running = [sum(n[p] for _, _, n in ordered) for p in periods]
+    gpus = [sum(h[p] * o.gpus_per_instance for h, (o, _, _) in zip(held, ordered, strict=True)) for p in periods]
+    cost_usd = sum(o.instance_cost_usd * sum(n) for o, _, n in ordered)
+    option_docs = []
+    for (option, candidate, counts), kept in zip(ordered, held, strict=True):
+        cost = option.instance_cost_usd * sum(counts)
+        doc: dict[str, Any] = {
+            "gpu_type": option.gpu_type,
+            "strategy": candidate["strategy"],
+            "tp": candidate["tp"],
+            "pp": candidate["pp"],
+            "attention_dp": candidate.get("attention_dp", 1),
+            "moe_ep": candidate.get("moe_ep", 1),
+            "gpus_per_instance": option.gpus_per_instance,
+            "goodput_per_instance_rps": option.goodput_rps,
+            "instances": max(kept),
+            "gpus": max(kept) * option.gpus_per_instance,
+            "rate_share": share(option, counts, busiest),
+            "rate_per_instance_rps": rates[busiest] * option.goodput_rps / capacity[busiest]
+            if counts[busiest]
+            else 0.0,
+            "ttft_ms": candidate.get("ttft_ms"),
+            "tpot_ms": candidate.get("tpot_ms"),
+            "price_per_gpu_hour_usd": prices[option.gpu_type],
+            "cost_usd": cost,
+            "cost_per_hour_usd": cost / hours,
+        }
+        if len(rates) > 1:
+            doc["instances_by_period"] = list(counts)
+            doc["rate_share_by_period"] = [share(option, counts, p) for p in periods]
+        option_docs.append(doc)
+    main = option_docs[0]
+    cost_per_hour = cost_usd / hours
     osl = _mean_output_tokens(deployment)
     mean_rate = sum(rates) / len(rates)
     tokens_per_hour = mean_rate * osl * 3600.0 if osl else 0.0
@@ -354,25 +414,24 @@ def _deployment_row(
         "name": deployment.name,
         "model": deployment.model,
         "priority": deployment.priority,
-        "gpu_type": option.gpu_type,
-        "strategy": candidate["strategy"],
-        "tp": candidate["tp"],
-        "pp": candidate["pp"],
-        "attention_dp": candidate.get("attention_dp", 1),
-        "gpus_per_instance": option.gpus_per_instance,
-        "instances": peak,
-        "gpus": peak * option.gpus_per_instance,
-        "goodput_per_instance_rps": candidate["goodput_per_instance_rps"],
-        "required_rps": max(rates),
-        "ttft_ms": candidate.get("ttft_ms"),
-        "tpot_ms": candidate.get("tpot_ms"),
-        "price_per_gpu_hour_usd": price,
-        "cost_usd": option.cost_usd,
+        **{k: main[k] for k in ("gpu_type", "strategy", "tp", "pp", "attention_dp", "gpus_per_instance")},
+        "instances": max(sum(h[p] for h in held) for p in periods),
+        "gpus": max(gpus),
+        "goodput_per_instance_rps": main["goodput_per_instance_rps"],
+        "capacity_rps": capacity[busiest],
+        "required_rps": rates[busiest],
+        "mixed": len(option_docs) > 1,
+        "router": "goodput_weighted" if len(option_docs) > 1 else "round_robin",
+        "options": option_docs,
+        "ttft_ms": main["ttft_ms"],
+        "tpot_ms": main["tpot_ms"],
+        "price_per_gpu_hour_usd": main["price_per_gpu_hour_usd"],
+        "cost_usd": cost_usd,
         "cost_per_hour_usd": cost_per_hour,
         "cost_per_million_output_tokens_usd": cost_per_hour / tokens_per_hour * 1e6 if tokens_per_hour > 0 else None,
     }
     if len(rates) > 1:
-        row["instances_by_period"] = list(option.instances_by_period)
+        row["instances_by_period"] = running
         row["rate_profile"] = list(rates)
     return row
 
@@ -385,12 +444,17 @@ def _shortfall(
     capacity: Mapping[str, int],
     used: Mapping[str, list[int]],
     slot_left: Mapping[tuple[str, int], int],
+    hold_peak: bool,
 ) -> list[dict[str, Any]]:
     """Per GPU type, what the deployment's smallest option needs against what the plan leaves free."""
     out: list[dict[str, Any]] = []
     for gpu_type in sorted({o.gpu_type for o in mine}):
-        option = min((o for o in mine if o.gpu_type == gpu_type), key=lambda o: (o.peak_gpus, o.cost_usd))
-        per_instance = float(candidates[option.candidate]["goodput_per_instance_rps"])
+        sized = [
+            (o, held_instances(o.instances_for(rates), hold_peak=hold_peak)) for o in mine if o.gpu_type == gpu_type
+        ]
+        option, counts = min(sized, key=lambda s: (max(s[1]) * s[0].gpus_per_instance, s[0].instance_cost_usd))
+        needed = [n * option.gpus_per_instance for n in counts]
+        per_instance = option.goodput_rps
         row = used.get(gpu_type, [0] * len(rates))
         periods = range(len(rates))
         aligned = slot_left.get((gpu_type, option.gpus_per_instance))
@@ -398,24 +462,24 @@ def _shortfall(
         if aligned is not None:
             # Only GPUs in whole-instance blocks of one server count for an instance that spans several.
             free = [min(f, aligned) for f in free]
-        short = max(option.gpus_by_period[p] - free[p] for p in periods)
-        busiest = max(periods, key=lambda p: option.gpus_by_period[p] - free[p])
+        short = max(needed[p] - free[p] for p in periods)
+        busiest = max(periods, key=lambda p: needed[p] - free[p])
         servable = min(rates[busiest], (free[busiest] // option.gpus_per_instance) * per_instance)
+        strategy = candidates[option.candidate]["strategy"]
         out.append(
             {
                 "name": deployment.name,
                 "priority": deployment.priority,
                 "gpu_type": gpu_type,
-                "gpus_needed": option.gpus_by_period[busiest],
+                "gpus_needed": needed[busiest],
                 "gpus_free": free[busiest],
                 "gpus_short": short,
                 "required_rps": rates[busiest],
                 "servable_rps": servable,
                 "reason": (
-                    f"short of {short} {gpu_type} GPUs: needs {option.gpus_by_period[busiest]} "
-                    f"({option.instances_by_period[busiest]} x {option.gpus_per_instance}-GPU "
-                    f"{candidates[option.candidate]['strategy']}), the plan leaves {free[busiest]} free; those "
-                    f"serve {servable:.2f} of its {rates[busiest]:.2f} req/s"
+                    f"short of {short} {gpu_type} GPUs: needs {needed[busiest]} "
+                    f"({counts[busiest]} x {option.gpus_per_instance}-GPU {strategy}), the plan leaves "
+                    f"{free[busiest]} free; those serve {servable:.2f} of its {rates[busiest]:.2f} req/s"
                 ),
             }
         )
@@ -432,39 +496,70 @@ def _pack(
     now_s: float,
     unmet: list[dict[str, Any]],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Where each chosen deployment's instances go: on a cluster, the packer's servers and GPUs; on GPU counts,
-    nowhere in particular (the solve already kept every period within the counts)."""
+    """Where each chosen deployment's instances go, option by option: on a cluster, the packer's servers and GPUs;
+    on GPU counts, nowhere in particular (the solve already kept every period within the counts)."""
     if cluster is None:
-        empty: dict[str, Any] = {"server": None, "gpu_ids": [], "tier": None, "load_s": None}
-        return {row["name"]: [dict(empty) for _ in range(row["instances"])] for row in rows}
-    by_name = {d.name: d for d in deployments}
-    packing = pack_fleet(
-        [
-            FleetDeployment(
-                name=row["name"],
-                model=row["model"],
-                gpu_type=row["gpu_type"],
-                gpus_per_instance=row["gpus_per_instance"],
-                instances=row["instances"],
-                weight_dtype=by_name[row["name"]].weight_dtype,  # type: ignore[arg-type]
-                tp=row["tp"],
-                pp=row["pp"],
-                engine=by_name[row["name"]].engine,
-            )
+        return {
+            row["name"]: [
+                {"server": None, "gpu_ids": [], "tier": None, "load_s": None, "option": k, "gpu_type": o["gpu_type"]}
+                for k, o in enumerate(row["options"])
+                for _ in range(o["instances"])
+            ]
             for row in rows
-        ],
-        catalog=catalog,
-        cluster=cluster,
-        now_s=now_s,
-    )
-    for miss in packing.unplaced:
-        unmet.append({"name": miss.name, "reason": miss.reason})
-    return {p.name: [i.model_dump(mode="json") for i in p.instances] for p in packing.placed}
+        }
+    by_name = {d.name: d for d in deployments}
+    # Each option of a deployment is packed as a part of its own, under a name no user name can take.
+    parts = {f"{i}/{k}": (row, k) for i, row in enumerate(rows) for k in range(len(row["options"]))}
+    missed: dict[str, str] = {}
+    while True:
+        packing = pack_fleet(
+            [
+                FleetDeployment(
+                    name=part,
+                    model=row["model"],
+                    gpu_type=row["options"][k]["gpu_type"],
+                    gpus_per_instance=row["options"][k]["gpus_per_instance"],
+                    instances=row["options"][k]["instances"],
+                    weight_dtype=by_name[row["name"]].weight_dtype,  # type: ignore[arg-type]
+                    tp=row["options"][k]["tp"],
+                    pp=row["options"][k]["pp"],
+                    engine=by_name[row["name"]].engine,
+                )
+                for part, (row, k) in parts.items()
+                if row["name"] not in missed
+            ],
+            catalog=catalog,
+            cluster=cluster,
+            now_s=now_s,
+            # The fleet plan's own work budget bounds its deployments; mixed ones pack as several parts.
+            max_deployments=max(MAX_DEPLOYMENTS, len(parts)),
+        )
+        missing: dict[str, str] = {}
+        for miss in packing.unplaced:
+            row, k = parts[miss.name]
+            reason = miss.reason if len(row["options"]) == 1 else f"option {k + 1}: {miss.reason}"
+            missing.setdefault(row["name"], reason)
+        missed.update(missing)
+        # A deployment is placed whole or not at all: when a part of one did not fit, the parts placed before it
+        # held GPUs others could use, so the packing runs again without that deployment (it ends: each run
+        # leaves out at least one more deployment).
+        if not any(parts[p.name][0]["name"] in missing for p in packing.placed):
+            break
+    for name, reason in missed.items():
+        unmet.append({"name": name, "reason": reason})
+    placed: dict[str, list[dict[str, Any]]] = {}
+    for packed in sorted(packing.placed, key=lambda p: parts[p.name][1]):
+        row, k = parts[packed.name]
+        placed.setdefault(row["name"], []).extend(
+            {**i.model_dump(mode="json"), "option": k, "gpu_type": packed.gpu_type} for i in packed.instances
+        )
+    return placed
 
 
-def _solver_doc(solution: Solution, hours: float) -> dict[str, Any]:
+def _solver_doc(solution: Solution, hours: float, *, mix: bool) -> dict[str, Any]:
+    what = "instances of several strategies per deployment" if mix else "one strategy per deployment"
     return {
-        "method": "mixed-integer LP (HiGHS via scipy.optimize.milp)",
+        "method": f"mixed-integer LP (HiGHS via scipy.optimize.milp), {what}",
         "status": solution.status,
         "mip_gap": solution.mip_gap,
         "dual_bound_cost_per_hour_usd": solution.dual_bound_usd / hours

@@ -323,9 +323,14 @@ def _goodput(
     # round-robin router are independent: one is simulated at its share of the rate.
     units = unit_fold(deployment, workload)
 
+    # The longest request lifetime seen so far: an overloaded level's is long, and every later level is then
+    # replayed long enough to show whether its queue grows.
     lifetime_s = 0.0
 
-    def run(level: float) -> Estimate:
+    def ok(est: Estimate) -> bool:
+        return est.result.attainment(ttft_s, tpot_s) >= slo.attainment
+
+    def run(level: float, *, full: bool = False) -> Estimate:
         nonlocal lifetime_s
         if checkpoint is not None:
             checkpoint()
@@ -337,24 +342,29 @@ def _goodput(
         # replay the sample until arrivals span several request lifetimes (known from the previous run).
         span_s = float(sample.unit_arrival_s[-1]) / (level / units) if level > 0 else 0.0
         est: Estimate | None = None
+        reference_s = lifetime_s
+        simulated_times = 0
+        longest = max(1, MAX_STEADY_STATE_REQUESTS // max(1, sample.input_tokens.size))
         for _ in range(2):
-            times = 1
-            if span_s > 0 and lifetime_s > 0:
-                times = math.ceil(STEADY_STATE_LIFETIMES * lifetime_s / span_s)
-                times = max(1, min(times, MAX_STEADY_STATE_REQUESTS // max(1, sample.input_tokens.size)))
+            times = longest if full else 1
+            if span_s > 0 and reference_s > 0 and not full:
+                times = max(1, min(math.ceil(STEADY_STATE_LIFETIMES * reference_s / span_s), longest))
+            if times == simulated_times:
+                # The same replay again would give the same answer: a slow level needs no longer run.
+                break
             est = _simulate_unit(deployment, workload, sample.repeated(times), level, cache, checkpoint)
+            simulated_times = times
             observed = float(np.mean(est.result.e2e_s)) if est.result.e2e_s.size else 0.0
-            long_enough = observed <= max(lifetime_s, 1e-9) * 1.5 or times * sample.input_tokens.size >= (
+            lifetime_s = max(lifetime_s, observed)
+            # Requests that lived much longer than the replay assumed: run the level again, longer.
+            long_enough = observed <= max(reference_s, 1e-9) * 1.5 or times * sample.input_tokens.size >= (
                 MAX_STEADY_STATE_REQUESTS
             )
-            lifetime_s = max(lifetime_s, observed)
             if long_enough:
                 break
+            reference_s = observed
         assert est is not None
         return est
-
-    def ok(est: Estimate) -> bool:
-        return est.result.attainment(ttft_s, tpot_s) >= slo.attainment
 
     closed = workload.arrival is ArrivalKind.CLOSED
     if closed:
@@ -371,12 +381,37 @@ def _goodput(
     best, lo = floor_est, (1.0 if closed else hi * 0.02)
 
     top = run(hi)
-    for _ in range(4):
+    doublings, full = 4, False
+    if not closed and ok(top):
+        # hi (1.3 x the analytic bound) mostly passes within a step or two of the goodput: doubling it overloads
+        # the unit and the bisection of [hi, 2 hi] then probes its way back down. Climbing from hi over the points
+        # that bisection can end on (steps of hi / 2^levels, doubled each time) brackets the goodput in the same
+        # interval in a probe or two. Each probe above hi is replayed at full length, as the bisection's are once
+        # an overloaded run has lengthened the replay, so a short replay cannot pass a level a long one fails.
+        full = True
+        levels = math.ceil(math.log2(1.0 / limits.rate_tolerance))
+        base, step = hi, hi / 2**levels
+        best, lo = top, hi
+        bracketed = False
+        while step < base and not bracketed:
+            est = run(base + step, full=True)
+            if ok(est):
+                best, lo = est, base + step
+                step *= 2
+            else:
+                hi, bracketed = base + step, True
+        if bracketed:
+            doublings = 0
+        else:
+            # Everything up to 1.5 hi passed: double from 2 hi on, as before.
+            hi, doublings = 2 * base, 3
+            top = run(hi, full=True)
+    for _ in range(doublings):
         if not ok(top):
             break
         best, lo = top, hi
         hi *= 2
-        top = run(hi)
+        top = run(hi, full=full)
     for _ in range(12):
         if hi - lo <= max(limits.rate_tolerance * hi, 1.0 if closed else 0.0):
             break
@@ -385,7 +420,7 @@ def _goodput(
             mid = float(int(mid))
             if mid <= lo:
                 break
-        est = run(mid)
+        est = run(mid, full=full)
         if ok(est):
             best, lo = est, mid
         else:

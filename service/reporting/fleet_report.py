@@ -38,6 +38,7 @@ DEPLOYMENT_HEADERS: tuple[tuple[str, bool], ...] = (
     ("Instances (count)", True),
     ("GPUs (count)", True),
     ("Goodput per instance (req/s)", True),
+    ("Rate share (%)", True),
     ("Headroom (%)", True),
     ("TTFT p90 (ms)", True),
     ("TPOT p90 (ms)", True),
@@ -101,9 +102,11 @@ def _summary_section(
     return f'<section id="summary"><h2>Summary</h2><p class="{cls}" id="fleet-summary">{text}</p></section>'
 
 
-def _deployment_row(
+def _deployment_rows(
     wanted: Mapping[str, Any], got: Mapping[str, Any] | None, reason: str | None
-) -> tuple[str, list[str]]:
+) -> list[tuple[str, list[str]]]:
+    """A deployment's rows: one per option it runs (several when instances of several strategies share its rate),
+    the deployment's own cells on each."""
     workload, slo = mapping(wanted.get("workload")), mapping(wanted.get("slo"))
     name = wanted.get("name", MISSING)
     head = [
@@ -114,31 +117,48 @@ def _deployment_row(
         fmt(slo.get("tpot_ms"), 0),
     ]
     if got is None:
-        return ("deployment unmet", [*head, *[MISSING] * 10, f"not met: {esc(reason or MISSING)}"])
-    per_instance = number(got.get("goodput_per_instance_rps"))
-    instances = number(got.get("instances"))
+        return [("deployment unmet", [*head, *[MISSING] * 11, f"not met: {esc(reason or MISSING)}"])]
     required = number(got.get("required_rps"))
-    headroom = (
-        per_instance * instances / required - 1
-        if per_instance is not None and instances is not None and required
-        else None
-    )
+    capacity = number(got.get("capacity_rps"))
+    if capacity is None:
+        # Plans stored before options were listed: one option, all instances alike.
+        per, count = number(got.get("goodput_per_instance_rps")), number(got.get("instances"))
+        capacity = per * count if per is not None and count is not None else None
+    headroom = capacity / required - 1 if capacity is not None and required else None
     status = "placed" if got.get("placed") else f"not placed: {esc(reason or MISSING)}"
-    cells = [
-        *head,
-        esc(got.get("gpu_type", MISSING)),
-        f"<code>{esc(got.get('strategy', MISSING))}</code>",
-        fmt(got.get("gpus_per_instance"), 0),
-        fmt(got.get("instances"), 0),
-        fmt(got.get("gpus"), 0),
-        fmt(per_instance, 2),
-        fmt(None if headroom is None else headroom * 100, 0),
-        fmt(mapping(got.get("ttft_ms")).get("p90"), 0),
-        fmt(mapping(got.get("tpot_ms")).get("p90"), 1),
-        fmt(got.get("cost_per_million_output_tokens_usd"), 2),
-        status,
-    ]
-    return ("deployment" if got.get("placed") else "deployment unmet", cells)
+    options = [mapping(o) for o in got.get("options") or []] or [got]
+    rows = []
+    for k, option in enumerate(options):
+        cells = [
+            *head,
+            esc(option.get("gpu_type", MISSING)),
+            f"<code>{esc(option.get('strategy', MISSING))}</code>",
+            fmt(option.get("gpus_per_instance"), 0),
+            fmt(option.get("instances"), 0),
+            fmt(option.get("gpus"), 0),
+            fmt(number(option.get("goodput_per_instance_rps")), 2),
+            fmt(_share_pct(option, alone=len(options) == 1), 0),
+            fmt(None if headroom is None else headroom * 100, 0),
+            fmt(mapping(option.get("ttft_ms")).get("p90"), 0),
+            fmt(mapping(option.get("tpot_ms")).get("p90"), 1),
+            fmt(got.get("cost_per_million_output_tokens_usd"), 2),
+            status,
+        ]
+        cls = "deployment" if got.get("placed") else "deployment unmet"
+        rows.append((cls if k == 0 else f"{cls} option", cells))
+    return rows
+
+
+def _share_pct(option: Mapping[str, Any], *, alone: bool) -> float | None:
+    share = number(option.get("rate_share"))
+    if share is None:
+        return 100.0 if alone else None
+    return 100 * share
+
+
+def _placed_options(planned: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(deployment, option) of every placed deployment's options (a plan stored before options: the row itself)."""
+    return [(d, mapping(o)) for d in planned if d.get("placed") for o in (d.get("options") or [d])]
 
 
 def _deployments_section(
@@ -146,10 +166,19 @@ def _deployments_section(
 ) -> str:
     by_name = {str(d.get("name")): d for d in planned}
     reasons = {str(u.get("name")): str(u.get("reason", MISSING)) for u in unmet}
-    rows = [_deployment_row(d, by_name.get(str(d.get("name"))), reasons.get(str(d.get("name")))) for d in specs]
+    rows = [
+        row
+        for d in specs
+        for row in _deployment_rows(d, by_name.get(str(d.get("name"))), reasons.get(str(d.get("name"))))
+    ]
     # A result can name a deployment the spec does not (a spec edited after planning): show it all the same.
     known = {str(d.get("name")) for d in specs}
-    rows += [_deployment_row(d, d, reasons.get(str(d.get("name")))) for d in planned if str(d.get("name")) not in known]
+    rows += [
+        row
+        for d in planned
+        if str(d.get("name")) not in known
+        for row in _deployment_rows(d, d, reasons.get(str(d.get("name"))))
+    ]
     headers = [h for h, _ in DEPLOYMENT_HEADERS]
     numeric = [n for _, n in DEPLOYMENT_HEADERS]
     extra = [
@@ -170,7 +199,8 @@ def _deployments_section(
     return (
         '<section id="deployments"><h2>Deployments</h2>'
         "<p class='muted'>Latencies are those of one instance at its goodput rate; headroom is the goodput of all "
-        "instances over the required rate.</p>"
+        "instances over the required rate. A deployment served by instances of several strategies or GPU types has "
+        "a row for each; its router splits the rate in proportion to each instance's goodput (the rate share).</p>"
         f"{table(headers, rows, numeric=numeric, cls='deployments')}"
         f'<details><summary>What each deployment asked for</summary><div class="cards">{"".join(extra)}</div>'
         "</details></section>"
@@ -185,10 +215,10 @@ def _gpu_section(planned: Sequence[Mapping[str, Any]], result: Mapping[str, Any]
         return '<section id="gpus"><h2>GPUs by type</h2><p class="muted">The fleet has no GPUs.</p></section>'
     rows = []
     for gpu_type in types:
-        running = [d for d in planned if d.get("placed") and str(d.get("gpu_type")) == gpu_type]
+        running = [(d, o) for d, o in _placed_options(planned) if str(o.get("gpu_type")) == gpu_type]
         what = ", ".join(
-            f"{esc(d.get('name', MISSING))} ({fmt(d.get('instances'), 0)} x {_gpus(d.get('gpus_per_instance'))})"
-            for d in running
+            f"{esc(d.get('name', MISSING))} ({fmt(o.get('instances'), 0)} x {_gpus(o.get('gpus_per_instance'))})"
+            for d, o in running
         )
         free = available.get(gpu_type, 0.0) - used.get(gpu_type, 0.0)
         rows.append(
@@ -209,13 +239,17 @@ def _gpu_section(planned: Sequence[Mapping[str, Any]], result: Mapping[str, Any]
         ax = fig.subplots()
         lefts = dict.fromkeys(types, 0.0)
         for i, d in enumerate(placed):
-            gpu_type = str(d.get("gpu_type"))
-            if gpu_type not in lefts:
-                continue
-            count = number(d.get("gpus")) or 0.0
             color = RANK_COLORS[i % len(RANK_COLORS)]
-            ax.barh([gpu_type], [count], left=[lefts[gpu_type]], color=color, label=plain(d.get("name", "")))
-            lefts[gpu_type] += count
+            label: str | None = plain(d.get("name", ""))
+            for option in d.get("options") or [d]:
+                gpu_type = str(mapping(option).get("gpu_type"))
+                if gpu_type not in lefts:
+                    continue
+                count = number(mapping(option).get("gpus")) or 0.0
+                # A deployment on several types keeps one colour and one legend entry.
+                ax.barh([gpu_type], [count], left=[lefts[gpu_type]], color=color, label=label)
+                lefts[gpu_type] += count
+                label = None
         free = [max(0.0, available.get(t, 0.0) - lefts[t]) for t in types]
         ax.barh(types, free, left=[lefts[t] for t in types], color="#e1e4e8", label="free")
         ax.invert_yaxis()
@@ -264,8 +298,8 @@ def _where_section(planned: Sequence[Mapping[str, Any]]) -> str:
                     esc(d.get("name", MISSING)),
                     fmt(index + 1, 0),
                     esc(d.get("model", MISSING)),
-                    f"<code>{esc(d.get('strategy', MISSING))}</code>",
-                    esc(d.get("gpu_type", MISSING)),
+                    f"<code>{esc(_option_of(d, inst).get('strategy', MISSING))}</code>",
+                    esc(_option_of(d, inst).get("gpu_type", MISSING)),
                     esc(inst.get("tier") or MISSING),
                     fmt(inst.get("load_s"), 1),
                 ],
@@ -294,6 +328,15 @@ def _where_section(planned: Sequence[Mapping[str, Any]]) -> str:
             + "</div>"
         )
     return f'<section id="where"><h2>What runs where</h2>{"".join(blocks)}</section>'
+
+
+def _option_of(d: Mapping[str, Any], instance: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The option an instance runs (a plan stored before options: the deployment row itself)."""
+    options = d.get("options") or []
+    index = instance.get("option")
+    if isinstance(index, int) and 0 <= index < len(options):
+        return mapping(options[index])
+    return d
 
 
 def _gpus(count: object) -> str:
