@@ -5,9 +5,13 @@ its own search."""
 from __future__ import annotations
 
 import multiprocessing
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 import structlog
@@ -27,6 +31,16 @@ log = structlog.get_logger("splan.fleet")
 POLL_S = 0.2
 # A Celery fan-out: send the candidate searches of a plan (its id, its attempt, the keys) to the workers.
 FanOut = Callable[[str, int, list[str]], None]
+
+
+def _stopped_by(stop: EventType) -> Checkpoint:
+    """A checkpoint that raises once the plan's searches are told to stop."""
+
+    def checkpoint() -> None:
+        if stop.is_set():
+            raise SearchAbortedError
+
+    return checkpoint
 
 
 class FleetSearches:
@@ -94,35 +108,73 @@ class FleetSearches:
     def _pool(
         self, misses: list[CandidateTask], results: dict[str, dict[str, Any]], done: Callable[[int], None]
     ) -> None:
+        # The plan's own process searches too, on a thread beside jobs - 1 pool processes: a spawned process costs
+        # about a second of start-up, which a re-plan with a search or two would wait for.
         # Spawned, not forked: the parent may hold threads (heartbeat, progress bar) that a fork would copy mid-step.
         context = multiprocessing.get_context("spawn")
         stop = context.Event()
+        waiting = deque(misses)
+        lock = threading.Lock()
+        own: queue.Queue[tuple[CandidateTask, dict[str, Any], float] | BaseException | None] = queue.Queue()
+
+        def take() -> CandidateTask | None:
+            with lock:
+                return waiting.popleft() if waiting and not stop.is_set() else None
+
+        def search_here() -> None:
+            try:
+                while (task := take()) is not None:
+                    started = time.perf_counter()
+                    result = run_candidate_search(task.spec, catalog=self.catalog, checkpoint=_stopped_by(stop))
+                    own.put((task, result, time.perf_counter() - started))
+            except BaseException as exc:
+                own.put(exc)
+            own.put(None)
+
+        pool_size = min(self.jobs, len(misses)) - 1
         pool = ProcessPoolExecutor(
-            max_workers=min(self.jobs, len(misses)),
+            max_workers=pool_size,
             mp_context=context,
             initializer=init_pool,
             initargs=(self.catalog, stop),
         )
+        searcher = threading.Thread(target=search_here, name="splan-fleet-search", daemon=True)
+        in_flight: dict[Future[tuple[dict[str, Any], float]], CandidateTask] = {}
+
+        def collect(task: CandidateTask, result: dict[str, Any], search_s: float) -> None:
+            self._store(task, result, search_s)
+            results[task.key] = result
+            done(len(results))
+
         try:
-            futures: dict[Future[tuple[dict[str, Any], float]], CandidateTask] = {
-                pool.submit(pool_search, task.spec): task for task in misses
-            }
-            pending = set(futures)
-            while pending:
+            searcher.start()
+            searching_here = True
+            while searching_here or in_flight or waiting:
                 if self.checkpoint is not None:
                     self.checkpoint()
-                finished, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    task = futures[future]
-                    result, search_s = future.result()
-                    self._store(task, result, search_s)
-                    results[task.key] = result
-                    done(len(results))
+                while len(in_flight) < pool_size and (task := take()) is not None:
+                    in_flight[pool.submit(pool_search, task.spec)] = task
+                if in_flight:
+                    finished, _ = wait(set(in_flight), timeout=POLL_S, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        collect(in_flight.pop(future), *future.result())
+                else:
+                    time.sleep(POLL_S / 4)
+                while not own.empty():
+                    item = own.get()
+                    if item is None:
+                        searching_here = False
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        collect(*item)
         except BaseException:
             # Every part stops: queued searches are dropped, running ones stop at their next simulation.
             stop.set()
             raise
         finally:
+            stop.set()
+            searcher.join()
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _distributed(

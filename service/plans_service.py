@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy.orm import Session
@@ -18,7 +18,6 @@ from service.db import clusters as cluster_store
 from service.db import plans as plan_store
 from service.db import tenants as tenant_store
 from service.db.models import Plan, PlanStatus
-from service.dispatch import Dispatcher
 from service.placement.fleet_candidates import search_spec
 from service.placement.fleet_plan import FleetSpec, parse_fleet_spec
 from service.planning.catalog import Catalog
@@ -26,6 +25,10 @@ from service.planning.plan_spec import PlanSpec, SpecFieldError, parse_plan_spec
 from service.planning.search import count_search_space
 from service.planning.specs import PlanningError, spec_kind
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    # Celery loads only where plans are dispatched: the CLI reads specs through this module and must start fast.
+    from service.dispatch import Dispatcher
 
 log = structlog.get_logger("splan.plans")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -594,3 +596,30 @@ def test_the_api_refuses_a_fleet_over_the_budget_with_a_problem(tmp_path: Path) 
     assert response.status_code == 422, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     assert f"work budget of {FLEET_MAX_CANDIDATE_SEARCHES} candidate searches" in response.json()["detail"]
+
+
+def test_a_stop_reaches_the_pool_and_the_plans_own_search(catalog: Catalog) -> None:
+    """A checkpoint that raises (a cancel) ends the local pool's run and the search on the plan's own thread."""
+
+    class CanceledError(Exception):
+        pass
+
+    calls = 0
+
+    def cancel_on_third_look() -> None:
+        nonlocal calls
+        calls += 1
+        if calls >= 3:
+            raise CanceledError
+
+    # Searches long enough that both the pool's and the thread's are still running at the third look.
+    spec = copy.deepcopy(REAL)
+    for deployment in spec["deployments"]:
+        deployment["search"]["requests"] = 20_000
+    searches = FleetSearches(catalog=catalog, jobs=2, checkpoint=cancel_on_third_look)
+    started = time.perf_counter()
+    with pytest.raises(CanceledError):
+        plan_fleet(parse_fleet_spec(spec), catalog=catalog, run_searches=searches)
+    assert calls == 3
+    assert time.perf_counter() - started < 30
+    assert not [t for t in threading.enumerate() if t.name == "splan-fleet-search"]
