@@ -19,7 +19,7 @@ from service.cli_service import ServiceCliError, add_command, add_service_comman
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
 from service.planning.estimate import EstimateRequest, run_estimate
-from service.planning.specs import PlanningError, spec_kind
+from service.planning.specs import PlanningError, SpeculativeDecoding, spec_kind
 from service.planning.workload import LengthDistribution
 
 SERVICE_COMMANDS = ("serve", "worker", "submit", "status", "db", "openapi", "place", "keys", "tenants")
@@ -234,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     est.add_argument("--kv-block-size", type=int, default=None, help="tokens per KV-cache block (default: 16)")
     est.add_argument(
+        "--speculative",
+        default=None,
+        metavar="METHOD:DRAFT_TOKENS:ACCEPTANCE_LENGTH",
+        help="speculative decoding as the engine runs it, e.g. mtp:3:2.4 (methods mtp, eagle, eagle3; acceptance "
+        "length = mean tokens gained per step, as the engine logs it) (default: off)",
+    )
+    est.add_argument(
         "--router",
         choices=["round_robin", "random", "least_loaded"],
         default="round_robin",
@@ -392,6 +399,18 @@ def _trace_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _speculative(text: str) -> SpeculativeDecoding:
+    """METHOD:DRAFT_TOKENS:ACCEPTANCE_LENGTH as given to --speculative."""
+    parts = text.split(":")
+    try:
+        method, drafts, accepted = parts
+        return SpeculativeDecoding(method.strip().lower(), int(drafts), float(accepted))
+    except ValueError:
+        raise CliError(
+            f"--speculative takes METHOD:DRAFT_TOKENS:ACCEPTANCE_LENGTH, e.g. mtp:3:2.4 (got {text!r})"
+        ) from None
+
+
 def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
     trace = _estimate_trace(args)
     if not args.model and not args.model_config:
@@ -435,6 +454,7 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         max_model_len=args.max_model_len,
         prefix_caching=args.enable_prefix_caching,
         kv_block_tokens=args.kv_block_size,
+        speculative=None if args.speculative is None else _speculative(args.speculative),
         router=args.router,
         concurrency=args.concurrency,
         rate=args.rate,

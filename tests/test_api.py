@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,15 @@ def test_report_and_launch_files_of_a_finished_plan(client: TestClient) -> None:
     assert_problem(client.get(f"/v1/plans/{plan_id}/launch", params={"strategy": 999}), 422)
     assert_problem(client.get(f"/v1/plans/{plan_id}/launch", params={"engine": "tgi"}), 422)
     assert_problem(client.get("/v1/plans/nope/report"), 404)
+
+
+def test_estimate_with_speculative_decoding(client: TestClient) -> None:
+    body = {"model": "llama-3.1-8b", "gpu": "h100-sxm", "isl": 512, "osl": 64, "concurrency": 1, "requests": 8}
+    plain = client.post("/v1/estimates", json=body).json()["tpot_ms"]["mean"]
+    speculative = {"method": "eagle", "draft_tokens": 2, "acceptance_length": 2.5}
+    drafted = client.post("/v1/estimates", json={**body, "speculative": speculative}).json()["tpot_ms"]["mean"]
+    assert plain / 2.5 < drafted < plain
+    too_long = {**speculative, "acceptance_length": 3.5}
+    problem = assert_problem(client.post("/v1/estimates", json={**body, "speculative": too_long}), 422)
+    assert "speculative" in json.dumps(problem)
+    assert "draft_tokens + 1 = 3" in json.dumps(problem)

@@ -50,6 +50,9 @@ def test_estimate_json_has_latency_stats(capsys: pytest.CaptureFixture[str]) -> 
         (["plan", "/no/such/spec.yaml"], "cannot read"),
         (["estimate", "--gpu", "h100-sxm"], "required"),
         (estimate_args("--concurrency", "2", "--client-start", "sometimes"), "invalid choice"),
+        (estimate_args("--rate", "1", "--speculative", "mtp:3"), "METHOD:DRAFT_TOKENS:ACCEPTANCE_LENGTH"),
+        (estimate_args("--rate", "1", "--speculative", "mtp:1:2.5"), "at most draft tokens + 1"),
+        (estimate_args("--rate", "1", "--speculative", "medusa:2:2"), "unknown speculative method"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -486,3 +489,17 @@ def test_readme_first_code_block_is_the_two_commands() -> None:
         ".venv/bin/splan plan examples/llama70b-h100.yaml --report plan-report.html",
         "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest -q",
     ]
+
+
+def test_speculative_decoding_shortens_tpot_by_less_than_its_acceptance_length(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def tpot_ms(*extra: str) -> float:
+        assert main([*estimate_args("--concurrency", "1", *extra, isl="512"), "--osl", "128", "--json"]) == 0
+        return float(json.loads(capsys.readouterr().out)["tpot_ms"]["mean"])
+
+    plain = tpot_ms()
+    drafted = tpot_ms("--speculative", "eagle:2:2.5")
+    # Tokens come 2.5 per step, but each step verifies 3 tokens per sequence and runs 2 draft passes.
+    assert plain / 2.5 < drafted < plain
+    assert tpot_ms("--speculative", "eagle:2:3") < drafted

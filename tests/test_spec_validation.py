@@ -105,6 +105,16 @@ REFUSED_BY_SCHEMA: list[tuple[str, dict[str, Any], str]] = [
     ("concurrency over the one cap", spec_with("workload.concurrency", 5000), "strategy.workload.concurrency"),
     ("absurd cv", spec_with("workload.cv", 1e9), "strategy.workload.cv"),
     ("no search mode", spec_with("search.modes", []), "strategy.search.modes"),
+    (
+        "more tokens accepted than drafted",
+        spec_with("engine_settings", {"speculative": {"method": "mtp", "draft_tokens": 1, "acceptance_length": 2.5}}),
+        "strategy.engine_settings.speculative",
+    ),
+    (
+        "unknown drafter",
+        spec_with("engine_settings", {"speculative": {"method": "medusa", "draft_tokens": 1, "acceptance_length": 1}}),
+        "strategy.engine_settings.speculative.method",
+    ),
 ]
 
 

@@ -8,6 +8,7 @@ shows up as a mismatch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +24,7 @@ from service.planning.kernels import (
     prefill_chunk_tiles,
 )
 from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
-from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError
+from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError, SpeculativeDecoding
 from service.planning.stepcost import (
     ELEMENTWISE_HIDDEN_PASSES,
     ELEMENTWISE_KERNELS_PER_LAYER,
@@ -473,3 +474,79 @@ def test_heads_need_only_divide_by_tp_not_tp_times_dp() -> None:
         assert cost.heads_per_gpu == 16
         assert cost.step(decode_sequences=3, decode_context_tokens=300).total_s > 0
     assert make_layout(tp=8, attention_dp=3, moe_ep=8).expert_tp == 3
+
+
+# Speculative decoding ------------------------------------------------------------------------------------
+
+
+def _speculative(acceptance_length: float, engine: EngineSpec = ENGINE) -> ReplicaStepCost:
+    plain = _cost(DENSE, make_layout(tp=1), engine)
+    return ReplicaStepCost(
+        model=plain.model,
+        gpu=plain.gpu,
+        engine=engine,
+        layout=plain.layout,
+        weight_dtype=DType.BF16,
+        kv_dtype=DType.BF16,
+        calibration=CAL,
+        max_tokens=512,
+        moe_calibration=MOE_CAL,
+        speculative=SpeculativeDecoding("eagle", 2, acceptance_length),
+    )
+
+
+def test_a_speculative_decode_step_is_verify_plus_drafts_per_token_gained() -> None:
+    plain = _cost(DENSE, make_layout(tp=1))
+    drafted = _speculative(1.0)
+    one = plain.step(decode_sequences=4, decode_context_tokens=400.0)
+    verify = drafted.step(decode_sequences=4, decode_context_tokens=400.0)
+    layers = DENSE.num_layers
+    lm_head = _gemm(4, DENSE.vocab_size, DENSE.hidden_size)
+    # Two draft passes, each one layer like the target's and the LM head over the 4 sequences.
+    draft_s = 2 * ((one.gpu_s - lm_head) / layers + lm_head)
+    # The verify pass runs 3 tokens per sequence through every GEMM: the target's GEMMs at 12 tokens, the LM head
+    # at 12 rows, all summed in gemm_s with the drafts.
+    twelve = plain.step(decode_sequences=12, decode_context_tokens=1200.0)
+    assert verify.gemm_s == pytest.approx(twelve.gemm_s + draft_s, rel=1e-12)
+    # Attention reads each sequence's KV once for its 3 queries: less than 12 sequences reading theirs.
+    assert one.attention_s <= verify.attention_s < twelve.attention_s
+    # The test engine does not overlap CPU and GPU: the step is their sum.
+    assert verify.total_s == pytest.approx(verify.gpu_s + verify.cpu_s, rel=1e-12)
+    assert verify.total_s > one.total_s
+
+
+def test_speculative_steps_are_charged_per_token_gained_only_when_they_only_decode() -> None:
+    for acceptance_length in (1.5, 2.0, 3.0):
+        drafted = _speculative(acceptance_length)
+        per_step = _speculative(1.0)
+        decode: dict[str, Any] = {"decode_sequences": 8, "decode_context_tokens": 8_000.0}
+        assert drafted.step(**decode).total_s == pytest.approx(per_step.step(**decode).total_s / acceptance_length)
+        prefill: dict[str, Any] = {"prefill_tokens": 64, "prefill_sequences": 1, "prefill_kv_tokens": 64.0}
+        assert drafted.step(**decode, **prefill).total_s == per_step.step(**decode, **prefill).total_s
+        assert drafted.step(**prefill) == _cost(DENSE, make_layout(tp=1)).step(**prefill)
+
+
+def test_an_engine_that_drops_overlap_with_speculation_adds_cpu_to_gpu() -> None:
+    overlapped = replace(ENGINE, overlap_scheduling=True, step_gap_s=1.0e-4)
+    kept = _speculative(1.0, overlapped).step(decode_sequences=2, decode_context_tokens=100.0)
+    assert kept.total_s == pytest.approx(max(kept.gpu_s, kept.cpu_s) + 1.0e-4, rel=1e-12)
+    dropped = _speculative(1.0, replace(overlapped, speculative_overlap=False))
+    step = dropped.step(decode_sequences=2, decode_context_tokens=100.0)
+    assert step.total_s == pytest.approx(step.gpu_s + step.cpu_s, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("method", "drafts", "accepted", "needle"),
+    [
+        ("medusa", 2, 2.0, "unknown speculative method"),
+        ("mtp", 0, 1.0, "draft tokens must be between 1 and 8"),
+        ("mtp", 9, 2.0, "draft tokens must be between 1 and 8"),
+        ("mtp", 2, 3.5, "at most draft tokens + 1 = 3"),
+        ("mtp", 2, 0.9, "at least 1"),
+    ],
+)
+def test_speculative_settings_no_engine_runs_are_refused(
+    method: str, drafts: int, accepted: float, needle: str
+) -> None:
+    with pytest.raises(PlanningError, match=re.escape(needle)):
+        SpeculativeDecoding(method, drafts, accepted).validate()

@@ -22,7 +22,7 @@ from service.planning.simulator import (
     SimulationResult,
     simulate,
 )
-from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
+from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError, SpeculativeDecoding
 from service.planning.stepcost import ParallelLayout, ReplicaStepCost, kv_bytes_per_token_per_gpu
 from service.planning.workload import ArrivalKind, RequestSample, Workload, sample_requests
 
@@ -46,6 +46,7 @@ class KnobOverrides:
     max_model_len: int | None = None
     prefix_caching: bool | None = None
     kv_block_tokens: int | None = None
+    speculative: SpeculativeDecoding | None = None
 
     def knobs_for(self, engine: EngineSpec) -> SchedulerKnobs:
         """The effective scheduler knobs on ``engine``."""
@@ -161,6 +162,8 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         max_tokens=max(knobs.max_batched_tokens, knobs.max_sequences) + 1,
         moe_calibration=deployment.moe_calibration,
         moe_weight_dtype=deployment.moe_weight_dtype,
+        # A prefill pool hands each request over after its first token: it never verifies drafts.
+        speculative=None if role is Role.PREFILL else deployment.knobs.speculative,
     )
     return BuiltInstance(InstanceConfig(role, cost, memory.kv_capacity_tokens, knobs), memory)
 

@@ -11,7 +11,15 @@ from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, Estimate, KnobOverrides, Mode, simulate_deployment
 from service.planning.profile import profiled_catalog
 from service.planning.simulator import ROUTERS
-from service.planning.specs import DTYPE_ALIASES, WEIGHT_DTYPES, DType, GpuSpec, ModelSpec, PlanningError
+from service.planning.specs import (
+    DTYPE_ALIASES,
+    WEIGHT_DTYPES,
+    DType,
+    GpuSpec,
+    ModelSpec,
+    PlanningError,
+    SpeculativeDecoding,
+)
 from service.planning.stepcost import make_layout, validate_layout
 from service.planning.trace import Trace, trace_from_records
 from service.planning.workload import (
@@ -125,6 +133,8 @@ class EstimateRequest:
     prefix_caching: bool | None = None
     kv_block_tokens: int | None = None
     router: str = "round_robin"
+    # Speculative decoding with a one-layer drafter (MTP, EAGLE): decode steps verify drafts.
+    speculative: SpeculativeDecoding | None = None
 
 
 def client_staggered(client_start: str) -> bool:
@@ -261,6 +271,7 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
         max_model_len=request.max_model_len,
         prefix_caching=request.prefix_caching,
         kv_block_tokens=request.kv_block_tokens,
+        speculative=request.speculative,
     )
     validate_engine_settings(knobs, request.router)
     if request.memory_fraction is not None and not 0.1 <= request.memory_fraction <= 1.0:
@@ -339,6 +350,8 @@ def validate_engine_settings(knobs: KnobOverrides, router: str) -> None:
         raise PlanningError(f"KV block size must be between 1 and 1024 tokens (got {knobs.kv_block_tokens})")
     if router not in ROUTERS:
         raise PlanningError(f"unknown router {router!r}; use one of {', '.join(ROUTERS)}")
+    if knobs.speculative is not None:
+        knobs.speculative.validate()
 
 
 def require_supported(gpu: GpuSpec, dtype: DType) -> None:

@@ -21,7 +21,14 @@ from service.planning.search import (
     count_search_space,
     searchable_layouts,
 )
-from service.planning.specs import KV_DTYPES, WEIGHT_DTYPES, ModelSpec, PlanningError
+from service.planning.specs import (
+    KV_DTYPES,
+    MAX_DRAFT_TOKENS,
+    WEIGHT_DTYPES,
+    ModelSpec,
+    PlanningError,
+    SpeculativeDecoding,
+)
 from service.planning.trace import MAX_TRACE_REQUESTS, read_trace, trace_from_records
 from service.planning.workload import (
     MAX_SEED,
@@ -132,6 +139,32 @@ class WorkloadSpec(BaseModel):
         return self
 
 
+class SpeculativeSpec(BaseModel):
+    """Speculative decoding with a one-layer drafter, as the engine was started with it."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["mtp", "eagle", "eagle3"] = Field(description="the model's MTP module, EAGLE or EAGLE-3 heads")
+    draft_tokens: int = Field(
+        ge=1, le=MAX_DRAFT_TOKENS, description="tokens drafted per step (SGLang speculative_num_steps)"
+    )
+    acceptance_length: float = Field(
+        ge=1.0, le=MAX_DRAFT_TOKENS + 1, description="mean tokens gained per step, bonus token included (engine logs)"
+    )
+
+    @model_validator(mode="after")
+    def _within_drafts(self) -> SpeculativeSpec:
+        if self.acceptance_length > self.draft_tokens + 1:
+            raise ValueError(
+                f"acceptance_length can be at most draft_tokens + 1 = {self.draft_tokens + 1} "
+                f"(got {self.acceptance_length})"
+            )
+        return self
+
+    def domain(self) -> SpeculativeDecoding:
+        """The planning-side setting."""
+        return SpeculativeDecoding(self.method, self.draft_tokens, self.acceptance_length)
+
+
 class EngineSettingsSpec(BaseModel):
     """Engine settings users change (they replace the engine's defaults in every strategy)."""
 
@@ -144,6 +177,7 @@ class EngineSettingsSpec(BaseModel):
         default=None, ge=1, le=MAX_KV_BLOCK_TOKENS, description="tokens per KV block (16)"
     )
     router: Literal["round_robin", "random", "least_loaded"] = "round_robin"
+    speculative: SpeculativeSpec | None = None
 
 
 class SloSpec(BaseModel):
@@ -304,6 +338,7 @@ class EstimateSpec(BaseModel):
         default=None,
         description="calibration profile written by `splan calibrate` (the mapping itself; the server reads no files)",
     )
+    speculative: SpeculativeSpec | None = None
 
     @field_validator("isl", "osl")
     @classmethod
@@ -314,6 +349,7 @@ class EstimateSpec(BaseModel):
         """The domain request, with what the caller resolved itself (a model config, lengths read from files)."""
         fields = self.model_dump()
         fields["mode"] = Mode.COLLOCATED if self.mode == "collocated" else Mode.DISAGGREGATED
+        fields["speculative"] = None if self.speculative is None else self.speculative.domain()
         fields.update(resolved)
         return EstimateRequest(**fields)
 
@@ -494,6 +530,7 @@ def parse_plan_spec(
             max_model_len=spec.engine_settings.max_model_len,
             prefix_caching=spec.engine_settings.enable_prefix_caching,
             kv_block_tokens=spec.engine_settings.kv_block_size,
+            speculative=None if spec.engine_settings.speculative is None else spec.engine_settings.speculative.domain(),
         ),
         router=spec.engine_settings.router,
     )

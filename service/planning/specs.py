@@ -195,11 +195,40 @@ class EngineSpec:
     prefix_caching: bool = False
     # KV-cache dtype used by default for a given weight dtype.
     default_kv_dtype: dict[DType, DType] = field(default_factory=dict)
+    # Whether the overlap scheduler stays on with speculative decoding (SGLang turns it off for EAGLE/MTP).
+    speculative_overlap: bool = True
     description: str = ""
 
     def kv_dtype_for(self, weight_dtype: DType) -> DType:
         """Default KV-cache dtype for weights in ``weight_dtype``."""
         return self.default_kv_dtype.get(weight_dtype, DType.BF16)
+
+
+SPECULATIVE_METHODS = ("mtp", "eagle", "eagle3")
+MAX_DRAFT_TOKENS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeDecoding:
+    """Speculative decoding with a one-layer drafter (the model's MTP module, EAGLE or EAGLE-3 heads)."""
+
+    method: str
+    # Tokens the drafter proposes per step (SGLang speculative_num_steps, vLLM num_speculative_tokens).
+    draft_tokens: int
+    # Mean tokens each sequence gains per step, the bonus token included: what engines log as accept length.
+    acceptance_length: float
+
+    def validate(self) -> None:
+        """Refuse settings no engine runs."""
+        if self.method not in SPECULATIVE_METHODS:
+            raise PlanningError(f"unknown speculative method {self.method!r}; known: {', '.join(SPECULATIVE_METHODS)}")
+        if not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise PlanningError(f"draft tokens must be between 1 and {MAX_DRAFT_TOKENS} (got {self.draft_tokens})")
+        if not 1.0 <= self.acceptance_length <= self.draft_tokens + 1:
+            raise PlanningError(
+                f"acceptance length must be at least 1 and at most draft tokens + 1 = {self.draft_tokens + 1} "
+                f"(got {self.acceptance_length})"
+            )
 
 
 SPEC_KINDS = ("strategy", "fleet")

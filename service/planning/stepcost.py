@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from service.planning.kernels import (
 )
 from service.planning.mla_cost import MlaCalibration, mla_decode_time_s, mla_prefill_time_s
 from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
-from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError
+from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError, SpeculativeDecoding
 
 # Mean contexts (tokens) at which MLA decode time is tabulated per batch size; steps interpolate between them.
 MLA_CONTEXT_GRID_TOKENS = (0.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0)
@@ -170,8 +171,10 @@ class ReplicaStepCost:
         max_tokens: int,
         moe_calibration: MoeCalibration | None = None,
         moe_weight_dtype: DType | None = None,
+        speculative: SpeculativeDecoding | None = None,
     ) -> None:
         validate_layout(model, layout)
+        self.speculative = speculative
         self.model = model
         self.gpu = gpu
         self.engine = engine
@@ -391,14 +394,22 @@ class ReplicaStepCost:
         decode_context_tokens: float = 0.0,
         sampled_sequences: int | None = None,
         prefill_chunks: int = 0,
+        queries: int | None = None,
     ) -> StepTime:
         """Duration of one step that runs the given prefill chunks and decode tokens.
 
         ``prefill_tiles`` (query tiles, key tiles, longest query tile's key tiles; see ``prefill_chunk_tiles``) sums
-        the chunks exactly; without it the prefill counts as ``prefill_chunks`` equal chunks.
+        the chunks exactly; without it the prefill counts as ``prefill_chunks`` equal chunks. ``queries`` is the query
+        tokens per decode sequence: by default 1, or with speculative decoding the verify pass and the drafts, the
+        step charged per token gained ((verify + drafts) / acceptance length).
         """
+        spec = self.speculative
+        if queries is None and spec is not None and decode_sequences > 0:
+            arguments = {name: value for name, value in locals().items() if name not in ("self", "spec")}
+            return self._speculative_step(spec, {**arguments, "queries": spec.draft_tokens + 1})
+        queries = queries or 1
         pp = self.layout.pp
-        tokens = prefill_tokens + decode_sequences
+        tokens = prefill_tokens + decode_sequences * queries
         if tokens <= 0:
             return StepTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         # With pipeline parallelism the batch is split into pp micro-batches that flow through the
@@ -411,12 +422,13 @@ class ReplicaStepCost:
         layers_total = self.layers_per_stage * pp
         attention = 0.0
         if model.mla is not None:
+            # Verify queries count as decode rows of the absorbed MLA block at their sequence's context.
             attention = layers_total * self._mla_attention_s(
                 prefill_tokens,
                 prefill_chunks or prefill_sequences,
                 prefill_key_pairs,
-                decode_sequences,
-                decode_context_tokens,
+                decode_sequences * queries,
+                decode_context_tokens * queries,
             )
         elif prefill_tokens > 0:
             if prefill_tiles is None:
@@ -448,7 +460,8 @@ class ReplicaStepCost:
                 context_tokens=decode_context_tokens,
                 kv_bytes_per_token=self.kv_bytes_per_token_layer,
                 kv_dtype=self.kv_dtype,
-                flops=self._decode_attention_flops(decode_context_tokens),
+                # The verify queries of a sequence share one read of its KV.
+                flops=self._decode_attention_flops(decode_context_tokens) * queries,
                 gpu=gpu,
                 calibration=c,
             )
@@ -465,12 +478,40 @@ class ReplicaStepCost:
             )
             communication += send * (pp - 1) * pp * scale
         sampled = decode_sequences + prefill_sequences if sampled_sequences is None else sampled_sequences
+        sampled += decode_sequences * (queries - 1)
         lm_head = self._lm_head_time(sampled)
         gpu_s = gemm + attention + elementwise + communication + lm_head
         cpu_s, launch_s = self._cpu_time(prefill_tokens, decode_sequences, prefill_sequences)
         gpu_s = max(gpu_s, launch_s)
         total = max(gpu_s, cpu_s) + self.engine.step_gap_s if self.engine.overlap_scheduling else gpu_s + cpu_s
         return StepTime(total, gpu_s, cpu_s, gemm + lm_head, attention, communication)
+
+    def _speculative_step(self, spec: SpeculativeDecoding, verify_arguments: dict[str, Any]) -> StepTime:
+        """A speculative decode step: the verify pass given, the drafts added, charged per token gained."""
+        # Verify: every sequence's last token and its drafts go through the target model in one pass.
+        verify = self.step(**verify_arguments)
+        decode_sequences = int(verify_arguments["decode_sequences"])
+        decode_context_tokens = float(verify_arguments["decode_context_tokens"])
+        prefill_tokens = int(verify_arguments["prefill_tokens"])
+        # Draft: draft_tokens passes of a one-layer drafter (a layer like the target's, then the LM head).
+        plain = self.step(decode_sequences=decode_sequences, decode_context_tokens=decode_context_tokens, queries=1)
+        lm_head = self._lm_head_time(decode_sequences)
+        layer_s = (plain.gpu_s - lm_head) / (self.layers_per_stage * self.layout.pp)
+        draft_s = spec.draft_tokens * (layer_s + lm_head)
+        gpu_s = verify.gpu_s + draft_s
+        overlap = self.engine.overlap_scheduling and self.engine.speculative_overlap
+        total = max(gpu_s, verify.cpu_s) + self.engine.step_gap_s if overlap else gpu_s + verify.cpu_s
+        # The simulator advances a decode sequence one token per step: a decode-only step is charged per token
+        # gained. A step that also prefills keeps its full time (the prefill chunk moves once per step).
+        per = spec.acceptance_length if prefill_tokens == 0 else 1.0
+        return StepTime(
+            total / per,
+            gpu_s / per,
+            verify.cpu_s / per,
+            (verify.gemm_s + draft_s) / per,
+            verify.attention_s / per,
+            verify.communication_s / per,
+        )
 
     def _all_reduce(self, message_bytes: float, gpus: int, bandwidth: float) -> float:
         return collective_time_s(
