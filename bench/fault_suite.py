@@ -1,7 +1,7 @@
 """Fault suite: the production set (API + Celery worker + PostgreSQL + Redis) through a database outage, a broker
 outage and a worker SIGKILL mid-plan, with its own PostgreSQL cluster and Redis server on other ports.
 
-Usage: .venv/bin/python -m bench.fault_suite [--outage-s 5] [--json]
+Usage: .venv/bin/python -m bench.fault_suite [--outage-s 5] [--fault postgresql ...] [--rounds N] [--keep DIR] [--json]
 
 It creates a PostgreSQL cluster with initdb in a temporary directory and a Redis server (append-only file) on free
 ports, applies the schema, issues an API key with every scope, starts `splan worker` (its own process group) and
@@ -459,8 +459,14 @@ def worker_sigkill(production: ProductionSet) -> FaultFigures:
     return figures
 
 
-def run_suite(outage_s: float, keep: Path | None = None) -> list[FaultFigures]:
-    """The three faults, one after the other, on one production set (logs kept in `keep` when given)."""
+FAULTS = ("postgresql", "redis", "worker SIGKILL")
+
+
+def run_suite(
+    outage_s: float, keep: Path | None = None, only: tuple[str, ...] = FAULTS, rounds: int = 1
+) -> list[FaultFigures]:
+    """The faults (all three, or `only` these), `rounds` times each in turn, on one production set (logs kept in
+    `keep` when given)."""
     with tempfile.TemporaryDirectory(prefix="splan-faults-") as workdir:
         production = ProductionSet(keep or Path(workdir))
         try:
@@ -471,7 +477,7 @@ def run_suite(outage_s: float, keep: Path | None = None) -> list[FaultFigures]:
                 ("redis", lambda: broker_outage(production, outage_s)),
                 ("worker SIGKILL", lambda: worker_sigkill(production)),
             ]
-            for name, fault in faults:
+            for name, fault in [(n, f) for _ in range(rounds) for n, f in faults if n in only]:
                 started = time.monotonic()
                 results.append(fault())
                 print(f"fault_suite: {name} done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
@@ -508,8 +514,12 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=5.0, help="how long each service stays down")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--keep", type=Path, default=None, help="a directory to keep the API and worker logs in")
+    parser.add_argument(
+        "--fault", action="append", choices=FAULTS, help="run only this fault (repeatable; default: all three)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="run the chosen faults this many times in turn")
     args = parser.parse_args()
-    results = run_suite(args.outage_s, args.keep)
+    results = run_suite(args.outage_s, args.keep, tuple(args.fault or FAULTS), args.rounds)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
         return

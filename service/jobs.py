@@ -8,15 +8,16 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy import exc as sa_exc
 
 from service.auth import cluster_key
 from service.catalog.loader import default_catalog
 from service.db import clusters as cluster_store
 from service.db import plans as plan_store
-from service.db.models import utcnow
+from service.db.models import Plan, utcnow
 from service.db.session import SessionFactory
 from service.fleet_jobs import FanOut, FleetSearches
 from service.placement.cluster import Cluster, ClusterError, parse_cluster
@@ -31,6 +32,15 @@ from service.settings import Settings
 log = structlog.get_logger("splan.jobs")
 
 PROGRESS_INTERVAL_S = 0.5
+# How often a worker retries a write while the database is away.
+DATABASE_RETRY_S = 0.5
+# What the driver raises when the database cannot be reached or dropped the connection: it may be back soon.
+DATABASE_AWAY: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+)
 
 
 class PlanAbortedError(Exception):
@@ -49,6 +59,27 @@ def worker_name() -> str:
 def problem(title: str, status: int, detail: str) -> dict[str, Any]:
     """An RFC 9457 problem document."""
     return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+
+
+T = TypeVar("T")
+
+
+def _waiting_for_database(write: Callable[[], T], *, wait_s: float, plan_id: str, what: str) -> T:
+    """`write()`, retried while the database is away, for up to `wait_s` (then its error is raised)."""
+    deadline = time.monotonic() + wait_s
+    tries = 0
+    while True:
+        try:
+            return write()
+        except DATABASE_AWAY as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if tries == 0:  # one line per outage, not one per retry
+                log.warning(
+                    f"plan.{what}_deferred", plan_id=plan_id, error=type(exc).__name__, retry_s=DATABASE_RETRY_S
+                )
+            tries += 1
+            time.sleep(DATABASE_RETRY_S)
 
 
 def execute_spec(
@@ -107,19 +138,27 @@ def run_plan(
     """Claim the plan, run it, write its outcome guarded by the attempt; returns what happened (a fleet plan's
     candidate searches go to the workers through ``fan_out`` when given, else run here; cached ones are reused)."""
     worker = worker or worker_name()
-    with session_factory() as session:
-        attempt = plan_store.claim_plan(
-            session,
-            plan_id=plan_id,
-            worker=worker,
-            lease_s=settings.plan_lease_s,
-            max_attempts=settings.max_attempts,
-        )
-        if attempt is None:
-            log.info("plan.not_claimed", plan_id=plan_id)
-            return "not-claimed"
-        stored = plan_store.get_plan(session, plan_id=plan_id)
-        kind, spec, tenant = stored.kind, stored.spec, stored.tenant_id
+
+    def claim() -> tuple[int, Plan] | None:
+        with session_factory() as session:
+            attempt = plan_store.claim_plan(
+                session,
+                plan_id=plan_id,
+                worker=worker,
+                lease_s=settings.plan_lease_s,
+                max_attempts=settings.max_attempts,
+            )
+            return None if attempt is None else (attempt, plan_store.get_plan(session, plan_id=plan_id))
+
+    # This delivery is the plan's only message: a worker that gave up on a database away for a moment would drop
+    # it, and the plan would wait in queued for the sweeper's requeue_queued_after_s (issue 14). Past that wait,
+    # the sweeper sends it again anyway.
+    claimed = _waiting_for_database(claim, wait_s=settings.requeue_queued_after_s, plan_id=plan_id, what="claim")
+    if claimed is None:
+        log.info("plan.not_claimed", plan_id=plan_id)
+        return "not-claimed"
+    attempt, stored = claimed
+    kind, spec, tenant = stored.kind, stored.spec, stored.tenant_id
     log.info("plan.started", plan_id=plan_id, attempt=attempt, worker=worker)
     started = time.monotonic()
     last_report = 0.0
@@ -156,10 +195,14 @@ def run_plan(
         if done < total and now - last_report < PROGRESS_INTERVAL_S:
             return
         last_report = now
-        with session_factory() as session:
-            owned = plan_store.record_progress(
-                session, plan_id=plan_id, attempt=attempt, done=done, total=total, lease_s=settings.plan_lease_s
-            )
+        try:
+            with session_factory() as session:
+                owned = plan_store.record_progress(
+                    session, plan_id=plan_id, attempt=attempt, done=done, total=total, lease_s=settings.plan_lease_s
+                )
+        except DATABASE_AWAY:  # progress can wait for the database; the heartbeat and the lease decide ownership
+            log.warning("plan.progress_deferred", plan_id=plan_id)
+            return
         if not owned:
             raise PlanAbortedError
 
@@ -194,6 +237,10 @@ def run_plan(
     except PlanAbortedError:
         log.info("plan.aborted", plan_id=plan_id, attempt=attempt)
         return "aborted"
+    except DATABASE_AWAY as exc:
+        # Not the plan's fault: no outcome is written, the lease lapses and the sweeper runs it again.
+        log.warning("plan.interrupted", plan_id=plan_id, attempt=attempt, error=type(exc).__name__)
+        return "interrupted"
     except PlanningError as exc:
         error = problem("Plan failed", 422, str(exc))
     except PlanTimeLimitError:
@@ -204,10 +251,15 @@ def run_plan(
     finally:
         finished.set()
         beat.join()
-    with session_factory() as session:
-        written = plan_store.finish_plan(
-            session, plan_id=plan_id, attempt=attempt, result=result, error=error, summary=summary
-        )
+
+    def finish() -> bool:
+        with session_factory() as session:
+            return plan_store.finish_plan(
+                session, plan_id=plan_id, attempt=attempt, result=result, error=error, summary=summary
+            )
+
+    # Within the lease the outcome is still this attempt's to write; after it, another attempt may run the plan.
+    written = _waiting_for_database(finish, wait_s=settings.plan_lease_s, plan_id=plan_id, what="finish")
     outcome = ("succeeded" if error is None else "failed") if written else "superseded"
     log.info("plan.finished", plan_id=plan_id, attempt=attempt, outcome=outcome, run_s=time.monotonic() - started)
     return outcome

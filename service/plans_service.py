@@ -255,8 +255,11 @@ def store_plans(
 
 
 def dispatch_new(dispatcher: Dispatcher, outcomes: list[SubmittedPlan | Exception]) -> None:
-    """Hand the plans this batch created to the executor (replays and refusals are not sent again)."""
+    """Hand the plans this batch created, or may have, to the executor (replays and refusals are not sent again)."""
     created = [o.plan.id for o in outcomes if isinstance(o, SubmittedPlan) and o.created]
+    # A plan whose commit went unconfirmed is sent too: its request heard 503, but the client's retry with the same
+    # Idempotency-Key replays the stored plan, and a replay is not sent. The executor runs only plans that exist.
+    created += sorted({o.plan_id for o in outcomes if isinstance(o, plan_store.CommitUnconfirmedError)})
     if not created:
         return
     try:

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.db.models import FINAL_STATUSES, Plan, PlanStatus, utcnow
@@ -27,6 +27,14 @@ class PlanNotFoundError(Exception):
 
 class PlanStateError(Exception):
     """The plan is in a state that does not allow the operation."""
+
+
+class CommitUnconfirmedError(OperationalError):
+    """The database failed while the plan's COMMIT was in flight: it may be stored (answered 503; sent anyway)."""
+
+    def __init__(self, plan_id: str, cause: DBAPIError) -> None:
+        super().__init__("COMMIT", None, cause.orig if cause.orig is not None else cause)
+        self.plan_id = plan_id
 
 
 def release(session: Session) -> None:
@@ -108,15 +116,52 @@ def create_plans(session: Session, submissions: list[Submission], *, admit: Admi
             if existing is None:
                 raise
             return [_replay(existing, digests[0])]
-        return [outcome for s in submissions for outcome in create_plans(session, [s], admit=admit)]
-    for i, values in rows:
-        outcomes[i] = (Plan(**values), True)
+        return _one_by_one(session, submissions, admit)
+    except DBAPIError as exc:
+        if not rows:
+            raise
+        # The connection broke with COMMIT in flight (PostgreSQL stopping): the rows may be stored or not.
+        for i, outcome in _settle_commit(session, [values for _, values in rows], exc):
+            outcomes[rows[i][0]] = outcome
+    else:
+        for i, values in rows:
+            outcomes[i] = (Plan(**values), True)
     for i, submission in enumerate(submissions):
         if outcomes[i] is None:  # a repeated key within the batch
             key = (submission.tenant_id, str(submission.idempotency_key))
             first = outcomes[claimed[key]]
             outcomes[i] = _replay(first[0], digests[i]) if isinstance(first, tuple) else first
     return [outcome if outcome is not None else _unsettled(i) for i, outcome in enumerate(outcomes)]
+
+
+def _one_by_one(session: Session, submissions: list[Submission], admit: Admit | None) -> list[Outcome]:
+    """Each submission in its own transaction; one the database fails answers with that error, the others stand."""
+    outcomes: list[Outcome] = []
+    for submission in submissions:
+        try:
+            outcomes.extend(create_plans(session, [submission], admit=admit))
+        except DBAPIError as exc:
+            # Raised before COMMIT (or a lost key race): this one is not stored; the ones committed before it are,
+            # and their requests must hear so.
+            session.rollback()
+            outcomes.append(exc)
+    return outcomes
+
+
+def _settle_commit(session: Session, rows: list[dict[str, Any]], failure: DBAPIError) -> list[tuple[int, Outcome]]:
+    """After a failed COMMIT, each inserted row's outcome: created where it is found stored, else unconfirmed."""
+    session.rollback()
+    ids = [str(values["id"]) for values in rows]
+    try:
+        found = set(session.scalars(select(Plan.id).where(Plan.id.in_(ids))))
+        release(session)
+    except DBAPIError:  # still away: nothing can be confirmed now
+        session.rollback()
+        found = set()
+    return [
+        (i, (Plan(**values), True) if values["id"] in found else CommitUnconfirmedError(str(values["id"]), failure))
+        for i, values in enumerate(rows)
+    ]
 
 
 def _unsettled(index: int) -> Outcome:
@@ -267,7 +312,8 @@ def claim_plan(session: Session, *, plan_id: str, worker: str, lease_s: float, m
         Plan.status == PlanStatus.QUEUED,
         and_(Plan.status == PlanStatus.RUNNING, Plan.lease_expires_at < now),
     )
-    result = session.execute(
+    # The new attempt comes back with the UPDATE: no read after the commit that a database going away could fail.
+    attempt = session.scalar(
         update(Plan)
         .where(Plan.id == plan_id, claimable, Plan.attempt < max_attempts)
         .values(
@@ -278,12 +324,13 @@ def claim_plan(session: Session, *, plan_id: str, worker: str, lease_s: float, m
             started_at=func.coalesce(Plan.started_at, now),
             updated_at=now,
         )
+        .returning(Plan.attempt)
     )
     session.commit()
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if attempt is None:
         _fail_exhausted(session, plan_id=plan_id, max_attempts=max_attempts)
         return None
-    return int(session.scalar(select(Plan.attempt).where(Plan.id == plan_id)) or 0)
+    return int(attempt)
 
 
 def _fail_exhausted(session: Session, *, plan_id: str, max_attempts: int) -> None:
