@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+from service.planning.catalog import Catalog
+from service.planning.deployment import build_instance
+from service.planning.estimate import EstimateRequest, resolve_deployment
 from service.planning.kernels import (
     KernelCalibration,
     attention_decode_time_s,
@@ -24,6 +27,7 @@ from service.planning.kernels import (
     prefill_chunk_tiles,
 )
 from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
+from service.planning.schedulers import Role
 from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError, SpeculativeDecoding
 from service.planning.stepcost import (
     ELEMENTWISE_HIDDEN_PASSES,
@@ -550,3 +554,17 @@ def test_speculative_settings_no_engine_runs_are_refused(
 ) -> None:
     with pytest.raises(PlanningError, match=re.escape(needle)):
         SpeculativeDecoding(method, drafts, accepted).validate()
+
+
+def test_a_speculative_instance_prices_its_verify_pass_from_its_own_tables(catalog: Catalog) -> None:
+    request = EstimateRequest(model="llama-3.1-8b", gpu="h100-sxm", isl=512, osl=64, concurrency=16, max_sequences=16)
+    plain = resolve_deployment(replace(request, max_sequences=64), catalog)
+    drafted = resolve_deployment(replace(request, speculative=SpeculativeDecoding("eagle", 3, 1.0)), catalog)
+    plain_cost = build_instance(plain, plain.layout, Role.DECODE, min_tokens=576).config.cost
+    drafted_cost = build_instance(drafted, drafted.layout, Role.DECODE, min_tokens=576).config.cost
+    # A decode instance sizes its tables by its batch of sequences; 16 verify 4 tokens each: GEMMs at 64 rows,
+    # as a plain step of 64 sequences prices them (not a linear extrapolation past a table sized for 16).
+    verify = drafted_cost.step(decode_sequences=16, decode_context_tokens=16 * 600.0, queries=4)
+    wide = plain_cost.step(decode_sequences=64, decode_context_tokens=64 * 600.0)
+    assert verify.gemm_s == pytest.approx(wide.gemm_s, rel=1e-12)
+    assert verify.communication_s == pytest.approx(wide.communication_s, rel=1e-12)

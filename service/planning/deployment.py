@@ -151,6 +151,10 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         min_tokens = max_model_len
         label += f" with max_model_len {max_model_len}"
     require_fit(memory, min_tokens=min_tokens, label=label)
+    # A prefill pool hands each request over after its first token: it never verifies drafts.
+    speculative = None if role is Role.PREFILL else deployment.knobs.speculative
+    # A verify pass runs draft_tokens + 1 tokens per sequence: the step tables must reach that many rows.
+    verify_tokens = knobs.max_sequences * (1 + (speculative.draft_tokens if speculative is not None else 0))
     cost = ReplicaStepCost(
         model=deployment.model,
         gpu=deployment.gpu,
@@ -159,11 +163,10 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         weight_dtype=deployment.weight_dtype,
         kv_dtype=deployment.kv_dtype,
         calibration=deployment.calibration,
-        max_tokens=max(knobs.max_batched_tokens, knobs.max_sequences) + 1,
+        max_tokens=max(knobs.max_batched_tokens, verify_tokens) + 1,
         moe_calibration=deployment.moe_calibration,
         moe_weight_dtype=deployment.moe_weight_dtype,
-        # A prefill pool hands each request over after its first token: it never verifies drafts.
-        speculative=None if role is Role.PREFILL else deployment.knobs.speculative,
+        speculative=speculative,
     )
     return BuiltInstance(InstanceConfig(role, cost, memory.kv_capacity_tokens, knobs), memory)
 
