@@ -34,7 +34,7 @@ from service.planning.memory import GIB, MemoryPlan, plan_memory, require_fit
 from service.planning.moe_cost import MoeCalibration, moe_layer_time_s
 from service.planning.schedulers import InstanceConfig, Role, SchedulerKnobs, SimInstance, SimRequest
 from service.planning.simulator import SimulationResult, simulate
-from service.planning.specs import DType, MLASpec, ModelSpec, MoESpec
+from service.planning.specs import DType, MLASpec, ModelSpec, MoESpec, SpeculativeDecoding
 from service.planning.stepcost import ParallelLayout, ReplicaStepCost, make_layout
 from service.planning.workload import ArrivalKind, LengthDistribution, RequestSample, Workload, sample_requests
 from tests.specs_for_tests import engine_spec, gpu_spec, step_cost, tiny_dense
@@ -409,6 +409,42 @@ def test_fast_forward_equals_step_by_step_on_a_long_decode(monkeypatch: pytest.M
         slow = simulate(instances=[config], sample=sample, arrival=ArrivalKind.CLOSED, concurrency=16)
     _assert_same_latencies(fast, slow)
     assert fast.mean_batch_tokens == pytest.approx(slow.mean_batch_tokens, rel=1e-9)
+
+
+@pytest.mark.parametrize("index", [0, 3, 7], ids=[LAYOUT_IDS[i] for i in (0, 3, 7)])
+def test_fast_forward_equals_step_by_step_with_speculative_decoding(
+    monkeypatch: pytest.MonkeyPatch, index: int
+) -> None:
+    # Speculative decode steps are charged per token gained; the closed-form skip must still match each step.
+    model, layout = LAYOUTS[index]
+    plain = COSTS[index]
+    cost = ReplicaStepCost(
+        model=model,
+        gpu=plain.gpu,
+        engine=plain.engine,
+        layout=layout,
+        weight_dtype=DType.BF16,
+        kv_dtype=DType.BF16,
+        calibration=KernelCalibration(),
+        max_tokens=MAX_TOKENS,
+        moe_calibration=MoeCalibration(),
+        speculative=SpeculativeDecoding("mtp", 2, 2.3),
+    )
+    config = InstanceConfig(Role.COLLOCATED, cost, 200_000, _knobs("vllm"))
+    sample = _sample([300 + 41 * (i % 5) for i in range(32)], [200 - 7 * (i % 6) for i in range(32)])
+    fast = simulate(instances=[config], sample=sample, arrival=ArrivalKind.CLOSED, concurrency=8)
+    with monkeypatch.context() as patch:
+        _step_by_step(patch)
+        slow = simulate(instances=[config], sample=sample, arrival=ArrivalKind.CLOSED, concurrency=8)
+    _assert_same_latencies(fast, slow)
+    # And faster per token than the same decode without drafts, at this acceptance.
+    plain_run = simulate(
+        instances=[InstanceConfig(Role.COLLOCATED, plain, 200_000, _knobs("vllm"))],
+        sample=sample,
+        arrival=ArrivalKind.CLOSED,
+        concurrency=8,
+    )
+    assert float(np.mean(fast.tpot_s)) < float(np.mean(plain_run.tpot_s))
 
 
 def test_fast_forward_equals_step_by_step_across_the_cpu_gpu_crossover(monkeypatch: pytest.MonkeyPatch) -> None:
