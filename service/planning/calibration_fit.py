@@ -205,14 +205,28 @@ def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibratio
 
 
 def fit_attention_generation(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
-    """Decode attention: achieved KV bandwidth per KV dtype, per-sequence bytes and launch floor."""
+    """Decode attention: achieved KV bandwidth per KV dtype, per-sequence bytes, launch floor and the split-KV
+    CTA terms (fixed cost, per-key stream and MMA costs, fp8 MMA factor, CTAs per SM)."""
     params = [
         Param("attention_decode_bandwidth_efficiency", 0.1, 1.0, DType.BF16),
         Param("attention_decode_bandwidth_efficiency", 0.1, 1.0, DType.FP8),
         Param("attention_decode_per_sequence_bytes", 1e2, 1e7),
         Param("attention_decode_launch_s", 1e-6, 1e-4),
+        Param("attention_decode_cta_fixed_s", 1e-8, 1e-4),
+        Param("attention_decode_cta_stream_cost", 1e-2, 10.0),
+        Param("attention_decode_cta_mma_cost", 0.5, 20.0),
+        Param("attention_decode_fp8_mma_factor", 0.25, 8.0),
+        Param("attention_decode_ctas_per_sm", 1.0, 16.0),
     ]
-    return _fit_table("attention_generation", rows, gpu, base, params)[1]
+    # The CTA terms are off (zero) by default: start them inside their bounds (geometric middle).
+    start = apply_values(base, params, np.array([_start(base, p) for p in params]))
+    return _fit_table("attention_generation", rows, gpu, start, params)[1]
+
+
+def _start(cal: KernelCalibration, p: Param) -> float:
+    """The current value of a parameter, or the geometric middle of its bounds where that lies outside them."""
+    value = _get(cal, p)
+    return value if p.low <= value <= p.high else float(np.sqrt(p.low * p.high))
 
 
 def fit_nccl(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:

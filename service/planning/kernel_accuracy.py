@@ -128,6 +128,9 @@ def predict_attention_generation(rows: np.ndarray, *, gpu: GpuSpec, calibration:
         kv_bytes_per_token=2 * kv_heads * hd * kv_bytes,
         bandwidth_efficiency=eff,
         flops=4.0 * heads * hd * b * ctx,
+        kv_heads=kv_heads,
+        head_dim=hd,
+        fp8_kv=fp8,
         gpu=gpu,
         calibration=c,
     )

@@ -83,6 +83,25 @@ class KernelCalibration:
     )
     attention_decode_per_sequence_bytes: float = 1.3e5
     attention_decode_launch_s: float = 1.2e-5
+    # Decode attention as split-KV ("flash decoding") kernels run it (FA3 hopper/heuristics.h num_splits_heuristic,
+    # FlashInfer TRT-LLM multi-CTA KV): one CTA per (sequence, KV head, m-block of packed GQA query rows), its KV
+    # split over more CTAs until the SMs are busy. A CTA walks its keys in tiles of tile_n and per key pays the larger
+    # of streaming its K/V bytes (cost x the per-SM share of HBM bandwidth: a lone CTA cannot pull its share) and
+    # the tile_m-row MMAs over them (cost x the per-SM bf16 peak; x the fp8 factor with an fp8 cache); CTAs beyond
+    # ctas_per_sm per SM queue, each with a fixed prologue/epilogue. Zero costs (the defaults) turn these terms off.
+    attention_decode_cta_fixed_s: float = 0.0
+    attention_decode_cta_stream_cost: float = 0.0
+    attention_decode_cta_mma_cost: float = 0.0
+    attention_decode_fp8_mma_factor: float = 1.0
+    attention_decode_ctas_per_sm: float = 1.0
+    # Decode tiles by head dimension (smallest bound >= head_dim): FA3's one-MMA-warpgroup decode tiles
+    # (hopper/tile_size.h tile_size_fwd_sm90, use_one_mma_wg; paged KV without TMA).
+    attention_decode_tile_m: dict[str, float] = field(
+        default_factory=lambda: {"64": 64.0, "128": 64.0, "192": 128.0, "256": 128.0, "512": 128.0}
+    )
+    attention_decode_tile_n: dict[str, float] = field(
+        default_factory=lambda: {"64": 160.0, "128": 128.0, "192": 96.0, "256": 80.0, "512": 64.0}
+    )
     # NCCL collectives: latency alpha(n) = base + per_hop*log2(n); bandwidth at a bus efficiency of the link.
     # Per-kind values (all_reduce, all_gather, reduce_scatter, alltoall) override the shared ones.
     collective_base_latency_s: float = 3.0e-6
@@ -237,6 +256,19 @@ def attention_prefill_time_s(
     return cast("Num", out if isinstance(out, np.ndarray) and out.ndim else float(out))
 
 
+# Head dimension assumed when a caller gives only KV bytes per token (Llama/Qwen/Mistral-style heads).
+DEFAULT_DECODE_HEAD_DIM = 128.0
+
+
+def _by_head_dim(table: dict[str, float], head_dim: FloatArray) -> FloatArray:
+    """Per-row value of a table keyed by head-dimension bounds (the smallest bound >= head_dim)."""
+    bounds = sorted((float(k), v) for k, v in table.items())
+    out = np.full(head_dim.shape, bounds[-1][1])
+    for bound, value in reversed(bounds):
+        out = np.where(head_dim <= bound, value, out)
+    return out
+
+
 def attention_decode_times_s(
     *,
     sequences: FloatArray,
@@ -244,18 +276,40 @@ def attention_decode_times_s(
     kv_bytes_per_token: FloatArray,
     bandwidth_efficiency: FloatArray,
     flops: FloatArray,
+    kv_heads: FloatArray,
+    head_dim: FloatArray,
+    fp8_kv: FloatArray | npt.NDArray[np.bool_],
     gpu: GpuSpec,
     calibration: KernelCalibration,
 ) -> FloatArray:
-    """Decode attention of one layer (vectorised over batches); efficiency per row from the KV dtype."""
+    """Decode attention of one layer (vectorised over batches); efficiency per row from the KV dtype.
+
+    ``flops`` (4 x query rows x head_dim x keys) also gives the query rows each KV head packs into its CTAs."""
     c = calibration
     bandwidth = gpu.hbm_bandwidth_bytes_per_s
+    sms = float(gpu.num_sms)
     t_memory = context_tokens * kv_bytes_per_token / (bandwidth * bandwidth_efficiency)
     t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_decode_compute_efficiency)
     per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
-    out: FloatArray = np.where(
-        sequences > 0, c.attention_decode_launch_s + per_sequence + np.maximum(t_memory, t_compute), 0.0
-    )
+    tile_m = _by_head_dim(c.attention_decode_tile_m, head_dim)
+    tile_n = _by_head_dim(c.attention_decode_tile_n, head_dim)
+    keys = np.maximum(context_tokens, 1.0)
+    # Packed GQA: a KV head's query rows (group x verify queries) share m-blocks of tile_m rows.
+    rows_per_kv_head = flops / (4.0 * head_dim * keys * kv_heads)
+    m_blocks = np.maximum(np.ceil(np.round(rows_per_kv_head, 6) / tile_m), 1.0)
+    slots = sms * c.attention_decode_ctas_per_sm
+    # Splits fill the SMs down to one key tile per CTA: the CTAs that stream at once.
+    key_tiles = kv_heads * m_blocks * keys / tile_n
+    parallel = np.clip(key_tiles, 1.0, slots)
+    key_bytes = kv_bytes_per_token / kv_heads
+    stream_s = key_bytes * c.attention_decode_cta_stream_cost * sms / bandwidth
+    fp8_factor = np.where(fp8_kv, c.attention_decode_fp8_mma_factor, 1.0)
+    mma_s = 4.0 * tile_m * head_dim * c.attention_decode_cta_mma_cost * fp8_factor * sms / gpu.peak_for(DType.BF16)
+    t_ctas = keys * kv_heads * m_blocks * np.maximum(stream_s, mma_s) / parallel
+    ctas = sequences * kv_heads * m_blocks
+    t_fixed = c.attention_decode_cta_fixed_s * np.maximum(1.0, ctas / slots)
+    t_kernel = t_fixed + np.maximum(np.maximum(t_memory, t_compute), t_ctas)
+    out: FloatArray = np.where(sequences > 0, c.attention_decode_launch_s + per_sequence + t_kernel, 0.0)
     return out
 
 
@@ -268,17 +322,52 @@ def attention_decode_time_s(
     flops: float,
     gpu: GpuSpec,
     calibration: KernelCalibration,
+    kv_heads: float | None = None,
+    head_dim: float | None = None,
 ) -> float:
-    """One layer of decode attention (one new token per sequence), on one GPU."""
+    """One layer of decode attention (one new token per sequence, or verify queries), on one GPU.
+
+    Without ``head_dim`` the heads are taken as DEFAULT_DECODE_HEAD_DIM wide; without ``kv_heads`` they follow
+    from the KV bytes per token."""
     if sequences <= 0:
         return 0.0
+    # Scalar arithmetic (the step model calls this per step); the same formula as attention_decode_times_s.
     c = calibration
     eff = c.attention_decode_bandwidth_efficiency.get(kv_dtype, c.attention_decode_bandwidth_efficiency[DType.BF16])
+    dim = DEFAULT_DECODE_HEAD_DIM if head_dim is None else head_dim
+    heads = kv_bytes_per_token / (2.0 * dim * kv_dtype.bytes_per_element) if kv_heads is None else kv_heads
     bandwidth = gpu.hbm_bandwidth_bytes_per_s
+    sms = float(gpu.num_sms)
+    peak = gpu.peak_for(DType.BF16)
     t_memory = context_tokens * kv_bytes_per_token / (bandwidth * eff)
-    t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_decode_compute_efficiency)
+    t_compute = flops / (peak * c.attention_decode_compute_efficiency)
     per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
-    return c.attention_decode_launch_s + per_sequence + max(t_memory, t_compute)
+    tile_m = _head_dim_entry(c.attention_decode_tile_m, dim)
+    tile_n = _head_dim_entry(c.attention_decode_tile_n, dim)
+    keys = max(context_tokens, 1.0)
+    m_blocks = max(math.ceil(round(flops / (4.0 * dim * keys * heads), 6) / tile_m), 1.0)
+    slots = sms * c.attention_decode_ctas_per_sm
+    parallel = min(max(heads * m_blocks * keys / tile_n, 1.0), slots)
+    stream_s = kv_bytes_per_token / heads * c.attention_decode_cta_stream_cost * sms / bandwidth
+    fp8_factor = c.attention_decode_fp8_mma_factor if kv_dtype is DType.FP8 else 1.0
+    mma_s = 4.0 * tile_m * dim * c.attention_decode_cta_mma_cost * fp8_factor * sms / peak
+    t_ctas = keys * heads * m_blocks * max(stream_s, mma_s) / parallel
+    t_fixed = c.attention_decode_cta_fixed_s * max(1.0, sequences * heads * m_blocks / slots)
+    return c.attention_decode_launch_s + per_sequence + t_fixed + max(t_memory, t_compute, t_ctas)
+
+
+def _head_dim_entry(table: dict[str, float], head_dim: float) -> float:
+    """The value of a head-dimension-bound table for one head dimension (the smallest bound >= head_dim)."""
+    # A loop, not a sort: this runs once per simulated step.
+    best_bound, best = math.inf, 0.0
+    top_bound, top = -math.inf, 0.0
+    for key, value in table.items():
+        bound = float(key)
+        if head_dim <= bound < best_bound:
+            best_bound, best = bound, value
+        if bound > top_bound:
+            top_bound, top = bound, value
+    return best if best_bound < math.inf else top
 
 
 def _collective_constants(kind: str, c: KernelCalibration) -> tuple[float, float, float]:

@@ -464,6 +464,8 @@ class ReplicaStepCost:
                 flops=self._decode_attention_flops(decode_context_tokens) * queries,
                 gpu=gpu,
                 calibration=c,
+                kv_heads=self.kv_heads_per_gpu,
+                head_dim=self._attention_head_dim(),
             )
         elementwise_bytes = (
             tokens * (ELEMENTWISE_HIDDEN_PASSES * model.hidden_size + 3 * self._ffn_width_per_gpu()) * 2.0
