@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -17,7 +18,7 @@ import yaml
 from service.launch import ENGINES, LaunchError, launch_bundle, write_launch_bundle
 from service.launch.engines import EngineData, EntryPoint, engine_data
 from service.planning.catalog import Catalog
-from service.planning.plan_spec import parse_plan_spec
+from service.planning.plan_spec import PlanSpec, parse_plan_spec
 from service.planning.search import plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,23 @@ def check_invocation(entry: EntryPoint, args: list[str]) -> list[str]:
     return problems
 
 
+def vllm_speculative_problems(args: list[str], data: EngineData) -> list[str]:
+    """Keys and methods of a --speculative-config JSON that the vLLM data does not list."""
+    problems: list[str] = []
+    argument = data.entry_point(("vllm", "serve")).argument("--speculative-config")
+    assert argument is not None
+    for i, token in enumerate(args[:-1]):
+        if token not in (argument.name, *argument.aliases):
+            continue
+        config = json.loads(args[i + 1])
+        problems += [
+            f"--speculative-config key {k}" for k in sorted(set(config) - data.yaml_keys["speculative_config"])
+        ]
+        if config.get("method") not in data.yaml_keys["speculative_config.method"]:
+            problems.append(f"--speculative-config method {config.get('method')!r}")
+    return problems
+
+
 def dotted_keys(mapping: dict[str, Any], prefix: str = "") -> set[str]:
     keys: set[str] = set()
     for key, value in mapping.items():
@@ -147,6 +165,8 @@ def all_problems(bundle: Bundle, engines: tuple[str, ...] = ENGINES) -> list[str
         for text in texts:
             for entry, args in invocations(text, data):
                 problems += check_invocation(entry, args)
+                if engine == "vllm":
+                    problems += vllm_speculative_problems(args, data)
         if engine != "trtllm":
             continue
         options = [yaml.safe_load(t) for p, t in bundle.items() if p.startswith("trtllm/config/")]
@@ -527,6 +547,192 @@ def test_model_config_spec_uses_the_local_checkpoint(catalog: Catalog) -> None:
     assert "model_config" in bundle["vllm/serve.sh"]
     assert "model_config" in bundle["README.md"]
     assert not any(path.startswith("sglang/") for path in bundle)
+
+
+# --- speculative decoding ------------------------------------------------------------------------
+
+
+def speculative_spec(model: str, method: str, draft_tokens: int, acceptance_length: float) -> dict[str, Any]:
+    spec = spec_for(model)
+    spec["engine_settings"] = {
+        "speculative": {"method": method, "draft_tokens": draft_tokens, "acceptance_length": acceptance_length}
+    }
+    return spec
+
+
+def after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_mtp_plan_emits_speculative_decoding_per_engine(catalog: Catalog) -> None:
+    layout = {"tp": 8, "pp": 1, "attention_dp": 1, "moe_tp": 8, "moe_ep": 1, "replicas": 1}
+    result = {"strategies": [strategy(layout, experts="fp8")]}
+    bundle = launch_bundle(speculative_spec("deepseek-r1", "mtp", 3, 2.4), result, catalog=catalog)
+    (vllm,) = server_args(bundle, "vllm", "serve.sh")
+    # vLLM 0.34 spells every <model>_mtp method "mtp"; without a model it drafts with the target's MTP layer.
+    assert after(vllm, "--speculative-config") == '{"method":"mtp","num_speculative_tokens":3}'
+    (sglang,) = server_args(bundle, "sglang", "serve.sh")
+    start = sglang.index("--speculative-algorithm")
+    assert sglang[start : start + 8] == [
+        "--speculative-algorithm",
+        "EAGLE",
+        "--speculative-num-steps",
+        "3",
+        "--speculative-eagle-topk",
+        "1",
+        "--speculative-num-draft-tokens",
+        "4",
+    ]
+    # SGLang points DeepSeek's drafter at the model itself: no draft path.
+    assert "--speculative-draft-model-path" not in sglang
+    assert yaml.safe_load(bundle["trtllm/config/server.yaml"])["speculative_config"] == {
+        "decoding_type": "MTP",
+        "num_nextn_predict_layers": 3,
+    }
+    assert "DRAFT_MODEL" not in "".join(bundle.values())
+    readme_text = bundle["README.md"]
+    assert "Speculative decoding: MTP, 3 draft tokens per step, verified in one pass of 4 tokens" in readme_text
+    assert "acceptance length of 2.4 tokens per step" in readme_text
+    assert "MTP drafts with the model's own MTP layers" in readme_text
+    assert all_problems(bundle) == []
+
+
+def _expand(word: str, draft_model: str) -> str:
+    """What bash makes of one rendered shell word with DRAFT_MODEL set."""
+    run = subprocess.run(
+        ["bash", "-c", f"DRAFT_MODEL={shlex.quote(draft_model)}; printf %s {word}"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return run.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
+def test_eagle3_disaggregated_plan_drafts_on_every_server_with_the_users_head(catalog: Catalog) -> None:
+    layout = {
+        "prefill": {"tp": 2, "pp": 1, "attention_dp": 1, "moe_tp": 2, "moe_ep": 1, "workers": 1},
+        "decode": {"tp": 4, "pp": 1, "attention_dp": 1, "moe_tp": 4, "moe_ep": 1, "workers": 2},
+    }
+    result = {"strategies": [strategy(layout, mode="disaggregated")]}
+    bundle = launch_bundle(speculative_spec("llama-3.1-70b", "eagle3", 2, 2.2), result, catalog=catalog)
+    config = '{"method":"eagle3","num_speculative_tokens":2,"model":"${DRAFT_MODEL}"}'
+    for script in ("prefill.sh", "decode.sh"):
+        (vllm,) = server_args(bundle, "vllm", script)
+        assert after(vllm, "--speculative-config") == config
+        (sglang,) = server_args(bundle, "sglang", script)
+        assert after(sglang, "--speculative-algorithm") == "EAGLE3"
+        assert after(sglang, "--speculative-num-steps") == "2"
+        assert after(sglang, "--speculative-eagle-topk") == "1"
+        assert after(sglang, "--speculative-num-draft-tokens") == "3"
+        assert after(sglang, "--speculative-draft-model-path") == "${DRAFT_MODEL}"
+    for role in ("prefill", "decode"):
+        assert yaml.safe_load(bundle[f"trtllm/config/{role}.yaml"])["speculative_config"] == {
+            "decoding_type": "Eagle3",
+            "max_draft_len": 2,
+            "speculative_model_dir": "<EAGLE-3 head checkpoint>",
+        }
+    # The JSON survives the shell: single-quoted text around the double-quoted expansion.
+    line = next(ln for ln in bundle["vllm/decode.sh"].splitlines() if "--speculative-config" in ln)
+    word = line.split("--speculative-config ", 1)[1].rstrip(" \\")
+    expanded = json.loads(_expand(word, "yuhuili/EAGLE3-LLaMA3.3-Instruct-70B"))
+    assert expanded == {
+        "method": "eagle3",
+        "num_speculative_tokens": 2,
+        "model": "yuhuili/EAGLE3-LLaMA3.3-Instruct-70B",
+    }
+    # The head is the user's to give: empty in cluster.env and the containers, and the scripts stop without it.
+    for engine in ("vllm", "sglang"):
+        assert 'DRAFT_MODEL=""' in bundle[f"{engine}/cluster.env"]
+        for document in k8s_documents(bundle, engine):
+            for pod in pod_templates(document):
+                container = pod["spec"]["containers"][0]
+                if container["name"] == "engine":
+                    assert {"name": "DRAFT_MODEL", "value": ""} in container["env"]
+                    assert ': "${DRAFT_MODEL:?set DRAFT_MODEL' in container["command"][2]
+    assert "DRAFT_MODEL" not in bundle["trtllm/cluster.env"]
+    assert "EAGLE-3 head checkpoint is yours to supply" in bundle["README.md"]
+    assert "acceptance length of 2.2 tokens per step" in bundle["README.md"]
+    assert all_problems(bundle) == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
+def test_script_without_the_draft_model_stops_before_the_engine(tmp_path: Path, catalog: Catalog) -> None:
+    result = {"strategies": [strategy(dense(4))]}
+    bundle = launch_bundle(speculative_spec("llama-3.1-70b", "eagle", 3, 2.5), result, catalog=catalog)
+    write_launch_bundle(bundle, tmp_path)
+    run = subprocess.run(["bash", str(tmp_path / "vllm/serve.sh")], text=True, capture_output=True, check=False)
+    assert run.returncode != 0
+    assert "set DRAFT_MODEL in cluster.env to the EAGLE head checkpoint" in run.stderr
+    # EAGLE-1/2 heads have no TRT-LLM PyTorch path: no speculative_config, and the notes say so.
+    assert "speculative_config" not in yaml.safe_load(bundle["trtllm/config/server.yaml"])
+    assert "drafts with MTP or EAGLE-3 heads only" in bundle["trtllm/serve.sh"]
+    (vllm,) = server_args(bundle, "vllm", "serve.sh")
+    assert json.loads(after(vllm, "--speculative-config"))["method"] == "eagle"
+    (sglang,) = server_args(bundle, "sglang", "serve.sh")
+    assert after(sglang, "--speculative-algorithm") == "EAGLE"
+    assert all_problems(bundle) == []
+
+
+def test_mtp_on_a_model_without_mtp_layers_is_flagged(catalog: Catalog) -> None:
+    bundle = launch_bundle(
+        speculative_spec("llama-3.1-70b", "mtp", 1, 1.8), {"strategies": [strategy(dense(4))]}, catalog=catalog
+    )
+    assert "meta-llama/Llama-3.1-70B-Instruct must carry them" in bundle["README.md"]
+    deepseek = launch_bundle(
+        speculative_spec("deepseek-r1", "mtp", 1, 1.8),
+        {"strategies": [strategy(dense(8), experts="fp8")]},
+        catalog=catalog,
+    )
+    assert "must carry them" not in deepseek["README.md"]
+
+
+def test_stored_spec_of_the_api_carries_the_speculative_setting(catalog: Catalog) -> None:
+    # GET /v1/plans/{id}/launch reads the spec as the service stored it (plans_service.validate_plan).
+    raw = speculative_spec("deepseek-r1", "mtp", 2, 2.1)
+    stored = PlanSpec.model_validate(raw).model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"kind"})
+    bundle = launch_bundle(
+        stored, {"strategies": [strategy(dense(8), experts="fp8")]}, engines=["vllm"], catalog=catalog
+    )
+    (vllm,) = server_args(bundle, "vllm", "serve.sh")
+    assert after(vllm, "--speculative-config") == '{"method":"mtp","num_speculative_tokens":2}'
+
+
+def test_plan_without_speculative_decoding_emits_none(catalog: Catalog) -> None:
+    for spec in (spec_for("deepseek-r1"), {**spec_for("deepseek-r1"), "engine_settings": {"speculative": None}}):
+        bundle = launch_bundle(spec, {"strategies": [strategy(dense(8), experts="fp8")]}, catalog=catalog)
+        text = "".join(bundle.values())
+        assert "speculative" not in text.lower()
+        assert "DRAFT_MODEL" not in text
+
+
+def test_flag_checker_refuses_speculative_values_the_data_does_not_list() -> None:
+    sglang = engine_data("sglang").entry_point(("python", "-m", "sglang.launch_server"))
+    assert check_invocation(sglang, ["--speculative-algorithm", "EAGLE3"]) == []
+    assert check_invocation(sglang, ["--speculative-algorithm", "NEXTN"]) != []
+    assert check_invocation(sglang, ["--speculative-draft-model", "x"]) == []
+    vllm = engine_data("vllm")
+    assert vllm_speculative_problems(["-sc", '{"method":"mtp","num_speculative_tokens":1}'], vllm) == []
+    assert vllm_speculative_problems(["--speculative-config", '{"method":"deepseek_mtp","n":1}'], vllm) == [
+        "--speculative-config key n",
+        "--speculative-config method 'deepseek_mtp'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("speculative", "message"),
+    [
+        ({"method": "medusa", "draft_tokens": 2, "acceptance_length": 2.0}, "unknown speculative method"),
+        ({"method": "mtp", "draft_tokens": 0, "acceptance_length": 1.0}, "draft_tokens"),
+        ({"method": "mtp", "draft_tokens": 1, "acceptance_length": 2.5}, "acceptance length"),
+        ({"method": "mtp", "draft_tokens": 1}, "incomplete or malformed"),
+        ("mtp:1:1.8", "not a mapping"),
+    ],
+)
+def test_malformed_speculative_setting_is_refused(speculative: Any, message: str, catalog: Catalog) -> None:
+    spec = {**spec_for("deepseek-r1"), "engine_settings": {"speculative": speculative}}
+    with pytest.raises(LaunchError, match=message):
+        launch_bundle(spec, {"strategies": [strategy(dense(8), experts="fp8")]}, catalog=catalog)
 
 
 # --- refusals -----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.launch.engines import EngineData, engine_data
-from service.launch.plan import DECODE, PREFILL, SERVER, LaunchPlan, Pool
+from service.launch.plan import DECODE, MTP_CHECKPOINTS, PREFILL, SERVER, LaunchPlan, Pool
+from service.planning.specs import SpeculativeDecoding
 
 # Commands are argv token lists. Values known only where a command runs are shell parameter expansions that
 # the bash scripts and the Kubernetes containers both define before running it, so one command serves both:
@@ -27,6 +28,15 @@ SGLANG_TRANSFER_BACKEND = "mooncake"
 VLLM_KV_TRANSFER = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"}, separators=(",", ":"))
 # The planner spreads requests evenly over replicas and workers; the routers do the same.
 ROUTER_POLICY = "round_robin"
+# Speculative decoding per engine. SGLang resolves NEXTN (MTP) to EAGLE and, for DeepSeek-V3-style models,
+# points the drafter at the model's own MTP layer; TRT-LLM's PyTorch backend drafts with MTP or EAGLE-3 only.
+SGLANG_SPECULATIVE_ALGORITHM = {"mtp": "EAGLE", "eagle": "EAGLE", "eagle3": "EAGLE3"}
+TRTLLM_DECODING_TYPE = {"mtp": "MTP", "eagle3": "Eagle3"}
+# The EAGLE head checkpoint is the user's to give: a shell parameter of the scripts and containers (vLLM,
+# SGLang), and a value to replace in TRT-LLM's options file, which no shell expands.
+DRAFT_MODEL = "DRAFT_MODEL"
+TRTLLM_DRAFT_MODEL_DIR = "<EAGLE-3 head checkpoint>"
+METHOD_TITLES = {"mtp": "MTP", "eagle": "EAGLE", "eagle3": "EAGLE-3"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,8 @@ class ServerCommands:
     mpi: bool = False
     env: tuple[tuple[str, str], ...] = ()
     derived: tuple[tuple[str, str], ...] = ()
+    # Shell parameters the user sets before the command runs (name, what it holds); empty ones are refused.
+    inputs: tuple[tuple[str, str], ...] = ()
     # TRT-LLM: the --extra_llm_api_options file's name (under config/) and content.
     options_file: str = ""
     options_yaml: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +102,79 @@ class EngineLaunch:
 
 def _q(value: float) -> str:
     return f"{value:g}"
+
+
+def _draft_inputs(plan: LaunchPlan) -> tuple[tuple[str, str], ...]:
+    """The EAGLE head checkpoint as a user input, where the plan's drafter needs one."""
+    if plan.speculative is None or not plan.draft_model_needed:
+        return ()
+    return ((DRAFT_MODEL, f"the {METHOD_TITLES[plan.speculative.method]} head checkpoint"),)
+
+
+def vllm_speculative_config(speculative: SpeculativeDecoding) -> str:
+    """vLLM's --speculative-config JSON: MTP drafts with the target's own layers, EAGLE loads the head."""
+    config: dict[str, Any] = {"method": speculative.method, "num_speculative_tokens": speculative.draft_tokens}
+    if speculative.method != "mtp":
+        config["model"] = f"${{{DRAFT_MODEL}}}"
+    return json.dumps(config, separators=(",", ":"))
+
+
+def _sglang_speculative(speculative: SpeculativeDecoding) -> list[tuple[str, ...]]:
+    steps = speculative.draft_tokens
+    opts: list[tuple[str, ...]] = [
+        ("--speculative-algorithm", SGLANG_SPECULATIVE_ALGORITHM[speculative.method]),
+        ("--speculative-num-steps", str(steps)),
+        # One draft chain (top-k 1), as the planner prices it: the verify pass holds the steps + the bonus token.
+        ("--speculative-eagle-topk", "1"),
+        ("--speculative-num-draft-tokens", str(steps + 1)),
+    ]
+    if speculative.method != "mtp":
+        opts.append(("--speculative-draft-model-path", f"${{{DRAFT_MODEL}}}"))
+    return opts
+
+
+def trtllm_speculative_config(speculative: SpeculativeDecoding) -> dict[str, Any] | None:
+    """The speculative_config of TRT-LLM's options (None: TRT-LLM does not run the method)."""
+    decoding_type = TRTLLM_DECODING_TYPE.get(speculative.method)
+    if decoding_type == "MTP":
+        return {"decoding_type": decoding_type, "num_nextn_predict_layers": speculative.draft_tokens}
+    if decoding_type is not None:
+        return {
+            "decoding_type": decoding_type,
+            "max_draft_len": speculative.draft_tokens,
+            "speculative_model_dir": TRTLLM_DRAFT_MODEL_DIR,
+        }
+    return None
+
+
+def _speculative_notes(plan: LaunchPlan, engine: str) -> list[str]:
+    speculative = plan.speculative
+    if speculative is None:
+        return []
+    title = METHOD_TITLES[speculative.method]
+    notes: list[str] = []
+    if speculative.method == "mtp" and plan.model_name not in MTP_CHECKPOINTS:
+        notes.append(
+            f"MTP drafts with the checkpoint's own MTP layers: {plan.checkpoint.model} must carry them "
+            "(num_nextn_predict_layers in its config.json, as DeepSeek-V3 and R1 do)."
+        )
+    if engine == "trtllm" and trtllm_speculative_config(speculative) is None:
+        notes.append(
+            f"TRT-LLM's PyTorch backend drafts with MTP or EAGLE-3 heads only: these servers run without the plan's "
+            f"{title} drafter, so decode is slower than planned."
+        )
+    elif engine == "trtllm" and plan.draft_model_needed:
+        notes.append(
+            f"Replace speculative_model_dir {TRTLLM_DRAFT_MODEL_DIR!r} in config/<role>.yaml (Kubernetes: the config "
+            f"map) with the {title} head trained for {plan.checkpoint.model} (a Hugging Face id or a local directory)."
+        )
+    elif plan.draft_model_needed:
+        notes.append(
+            f"Set {DRAFT_MODEL} (cluster.env; Kubernetes: the engine containers' env) to the {title} head trained "
+            f"for {plan.checkpoint.model} (a Hugging Face id or a directory on every node); the servers refuse to "
+            "start without it."
+        )
+    return notes
 
 
 def _quantization(plan: LaunchPlan, engine: str) -> tuple[list[tuple[str, ...]], list[str]]:
@@ -172,11 +257,16 @@ def _vllm_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
         opts.append(("--kv-transfer-config", VLLM_KV_TRANSFER))
         # Each DP rank listens on the base port + its index; the host must be reachable from the peer pool.
         env = (("VLLM_NIXL_SIDE_CHANNEL_HOST", "${THIS_HOST}"), ("VLLM_NIXL_SIDE_CHANNEL_PORT", "${SIDE_CHANNEL_PORT}"))
+    # Every server drafts, prefill included: a decode worker's drafter continues from what the prefill side
+    # computed for the prompt (draft KV, first draft tokens). The planner charges drafting to decode steps only.
+    if plan.speculative is not None:
+        opts.append(("--speculative-config", vllm_speculative_config(plan.speculative)))
     if plan.trust_remote_code:
         opts.append(("--trust-remote-code",))
     entry, model = ("vllm", "serve"), (plan.checkpoint.model,)
+    inputs = _draft_inputs(plan)
     if not pool.multi_node:
-        return ServerCommands(pool, Command(entry, model, tuple(opts)), None, env=env)
+        return ServerCommands(pool, Command(entry, model, tuple(opts)), None, env=env, inputs=inputs)
     within_dp = layout.tp * layout.pp
     if within_dp <= pool.gpus_per_node and layout.attention_dp % pool.nodes == 0:
         # Whole DP ranks on every node: the documented multi-node data-parallel launch.
@@ -191,7 +281,8 @@ def _vllm_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
         engine_opts = tuple(o for o in opts if o[0] not in ("--host", "--port"))
         worker_opts = (*engine_opts, *dp, ("--headless",), ("--data-parallel-start-rank", "${START_RANK}"))
         worker = Command(entry, model, worker_opts)
-        return ServerCommands(pool, head, worker, env=env, derived=(("START_RANK", f"$((NODE_RANK * {local}))"),))
+        start = (("START_RANK", f"$((NODE_RANK * {local}))"),)
+        return ServerCommands(pool, head, worker, env=env, derived=start, inputs=inputs)
     # A DP rank spans nodes: torch.distributed over the nodes (multiprocessing backend, --nnodes).
     nodes = [
         ("--nnodes", str(pool.nodes)),
@@ -203,7 +294,8 @@ def _vllm_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
         nodes += [("--data-parallel-address", "${HEAD}"), ("--data-parallel-rpc-port", str(VLLM_DP_RPC_PORT))]
     head = Command(entry, model, (*opts, *nodes))
     engine_opts = tuple(o for o in opts if o[0] not in ("--host", "--port"))
-    return ServerCommands(pool, head, Command(entry, model, (*engine_opts, *nodes, ("--headless",))), env=env)
+    worker = Command(entry, model, (*engine_opts, *nodes, ("--headless",)))
+    return ServerCommands(pool, head, worker, env=env, inputs=inputs)
 
 
 def _sglang_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
@@ -245,6 +337,9 @@ def _sglang_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
         ("--max-running-requests", str(plan.max_sequences * per_rank)),
         ("--mem-fraction-static", _q(plan.memory_fraction_for("sglang", pool))),
     ]
+    if plan.speculative is not None:
+        # PD prefill drafts the first tokens and hands them to decode (speculative/eagle_disaggregation.py).
+        opts += _sglang_speculative(plan.speculative)
     if pool.role != SERVER:
         opts += [("--disaggregation-mode", pool.role), ("--disaggregation-transfer-backend", SGLANG_TRANSFER_BACKEND)]
         if pool.role == PREFILL:
@@ -253,7 +348,7 @@ def _sglang_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
         opts.append(("--trust-remote-code",))
     command = Command(("python", "-m", "sglang.launch_server"), (), tuple(opts))
     # Every node runs the same command; --node-rank tells them apart.
-    return ServerCommands(pool, command, command if pool.multi_node else None)
+    return ServerCommands(pool, command, command if pool.multi_node else None, inputs=_draft_inputs(plan))
 
 
 def trtllm_options(plan: LaunchPlan, pool: Pool) -> dict[str, Any]:
@@ -275,6 +370,9 @@ def trtllm_options(plan: LaunchPlan, pool: Pool) -> dict[str, Any]:
     if pool.role == PREFILL:
         # examples/disaggregated/README.md: context servers run without the overlap scheduler.
         options["disable_overlap_scheduler"] = True
+    speculative = trtllm_speculative_config(plan.speculative) if plan.speculative is not None else None
+    if speculative is not None:
+        options["speculative_config"] = speculative
     return options
 
 
@@ -421,6 +519,7 @@ def engine_launch(plan: LaunchPlan, engine: str) -> EngineLaunch:
     notes += checkpoint_notes
     for pool in plan.pools:
         notes += _layout_notes(plan, pool, engine)
+    notes += _speculative_notes(plan, engine)
     if engine != plan.plan_engine:
         notes.append(
             f"The plan simulated {plan.plan_engine}; these {engine} commands apply its layout, token budgets and "

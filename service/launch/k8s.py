@@ -8,7 +8,7 @@ import yaml
 
 from service.launch.commands import EngineLaunch, RouterCommands, ServerCommands, k8s_router, trtllm_disagg_config
 from service.launch.plan import PREFILL, SERVER, LaunchPlan, Pool
-from service.launch.render import render_command
+from service.launch.render import input_check, render_command
 
 SERVER_PORT = 8000
 ROUTER_PORT = 8000
@@ -63,6 +63,8 @@ def _env(launch: EngineLaunch, server: ServerCommands | None) -> list[dict[str, 
     if server is not None and server.mpi:
         label = f"metadata.labels['{LWS_GROUP_INDEX_LABEL}']"
         env.append({"name": "GROUP_INDEX", "valueFrom": {"fieldRef": {"fieldPath": label}}})
+    # Left empty for the user to fill; the container's script refuses to start the engine without it.
+    env += [{"name": name, "value": ""} for name, _ in (server.inputs if server is not None else ())]
     return env
 
 
@@ -82,6 +84,7 @@ def _preamble(launch: EngineLaunch, server: ServerCommands, lws: bool, name: str
         lines.append(f'HOSTS="{",".join(hosts)}"')
     lines += [f'export {key}="{value}"' for key, value in server.env]
     lines += [f"{key}={value}" for key, value in server.derived]
+    lines += [input_check(key, what, "in this container's env") for key, what in server.inputs]
     return lines
 
 

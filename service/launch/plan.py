@@ -11,7 +11,7 @@ from typing import Any
 
 from service.launch.engines import LaunchError
 from service.planning.catalog import Catalog
-from service.planning.specs import GpuSpec, PlanningError
+from service.planning.specs import GpuSpec, PlanningError, SpeculativeDecoding
 from service.planning.stepcost import ParallelLayout
 from service.planning.workload import LengthDistribution
 
@@ -29,6 +29,8 @@ NATIVE_CHECKPOINT_DTYPES: dict[str, tuple[str, str]] = {
 }
 # Models whose tokenizer or config code lives in the checkpoint repository.
 TRUST_REMOTE_CODE = frozenset({"kimi-k2", "minimax-m2.5"})
+# Catalog models whose checkpoint carries the MTP layer the engines draft with (num_nextn_predict_layers 1).
+MTP_CHECKPOINTS = frozenset({"deepseek-v3", "deepseek-r1"})
 
 
 # One instance's parallel layout in the planner's own terms.
@@ -115,6 +117,13 @@ class LaunchPlan:
     chunked_prefill: bool
     max_input_tokens: int
     pools: tuple[Pool, ...]
+    # The spec's engine_settings.speculative: the drafter every server runs (None: no speculative decoding).
+    speculative: SpeculativeDecoding | None = None
+
+    @property
+    def draft_model_needed(self) -> bool:
+        """Whether the servers load a drafter checkpoint of their own (EAGLE heads; MTP uses the model's layers)."""
+        return self.speculative is not None and self.speculative.method != "mtp"
 
     @property
     def disaggregated(self) -> bool:
@@ -239,6 +248,27 @@ def _model(spec: Mapping[str, Any], catalog: Catalog) -> tuple[str, str, bool]:
     raise LaunchError("the plan spec names neither model nor model_config")
 
 
+def _speculative(spec: Mapping[str, Any]) -> SpeculativeDecoding | None:
+    settings = spec.get("engine_settings")
+    raw = settings.get("speculative") if isinstance(settings, Mapping) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise LaunchError("the spec's engine_settings.speculative is not a mapping")
+    try:
+        found = SpeculativeDecoding(
+            method=str(raw["method"]),
+            draft_tokens=_int(raw["draft_tokens"], "speculative draft_tokens"),
+            acceptance_length=float(raw["acceptance_length"]),
+        )
+        found.validate()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LaunchError(f"the spec's engine_settings.speculative is incomplete or malformed: {exc}") from None
+    except PlanningError as exc:
+        raise LaunchError(str(exc)) from None
+    return found
+
+
 def read_plan(spec: Mapping[str, Any], result: Mapping[str, Any], rank: int, catalog: Catalog) -> LaunchPlan:
     """Read strategy ``rank`` of ``result`` (the JSON of `splan plan`) for the spec it answered."""
     if not isinstance(spec, Mapping) or not isinstance(result, Mapping):
@@ -309,4 +339,5 @@ def read_plan(spec: Mapping[str, Any], result: Mapping[str, Any], rank: int, cat
         chunked_prefill=engine.chunked_prefill,
         max_input_tokens=_max_input_tokens(spec),
         pools=tuple(pools),
+        speculative=_speculative(spec),
     )

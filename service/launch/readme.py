@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from service.launch.commands import EngineLaunch, RouterCommands
+from service.launch.commands import DRAFT_MODEL, METHOD_TITLES, EngineLaunch, RouterCommands
 from service.launch.k8s import names, uses_lws
 from service.launch.plan import LaunchPlan
 from service.launch.render import SCRIPT_NAMES, place, render_command
@@ -42,6 +42,28 @@ def _tree(paths: list[str]) -> list[str]:
     return ["```text", ".", *walk(root, ""), "```"]
 
 
+def _speculative_lines(plan: LaunchPlan) -> list[str]:
+    speculative = plan.speculative
+    if speculative is None:
+        return []
+    title = METHOD_TITLES[speculative.method]
+    steps = speculative.draft_tokens
+    drafter = (
+        "MTP drafts with the model's own MTP layers: no checkpoint besides the model."
+        if not plan.draft_model_needed
+        else f"The {title} head checkpoint is yours to supply (a Hugging Face id or a local directory): "
+        f"`{DRAFT_MODEL}` in `<engine>/cluster.env` (Kubernetes: the engine containers' `{DRAFT_MODEL}` env) for "
+        "vLLM and SGLang, `speculative_model_dir` in `trtllm/config/<role>.yaml` for TRT-LLM."
+    )
+    return [
+        f"- Speculative decoding: {title}, {steps} draft token{'s' if steps > 1 else ''} per step, verified in one "
+        f"pass of {steps + 1} tokens per sequence, on every server. The plan assumed an acceptance length of "
+        f"{speculative.acceptance_length:g} tokens per step (bonus token included): a planning input, not an engine "
+        "flag. Check it against the acceptance length the engine logs (SGLang `accept len`, vLLM `Mean acceptance "
+        "length`) on your prompts; a shorter one makes decode slower than planned. " + drafter,
+    ]
+
+
 def _strategy_section(plan: LaunchPlan) -> list[str]:
     s = plan.strategy
     ckpt = plan.checkpoint
@@ -62,6 +84,7 @@ def _strategy_section(plan: LaunchPlan) -> list[str]:
         f"- Scheduler: {plan.max_batched_tokens} batched tokens and {plan.max_sequences} sequences per step and "
         f"per attention-DP rank; GPU memory fraction {plan.memory_fraction:g} as the planner counts it "
         "(weights, activations and KV cache out of the GPU's memory).",
+        *_speculative_lines(plan),
         "",
         "| pool | layout (tp, attention_dp, pp, moe_tp x moe_ep) | instances | GPUs per instance | nodes per instance "
         "| KV cache per GPU |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -22,15 +23,25 @@ FIRST_SIDE_CHANNEL_PORT = 5600
 # vLLM's NIXL side channel takes one port per DP rank above the base.
 SIDE_CHANNEL_STRIDE = 100
 SCRIPT_NAMES = {SERVER: "serve.sh", PREFILL: "prefill.sh", DECODE: "decode.sh"}
+EXPANSION = re.compile(r"(\$\{[A-Za-z_][A-Za-z0-9_]*\})")
 
 
 def shell_word(token: str) -> str:
     """One shell word: parameter expansions inside double quotes, anything else quoted as needed."""
-    if "$" in token:
-        if any(c in token for c in '"\\`'):
-            raise ValueError(f"cannot double-quote {token!r}")
+    if "$" not in token:
+        return shlex.quote(token)
+    if not any(c in token for c in '"\\`'):
         return f'"{token}"'
-    return shlex.quote(token)
+    # JSON around an expansion: quote the text single and the expansions double, side by side.
+    parts = [part for part in EXPANSION.split(token) if part]
+    if any("$" in part and not EXPANSION.fullmatch(part) for part in parts):
+        raise ValueError(f"cannot quote {token!r}")
+    return "".join(f'"{part}"' if EXPANSION.fullmatch(part) else shlex.quote(part) for part in parts)
+
+
+def input_check(name: str, what: str, where: str) -> str:
+    """A shell line that stops the script when the user left ``name`` unset or empty."""
+    return f': "${{{name}:?set {name} {where} to {what}}}"'
 
 
 def render_command(command: Command, *, indent: str = "", prefix: str = "exec ") -> str:
@@ -112,8 +123,12 @@ def cluster_env(plan: LaunchPlan, launch: EngineLaunch) -> str:
             lines.append(_array(f"{upper}_BOOTSTRAP_PORTS", [str(p.bootstrap_port) for p in items]))
         if launch.engine == "vllm" and role != SERVER:
             lines.append(_array(f"{upper}_SIDE_CHANNEL_PORTS", [str(p.side_channel_port) for p in items]))
-    lines += ["ROUTER_HOST=node-0", f"ROUTER_PORT={ROUTER_PORT}", ""]
-    return "\n".join(lines)
+    lines += ["ROUTER_HOST=node-0", f"ROUTER_PORT={ROUTER_PORT}"]
+    inputs = dict(item for server in launch.servers for item in server.inputs)
+    for name, what in inputs.items():
+        lines += [f"# {what[0].upper()}{what[1:]} (a Hugging Face id or a directory on every node): set it."]
+        lines.append(f'{name}=""')
+    return "\n".join([*lines, ""])
 
 
 def _layout_line(plan: LaunchPlan, pool: Pool) -> str:
@@ -180,6 +195,7 @@ def server_script(plan: LaunchPlan, launch: EngineLaunch, server: ServerCommands
         lines.append(f'export CUDA_VISIBLE_DEVICES="${{{upper}_GPUS[$INSTANCE]}}"')
     lines += [f'export {key}="{value}"' for key, value in server.env]
     lines += [f"{key}={value}" for key, value in server.derived]
+    lines += [input_check(name, what, "in cluster.env") for name, what in server.inputs]
     if server.mpi:
         lines += [
             'if [ "$NODE_RANK" -ne 0 ]; then',
