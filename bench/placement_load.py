@@ -6,7 +6,9 @@ Starts `splan serve` on a throw-away PostgreSQL database (no broker: placements 
 synthetic busy cluster (64 servers x 8 h100-sxm, 200 running instances, cached checkpoints, queued loads) with
 PUT /v1/clusters/bench, then sends placements open-loop at --rate for --seconds, twice: dry runs, then real
 placements that reserve GPUs (ttl 2 s, so reservations expire and the cluster does not fill up). Latency is
-measured from each request's scheduled send time (no coordinated omission). Prints a markdown table.
+measured from each request's scheduled send time (no coordinated omission); the server's CPU time per request
+(user + system, from /proc) is printed beside it, since latency on a shared machine also measures the neighbours.
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -113,13 +115,25 @@ def bodies_for(cluster: Any, count: int, *, dry_run: bool, seed: int, ttl_s: flo
     return out
 
 
-def summary(name: str, latencies: list[float], statuses: dict[int | str, int], seconds: float) -> str:
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far; None where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(
+    name: str, latencies: list[float], statuses: dict[int | str, int], seconds: float, server_cpu_s: float | None
+) -> str:
     values = np.array(latencies)
     p50, p90, p99 = (float(np.percentile(values, q)) for q in (50, 90, 99))
     codes = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=lambda kv: str(kv[0])))
+    cpu = f"{server_cpu_s * 1e3 / len(values):.2f}" if server_cpu_s is not None else "-"
     return (
         f"| {name} | {len(values)} | {len(values) / seconds:.0f} | {p50:.2f} | {p90:.2f} | {p99:.2f} | "
-        f"{values.max():.1f} | {codes} |"
+        f"{values.max():.1f} | {cpu} | {codes} |"
     )
 
 
@@ -154,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rate:g} --seconds {args.seconds:g} --reserve-rates {args.reserve_rates} --ttls {args.ttls}`; "
         f"target p99 <= {TARGET_P99_MS:g} ms.\n"
     )
-    print("| placements | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | statuses |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| placements | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/req | statuses |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         print(row)
     return 0
@@ -200,8 +214,11 @@ def run_phases(args: argparse.Namespace, cluster: Any, rows: list[str]) -> None:
                 bodies = bodies_for(
                     cluster, int(rate * args.seconds), dry_run=dry_run, seed=1 if dry_run else 2, ttl_s=ttl_s
                 )
+                before = cpu_s(server.popen.pid)
                 latencies, statuses = asyncio.run(open_loop(port, bodies, rate))
-                rows.append(summary(name, latencies, statuses, args.seconds))
+                after = cpu_s(server.popen.pid)
+                used = after - before if before is not None and after is not None else None
+                rows.append(summary(name, latencies, statuses, args.seconds, used))
                 time.sleep(3.0)  # let this phase's holds expire
         except (OSError, asyncio.IncompleteReadError) as exc:
             raise BenchError(f"{type(exc).__name__}: {exc}; server log:\n{server.tail(40)}") from None

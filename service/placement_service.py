@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -38,6 +38,85 @@ def _document_bytes(cluster: Cluster) -> int:
     return len(cluster.model_dump_json())
 
 
+@dataclass
+class _Write:
+    """One placement's holds waiting to be stored with the next batch, and how that went."""
+
+    version: int
+    holds: list[cluster_store.NewHold]
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    stored: bool = False
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Stores reservations in batches per cluster: one transaction and one statement per batch."""
+
+    # A lone write is stored at once (a batch of one); writes that arrive while a batch is being stored wait and are
+    # stored together next, by the first of them on its own session, so the database work per reservation falls as
+    # the load rises. Each write hears whether it was stored; one refused (its GPUs claimed by another placement,
+    # or the cluster changed) decides again.
+
+    def __init__(self, max_batch: int = 64) -> None:
+        self.max_batch = max_batch
+        self.batches = 0
+        self.writes = 0
+        self._lock = threading.Lock()
+        self._waiting: dict[str, list[_Write]] = {}
+        self._writing: set[str] = set()
+
+    def waiting(self, name: str) -> int:
+        """Writes on the cluster waiting for the batch being stored to finish."""
+        with self._lock:
+            return len(self._waiting.get(name, ()))
+
+    def write(self, session: Session, *, name: str, version: int, holds: list[cluster_store.NewHold]) -> bool:
+        """Store the holds decided at ``version`` with the next batch; whether they were stored."""
+        mine = _Write(version, holds)
+        with self._lock:
+            self._waiting.setdefault(name, []).append(mine)
+            lead = name not in self._writing
+            self._writing.add(name)
+        if not lead:
+            mine.done.wait()
+            if not mine.lead:
+                if mine.error is not None:
+                    raise mine.error
+                return mine.stored
+        with self._lock:
+            queue = self._waiting[name]
+            batch = queue[: self.max_batch]
+            del queue[: self.max_batch]
+        try:
+            stored = cluster_store.claim_holds(
+                session, name=name, writes=[(w.version, w.holds) for w in batch], now_s=time.time()
+            )
+            for write, ok in zip(batch, stored, strict=True):
+                write.stored = ok
+        except BaseException as exc:  # every write of the batch hears why, not only the one that stored it
+            for write in batch:
+                write.error = exc
+        finally:
+            with self._lock:
+                self.batches += 1
+                self.writes += len(batch)
+                queue = self._waiting[name]
+                if queue:
+                    # The next batch is written by the first of its writers, on its session.
+                    queue[0].lead = True
+                    queue[0].done.set()
+                else:
+                    self._writing.discard(name)
+                    del self._waiting[name]
+            for write in batch:
+                if write is not mine:
+                    write.done.set()
+        if mine.error is not None:
+            raise mine.error
+        return mine.stored
+
+
 class ClusterCache:
     """Parsed clusters by (name, version) and parsed holds by id: a placement reads a version and hold ids."""
 
@@ -47,12 +126,14 @@ class ClusterCache:
         self.max_entries = max_entries
         self.max_holds = max_holds
         self.max_document_bytes = max_document_bytes
+        self.commits = GroupCommit()
         self._entries: dict[str, tuple[int, Cluster]] = {}
         self._sizes: dict[str, int] = {}
         self._holds: dict[str, Hold] = {}
         self._lock = threading.Lock()
         self._deciding: dict[str, threading.Lock] = {}
         self._in_flight: dict[str, dict[str, Hold]] = {}
+        self._stored: dict[str, dict[str, tuple[int, Hold]]] = {}
         self._swept_s: dict[str, float] = {}
 
     def deciding(self, name: str) -> threading.Lock:
@@ -61,10 +142,18 @@ class ClusterCache:
         with self._lock:
             return self._deciding.setdefault(name, threading.Lock())
 
-    def in_flight(self, name: str) -> list[Hold]:
-        """Holds this process has decided on a cluster but not yet committed (or given up)."""
+    def in_flight(self, name: str, *, version: int | None = None, now_s: float = 0.0) -> list[Hold]:
+        """Holds this process decided on a cluster and is still writing; with ``version``, also its live stored ones."""
+        # A snapshot read just before a sibling thread's commit misses that sibling's holds; they are shown here
+        # while the cluster stays at the version they were stored at.
         with self._lock:
-            return list(self._in_flight.get(name, {}).values())
+            flying = list(self._in_flight.get(name, {}).values())
+            if version is None:
+                return flying
+            stored = self._stored.get(name, {})
+            for rid in [rid for rid, (_, h) in stored.items() if not h.reservation.active(now_s)]:
+                del stored[rid]
+            return [*flying, *(h for v, h in stored.values() if v == version)]
 
     def start_flight(self, name: str, holds: list[Hold]) -> None:
         """Mark holds as decided and being written."""
@@ -73,12 +162,17 @@ class ClusterCache:
             for hold in holds:
                 flying[hold.reservation.id] = hold
 
-    def end_flight(self, name: str, holds: list[Hold]) -> None:
-        """The holds are committed (and will be read back as holds) or were refused."""
+    def end_flight(self, name: str, holds: list[Hold], *, stored_at: int | None = None) -> None:
+        """The holds are committed at version ``stored_at`` (and will be read back as holds) or were refused."""
         with self._lock:
             flying = self._in_flight.get(name, {})
             for hold in holds:
                 flying.pop(hold.reservation.id, None)
+            if stored_at is not None:
+                mine = self._stored.setdefault(name, {})
+                for hold in holds:
+                    mine[hold.reservation.id] = (stored_at, hold)
+                    self._holds[hold.reservation.id] = hold
 
     def sweep_due(self, name: str, now_s: float, every_s: float = 1.0) -> bool:
         """Whether this process should drop the cluster's expired holds now (at most once per ``every_s``)."""
@@ -93,6 +187,17 @@ class ClusterCache:
         version = cluster_store.current_version(session, name=name)
         if version is None:
             raise cluster_store.ClusterNotFoundError(name)
+        return self._parsed(session, name=name, version=version)
+
+    def state(self, session: Session, *, name: str, now_s: float) -> tuple[int, Cluster, list[Hold]]:
+        """The current version of a cluster, parsed, and its unexpired holds (one query when both are cached)."""
+        snapshot = cluster_store.snapshot(session, name=name, now_s=now_s)
+        if snapshot is None:
+            raise cluster_store.ClusterNotFoundError(name)
+        version, cluster = self._parsed(session, name=name, version=snapshot[0])
+        return version, cluster, self._holds_by_id(session, snapshot[1])
+
+    def _parsed(self, session: Session, *, name: str, version: int) -> tuple[int, Cluster]:
         with self._lock:
             hit = self._entries.get(name)
         if hit is not None and hit[0] == version:
@@ -127,7 +232,10 @@ class ClusterCache:
 
     def holds(self, session: Session, *, name: str, now_s: float) -> list[Hold]:
         """The cluster's unexpired holds; only ones not seen before are fetched and parsed."""
-        ids = cluster_store.active_hold_ids(session, name=name, now_s=now_s)
+        snapshot = cluster_store.snapshot(session, name=name, now_s=now_s)
+        return self._holds_by_id(session, snapshot[1]) if snapshot is not None else []
+
+    def _holds_by_id(self, session: Session, ids: list[str]) -> list[Hold]:
         with self._lock:
             missing = [i for i in ids if i not in self._holds]
         if missing:
@@ -149,9 +257,8 @@ class ClusterCache:
 
 def current_state(session: Session, *, cache: ClusterCache, name: str) -> tuple[int, Cluster]:
     """The stored cluster with its outstanding holds shown as reservations."""
-    version, cluster = cache.load(session, name=name)
     now_s = time.time()
-    holds = cache.holds(session, name=name, now_s=now_s)
+    version, cluster, holds = cache.state(session, name=name, now_s=now_s)
     session.rollback()  # hand the connection back before the (thread-bound) response serialization
     return version, with_holds(cluster, holds, now_s=now_s) if holds else cluster
 
@@ -214,19 +321,20 @@ def place_on_cluster(
 
     The claims table keeps two answers apart, across threads and processes: a decision whose GPUs another
     placement claimed first is refused by the primary key and made again on the new state. Within a process,
-    threads decide one at a time and see each other's holds still being written, so they rarely collide.
+    threads decide one at a time and see each other's holds still being written, so they rarely collide, and
+    their holds are stored in batches (``GroupCommit``).
     """
     for _ in range(RESERVE_RETRIES):
-        version, cluster = cache.load(session, name=name)
         now_s = time.time()
-        holds = cache.holds(session, name=name, now_s=now_s)
+        version, cluster, holds = cache.state(session, name=name, now_s=now_s)
         if dry_run:
             session.rollback()  # hand the connection back before deciding
             decision = place(cluster, request, now_s=now_s, catalog=catalog, holds=holds)
             return PlacementOutcome(decision, [], version, dry_run)
         with cache.deciding(name):
             known = {h.reservation.id for h in holds}
-            seen = [*holds, *(h for h in cache.in_flight(name) if h.reservation.id not in known)]
+            mine = cache.in_flight(name, version=version, now_s=now_s)
+            seen = [*holds, *(h for h in mine if h.reservation.id not in known)]
             decision = place(cluster, request, now_s=now_s, catalog=catalog, holds=seen)
             if not decision.placements:
                 session.rollback()
@@ -237,25 +345,24 @@ def place_on_cluster(
                 session.rollback()
                 continue
             cache.start_flight(name, new)
+        stored = False
         try:
             rows = [
-                (
+                cluster_store.NewHold(
                     h.reservation.id,
                     h.reservation.server,
                     h.reservation.gpu_ids,
                     h.reservation.expires_at_s,
-                    h.model_dump(mode="json"),
+                    h.model_dump_json(),
                 )
                 for h in new
             ]
-            try:
-                cluster_store.insert_holds(session, name=name, expected_version=version, holds=rows, now_s=now_s)
-            except (cluster_store.HoldConflictError, cluster_store.StaleVersionError):
-                # Someone else took one of these GPUs or changed the cluster: decide again on the new state.
-                continue
-            cache.remember_holds(new)
+            stored = cache.commits.write(session, name=name, version=version, holds=rows)
         finally:
-            cache.end_flight(name, new)
+            cache.end_flight(name, new, stored_at=version if stored else None)
+        if not stored:
+            # Someone else took one of these GPUs or changed the cluster: decide again on the new state.
+            continue
         if cache.sweep_due(name, now_s):
             cluster_store.delete_expired_holds(session, name=name, now_s=now_s)
         return PlacementOutcome(decision, [h.reservation.id for h in new], version, dry_run)

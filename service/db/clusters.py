@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, delete, insert, select, text, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.db.models import ClusterState, GpuClaim, PlacementHold, utcnow
+
+DEADLOCK_DETECTED = "40P01"  # PostgreSQL SQLSTATE
 
 
 class ClusterNotFoundError(Exception):
@@ -107,79 +111,197 @@ def write_cluster(session: Session, *, name: str, state: dict[str, Any], expecte
     return version
 
 
-class HoldConflictError(Exception):
-    """Another placement claimed one of the GPUs first."""
-
-
 def lock_version(session: Session, *, name: str) -> int | None:
     """The cluster's version, locking its row until the transaction ends (writers on one cluster serialize)."""
     version = session.scalar(select(ClusterState.version).where(ClusterState.name == name).with_for_update())
     return int(version) if version is not None else None
 
 
-def active_hold_ids(session: Session, *, name: str, now_s: float) -> list[str]:
-    """Ids of the holds that have not expired."""
-    query = select(PlacementHold.id).where(PlacementHold.cluster == name, PlacementHold.expires_at_s > now_s)
-    return list(session.scalars(query))
+# One statement, prepared once: a placement reads it on every call.
+_SNAPSHOT = text(
+    "SELECT c.version, h.id FROM clusters c LEFT JOIN placement_holds h "
+    "ON h.cluster = c.name AND h.expires_at_s > :now_s WHERE c.name = :name"
+)
+
+
+def snapshot(session: Session, *, name: str, now_s: float) -> tuple[int, list[str]] | None:
+    """The cluster's version and the ids of its unexpired holds in one statement; None when there is no cluster."""
+    rows = session.execute(_SNAPSHOT, {"name": name, "now_s": now_s}).all()
+    if not rows:
+        return None
+    return int(rows[0][0]), [hold_id for _, hold_id in rows if hold_id is not None]
 
 
 def holds_by_id(session: Session, *, ids: list[str]) -> dict[str, dict[str, Any]]:
     """Hold documents by id."""
     if not ids:
         return {}
-    return {row.id: row.hold for row in session.scalars(select(PlacementHold).where(PlacementHold.id.in_(ids)))}
+    table = _HOLDS
+    return {row.id: row.hold for row in session.execute(select(table.c.id, table.c.hold).where(table.c.id.in_(ids)))}
 
 
-def insert_holds(
-    session: Session,
-    *,
-    name: str,
-    expected_version: int,
-    holds: list[tuple[str, str, list[int], float, dict[str, Any]]],
-    now_s: float,
-) -> None:
-    """Store holds (id, server, GPU ids, expiry, document) if the cluster is still at `expected_version`.
+@dataclass(frozen=True)
+class NewHold:
+    """A hold to store: its id, the GPUs it claims on one server, its expiry and its JSON document."""
 
-    The cluster row is locked for share: reservations on one cluster run side by side (the GPU claims' primary
-    key refuses a second claim on a GPU), while a state write (``lock_version``) waits for them and they for it.
-    Four statements: the version check, clearing expired claims on these GPUs only, and one insert per table.
+    id: str
+    server: str
+    gpu_ids: list[int]
+    expires_at_s: float
+    document: str
+
+
+# The tables themselves: Core statements skip the ORM's per-row bookkeeping.
+_CLAIMS = cast(Table, GpuClaim.__table__)
+_HOLDS = cast(Table, PlacementHold.__table__)
+
+# PostgreSQL stores a batch in one statement: the version check (locking the cluster row for share), the GPU
+# claims (an expired claim is replaced in place; one held by another placement is not touched) and the holds
+# whose claims all landed. The claims go in (server, GPU) order so that two processes' batches wait on each
+# other in one order, never in a cycle.
+_CLAIM_BATCH = text(
     """
-    try:
-        version = session.scalar(
-            select(ClusterState.version).where(ClusterState.name == name).with_for_update(read=True)
-        )
-        if version != expected_version:
-            raise StaleVersionError(int(version) if version is not None else None)
-        gpus = [(server, gpu_id) for _, server, gpu_ids, _, _ in holds for gpu_id in gpu_ids]
-        if gpus:
-            session.execute(
-                delete(GpuClaim).where(
-                    GpuClaim.cluster == name,
-                    GpuClaim.expires_at_s <= now_s,
-                    or_(*(and_(GpuClaim.server == server, GpuClaim.gpu_id == gpu_id) for server, gpu_id in gpus)),
-                )
-            )
-        session.execute(
-            insert(PlacementHold),
-            [
-                {"id": hold_id, "cluster": name, "expires_at_s": expires_at_s, "hold": document}
-                for hold_id, _, _, expires_at_s, document in holds
-            ],
-        )
-        claims = [
-            {"cluster": name, "server": server, "gpu_id": gpu_id, "hold_id": hold_id, "expires_at_s": expires_at_s}
-            for hold_id, server, gpu_ids, expires_at_s, _ in holds
-            for gpu_id in gpu_ids
+WITH v AS (
+    SELECT version FROM clusters WHERE name = :name FOR SHARE
+), w AS (
+    SELECT * FROM unnest(
+        CAST(:claim_holds AS text[]), CAST(:claim_servers AS text[]), CAST(:claim_gpus AS integer[]),
+        CAST(:claim_versions AS integer[]), CAST(:claim_expiries AS double precision[])
+    ) WITH ORDINALITY AS w(hold_id, server, gpu_id, version, expires_at_s, n)
+), c AS (
+    INSERT INTO gpu_claims (cluster, server, gpu_id, hold_id, expires_at_s)
+    SELECT :name, w.server, w.gpu_id, w.hold_id, w.expires_at_s FROM w JOIN v ON w.version = v.version ORDER BY w.n
+    ON CONFLICT (cluster, server, gpu_id) DO UPDATE
+        SET hold_id = excluded.hold_id, expires_at_s = excluded.expires_at_s
+        WHERE gpu_claims.expires_at_s <= :now_s
+    RETURNING hold_id
+), h AS (
+    INSERT INTO placement_holds (id, cluster, expires_at_s, hold)
+    SELECT d.id, :name, d.expires_at_s, CAST(d.hold AS json)
+    FROM unnest(
+        CAST(:hold_ids AS text[]), CAST(:hold_expiries AS double precision[]), CAST(:hold_documents AS text[]),
+        CAST(:hold_gpus AS integer[])
+    ) AS d(id, expires_at_s, hold, gpus)
+    WHERE d.gpus = (SELECT count(*) FROM c WHERE c.hold_id = d.id)
+    RETURNING id
+)
+SELECT (SELECT version FROM v), ARRAY(SELECT id FROM h)
+"""
+)
+
+
+def _unshared(writes: list[tuple[int, list[NewHold]]]) -> list[bool]:
+    """Which writes of a batch may go ahead: the later of two that want one GPU decides again."""
+    # The database would refuse to touch one row twice in one statement.
+    owners: set[tuple[str, int]] = set()
+    fine: list[bool] = []
+    for _, holds in writes:
+        gpus = [(h.server, g) for h in holds for g in h.gpu_ids]
+        ok = len(set(gpus)) == len(gpus) and owners.isdisjoint(gpus)
+        if ok:
+            owners.update(gpus)
+        fine.append(ok)
+    return fine
+
+
+def _claim_in_one_statement(
+    session: Session, name: str, writes: list[tuple[int, list[NewHold]]], now_s: float
+) -> list[bool]:
+    """PostgreSQL: the batch in one statement, and two more when writes lost a GPU to another placement."""
+    fine = _unshared(writes)
+    claims = sorted(
+        (h.server, g, h.id, version, h.expires_at_s)
+        for ok, (version, holds) in zip(fine, writes, strict=True)
+        if ok
+        for h in holds
+        for g in h.gpu_ids
+    )
+    holds = [h for ok, (_, hs) in zip(fine, writes, strict=True) if ok for h in hs]
+    row = session.execute(
+        _CLAIM_BATCH,
+        {
+            "name": name,
+            "now_s": now_s,
+            "claim_servers": [c[0] for c in claims],
+            "claim_gpus": [c[1] for c in claims],
+            "claim_holds": [c[2] for c in claims],
+            "claim_versions": [c[3] for c in claims],
+            "claim_expiries": [c[4] for c in claims],
+            "hold_ids": [h.id for h in holds],
+            "hold_expiries": [h.expires_at_s for h in holds],
+            "hold_documents": [h.document for h in holds],
+            "hold_gpus": [len(h.gpu_ids) for h in holds],
+        },
+    ).one()
+    version, inserted = row[0], set(row[1])
+    stored = [
+        ok and version == v and all(h.id in inserted for h in hs) for ok, (v, hs) in zip(fine, writes, strict=True)
+    ]
+    lost = [h.id for ok, won, (_, hs) in zip(fine, stored, writes, strict=True) if ok and not won for h in hs]
+    if lost:
+        # What those writes did store is given back in this transaction; they decide again.
+        session.execute(delete(_CLAIMS).where(_CLAIMS.c.cluster == name, _CLAIMS.c.hold_id.in_(lost)))
+        session.execute(delete(_HOLDS).where(_HOLDS.c.id.in_(lost)))
+    return stored
+
+
+def _claim_step_by_step(
+    session: Session, name: str, writes: list[tuple[int, list[NewHold]]], now_s: float
+) -> list[bool]:
+    """Other databases (SQLite): the version check, the claims, and the holds of the writes that got all theirs."""
+    version = session.scalar(select(ClusterState.version).where(ClusterState.name == name))
+    stored = [ok and version is not None and v == version for ok, (v, _) in zip(_unshared(writes), writes, strict=True)]
+    owner = {(h.server, g): (i, h) for i, (_, hs) in enumerate(writes) if stored[i] for h in hs for g in h.gpu_ids}
+    if owner:
+        upsert = sqlite_insert(_CLAIMS)
+        statement = upsert.on_conflict_do_update(
+            index_elements=[_CLAIMS.c.cluster, _CLAIMS.c.server, _CLAIMS.c.gpu_id],
+            set_={"hold_id": upsert.excluded.hold_id, "expires_at_s": upsert.excluded.expires_at_s},
+            where=_CLAIMS.c.expires_at_s <= now_s,
+        ).returning(_CLAIMS.c.server, _CLAIMS.c.gpu_id)
+        rows = [
+            {"cluster": name, "server": gpu[0], "gpu_id": gpu[1], "hold_id": h.id, "expires_at_s": h.expires_at_s}
+            for gpu, (_, h) in sorted(owner.items())
         ]
-        if claims:
-            session.execute(insert(GpuClaim), claims)
+        landed = {(server, int(gpu_id)) for server, gpu_id in session.execute(statement.values(rows))}
+        lost = {owner[gpu][0] for gpu in owner if gpu not in landed}
+        if lost:
+            ids = [h.id for i in lost for h in writes[i][1]]
+            session.execute(delete(_CLAIMS).where(_CLAIMS.c.cluster == name, _CLAIMS.c.hold_id.in_(ids)))
+            for index in lost:
+                stored[index] = False
+    documents = [
+        {"id": h.id, "cluster": name, "expires_at_s": h.expires_at_s, "hold": json.loads(h.document)}
+        for ok, (_, hs) in zip(stored, writes, strict=True)
+        if ok
+        for h in hs
+    ]
+    if documents:
+        session.execute(insert(_HOLDS), documents)
+    return stored
+
+
+def claim_holds(session: Session, *, name: str, writes: list[tuple[int, list[NewHold]]], now_s: float) -> list[bool]:
+    """Store (version decided at, holds) writes in one transaction; for each, whether it was stored."""
+    # A write is refused whole when the cluster moved past its version or another placement holds one of its GPUs:
+    # the GPU claims' primary key decides, across processes. Reservations run side by side; a state write
+    # (``lock_version``) waits for them and they for it.
+    try:
+        if session.get_bind().dialect.name == "postgresql":
+            stored = _claim_in_one_statement(session, name, writes, now_s)
+        else:
+            stored = _claim_step_by_step(session, name, writes, now_s)
         session.commit()
-    except IntegrityError:
+    except OperationalError as exc:
         session.rollback()
-        raise HoldConflictError from None
+        if getattr(exc.orig, "sqlstate", None) != DEADLOCK_DETECTED:
+            raise
+        # Claims go in one order, so this should not happen; if it does, the batch decides again.
+        return [False] * len(writes)
     except Exception:
         session.rollback()
         raise
+    return stored
 
 
 def delete_expired_holds(session: Session, *, name: str, now_s: float) -> None:

@@ -115,6 +115,22 @@ class ClusterStatic:
     by_name: dict[str, ServerStatic]
     learned_migrations: dict[tuple[str, str, int], LearnedMigration]
     gpu_type_of_instance: dict[str, str]
+    instance_by_id: dict[str, RunningInstance]
+    _rates: dict[bool, tuple[dict[str, float], dict[str, float], dict[str, float]]] = field(default_factory=dict)
+
+    def rates(self, use_learned: bool) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """PCIe, SSD and network rates per server (read-only): learned ones when allowed and known, else nominal."""
+        if use_learned not in self._rates:
+            pcie: dict[str, float] = {}
+            ssd: dict[str, float] = {}
+            net: dict[str, float] = {}
+            for st in self.servers:
+                learned = (st.learned_pcie_bytes_per_s, st.learned_ssd_bytes_per_s, st.learned_network_bytes_per_s)
+                pcie[st.name] = learned[0] if use_learned and learned[0] is not None else st.pcie_bytes_per_s
+                ssd[st.name] = learned[1] if use_learned and learned[1] is not None else st.ssd_read_bytes_per_s
+                net[st.name] = learned[2] if use_learned and learned[2] is not None else st.network_bytes_per_s
+            self._rates[use_learned] = (pcie, ssd, net)
+        return self._rates[use_learned]
 
 
 def _build_static(cluster: Cluster) -> ClusterStatic:
@@ -167,7 +183,7 @@ def _build_static(cluster: Cluster) -> ClusterStatic:
         static.instances.append(inst)
         instance_gpu_type[inst.id] = static.type_of_gpu[inst.gpu_ids[0]]
     migrations = {(m.model, m.gpu, m.tp): m for m in cluster.learned.migrations}
-    return ClusterStatic(servers, by_name, migrations, instance_gpu_type)
+    return ClusterStatic(servers, by_name, migrations, instance_gpu_type, {i.id: i for i in cluster.instances})
 
 
 def cluster_static(cluster: Cluster) -> ClusterStatic:
@@ -211,22 +227,17 @@ class ClusterView:
         for res in reservations:
             if res.id in active:
                 self.reserved.setdefault(res.server, set()).update(res.gpu_ids)
+        # The free GPU lists are replaced when GPUs are taken, never changed in place: a server without held GPUs
+        # shares the cluster's own lists.
         self.free: dict[str, dict[str, list[int]]] = {}
-        use_learned = self.options.use_learned
-        # Effective stage rates per server: the learned value when there is one (and allowed), else the nominal.
-        self.pcie_rate: dict[str, float] = {}
-        self.ssd_rate: dict[str, float] = {}
-        self.network_rate: dict[str, float] = {}
         for st in self.static.servers:
             held = self.reserved.get(st.name)
             if held:
                 self.free[st.name] = {t: [g for g in ids if g not in held] for t, ids in st.idle_by_type.items()}
             else:
-                self.free[st.name] = {t: list(ids) for t, ids in st.idle_by_type.items()}
-            pcie, ssd, net = st.learned_pcie_bytes_per_s, st.learned_ssd_bytes_per_s, st.learned_network_bytes_per_s
-            self.pcie_rate[st.name] = pcie if use_learned and pcie is not None else st.pcie_bytes_per_s
-            self.ssd_rate[st.name] = ssd if use_learned and ssd is not None else st.ssd_read_bytes_per_s
-            self.network_rate[st.name] = net if use_learned and net is not None else st.network_bytes_per_s
+                self.free[st.name] = dict(st.idle_by_type)
+        # Effective stage rates per server: the learned value when there is one (and allowed), else the nominal.
+        self.pcie_rate, self.ssd_rate, self.network_rate = self.static.rates(self.options.use_learned)
         self.queue_wait_s: dict[str, float] = {}
         self.downloading: set[str] = set()
         held_loads: dict[str, list[LoadingTask]] = {}

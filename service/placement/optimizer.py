@@ -13,6 +13,7 @@ only while that lower bound can still enter the ranking.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from service.placement.estimators import (
     RecomputeCost,
     ServerStatic,
     checkpoint_bytes,
+    cluster_static,
     derived_recompute_cost,
     migration_timeline,
     recompute_cost,
@@ -303,6 +305,23 @@ class PlacementContext:
     destinations: dict[tuple[str, float, int, str], list[tuple[float, str, TierKind, float]]] = field(
         default_factory=dict
     )
+    solo_s: dict[str, float] = field(default_factory=dict)
+    rooms: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+
+    def view_changed(self) -> None:
+        """Forget what depends on the view (destinations, migration costs): a choice was committed to it."""
+        self.destinations.clear()
+        self.solo_s.clear()
+        self.rooms.clear()
+
+    def room_for(self, view: ClusterView, *, gpu_type: str, gpus: int) -> list[str]:
+        """Servers with at least ``gpus`` free GPUs of that type; valid until the view changes."""
+        key = (gpu_type, gpus)
+        names = self.rooms.get(key)
+        if names is None:
+            names = [name for name, by_type in view.free.items() if len(by_type.get(gpu_type, ())) >= gpus]
+            self.rooms[key] = names
+        return names
 
     def fit_reason(self, gpu_type: str, *, need: InstanceNeed, request: PlacementRequest) -> str | None:
         """Why the weights do not fit on that GPU type (None when they fit or the type is unknown)."""
@@ -366,16 +385,14 @@ class PlacementContext:
         ranked = self.destinations.get(key)
         if ranked is None:
             ranked = []
-            gpu_type, gpus = need.gpu_type, need.gpus
-            for name, by_type in view.free.items():
-                if len(by_type.get(gpu_type, ())) >= gpus:
-                    transfer_s, tier = view.transfer(
-                        name,
-                        checkpoint=need.checkpoint,
-                        checkpoint_bytes=need.checkpoint_bytes,
-                        shard_bytes=need.shard_bytes,
-                    )
-                    ranked.append((view.queue_wait_s[name] + transfer_s, name, tier, transfer_s))
+            for name in self.room_for(view, gpu_type=need.gpu_type, gpus=need.gpus):
+                transfer_s, tier = view.transfer(
+                    name,
+                    checkpoint=need.checkpoint,
+                    checkpoint_bytes=need.checkpoint_bytes,
+                    shard_bytes=need.shard_bytes,
+                )
+                ranked.append((view.queue_wait_s[name] + transfer_s, name, tier, transfer_s))
             ranked.sort()
             self.destinations[key] = ranked
         return ranked
@@ -468,11 +485,19 @@ def _moves(
 
 def _solo_cost_s(view: ClusterView, ctx: PlacementContext, st: ServerStatic, m: MovableInstance) -> float:
     """When moving this instance alone frees its GPUs (plus its pause when ranking on harm)."""
-    moves = _moves(view, ctx, st, [m], short=1)
-    if moves is None:
-        return float("inf")
-    harm = moves[0].pause_s if view.options.harm_aware else 0.0
-    return moves[0].finish_s + harm
+    # Kept until the view changes; an instance is on one server, so its id is the key.
+    cost = ctx.solo_s.get(m.instance.id)
+    if cost is None:
+        # What _moves(..., [m], short=1) would price, without building its records: the soonest other server
+        # with room (every ranked server has room for the instance), then the migration's timeline.
+        cost = float("inf")
+        for total_s, dest, _, _ in ctx.destinations_for(view, need=m.need):
+            if dest != st.name:
+                timeline = migration_timeline(m.instance, dest_load_s=total_s, recompute=m.recompute)
+                cost = timeline.gpus_free_s + (timeline.pause_s if view.options.harm_aware else 0.0)
+                break
+        ctx.solo_s[m.instance.id] = cost
+    return cost
 
 
 def _releases(
@@ -530,7 +555,12 @@ def _releases(
     harm_aware = view.options.harm_aware
     by_id = {m.instance.id: m for m in movable}
     # Only instances that some other server has room for can move (a full cluster prices no migration).
-    movers = [m for m in movable if any(dest != st.name for _, dest, _, _ in ctx.destinations_for(view, need=m.need))]
+    movers = []
+    for m in movable:
+        assert m.need.gpu_type is not None
+        rooms = ctx.room_for(view, gpu_type=m.need.gpu_type, gpus=m.need.gpus)
+        if len(rooms) > 1 or (rooms and rooms[0] != st.name):
+            movers.append(m)
     if limit is None or limit >= 1:
         solo = sorted((_solo_cost_s(view, ctx, st, m), m.instance.id) for m in movers)
         singles = [(cost, iid) for cost, iid in solo if cost < float("inf") and by_id[iid].need.gpus >= short]
@@ -691,8 +721,7 @@ def rank_options(
             continue
         hosted.add(st.name)
         # One option per server in the ranking: its best way to free the GPUs.
-        options.append(min(priced, key=PlacementOption.sort_key))
-        options.sort(key=PlacementOption.sort_key)
+        bisect.insort(options, min(priced, key=PlacementOption.sort_key), key=PlacementOption.sort_key)
     excluded = [Exclusion(server=name, reason="; ".join(r)) for name, r in reasons.items() if name not in hosted]
     return options[:keep], excluded
 
@@ -734,7 +763,7 @@ def place(
     excluded: list[Exclusion] = []
     unplaced: str | None = None
     for index in range(request.instances):
-        ctx.destinations.clear()
+        ctx.view_changed()
         keep = request.max_candidates if index == 0 else 1
         best, excluded_now = rank_options(view, ctx=ctx, request=request, need=need, keep=keep)
         if index == 0:
@@ -788,10 +817,16 @@ def hold_decision(
     Raises ClusterError when the decision no longer fits the cluster and the holds already taken."""
     if ttl_s <= 0:
         raise ClusterError(f"ttl_s must be positive (got {ttl_s:g})")
-    view = ClusterView(cluster, now_s=now_s, holds=holds)
-    ids = {r.id for r in cluster.reservations} | {h.reservation.id for h in holds}
-    servers = {s.name for s in cluster.servers}
-    instances = {i.id: i for i in cluster.instances}
+    static = cluster_static(cluster)
+    reservations = [*cluster.reservations, *(h.reservation for h in holds)]
+    active = {r.id for r in reservations if r.active(now_s)}
+    # GPUs held by live reservations, then also those this decision takes, per server.
+    used: dict[str, set[int]] = {}
+    for r in reservations:
+        if r.id in active:
+            used.setdefault(r.server, set()).update(r.gpu_ids)
+    ids = {r.id for r in reservations}
+    instances = static.instance_by_id
     new: list[Hold] = []
     expires_at_s = now_s + ttl_s
 
@@ -807,14 +842,15 @@ def hold_decision(
         staged: bool = False,
     ) -> None:
         """Reserve the GPUs for the checkpoint (a new reservation) and queue its load on the server."""
-        if server not in servers:
+        st = static.by_name.get(server)
+        if st is None:
             raise ClusterError(f"decision uses unknown server {server!r}")
-        free = {g for ids_ in view.free[server].values() for g in ids_}
-        allowed = free | set(movable)
+        busy = used.setdefault(server, set())
+        allowed = {g for ids_ in st.idle_by_type.values() for g in ids_ if g not in busy} | set(movable)
         taken = [g for g in gpu_ids if g not in allowed]
         if taken:
             raise ClusterError(f"GPUs {taken} on {server!r} are no longer free; place again")
-        view.take(server, gpu_ids=gpu_ids)
+        busy.update(gpu_ids)
         rid = _reservation_id(ids, server, tuple(gpu_ids), checkpoint, now_s)
         task = LoadingTask(
             model=checkpoint,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import Field
 
 from service.api.deps import CatalogDep, MetricsDep, PlacementsScope, SessionDep
@@ -32,7 +33,13 @@ class PlacementBody(PlacementRequest):
     )
 
 
-@router.post("", operation_id="createPlacement", summary="Place new instances on a cluster", responses=PROBLEMS)
+@router.post(
+    "",
+    operation_id="createPlacement",
+    summary="Place new instances on a cluster",
+    responses=PROBLEMS,
+    response_model=dict[str, Any],
+)
 def create_placement(
     body: PlacementBody,
     request: Request,
@@ -40,7 +47,7 @@ def create_placement(
     catalog: CatalogDep,
     metrics: MetricsDep,
     principal: PlacementsScope,
-) -> dict[str, Any]:
+) -> Response:
     """Ranked candidates with startup-latency breakdowns, exclusions, and (unless dry_run) reserved GPUs."""
     started = time.perf_counter()
     try:
@@ -60,14 +67,18 @@ def create_placement(
     for chosen in outcome.decision.placements:
         metrics.placement_decisions.labels(chosen.tier.value).inc()
         metrics.migrations.inc(len(chosen.migrations))
-    metrics.placement_latency.observe(time.perf_counter() - started)
-    return {
-        **outcome.decision.model_dump(mode="json"),
+    extra = {
         "cluster": body.cluster,
         "cluster_version": outcome.cluster_version,
         "dry_run": outcome.dry_run,
         "reservation_ids": outcome.reservation_ids,
     }
+    # The decision is serialized once, by pydantic, and the few extra fields spliced in: re-validating and
+    # re-encoding its dict cost more than deciding a dry run does.
+    decision = outcome.decision.model_dump_json()
+    content = f"{decision[:-1]},{json.dumps(extra, separators=(',', ':'))[1:]}"
+    metrics.placement_latency.observe(time.perf_counter() - started)
+    return Response(content=content, media_type="application/json")
 
 
 class PrewarmBody(PrewarmRequest):
