@@ -60,7 +60,8 @@ def test_perturbed_constants_are_recovered_within_2_percent(catalog: Catalog) ->
     assert result.after.median_pct < 1.0 < result.before.median_pct
     fitted = {v.name: v for v in result.values}
     assert fitted["memory_bandwidth"].fitted
-    assert fitted["memory_bandwidth"].upper == pytest.approx(1 / 0.917196)
+    # The best calibrated memory efficiency on h100-sxm (decode attention, bf16 KV) taken to 1.
+    assert fitted["memory_bandwidth"].upper == pytest.approx(1 / 0.918616)
     # Hidden by async scheduling on these loads: kept, with the reason.
     assert not fitted["step_overhead_s"].fitted
     assert "not identifiable" in fitted["step_overhead_s"].note
