@@ -14,6 +14,7 @@ from sqlalchemy import text
 from service.catalog.loader import load_catalog
 from service.db.migrate import upgrade
 from service.db.session import make_engine
+from service.logging_setup import configure_logging
 from service.planning.catalog import Catalog
 from service.settings import Settings
 
@@ -35,8 +36,10 @@ def reference_dir() -> Path:
 
 PG_ADMIN_URL = os.environ.get("SPLAN_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SPLAN_TEST_REDIS", "redis://127.0.0.1:6379/0")
-# Every queue a test makes is named with this prefix, so that the session can take its keys out of Redis.
-TEST_QUEUE_PREFIX = "splan-test-"
+# Every queue a test makes is named with this prefix, so that the session can take its keys out of Redis. It is
+# unique to the process: parallel sessions (pytest-xdist workers, other runs against the same Redis) each take out
+# only their own queues, never those another session is still using.
+TEST_QUEUE_PREFIX = f"splan-test-{uuid.uuid4().hex[:8]}-"
 
 
 def forget_test_queues(client: Any, prefix: str = TEST_QUEUE_PREFIX) -> list[str]:
@@ -55,6 +58,14 @@ def forget_test_queues(client: Any, prefix: str = TEST_QUEUE_PREFIX) -> list[str
             client.zrem("unacked_index", tag)
             left.append(f"unacked[{tag.decode()}]")
     return left
+
+
+@pytest.fixture(scope="session", autouse=True)
+def logging_to_the_sessions_stderr() -> None:
+    """Configure logging once per test process, before any test (and any capsys) runs."""
+    # structlog keeps the sys.stderr it was configured with: configured first inside a capsys test (which one comes
+    # first differs per pytest-xdist worker), every later log line would go to that test's closed stream.
+    configure_logging()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -487,7 +487,8 @@ def test_readme_first_code_block_is_the_two_commands() -> None:
     assert block.group(1).splitlines() == [
         "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
         ".venv/bin/splan plan examples/llama70b-h100.yaml --report plan-report.html",
-        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest -q",
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest -q -n 2 --cov "
+        "--cov-fail-under=92",
     ]
 
 

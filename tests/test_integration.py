@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REDIS_URL, REPO
+from tests.conftest import REDIS_URL, REPO, TEST_QUEUE_PREFIX
 from tests.helpers import SPLAN, free_port, start_quiet, stop, wait_final, wait_ready
 from tests.test_jobs import SPEC
 
@@ -32,7 +32,7 @@ def production(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         "BROKER_URL": REDIS_URL,
         # The production set with keys is tested in tests/test_auth.py; these tests are about execution.
         "SPLAN_REQUIRE_API_KEYS": "false",
-        "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}",
+        "SPLAN_QUEUE_NAME": f"{TEST_QUEUE_PREFIX}{uuid.uuid4().hex[:8]}",
         "SPLAN_SWEEP_INTERVAL_S": "2",
         "PYTHONPATH": str(REPO),
     }
@@ -116,7 +116,7 @@ def test_plan_queued_without_a_worker_runs_once_one_starts(
     production: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     _, env = production
-    env = {**env, "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}"}
+    env = {**env, "SPLAN_QUEUE_NAME": f"{TEST_QUEUE_PREFIX}{uuid.uuid4().hex[:8]}"}
     api, base_url = start_quiet(["serve"], env, tmp_path)
     worker = None
     try:
@@ -302,7 +302,7 @@ def test_a_killed_workers_plan_is_rerun_within_fifteen_seconds(postgres_url: str
         "BROKER_URL": REDIS_URL,
         # The production set with keys is tested in tests/test_auth.py; these tests are about execution.
         "SPLAN_REQUIRE_API_KEYS": "false",
-        "SPLAN_QUEUE_NAME": f"splan-test-{uuid.uuid4().hex[:8]}",
+        "SPLAN_QUEUE_NAME": f"{TEST_QUEUE_PREFIX}{uuid.uuid4().hex[:8]}",
         "PYTHONPATH": str(REPO),
     }
     subprocess.run([*SPLAN, "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)

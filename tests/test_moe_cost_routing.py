@@ -1,0 +1,66 @@
+"""MoE routing and kernel choice, hand-checked: balanced shares, expert kernels per dtype and GPU, one-rank EP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.planning.catalog import Catalog
+from service.planning.moe_cost import (
+    MoeCalibration,
+    alltoall_copies_per_token,
+    expected_destination_ranks,
+    expert_kernel,
+    local_pair_share,
+    routing_probabilities,
+)
+from service.planning.specs import DType
+
+
+def test_balanced_routing_gives_every_expert_the_same_share() -> None:
+    assert routing_probabilities(8).tolist() == [0.125] * 8
+    # 8 of 256 experts per token, 32 of them on the GPU: 8 x 32 / 256 = 1 pair per token.
+    assert local_pair_share(256, 32, 8) == 1.0
+    assert local_pair_share(256, 32, 8, "random") == 1.0
+
+
+def test_skewed_routing_favours_the_first_experts_and_loads_the_busiest_gpu_more() -> None:
+    shares = routing_probabilities(16, "power_law_1.2")
+    assert float(shares.sum()) == pytest.approx(1.0)
+    assert shares[0] > 1.0 / 16 > shares[-1]
+    # The busiest GPU holds more than its even share (8 x 32 / 256 = 1 pair per token), at most all 8.
+    assert 1.0 < local_pair_share(256, 32, 8, "power_law_1.2") <= 8.0
+
+
+def test_an_unknown_distribution_or_calibration_field_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown routing distribution 'zipf'"):
+        routing_probabilities(8, "zipf")
+    with pytest.raises(ValueError, match="unknown MoE calibration field 'speed'"):
+        MoeCalibration().with_overrides({"speed": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("gpu", "dtype", "kernel"),
+    [
+        ("h100-sxm", DType.BF16, "bf16"),
+        ("h100-sxm", DType.FP8, "fp8_block"),
+        ("h100-sxm", DType.FP4, "w4a16_mxfp4"),
+        ("h100-sxm", DType.MXFP4, "w4a16_mxfp4"),
+        ("h100-sxm", DType.INT4, "int4_wo"),
+        ("b200", DType.FP4, "nvfp4"),
+        ("b200", DType.MXFP4, "w4a8_mxfp4_mxfp8"),
+    ],
+)
+def test_expert_kernels_follow_the_dtype_and_what_the_gpu_runs(
+    catalog: Catalog, gpu: str, dtype: DType, kernel: str
+) -> None:
+    assert expert_kernel(dtype, catalog.gpu(gpu)) == kernel
+
+
+def test_one_expert_parallel_rank_sends_nothing() -> None:
+    assert expected_destination_ranks(8, 1) == 0.0
+    assert alltoall_copies_per_token(8, 1, "normal") == 0.0
+    assert alltoall_copies_per_token(8, 1, "low_latency") == 0.0
+    # Two ranks, top-2: 2 x (1 - (1/2)^2) = 1.5 distinct ranks per token.
+    assert expected_destination_ranks(2, 2) == 1.5
+    assert np.isclose(alltoall_copies_per_token(2, 2, "low_latency"), 1.0)
