@@ -67,10 +67,15 @@ def read_length_column(path: Path, column: str | None) -> list[int]:
         raise PlanningError(f"cannot read {path}: {exc.strerror or exc}") from None
     rows: list[dict[str, Any]]
     if path.suffix in (".jsonl", ".json"):
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise PlanningError(f"cannot parse {path}: {exc.msg} at line {exc.lineno}") from None
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                # Each line is its own document: the decoder's line is always 1, the file's is this one.
+                raise PlanningError(f"cannot parse {path}: {exc.msg} at line {number}") from None
     else:
         rows = list(csv.DictReader(text.splitlines()))
     if not rows:

@@ -78,7 +78,7 @@ def test_estimate_needs_a_model(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "column", "message"),
     [
-        ("lengths.jsonl", '{"n": 1}\n{"n": 2', None, "cannot parse {path}: Expecting ',' delimiter at line "),
+        ("lengths.jsonl", '{"n": 1}\n{"n": 2', None, "cannot parse {path}: Expecting ',' delimiter at line 2"),
         ("lengths.csv", "", None, "{path} holds no rows"),
         ("lengths.csv", "n\n5\n", "tokens", "{path} has no column 'tokens'"),
         ("lengths.csv", "name,id\nx,y\n", None, "{path} has no numeric column"),

@@ -29,6 +29,7 @@ def _refusal(call: Any, *args: Any, **kwargs: Any) -> str:
     ("row", "engine"),
     [
         ({"backend": "vllm", "backend_version": "0.12.1"}, "vllm-0.12"),
+        ({"backend": "vllm", "backend_version": "v0.12.0"}, "vllm-0.12"),
         ({"backend": "vllm", "backend_version": "0.14.0"}, "vllm"),
         ({"engine": "sglang", "backend_version": "0.4.0"}, "sglang"),
         ({}, "vllm"),

@@ -123,7 +123,9 @@ def engine_for(row: Mapping[str, Any], default: str = "vllm") -> str:
     """The catalog engine of a run: vLLM before 0.14 schedules synchronously."""
     backend = _get(row, "backend", "engine") or default
     version = _get(row, "backend_version")
-    if backend == "vllm" and version and tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 14):
+    # "v0.12.0" and "0.12.0" are the same release.
+    numbers = tuple(int(p) for p in version.strip().lstrip("vV").split(".")[:2] if p.isdigit()) if version else ()
+    if backend == "vllm" and numbers and numbers < (0, 14):
         return "vllm-0.12"
     return backend
 
