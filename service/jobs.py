@@ -11,14 +11,13 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import exc as sa_exc
 
 from service.auth import cluster_key
 from service.catalog.loader import default_catalog
 from service.db import clusters as cluster_store
 from service.db import plans as plan_store
 from service.db.models import Plan, utcnow
-from service.db.session import SessionFactory
+from service.db.session import DATABASE_UNAVAILABLE, SessionFactory
 from service.fleet_jobs import FanOut, FleetSearches
 from service.placement.cluster import Cluster, ClusterError, parse_cluster
 from service.placement.fleet_plan import parse_fleet_spec, plan_fleet
@@ -34,13 +33,6 @@ log = structlog.get_logger("splan.jobs")
 PROGRESS_INTERVAL_S = 0.5
 # How often a worker retries a write while the database is away.
 DATABASE_RETRY_S = 0.5
-# What the driver raises when the database cannot be reached or dropped the connection: it may be back soon.
-DATABASE_AWAY: tuple[type[Exception], ...] = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,
-)
 
 
 class PlanAbortedError(Exception):
@@ -71,7 +63,7 @@ def _waiting_for_database(write: Callable[[], T], *, wait_s: float, plan_id: str
     while True:
         try:
             return write()
-        except DATABASE_AWAY as exc:
+        except DATABASE_UNAVAILABLE as exc:
             if time.monotonic() >= deadline:
                 raise
             if tries == 0:  # one line per outage, not one per retry
@@ -200,7 +192,7 @@ def run_plan(
                 owned = plan_store.record_progress(
                     session, plan_id=plan_id, attempt=attempt, done=done, total=total, lease_s=settings.plan_lease_s
                 )
-        except DATABASE_AWAY:  # progress can wait for the database; the heartbeat and the lease decide ownership
+        except DATABASE_UNAVAILABLE:  # progress can wait for the database; the heartbeat and the lease decide ownership
             log.warning("plan.progress_deferred", plan_id=plan_id)
             return
         if not owned:
@@ -237,7 +229,7 @@ def run_plan(
     except PlanAbortedError:
         log.info("plan.aborted", plan_id=plan_id, attempt=attempt)
         return "aborted"
-    except DATABASE_AWAY as exc:
+    except DATABASE_UNAVAILABLE as exc:
         # Not the plan's fault: no outcome is written, the lease lapses and the sweeper runs it again.
         log.warning("plan.interrupted", plan_id=plan_id, attempt=attempt, error=type(exc).__name__)
         return "interrupted"

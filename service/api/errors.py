@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.db.session import DATABASE_UNAVAILABLE
 from service.placement.cluster import ClusterError
 from service.planning.specs import PlanningError
 
@@ -21,15 +22,6 @@ log = structlog.get_logger("splan.api")
 # How long a client should wait before retrying while the database is unreachable: PostgreSQL restarts and
 # failovers take seconds, and the fault suite measures recovery within 5 s of its return (bench/RESULTS.md).
 DATABASE_RETRY_AFTER_S = 5
-
-# What the driver raises when the database cannot be reached or dropped the connection (OperationalError and
-# InterfaceError wrap psycopg's and sqlite3's), or the pool had no connection to give in time: transient, so 503.
-DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,
-)
 
 
 def database_unavailable(exc: BaseException) -> bool:

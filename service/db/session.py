@@ -5,9 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
+
+# What the driver raises when the database cannot be reached or dropped the connection (OperationalError and
+# InterfaceError wrap psycopg's and sqlite3's), or the pool had no connection to give in time: it may be back soon.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+)
 
 SessionFactory = sessionmaker[Session]
 
