@@ -161,15 +161,26 @@ def run_plan(
     def heartbeat() -> None:
         # Renews the lease while a long simulation holds the search; a canceled or superseded plan is noticed
         # here within one beat, and the search stops at its next checkpoint.
+        away = False
         while not finished.wait(settings.plan_heartbeat_s):
             try:
                 with session_factory() as session:
                     owned = plan_store.renew_lease(
                         session, plan_id=plan_id, attempt=attempt, lease_s=settings.plan_lease_s
                     )
-            except Exception:  # the database may be away for a moment: the next beat retries, the lease decides
+            except DATABASE_UNAVAILABLE as exc:
+                # The database may be away for a moment: the next beat retries and the lease decides. One line per
+                # outage, not a traceback every beat.
+                if not away:
+                    log.warning("plan.heartbeat_deferred", plan_id=plan_id, error=type(exc).__name__)
+                away = True
+                continue
+            except Exception:
                 log.warning("plan.heartbeat_failed", plan_id=plan_id, exc_info=True)
                 continue
+            if away:
+                log.info("plan.heartbeat_resumed", plan_id=plan_id)
+            away = False
             if not owned:
                 lost.set()
                 return
