@@ -113,7 +113,11 @@ def db_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     """Settings on a migrated database: a SQLite file, and a fresh schema on the real PostgreSQL."""
     if request.param == "sqlite":
         return migrated_settings(f"sqlite:///{tmp_path / 'splan.db'}", tmp_path)
-    url: str = request.getfixturevalue("postgres_url")
+    return fresh_postgres_settings(request.getfixturevalue("postgres_url"), tmp_path)
+
+
+def fresh_postgres_settings(url: str, tmp_path: Path) -> Settings:
+    """Settings on a fresh, migrated schema of the real PostgreSQL database at ``url``."""
     settings = Settings(database_url=url, broker_url=None, data_dir=tmp_path)
     engine = make_engine(settings)
     with engine.begin() as conn:

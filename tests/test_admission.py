@@ -26,7 +26,7 @@ from service.db.session import make_engine, make_session_factory
 from service.dispatch import CeleryDispatcher
 from service.plans_service import PlanSubmission, SubmittedPlan, ValidatedPlan
 from service.settings import Settings
-from tests.conftest import REDIS_URL, TEST_QUEUE_PREFIX, migrated_settings
+from tests.conftest import REDIS_URL, TEST_QUEUE_PREFIX, fresh_postgres_settings
 
 
 def _submission(n: int) -> PlanSubmission:
@@ -180,13 +180,7 @@ def _close(*sockets: socket.socket) -> None:
 @pytest.fixture
 def cutter(postgres_url: str, tmp_path: Path) -> Iterator[tuple[CommitCutter, Settings]]:
     """A proxy in front of a fresh schema on the real PostgreSQL, and settings that reach it through the proxy."""
-    settings = Settings(database_url=postgres_url, broker_url=None, data_dir=tmp_path)
-    engine = make_engine(settings)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-    migrated_settings(postgres_url, tmp_path)
+    fresh_postgres_settings(postgres_url, tmp_path)
     url = make_url(postgres_url)
     proxy = CommitCutter(url.port or 5432)
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
