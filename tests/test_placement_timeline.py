@@ -22,7 +22,7 @@ from service.placement.prewarm import ModelDemand, PrewarmRequest, advise_prewar
 from service.placement.replay import Policy, ReplayConfig, Scenario, run_replay
 from service.planning.catalog import Catalog
 from service.planning.specs import DType
-from tests.test_placement import BIG, GB, SMALL, cluster, instance, server
+from tests.test_placement import BIG, GB, SMALL, busy_holder_cluster, cluster, instance, server
 
 NO_STAGING = EstimatorOptions(allow_staging=False)
 
@@ -251,3 +251,27 @@ def test_cli_prewarm_prints_copies(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "expected cold start" in out
     assert "keep-alive qwen3-32b" in out
+
+
+def test_a_migration_is_charged_the_loader_time_it_takes_in_a_busy_cluster(catalog: Catalog) -> None:
+    quiet = busy_holder_cluster()
+    # A third server loading a checkpoint: one loader in three is busy.
+    busy = cluster(
+        *[s.model_dump(mode="json") for s in quiet.servers],
+        server(
+            "loading",
+            queue=[{"model": SMALL, "tier": "ssd", "remaining_bytes": 6 * GB, "bandwidth_bytes_per_s": 6 * GB}],
+        ),
+        instances=[i.model_dump(mode="json") for i in quiet.instances],
+    )
+    request = PlacementRequest(model=BIG, tp=4)
+    calm = place(quiet, request, now_s=0.0, catalog=catalog).placements[0]
+    pressed = place(busy, request, now_s=0.0, catalog=catalog).placements[0]
+    assert calm.option == pressed.option == "migrate"
+    move = pressed.migrations[0]
+    assert calm.harm_s == pytest.approx(calm.migrations[0].pause_s)
+    assert pressed.harm_s == pytest.approx(move.pause_s + move.load.transfer_s / 3)
+    assert pressed.score_s == pytest.approx(pressed.startup_latency_s + pressed.harm_s)
+    # The ServerlessLLM-style ranking prices no harm at all.
+    sllm = EstimatorOptions(harm_aware=False)
+    assert place(busy, request, now_s=0.0, catalog=catalog, options=sllm).placements[0].harm_s == 0.0

@@ -254,6 +254,11 @@ class ClusterView:
                 if task.tier is TierKind.REMOTE:
                     self.downloading.add(s.name)
             self.queue_wait_s[s.name] = wait
+        # Share of servers whose loader is busy now: the chance that a cold start landing on a server meets its
+        # loader occupied, i.e. what one second of extra loading costs the cold starts to come (a migration's load
+        # is such extra work; in a congested cluster it feeds the congestion).
+        busy_loaders = sum(1 for wait_s in self.queue_wait_s.values() if wait_s > 0)
+        self.loader_pressure = busy_loaders / len(self.queue_wait_s) if self.queue_wait_s else 0.0
         # Instances already moved by the decision being built; they are not moved twice.
         self.moved: set[str] = set()
 

@@ -490,6 +490,7 @@ def _solo_cost_s(view: ClusterView, ctx: PlacementContext, st: ServerStatic, m: 
     if cost is None:
         # What _moves(..., [m], short=1) would price, without building its records: the soonest other server
         # with room (every ranked server has room for the instance), then the migration's timeline.
+        # The loader charge is left out here: it orders the movers; the option's score carries it.
         cost = float("inf")
         for total_s, dest, _, _ in ctx.destinations_for(view, need=m.need):
             if dest != st.name:
@@ -567,13 +568,26 @@ def _releases(
         if singles:
             moves = _moves(view, ctx, st, [by_id[singles[0][1]]], short=short)
             if moves is not None:
-                out.append(_release_of("migrate", ids, moves, by_id, harm_aware=harm_aware))
+                out.append(
+                    _release_of(
+                        "migrate", ids, moves, by_id, harm_aware=harm_aware, loader_pressure=view.loader_pressure
+                    )
+                )
         if (limit is None or limit > 1) and len(movers) > 1:
             # Cheapest GPUs first: a large instance that moves as fast as a small one frees more.
             ranked = sorted(movers, key=lambda m: (_solo_cost_s(view, ctx, st, m) / m.need.gpus, m.instance.id))
             moves = _moves(view, ctx, st, ranked, short=short)
             if moves is not None and len(moves) > 1 and (limit is None or len(moves) <= limit):
-                out.append(_release_of("migrate-several", ids, moves, by_id, harm_aware=harm_aware))
+                out.append(
+                    _release_of(
+                        "migrate-several",
+                        ids,
+                        moves,
+                        by_id,
+                        harm_aware=harm_aware,
+                        loader_pressure=view.loader_pressure,
+                    )
+                )
     if not out:
         freeable = sum(m.need.gpus for m in movable)
         if len(ids) + freeable < need.gpus:
@@ -593,10 +607,13 @@ def _release_of(
     by_id: dict[str, MovableInstance],
     *,
     harm_aware: bool,
+    loader_pressure: float,
 ) -> _Release:
     freed = [g for m in moves for g in by_id[m.instance_id].instance.gpu_ids]
     free_s = max(m.finish_s for m in moves)
-    harm = sum(m.pause_s for m in moves) if harm_aware else 0.0
+    # Harm: the pause the migrated requests see, and the loader time each destination load takes from the cold
+    # starts to come, in proportion to how busy the loaders are.
+    harm = sum(m.pause_s + loader_pressure * m.load.transfer_s for m in moves) if harm_aware else 0.0
     return _Release(kind, free_s, (*ids, *sorted(freed)), migrations=moves, harm_s=harm)
 
 
