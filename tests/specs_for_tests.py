@@ -83,6 +83,8 @@ def engine_spec(**fields: Any) -> EngineSpec:
         "overlap_scheduling": False,
         "max_num_batched_tokens": 512,
         "max_num_seqs": 64,
+        # NCCL all-reduces unless a test turns the engine's own kernels on (hand-checked sums stay simple).
+        "custom_all_reduce": False,
         "chunked_prefill": True,
         "mixed_batches": True,
         "gpu_memory_fraction": 0.9,

@@ -12,6 +12,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from service.planning.catalog import Catalog
@@ -22,6 +23,7 @@ from service.planning.kernels import (
     attention_decode_time_s,
     attention_prefill_time_s,
     collective_time_s,
+    custom_all_reduce_times_s,
     elementwise_time_s,
     gemm_time_s,
     prefill_chunk_tiles,
@@ -307,6 +309,38 @@ def test_tp2_communication_is_two_all_reduces_per_layer() -> None:
         # MoE layers without EP or DP: the expert output is reduced like a dense FFN.
         moe = _cost(MOE, make_layout(tp=2)).step(decode_sequences=tokens, decode_context_tokens=tokens)
         assert moe.communication_s == pytest.approx(2 * 4 * one, rel=1e-12)
+
+
+def test_tp_all_reduce_inside_a_node_runs_the_engines_own_kernel() -> None:
+    custom_engine = replace(ENGINE, custom_all_reduce=True)
+    for tokens in (1, 7, 300):
+        message = tokens * 64 * 2.0
+        custom = float(
+            custom_all_reduce_times_s(
+                np.array(message), np.array(2.0), link_bandwidth_bytes_per_s=1.0e11, calibration=CAL
+            )
+        )
+        nccl = collective_time_s("all_reduce", message, 2, link_bandwidth_bytes_per_s=1.0e11, calibration=CAL)
+        assert custom < nccl
+        step = _cost(DENSE, make_layout(tp=2), custom_engine).step(
+            decode_sequences=tokens, decode_context_tokens=tokens
+        )
+        assert step.communication_s == pytest.approx(2 * 4 * custom, rel=1e-12)
+    # Across nodes (one GPU per node here) the kernel cannot reach its peers: NCCL over the network.
+    one_per_node = replace(GPU, gpus_per_node=1)
+    cost = step_cost(
+        DENSE,
+        make_layout(tp=2),
+        gpu=one_per_node,
+        engine=custom_engine,
+        max_tokens=512,
+        calibration=CAL,
+        moe_calibration=MOE_CAL,
+    )
+    network = collective_time_s("all_reduce", 7 * 64 * 2.0, 2, link_bandwidth_bytes_per_s=1.0e10, calibration=CAL)
+    assert cost.step(decode_sequences=7, decode_context_tokens=7).communication_s == pytest.approx(
+        2 * 4 * network, rel=1e-12
+    )
 
 
 def test_tp2_step_splits_the_gemms() -> None:

@@ -172,6 +172,10 @@ class EngineSpec:
     # Latency the API server adds to each request outside the GPU steps (HTTP, chat template and tokenisation
     # before the scheduler, detokenisation and streaming of the first token), seen by the client in TTFT and E2E.
     request_overhead_s: float = 0.0
+    # Tensor-parallel all-reduces inside one node run the engine's own kernels (one-shot/two-shot over
+    # peer-to-peer NVLink buffers, below 8 MiB) instead of NCCL: vLLM `disable_custom_all_reduce` and SGLang
+    # `--disable-custom-all-reduce` default to off, TRT-LLM's `allreduce_strategy` AUTO picks its custom kernels.
+    custom_all_reduce: bool = True
     # Piecewise CUDA graphs (vLLM V1) also cover mixed prefill/decode steps, all but attention.
     piecewise_cuda_graphs: bool = False
     # Share of a request's output tokens whose KV blocks admission reserves up front: 0 allocates on

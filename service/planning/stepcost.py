@@ -18,10 +18,15 @@ from service.planning.kernels import (
     gemm_time_s,
     prefill_chunk_tiles,
     prefill_tile_shape,
+    tp_all_reduce_time_s,
 )
 from service.planning.mla_cost import MlaCalibration, mla_decode_time_s, mla_prefill_time_s
 from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
 from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError, SpeculativeDecoding
+
+# TP sizes vLLM's CustomAllreduce serves (vllm/distributed/device_communicators/custom_all_reduce.py
+# _SUPPORTED_WORLD_SIZES; SGLang carries the same kernels); larger or cross-node groups fall back to NCCL.
+CUSTOM_ALL_REDUCE_GPUS = frozenset({2, 4, 6, 8})
 
 # Mean contexts (tokens) at which MLA decode time is tabulated per batch size; steps interpolate between them.
 MLA_CONTEXT_GRID_TOKENS = (0.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0)
@@ -195,6 +200,10 @@ class ReplicaStepCost:
         )
         domain = gpu.scale_up_domain_gpus
         self.link_bandwidth = self._link_bandwidth(tp)
+        # The engines' own all-reduce kernels (peer-to-peer buffers over NVLink) serve TP groups inside one node.
+        self.tp_custom_all_reduce = (
+            engine.custom_all_reduce and tp in CUSTOM_ALL_REDUCE_GPUS and tp <= gpu.scale_up_domain_gpus
+        )
         self.moe_link_bandwidth = self._link_bandwidth(layout.stage_gpus)
         self.stage_link_bandwidth = self._link_bandwidth(layout.gpus)
         self.domain_gpus = domain
@@ -525,7 +534,17 @@ class ReplicaStepCost:
         layout, hidden = self.layout, self.model.hidden_size
         activation_bytes = tokens * hidden * 2.0
         # Row-parallel attention output (and dense FFN) end in an all-reduce over the attention TP group.
-        tp_reduce = self._all_reduce(activation_bytes, layout.tp, self.link_bandwidth) if layout.tp > 1 else 0.0
+        if layout.tp <= 1:
+            tp_reduce = 0.0
+        elif self.tp_custom_all_reduce:
+            tp_reduce = tp_all_reduce_time_s(
+                activation_bytes,
+                layout.tp,
+                link_bandwidth_bytes_per_s=self.link_bandwidth,
+                calibration=self.calibration,
+            )
+        else:
+            tp_reduce = self._all_reduce(activation_bytes, layout.tp, self.link_bandwidth)
         total = tp_reduce * self.layers_per_stage + tp_reduce * self.dense_layers
         if self.moe_layers == 0:
             return total
