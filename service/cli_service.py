@@ -48,6 +48,11 @@ def add_service_commands(sub: Any) -> None:
     )
     worker.add_argument("--no-beat", action="store_true", help="do not run the stale-plan sweeper schedule")
     worker.add_argument("--loglevel", default="INFO", help="Celery log level")
+    worker.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="run the Celery worker in this process and exit when it dies (default: restart it after an error)",
+    )
 
     server_help = "the planning service's URL, e.g. http://127.0.0.1:8765 (default: $SPLAN_SERVER)"
     key_help = "API key sent as Authorization: Bearer (default: $SPLAN_API_KEY; none for a keyless local server)"
@@ -161,6 +166,15 @@ def _worker(args: argparse.Namespace) -> int:
         raise ServiceCliError(
             "splan worker needs BROKER_URL and DATABASE_URL (the embedded mode runs plans in-process)"
         )
+    if not args.no_supervise:
+        from service.supervisor import supervise
+
+        child = [sys.executable, "-m", "service.cli", "worker", "--no-supervise", f"--loglevel={args.loglevel}"]
+        if args.concurrency:
+            child.append(f"--concurrency={args.concurrency}")
+        if args.no_beat:
+            child.append("--no-beat")
+        return supervise(child)
     from workers.celery_app import app
 
     if settings.worker_nice:
@@ -170,8 +184,19 @@ def _worker(args: argparse.Namespace) -> int:
     argv += ["--without-mingle", f"--concurrency={args.concurrency or settings.worker_concurrency}"]
     if not args.no_beat:
         argv.append("--beat")
+    # worker_main drops the worker's exit status, so a worker Celery ended on an unrecoverable error (status 1)
+    # would exit 0 and look like a clean stop to the supervisor and to a container runtime: take it from the
+    # worker_shutdown signal, whose sender is the stopping worker.
+    from celery.signals import worker_shutdown
+
+    exit_codes: list[int] = []
+
+    def remember(sender: Any = None, **_: Any) -> None:
+        exit_codes.append(int(getattr(sender, "exitcode", 0) or 0))
+
+    worker_shutdown.connect(remember, weak=False)
     app.worker_main(argv)
-    return 0
+    return max(exit_codes, default=0)
 
 
 def _db(args: argparse.Namespace) -> int:

@@ -296,7 +296,7 @@ def test_more_gpu_memory_never_gives_fewer_kv_tokens(
 # Fast-forward equals step by step ------------------------------------------------------------------------
 
 
-def _knobs(scheduler: str, max_sequences: int = 64) -> SchedulerKnobs:
+def _knobs(scheduler: str, max_sequences: int = 64, *, overlap_scheduling: bool = False) -> SchedulerKnobs:
     return SchedulerKnobs(
         max_batched_tokens=1024,
         max_sequences=max_sequences,
@@ -304,6 +304,7 @@ def _knobs(scheduler: str, max_sequences: int = 64) -> SchedulerKnobs:
         mixed_batches=scheduler != "sglang",
         scheduler=scheduler,
         kv_reserve_output_fraction=1.0 if scheduler == "trtllm" else 0.0,
+        overlap_scheduling=overlap_scheduling,
     )
 
 
@@ -474,9 +475,10 @@ def test_fast_forward_equals_step_by_step_across_the_cpu_gpu_crossover(monkeypat
     rate=st.floats(2.0, 200.0),
     count=st.integers(4, 30),
     seed=st.integers(0, 1000),
+    overlap=st.booleans(),
 )
 def test_fast_forward_equals_step_by_step_open_loop(
-    monkeypatch: pytest.MonkeyPatch, scheduler: str, rate: float, count: int, seed: int
+    monkeypatch: pytest.MonkeyPatch, scheduler: str, rate: float, count: int, seed: int, overlap: bool
 ) -> None:
     rng = np.random.default_rng(seed)
     inputs = [int(x) for x in rng.integers(1, 800, count)]
@@ -486,12 +488,32 @@ def test_fast_forward_equals_step_by_step_open_loop(
         np.asarray(outputs, dtype=np.int64),
         np.cumsum(rng.exponential(1.0, count)) - 0.0,
     )
-    config = InstanceConfig(Role.COLLOCATED, COSTS[0], 20_000, _knobs(scheduler))
+    config = InstanceConfig(Role.COLLOCATED, COSTS[0], 20_000, _knobs(scheduler, overlap_scheduling=overlap))
     fast = simulate(instances=[config], sample=sample, arrival=ArrivalKind.POISSON, rate_per_s=rate)
     with monkeypatch.context() as patch:
         _step_by_step(patch)
         slow = simulate(instances=[config], sample=sample, arrival=ArrivalKind.POISSON, rate_per_s=rate)
     _assert_same_latencies(fast, slow)
+
+
+def test_an_overlapping_engine_sees_a_request_one_step_later() -> None:
+    # A (16-token prompt, 3 tokens) arrives at an idle engine at 0; B arrives halfway through A's prefill step.
+    # Without overlap B joins the next step; with it that step was formed when A's prefill started, so B waits
+    # for it: one decode step of A alone (context 17 tokens) more, and a mixed step one token of context later.
+    prefill_s = COSTS[0].step(prefill_tokens=16, prefill_sequences=1, prefill_chunks=1).total_s
+    sample = RequestSample(
+        np.asarray([16, 16], dtype=np.int64), np.asarray([3, 2], dtype=np.int64), np.asarray([0.0, prefill_s / 2])
+    )
+
+    def run(overlap: bool) -> SimulationResult:
+        config = InstanceConfig(Role.COLLOCATED, COSTS[0], 20_000, _knobs("vllm", overlap_scheduling=overlap))
+        return simulate(instances=[config], sample=sample, arrival=ArrivalKind.POISSON, rate_per_s=1.0)
+
+    sync, overlapped = run(False), run(True)
+    first_a = {round(float(a), 12) for a in (sync.ttft_s[0], overlapped.ttft_s[0])}
+    assert len(first_a) == 1  # A found the engine idle either way
+    one_decode_s = COSTS[0].step(decode_sequences=1, decode_context_tokens=17).total_s
+    assert float(overlapped.ttft_s[1] - sync.ttft_s[1]) == pytest.approx(one_decode_s, rel=0.02)
 
 
 # Estimates: determinism, replicas, attention-DP folding ----------------------------------------------------

@@ -61,6 +61,9 @@ class SchedulerKnobs:
     request_overhead_s: float = 0.0
     # Automatic prefix caching (vLLM enable_prefix_caching, SGLang radix cache, TRT-LLM enable_block_reuse).
     prefix_caching: bool = False
+    # The next batch is formed while the current one runs (vLLM async scheduling, SGLang's overlap scheduler,
+    # TRT-LLM's overlap scheduler): a request arriving during a step joins the batch after the next one.
+    overlap_scheduling: bool = False
     # Tokens per KV-cache block: the allocation unit, and the unit a cached prefix is reused in.
     kv_block_tokens: int = KV_BLOCK_TOKENS
 
@@ -134,6 +137,9 @@ class SimInstance:
     config: InstanceConfig
     index: int
     waiting: deque[SimRequest] = field(default_factory=deque)
+    # Requests that arrived while a step ran on an overlapping engine, with their arrival times: the batch after
+    # that step was already formed, so they wait for the one after it.
+    inbox: deque[tuple[float, SimRequest]] = field(default_factory=deque)
     running: list[SimRequest] = field(default_factory=list)
     kv_used: int = 0
     busy: bool = False
@@ -151,6 +157,8 @@ class SimInstance:
     # The step-done event now pending for this instance (stale ones are skipped) and the fast-forwarded
     # run it ends: start time, first step, per-step growth and step count.
     pending_event: int = 0
+    # When the last step in flight started (for a fast-forwarded run, its last step).
+    step_start_s: float = 0.0
     ff_start_s: float = 0.0
     ff_first_s: float = 0.0
     ff_slope_s: float = 0.0
@@ -167,7 +175,7 @@ class SimInstance:
 
     def load(self) -> int:
         """Requests queued or running here."""
-        return len(self.waiting) + len(self.running)
+        return len(self.inbox) + len(self.waiting) + len(self.running)
 
     def grow_kv(self, req: SimRequest, tokens: int) -> bool:
         """Ensure ``req`` has KV blocks for ``tokens`` tokens; False when the cache is full."""

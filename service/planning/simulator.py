@@ -314,7 +314,10 @@ class _Simulation:
             if kind == _ARRIVE:
                 assert req is not None
                 inst = self.route()
-                inst.waiting.append(req)
+                if inst.busy and inst.config.knobs.overlap_scheduling:
+                    inst.inbox.append((self.now, req))
+                else:
+                    inst.waiting.append(req)
                 self.cut_fast_forward(inst)
                 self.kick(inst)
             elif kind == _DECODE_ARRIVE:
@@ -330,6 +333,7 @@ class _Simulation:
                 # the batch, the event); a fast-forwarded run of decode steps counts as one step.
                 work += max(len(inst.batch), len(inst.running)) + STEP_SEQUENCE_EQUIVALENT
                 self.finish_step(inst)
+                self.admit_inbox(inst, before_s=inst.step_start_s)
                 self.kick(inst)
                 steps += 1
                 if self.checkpoint is not None and steps % CHECKPOINT_EVERY_STEPS == 0:
@@ -351,13 +355,23 @@ class _Simulation:
         # Fewest requests queued or running; ties to the first instance.
         return min(self.entry, key=SimInstance.load)
 
+    def admit_inbox(self, inst: SimInstance, *, before_s: float) -> None:
+        """Hand the scheduler the requests that arrived before ``before_s`` (all of them: ``inf``)."""
+        while inst.inbox and inst.inbox[0][0] <= before_s:
+            inst.waiting.append(inst.inbox.popleft()[1])
+
     def kick(self, inst: SimInstance) -> None:
         if inst.busy:
             return
         batch = self.form_batch(inst)
+        if not batch and inst.inbox:
+            # Nothing left to run: the engine loop polls its input at once.
+            self.admit_inbox(inst, before_s=math.inf)
+            batch = self.form_batch(inst)
         if not batch:
             return
         inst.batch = batch
+        inst.step_start_s = self.now
         duration, repeat = self.batch_duration(inst, batch)
         inst.busy = True
         inst.steps += repeat
@@ -451,7 +465,9 @@ class _Simulation:
     ) -> tuple[float, int]:
         """Run several identical decode steps at once while nothing else can change the batch."""
         inst.ff_steps = 1
-        if inst.config.role is not Role.PREFILL and self.schedulers[inst.index].admission_possible(inst):
+        if inst.inbox or (
+            inst.config.role is not Role.PREFILL and self.schedulers[inst.index].admission_possible(inst)
+        ):
             return first_s, 1
         # Events of other instances cannot change this batch; an arrival routed here cuts the run short
         # (cut_fast_forward), so the run goes on until a request finishes or the KV blocks run out.
