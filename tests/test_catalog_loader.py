@@ -53,6 +53,13 @@ def test_a_catalog_directory_must_exist_and_hold_mappings(tmp_path: Path) -> Non
     [
         ("models", {"tiny": {"num_layers": 2, "colour": "blue"}}, "model 'tiny': "),
         ("engines", {"fast": {"step_overhead_s": 0.001, "turbo": True}}, "engine 'fast': "),
+        # A string in a boolean field would count as true: refused, naming the field.
+        (
+            "engines",
+            {"fast": {"custom_all_reduce": "maybe"}},
+            "engine 'fast': field 'custom_all_reduce' must be true or false, not 'maybe'",
+        ),
+        ("models", {"tiny": {"num_layers": "two"}}, "model 'tiny': could not convert string to float: 'two'"),
         (
             "calibration",
             {"default": {"gemm_launch_secs": 1e-6}},

@@ -75,10 +75,13 @@ def read_structured_file(path: Path) -> Any:
 
 
 def _coerce_numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Cast numeric fields: YAML 1.1 reads exponents without a dot (3.35e12) as strings."""
+    """Cast numeric fields (YAML 1.1 reads exponents without a dot, 3.35e12, as strings); refuse a non-boolean
+    value for a boolean field, which would otherwise count as true."""
     kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     out = dict(values)
     for key, value in values.items():
+        if kinds.get(key) == "bool" and not isinstance(value, bool):
+            raise ValueError(f"field {key!r} must be true or false, not {value!r}")
         if kinds.get(key) == "float" and isinstance(value, str | int):
             out[key] = float(value)
         elif kinds.get(key) == "int" and isinstance(value, str | float):
@@ -87,17 +90,17 @@ def _coerce_numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_from_entry(name: str, entry: Mapping[str, Any]) -> ModelSpec:
-    fields_ = _coerce_numbers(ModelSpec, dict(entry))
-    moe = fields_.pop("moe", None)
-    mla = fields_.pop("mla", None)
     try:
+        fields_ = _coerce_numbers(ModelSpec, dict(entry))
+        moe = fields_.pop("moe", None)
+        mla = fields_.pop("mla", None)
         return ModelSpec(
             name=name,
             moe=MoESpec(**moe) if moe else None,
             mla=MLASpec(**mla) if mla else None,
             **fields_,
         )
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise PlanningError(f"model {name!r}: {exc}") from None
 
 
@@ -147,8 +150,8 @@ def _completed_gpu_entry(entry: Mapping[str, Any]) -> tuple[dict[str, Any], list
 
 
 def _gpu_from_entry(name: str, entry: Mapping[str, Any]) -> GpuSpec:
-    fields_ = _coerce_numbers(GpuSpec, _completed_gpu_entry(entry)[0])
     try:
+        fields_ = _coerce_numbers(GpuSpec, _completed_gpu_entry(entry)[0])
         fields_["peak_flops_per_s"] = {DType(k): float(v) for k, v in fields_.get("peak_flops_per_s", {}).items()}
         if "weight_only_dtypes" in fields_:
             fields_["weight_only_dtypes"] = tuple(DType(v) for v in fields_["weight_only_dtypes"])
@@ -158,8 +161,8 @@ def _gpu_from_entry(name: str, entry: Mapping[str, Any]) -> GpuSpec:
 
 
 def _engine_from_entry(name: str, entry: Mapping[str, Any]) -> EngineSpec:
-    fields_ = _coerce_numbers(EngineSpec, dict(entry))
     try:
+        fields_ = _coerce_numbers(EngineSpec, dict(entry))
         fields_["default_kv_dtype"] = {DType(k): DType(v) for k, v in fields_.get("default_kv_dtype", {}).items()}
         return EngineSpec(name=name, **fields_)
     except (TypeError, ValueError) as exc:

@@ -60,7 +60,7 @@ class KnobOverrides:
             prefix_caching=engine.prefix_caching if self.prefix_caching is None else self.prefix_caching,
             kv_block_tokens=self.kv_block_tokens or KV_BLOCK_TOKENS,
             # SGLang drops its overlap scheduler with EAGLE-family drafting (the step model does the same).
-            overlap_scheduling=engine.overlap_scheduling and (self.speculative is None or engine.speculative_overlap),
+            overlap_scheduling=engine.overlaps(speculative=self.speculative is not None),
         )
 
 

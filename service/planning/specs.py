@@ -203,6 +203,10 @@ class EngineSpec:
     speculative_overlap: bool = True
     description: str = ""
 
+    def overlaps(self, *, speculative: bool) -> bool:
+        """Whether the engine forms the next batch while the current one runs (with speculative decoding or not)."""
+        return self.overlap_scheduling and (not speculative or self.speculative_overlap)
+
     def kv_dtype_for(self, weight_dtype: DType) -> DType:
         """Default KV-cache dtype for weights in ``weight_dtype``."""
         return self.default_kv_dtype.get(weight_dtype, DType.BF16)

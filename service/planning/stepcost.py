@@ -510,7 +510,7 @@ class ReplicaStepCost:
         layer_s = (plain.gpu_s - lm_head) / (self.layers_per_stage * self.layout.pp)
         draft_s = spec.draft_tokens * (layer_s + lm_head)
         gpu_s = verify.gpu_s + draft_s
-        overlap = self.engine.overlap_scheduling and self.engine.speculative_overlap
+        overlap = self.engine.overlaps(speculative=True)
         total = max(gpu_s, verify.cpu_s) + self.engine.step_gap_s if overlap else gpu_s + verify.cpu_s
         # The simulator advances a decode sequence one token per step: a decode-only step is charged per token
         # gained. A step that also prefills keeps its full time (the prefill chunk moves once per step).
