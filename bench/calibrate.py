@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     args = parser.parse_args()
     catalog = load_catalog()
-    base = KernelCalibration()
+    base = KernelCalibration(gemm_fp8_dispatch=catalog.calibration.gemm_fp8_dispatch)
     tables = {gpu: load_tables(args.reference, prefix) for gpu, prefix in GPUS.items()}
     fitted = {gpu: fit_all(tables[gpu], catalog.gpu(gpu), base) for gpu in GPUS}
 

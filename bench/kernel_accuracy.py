@@ -15,12 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.calibrate import GPUS, default_reference_dir, load_tables
 from service.catalog.loader import default_catalog
 from service.planning.calibration_fit import holdout_mask
-from service.planning.kernel_accuracy import ErrorSummary, kernel_errors, moe_kernel_errors
+from service.planning.kernel_accuracy import PREDICTORS, ErrorSummary, kernel_errors, measured_s, moe_kernel_errors
+from service.planning.kernels import dispatch_kernels
 
 
 def _cell(s: ErrorSummary | None) -> str:
@@ -58,6 +61,24 @@ def main() -> None:
                 f"{gpu_name:9s} {s.kind:28s} {s.rows:6d} {s.median_pct:6.1f}% {s.p90_pct:6.1f}% "
                 f"{_cell(held.get(s.kind)):>20s} {_cell(transferred.get(s.kind)):>19s}  {other}"
             )
+    print(f"\n{'gpu':9s} {'fp8 GEMM kernel (gemm_dispatch.yaml)':52s} {'rows':>6s} {'median':>7s} {'p90':>7s}")
+    for gpu_name, prefix in GPUS.items():
+        gemm = load_tables(ref, prefix).get("gemm")
+        if gemm is None:
+            continue
+        gpu = catalog.gpu(gpu_name)
+        own = catalog.calibration_for(gpu)
+        rules = own.gemm_fp8_dispatch.get(gpu.architecture, ())
+        fp8 = gemm[gemm["dtype"] == "fp8"]
+        if not rules or fp8.size == 0:
+            continue
+        error_pct = np.abs(PREDICTORS["gemm"](fp8, gpu=gpu, calibration=own) / measured_s(fp8) - 1.0) * 100.0
+        kernels, chosen = dispatch_kernels(rules, *(fp8[c].astype(np.float64) for c in ("m", "n", "k")))
+        for index in sorted(set(chosen.tolist())):
+            sel = error_pct[chosen == index]
+            rule = rules[index]
+            label = f"{kernels[index]} ({rule.tile_m:.0f}x{rule.tile_n:.0f}, m<={rule.m_max:g}, n<={rule.n_max:g})"
+            print(f"{gpu_name:9s} {label:52s} {sel.size:6d} {np.median(sel):6.1f}% {np.percentile(sel, 90):6.1f}%")
 
 
 if __name__ == "__main__":

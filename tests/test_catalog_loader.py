@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from service.catalog.loader import (
     load_hf_model_config,
     read_structured_file,
 )
-from service.planning.specs import PlanningError
+from service.planning.kernels import gemm_time_s
+from service.planning.specs import DType, PlanningError
 from tests.test_catalog_check import RTX_4090
 
 
@@ -65,6 +67,14 @@ def test_a_catalog_directory_must_exist_and_hold_mappings(tmp_path: Path) -> Non
             {"default": {"gemm_launch_secs": 1e-6}},
             "calibration: unknown calibration field 'gemm_launch_secs'",
         ),
+        (
+            "gemm_dispatch",
+            {"ada": [{"kernel": "wide", "tile_m": 128, "tile_width": 128}]},
+            "calibration: gemm dispatch rule {'kernel': 'wide', 'tile_m': 128, 'tile_width': 128}: unknown keys "
+            "['tile_width'], missing keys ['tile_n']",
+        ),
+        ("gemm_dispatch", {"ada": "fast"}, "calibration: gemm dispatch: each architecture needs a non-empty list"),
+        ("gemm_dispatch", {"ada": [{"kernel": "k", "tile_m": 0, "tile_n": 64}]}, "calibration: gemm dispatch rule"),
     ],
 )
 def test_a_bad_entry_names_its_kind_and_name(tmp_path: Path, kind: str, entries: dict[str, Any], message: str) -> None:
@@ -72,6 +82,25 @@ def test_a_bad_entry_names_its_kind_and_name(tmp_path: Path, kind: str, entries:
     refusal = _refusal(load_catalog, (tmp_path,))
     assert refusal.startswith(message), refusal
     assert "\n" not in refusal
+
+
+def test_a_user_dispatch_table_gives_its_architecture_the_tiled_fp8_gemm(tmp_path: Path) -> None:
+    rules = {"ada": [{"kernel": "ada_default", "tile_m": 128, "tile_n": 128}]}
+    (tmp_path / "gemm_dispatch.yaml").write_text(yaml.safe_dump(rules))
+    (tmp_path / "calibration.yaml").write_text(yaml.safe_dump({"ada": {"gemm_tiled_efficiency": {"ada_default": 0.4}}}))
+    built_in, extended = load_catalog(), load_catalog((tmp_path,))
+    gpu = built_in.gpu("l40s")
+    rule = extended.calibration_for(gpu).gemm_fp8_dispatch["ada"][0]
+    assert (rule.kernel, rule.tile_m, rule.tile_n, rule.cluster_m, rule.m_max) == ("ada_default", 128, 128, 1, math.inf)
+    # The built-in hopper and blackwell tables are still there; the L40S fp8 GEMM now takes the tiled model.
+    assert {"hopper", "blackwell", "ada"} <= set(extended.calibration_for(gpu).gemm_fp8_dispatch)
+    assert "ada" not in built_in.calibration_for(gpu).gemm_fp8_dispatch
+
+    def time_s(catalog: Any) -> float:
+        cal = catalog.calibration_for(gpu)
+        return float(gemm_time_s(4096.0, 4096.0, 4096.0, gpu=gpu, weight_dtype=DType.FP8, calibration=cal))
+
+    assert time_s(extended) != time_s(built_in)
 
 
 def test_model_numbers_written_as_strings_or_floats_are_read_as_integers(tmp_path: Path) -> None:

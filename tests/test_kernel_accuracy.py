@@ -13,6 +13,7 @@ import pytest
 from service.planning.catalog import Catalog
 from service.planning.kernel_accuracy import kernel_errors, moe_kernel_errors
 from service.planning.kernels import (
+    GemmTileRule,
     KernelCalibration,
     attention_decode_time_s,
     attention_prefill_time_s,
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     "h100-sxm": {
         "gemm_bf16": (8.0, 28.0),
-        "gemm_fp8": (12.5, 37.0),
+        "gemm_fp8": (6.5, 18.0),
         "attention_prefill": (10.5, 28.0),
         "attention_decode": (8.5, 22.0),
         "all_gather": (12.0, 32.0),
@@ -43,7 +44,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     },
     "b200": {
         "gemm_bf16": (8.0, 34.0),
-        "gemm_fp8": (16.0, 52.0),
+        "gemm_fp8": (10.0, 41.0),
         "gemm_fp8_block": (11.0, 36.0),
         "gemm_nvfp4": (11.0, 29.0),
         "attention_prefill": (14.0, 43.0),
@@ -185,6 +186,50 @@ def test_gemm_time_exact_fp8_and_block_scaled() -> None:
     block_roof = (compute(c.gemm_block_scaled_efficiency) ** p + t_memory**p) ** (1 / p)
     got_block = float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP8, calibration=c, block_scaled=True))
     assert got_block == pytest.approx(block_roof + c.gemm_launch_s + c.gemm_block_scaled_launch_s, rel=1e-12)
+
+
+def test_fp8_gemm_time_exact_under_a_dispatch_table() -> None:
+    rules = (
+        GemmTileRule(kernel="small", m_max=64, tile_m=16, tile_n=64, cluster_m=2),
+        GemmTileRule(kernel="big", tile_m=128, tile_n=128, cluster_m=2),
+    )
+    c = KernelCalibration(gemm_fp8_dispatch={"hopper": rules}, gemm_tiled_efficiency={"big": 0.5})
+    gpu = _gpu(architecture="hopper")
+    p, q = c.gemm_tiled_blend_power, c.gemm_tiled_wave_power
+    feed_per_sm = 2e12 * c.gemm_tiled_feed_bandwidth_factor / 100
+    bandwidth = 2e12 * c.gemm_tiled_bandwidth_efficiency
+
+    def expected(m: float, n: float, k: float, *, eff: float, tile: tuple[int, int], blocks: int) -> float:
+        # 100 SMs in clusters of 2: 50 slots, so one partial wave of blocks / 50.
+        waves = math.ceil(blocks / 50) ** q * (blocks / 50) ** (1 - q)
+        t_mma = 2 * tile[0] * tile[1] * k / (2e15 / 100 * eff)
+        t_feed = (tile[0] + tile[1] / 2) * k / feed_per_sm
+        t_compute = waves * (t_mma**p + t_feed**p) ** (1 / p)
+        t_memory = ((m * k + n * k) * 1 + m * n * 2) / bandwidth
+        quant = c.gemm_quant_launch_s[DType.FP8] + c.gemm_quant_per_row_s[DType.FP8] * m + m * k * 3 / bandwidth
+        return float((t_compute**p + t_memory**p) ** (1 / p) + c.gemm_launch_s + quant)
+
+    # m = 300 takes the second rule: ceil(300/128) = 3 row tiles in ceil(3/2) = 2 cluster rows x 512/128 = 4: 8 blocks.
+    got = float(gemm_time_s(300.0, 512.0, 1024.0, gpu=gpu, weight_dtype=DType.FP8, calibration=c))
+    assert got == pytest.approx(expected(300, 512, 1024, eff=0.5, tile=(128, 128), blocks=8), rel=1e-12)
+    # m = 16 takes the first: one 16-row tile (a cluster row of its own) x 512/64 = 8 tiles; "small" has no fitted
+    # efficiency, so it runs at the fp8 roofline's.
+    eff = c.gemm_peak_efficiency[DType.FP8]
+    got = float(gemm_time_s(16.0, 512.0, 1024.0, gpu=gpu, weight_dtype=DType.FP8, calibration=c))
+    assert got == pytest.approx(expected(16, 512, 1024, eff=eff, tile=(16, 64), blocks=8), rel=1e-12)
+    # 15360 rows: 120 row tiles in 60 cluster rows x 8192/128 = 64 tiles: 3840 blocks, 76.8 waves (77, one partial).
+    got = float(gemm_time_s(15360.0, 8192.0, 1024.0, gpu=gpu, weight_dtype=DType.FP8, calibration=c))
+    assert got == pytest.approx(expected(15360, 8192, 1024, eff=0.5, tile=(128, 128), blocks=3840), rel=1e-12)
+    # Another architecture has no table: the plain roofline, as without one; block-scaled fp8 never takes the table.
+    ada = _gpu(architecture="ada")
+    plain = KernelCalibration()
+    for m in (16.0, 300.0):
+        assert float(gemm_time_s(m, 512.0, 1024.0, gpu=ada, weight_dtype=DType.FP8, calibration=c)) == float(
+            gemm_time_s(m, 512.0, 1024.0, gpu=ada, weight_dtype=DType.FP8, calibration=plain)
+        )
+        assert float(
+            gemm_time_s(m, 512.0, 1024.0, gpu=gpu, weight_dtype=DType.FP8, calibration=c, block_scaled=True)
+        ) == float(gemm_time_s(m, 512.0, 1024.0, gpu=gpu, weight_dtype=DType.FP8, calibration=plain, block_scaled=True))
 
 
 def test_fp4_is_weight_only_without_fp4_tensor_cores() -> None:

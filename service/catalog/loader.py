@@ -170,7 +170,7 @@ def _engine_from_entry(name: str, entry: Mapping[str, Any]) -> EngineSpec:
 
 
 def _merge_dir(directory: Path, raw: dict[str, dict[str, Any]]) -> None:
-    for kind in ("models", "gpus", "engines", "calibration", "moe_calibration", "engine_calibration"):
+    for kind in ("models", "gpus", "engines", "calibration", "moe_calibration", "engine_calibration", "gemm_dispatch"):
         for suffix in (".yaml", ".yml", ".json"):
             path = directory / f"{kind}{suffix}"
             if path.exists():
@@ -189,6 +189,7 @@ def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
         "calibration": {},
         "moe_calibration": {},
         "engine_calibration": {},
+        "gemm_dispatch": {},
     }
     dirs = [DATA_DIR]
     env = os.environ.get(CATALOG_PATH_ENV, "")
@@ -201,7 +202,8 @@ def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
     calibration_raw = raw["calibration"]
     default_fields = calibration_raw.get("default", {}) or {}
     try:
-        base = KernelCalibration().with_overrides(default_fields)
+        dispatch = {"gemm_fp8_dispatch": raw["gemm_dispatch"]} if raw["gemm_dispatch"] else {}
+        base = KernelCalibration().with_overrides({**dispatch, **default_fields})
         per_gpu = {
             name: base.with_overrides(values or {}) for name, values in calibration_raw.items() if name != "default"
         }

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import least_squares  # type: ignore[import-untyped]
 
 from service.planning.kernel_accuracy import PREDICTORS, measured_s, usable_rows
-from service.planning.kernels import FloatArray, KernelCalibration
+from service.planning.kernels import FloatArray, GemmTileRule, KernelCalibration, dispatch_kernels
 from service.planning.mla_cost import MlaCalibration
 from service.planning.moe_cost import MoeCalibration
 from service.planning.moe_fit import (
@@ -159,17 +159,35 @@ def fit_gemm(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[st
     ]
     cal, values = _fit_table("gemm", bf16, gpu, cal, shared)
     out.update(values)
+    rules = cal.gemm_fp8_dispatch.get(gpu.architecture, ())
     for name, dtype in (("fp8", DType.FP8), ("nvfp4", DType.FP4)):
         sel = rows[rows["dtype"] == name]
         if sel.size == 0:
             continue
-        params = [
-            Param("gemm_peak_efficiency", 0.1, 1.0, dtype),
-            Param("gemm_k_overhead_elems", 1.0, 4096.0, dtype),
+        quantisation = [
             Param("gemm_quant_launch_s", 1e-7, 5e-5, dtype),
             Param("gemm_quant_per_row_s", 1e-11, 1e-7, dtype),
         ]
-        cal, values = _fit_table("gemm", sel, gpu, cal, params)
+        roofline = [
+            Param("gemm_peak_efficiency", 0.1, 1.0, dtype),
+            Param("gemm_k_overhead_elems", 1.0, 4096.0, dtype),
+        ]
+        if dtype is DType.FP8 and rules:
+            tiled = [Param("gemm_tiled_efficiency", 0.05, 1.0, kernel) for kernel in _kernels_used(rules, sel)]
+            tiled += [
+                Param("gemm_tiled_feed_bandwidth_factor", 0.5, 30.0),
+                Param("gemm_tiled_wave_power", 0.01, 1.0),
+                Param("gemm_tiled_blend_power", 1.0, 20.0),
+                Param("gemm_tiled_bandwidth_efficiency", 0.2, 1.0),
+            ]
+            cal, values = _fit_table("gemm", sel, gpu, cal, tiled + quantisation)
+            out.update(values)
+            # The plain roofline stays the fallback for architectures without a dispatch table: fitted on the
+            # same rows with the same activation-quantisation costs.
+            untiled, values = _fit_table("gemm", sel, gpu, replace(cal, gemm_fp8_dispatch={}), roofline)
+            cal = replace(untiled, gemm_fp8_dispatch=cal.gemm_fp8_dispatch)
+        else:
+            cal, values = _fit_table("gemm", sel, gpu, cal, roofline + quantisation)
         out.update(values)
     if DType.FP8 in cal.gemm_peak_efficiency:
         # No int8 table: int8 scaled GEMMs run the same CUTLASS path as fp8 at the same peak.
@@ -188,6 +206,14 @@ def fit_gemm(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[st
         cal, values = _fit_table("gemm", block, gpu, cal, params)
         out.update(values)
     return out
+
+
+def _kernels_used(rules: tuple[GemmTileRule, ...], rows: np.ndarray) -> list[str]:
+    """The dispatch's kernels that some row of the table runs, in rule order."""
+    shape = [rows[col].astype(np.float64) for col in ("m", "n", "k")]
+    kernels, chosen = dispatch_kernels(rules, *shape)
+    used = set(np.unique(chosen).tolist())
+    return list(dict.fromkeys(kernels[i] for i in range(len(kernels)) if i in used))
 
 
 def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:

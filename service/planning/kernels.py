@@ -17,6 +17,36 @@ Num = TypeVar("Num", float, FloatArray)
 
 
 @dataclass(frozen=True, slots=True)
+class GemmTileRule:
+    """One branch of an engine's GEMM kernel dispatch: the shapes it takes and the tiles its kernel runs."""
+
+    kernel: str
+    tile_m: float
+    tile_n: float
+    cluster_m: float = 1.0
+    cluster_n: float = 1.0
+    m_min: float = 0.0
+    m_max: float = math.inf
+    n_max: float = math.inf
+    k_min: float = 0.0
+    k_max: float = math.inf
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> GemmTileRule:
+        """A rule from its catalog entry (bounds left out are open)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(entry) - known)
+        missing = sorted({"kernel", "tile_m", "tile_n"} - set(entry))
+        if unknown or missing:
+            raise ValueError(f"gemm dispatch rule {entry}: unknown keys {unknown}, missing keys {missing}")
+        values = {key: (str(value) if key == "kernel" else float(value)) for key, value in entry.items()}
+        rule = cls(**values)  # type: ignore[arg-type]
+        if min(rule.tile_m, rule.tile_n, rule.cluster_m, rule.cluster_n) < 1:
+            raise ValueError(f"gemm dispatch rule {entry}: tiles and clusters must be at least 1")
+        return rule
+
+
+@dataclass(frozen=True, slots=True)
 class KernelCalibration:
     """Efficiencies and floors that turn datasheet peaks into kernel times (fitted on measured kernels)."""
 
@@ -48,6 +78,18 @@ class KernelCalibration:
     gemm_quant_per_row_s: dict[DType, float] = field(
         default_factory=lambda: {DType.FP8: 6.4e-9, DType.INT8: 6.4e-9, DType.FP4: 0.4e-9}
     )
+    # Per-tensor scaled GEMMs (fp8/int8) on an architecture with a dispatch table (catalog gemm_dispatch.yaml: the
+    # engine's CUTLASS kernel per shape, first matching rule wins) run persistent tiles: a cluster of
+    # cluster_m x cluster_n SMs takes a block of tiles, blocks are dealt in waves over the SMs (a partial wave costs
+    # ``waves**wave_power x (blocks / slots)**(1 - wave_power)`` of a full one). A tile streams its k loop from L2
+    # at ``feed_bandwidth_factor`` x HBM bandwidth shared by the SMs (multicast across the cluster) against its
+    # MMAs at the per-SM peak x the kernel's efficiency; HBM bytes at the tiled bandwidth efficiency.
+    gemm_fp8_dispatch: dict[str, tuple[GemmTileRule, ...]] = field(default_factory=dict)
+    gemm_tiled_efficiency: dict[str, float] = field(default_factory=dict)
+    gemm_tiled_feed_bandwidth_factor: float = 3.4
+    gemm_tiled_wave_power: float = 0.9
+    gemm_tiled_blend_power: float = 3.0
+    gemm_tiled_bandwidth_efficiency: float = 0.65
     # Block-scaled fp8 (128x128 weight blocks, per-token-group activation scales; DeepGEMM): own efficiency and
     # fixed cost (the reference B200 table timed it eagerly, so it carries the host launch path).
     gemm_block_scaled_efficiency: float = 0.75
@@ -127,11 +169,86 @@ class KernelCalibration:
         for key, value in overrides.items():
             if key not in known:
                 raise ValueError(f"unknown calibration field {key!r}")
-            if isinstance(value, dict):
+            if key == "gemm_fp8_dispatch":
+                value = {str(arch): _tile_rules(rules) for arch, rules in value.items()}
+            elif isinstance(value, dict):
                 dtype_keyed = any(isinstance(k, DType) for k in getattr(self, key))
                 value = {(DType(k) if dtype_keyed else str(k)): float(v) for k, v in value.items()}
             values[key] = value
         return replace(self, **values)
+
+
+def _tile_rules(rules: Any) -> tuple[GemmTileRule, ...]:
+    """Dispatch rules from catalog entries (or rules already built)."""
+    if not isinstance(rules, list | tuple) or not rules:
+        raise ValueError("gemm dispatch: each architecture needs a non-empty list of rules")
+    if not all(isinstance(r, GemmTileRule | dict) for r in rules):
+        raise ValueError("gemm dispatch: each rule is a mapping such as {kernel: k, tile_m: 128, tile_n: 128}")
+    return tuple(r if isinstance(r, GemmTileRule) else GemmTileRule.from_entry(dict(r)) for r in rules)
+
+
+def _dispatch(
+    rules: tuple[GemmTileRule, ...], m: FloatArray, n: FloatArray, k: FloatArray
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, list[str], npt.NDArray[np.int64]]:
+    """Per shape: tile and cluster sizes of the first matching rule, the kernels and each shape's kernel index."""
+    chosen = np.full(m.shape, len(rules) - 1, dtype=np.int64)
+    undecided = np.ones(m.shape, dtype=bool)
+    for index, rule in enumerate(rules):
+        hit = (
+            undecided
+            & (m >= rule.m_min)
+            & (m <= rule.m_max)
+            & (n <= rule.n_max)
+            & (k >= rule.k_min)
+            & (k <= rule.k_max)
+        )
+        chosen[hit] = index
+        undecided &= ~hit
+
+    def column(name: str) -> FloatArray:
+        return np.array([getattr(r, name) for r in rules], dtype=np.float64)[chosen]
+
+    kernels = [r.kernel for r in rules]
+    return column("tile_m"), column("tile_n"), column("cluster_m"), column("cluster_n"), kernels, chosen
+
+
+def dispatch_kernels(
+    rules: tuple[GemmTileRule, ...], m: FloatArray, n: FloatArray, k: FloatArray
+) -> tuple[list[str], npt.NDArray[np.int64]]:
+    """The dispatch's kernel names and, per shape, the index of the rule that takes it."""
+    _, _, _, _, kernels, chosen = _dispatch(rules, m, n, k)
+    return kernels, chosen
+
+
+def tiled_gemm_time_s(
+    m: FloatArray,
+    n: FloatArray,
+    k: FloatArray,
+    *,
+    gpu: GpuSpec,
+    math_dtype: DType,
+    rules: tuple[GemmTileRule, ...],
+    calibration: KernelCalibration,
+) -> FloatArray:
+    """GEMM time of a persistent tiled kernel chosen by the engine's dispatch (no activation quantisation)."""
+    c = calibration
+    tile_m, tile_n, cluster_m, cluster_n, kernels, chosen = _dispatch(rules, m, n, k)
+    default_eff = c.gemm_peak_efficiency.get(math_dtype, c.gemm_peak_efficiency[DType.BF16])
+    eff = np.array([c.gemm_tiled_efficiency.get(name, default_eff) for name in kernels])[chosen]
+    sms = float(gpu.num_sms)
+    blocks = np.ceil(np.ceil(m / tile_m) / cluster_m) * np.ceil(np.ceil(n / tile_n) / cluster_n)
+    slots = np.maximum(np.floor(sms / (cluster_m * cluster_n)), 1.0)
+    q = c.gemm_tiled_wave_power
+    waves = np.ceil(blocks / slots) ** q * (blocks / slots) ** (1.0 - q)
+    t_mma = 2.0 * tile_m * tile_n * k / (gpu.peak_for(math_dtype) / sms * eff)
+    feed_per_sm = gpu.hbm_bandwidth_bytes_per_s * c.gemm_tiled_feed_bandwidth_factor / sms
+    t_feed = (tile_m / cluster_n + tile_n / cluster_m) * k * math_dtype.bytes_per_element / feed_per_sm
+    p = c.gemm_tiled_blend_power
+    t_compute = waves * (t_mma**p + t_feed**p) ** (1.0 / p)
+    moved_bytes = (m * k + n * k) * math_dtype.bytes_per_element + m * n * 2.0
+    t_memory = moved_bytes / (gpu.hbm_bandwidth_bytes_per_s * c.gemm_tiled_bandwidth_efficiency)
+    out: FloatArray = (t_compute**p + t_memory**p) ** (1.0 / p) + c.gemm_launch_s
+    return out
 
 
 def gemm_time_s(
@@ -153,6 +270,14 @@ def gemm_time_s(
     weight_only = weight_dtype in FOUR_BIT_DTYPES and not gpu.runs_natively(weight_dtype)
     math_dtype = DType.BF16 if weight_only else weight_dtype
     scaled = math_dtype is not DType.BF16
+    rules = c.gemm_fp8_dispatch.get(gpu.architecture, ())
+    if rules and not block_scaled and math_dtype in (DType.FP8, DType.INT8):
+        m_b, n_b, k_b = np.broadcast_arrays(m_arr, n_arr, k_arr)
+        tiled_bandwidth = gpu.hbm_bandwidth_bytes_per_s * c.gemm_tiled_bandwidth_efficiency
+        tiled = tiled_gemm_time_s(m_b, n_b, k_b, gpu=gpu, math_dtype=math_dtype, rules=rules, calibration=c)
+        tiled = tiled + _quantisation_time_s(m_b, k_b, math_dtype, tiled_bandwidth, c)
+        result: FloatArray = np.where(m_b > 0, tiled, 0.0)
+        return result
     peak = gpu.peak_for(math_dtype)
     if block_scaled:
         eff = c.gemm_block_scaled_efficiency
@@ -181,10 +306,18 @@ def gemm_time_s(
     if block_scaled:
         total = total + c.gemm_block_scaled_launch_s
     elif scaled:
-        quant_launch = c.gemm_quant_launch_s.get(math_dtype, 0.0)
-        quant_rows = c.gemm_quant_per_row_s.get(math_dtype, 0.0) * m_arr
-        total = total + quant_launch + quant_rows + m_arr * k_arr * (2.0 + act_bytes) / bandwidth
+        total = total + _quantisation_time_s(m_arr, k_arr, math_dtype, bandwidth, c)
     out: FloatArray = np.where(m_arr > 0, total, 0.0)
+    return out
+
+
+def _quantisation_time_s(
+    m: FloatArray, k: FloatArray, math_dtype: DType, bandwidth_bytes_per_s: float, c: KernelCalibration
+) -> FloatArray:
+    """The activation-quantisation kernel before a scaled GEMM: launch, per-row scale, bf16 in and quantised out."""
+    launch = c.gemm_quant_launch_s.get(math_dtype, 0.0)
+    per_row = c.gemm_quant_per_row_s.get(math_dtype, 0.0) * m
+    out: FloatArray = launch + per_row + m * k * (2.0 + math_dtype.bytes_per_element) / bandwidth_bytes_per_s
     return out
 
 

@@ -150,9 +150,11 @@ def scale_calibration(cal: KernelCalibration, *, compute: float, memory: float, 
     return replace(
         cal,
         gemm_peak_efficiency=_scaled_map(cal.gemm_peak_efficiency, compute),
+        gemm_tiled_efficiency=_scaled_map(cal.gemm_tiled_efficiency, compute),
         gemm_block_scaled_efficiency=_scaled(cal.gemm_block_scaled_efficiency, compute),
         attention_prefill_efficiency=_scaled(cal.attention_prefill_efficiency, compute),
         gemm_bandwidth_efficiency=_scaled(cal.gemm_bandwidth_efficiency, memory),
+        gemm_tiled_bandwidth_efficiency=_scaled(cal.gemm_tiled_bandwidth_efficiency, memory),
         attention_decode_bandwidth_efficiency=_scaled_map(cal.attention_decode_bandwidth_efficiency, memory),
         elementwise_bandwidth_efficiency=_scaled(cal.elementwise_bandwidth_efficiency, memory),
         collective_bus_efficiency=_scaled(cal.collective_bus_efficiency, collective),
@@ -174,10 +176,14 @@ def scale_moe_calibration(cal: MoeCalibration, *, compute: float, memory: float,
 def factor_upper_bounds(cal: KernelCalibration) -> dict[str, float]:
     """The largest physical factor per resource: the one that takes the best calibrated efficiency to 1."""
     compute = max(
-        *cal.gemm_peak_efficiency.values(), cal.gemm_block_scaled_efficiency, cal.attention_prefill_efficiency
+        *cal.gemm_peak_efficiency.values(),
+        *cal.gemm_tiled_efficiency.values(),
+        cal.gemm_block_scaled_efficiency,
+        cal.attention_prefill_efficiency,
     )
     memory = max(
         cal.gemm_bandwidth_efficiency,
+        cal.gemm_tiled_bandwidth_efficiency,
         *cal.attention_decode_bandwidth_efficiency.values(),
         cal.elementwise_bandwidth_efficiency,
     )
