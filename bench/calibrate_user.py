@@ -41,12 +41,16 @@ from service.planning.user_calibration import (
     report_lines,
 )
 
+# Each fit's simulated work (sequence-steps): 25 s bought 12-19 million on the development machine. A work budget
+# fits the same points with the same steps on any machine, so the figures this prints are reproducible.
+DEFAULT_BUDGET_STEPS = 30_000_000
+
 
 def _median(values: list[float]) -> str:
     return f"{statistics.median(values):6.1f}" if values else "     –"
 
 
-def peer_suite(reference: Path, fraction: float, budget_s: float, seeds: int) -> None:
+def peer_suite(reference: Path, fraction: float, budget_s: float, seeds: int, budget_steps: int | None) -> None:
     """Calibrate per model on its first stages, print per-stage predictions and the error table."""
     runs = [r for r in csv.DictReader((reference / "peer_suite" / "vllm_h100_runs.csv").open()) if int(r["stage"]) >= 0]
     by_model: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -62,7 +66,14 @@ def peer_suite(reference: Path, fraction: float, budget_s: float, seeds: int) ->
         train, test = stages[:count], stages[count:]
         points = points_from_benchmark_rows([peer_row(r) for r in train], gpu="h100-sxm", engine="vllm", source=model)
         started = time.perf_counter()
-        result = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", time_budget_s=budget_s)
+        result = fit_profile(
+            points,
+            catalog=catalog,
+            gpu="h100-sxm",
+            engine="vllm",
+            time_budget_s=budget_s,
+            work_budget_sequence_steps=budget_steps,
+        )
         print(
             f"== {model}: calibrated on {len(train)} of {len(stages)} stages in {time.perf_counter() - started:.1f} s"
         )
@@ -105,7 +116,7 @@ def _estimate(row: dict[str, str], profile: dict[str, Any] | None) -> tuple[floa
     return result.ttft.mean, result.tpot.mean
 
 
-def e2e_split(reference: Path, budget_s: float, jobs: int) -> None:
+def e2e_split(reference: Path, budget_s: float, jobs: int, budget_steps: int | None) -> None:
     """Per engine: fit on the training models' rows, score the held-out models' rows before and after."""
     rows = list(csv.DictReader((reference / "e2e_h100_sxm.csv").open()))
     catalog = default_catalog()
@@ -125,7 +136,14 @@ def e2e_split(reference: Path, budget_s: float, jobs: int) -> None:
         points = points_from_benchmark_rows(train, gpu="h100-sxm", engine=engine, source=engine)
         points = [p for p in points if {"ttft_mean", "tpot_mean"} <= set(p.observed_ms)]
         started = time.perf_counter()
-        result = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine=engine, time_budget_s=budget_s)
+        result = fit_profile(
+            points,
+            catalog=catalog,
+            gpu="h100-sxm",
+            engine=engine,
+            time_budget_s=budget_s,
+            work_budget_sequence_steps=budget_steps,
+        )
         print(f"== {engine}: fitted in {time.perf_counter() - started:.1f} s")
         for line in report_lines(result):
             print("   " + line)
@@ -161,14 +179,22 @@ def main() -> int:
     parser.add_argument("--reference", type=Path, default=default_reference_dir())
     parser.add_argument("--part", choices=["peer", "e2e", "both"], default="both")
     parser.add_argument("--fraction", type=float, default=0.2, help="share of each model's stages to calibrate on")
-    parser.add_argument("--budget-s", type=float, default=25.0, help="time budget of each fit")
+    parser.add_argument(
+        "--budget-s", type=float, default=25.0, help="time budget of each fit, with --budget-steps 0 (machine-bound)"
+    )
+    parser.add_argument(
+        "--budget-steps",
+        type=int,
+        default=DEFAULT_BUDGET_STEPS,
+        help="simulated sequence-steps each fit may use (reproducible on any machine); 0: use --budget-s instead",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="processes for the held-out e2e estimates")
     parser.add_argument("--seeds", type=int, default=3, help="arrival draws averaged per predicted peer stage")
     args = parser.parse_args()
     if args.part in ("peer", "both"):
-        peer_suite(args.reference, args.fraction, args.budget_s, args.seeds)
+        peer_suite(args.reference, args.fraction, args.budget_s, args.seeds, args.budget_steps or None)
     if args.part in ("e2e", "both"):
-        e2e_split(args.reference, args.budget_s, args.jobs)
+        e2e_split(args.reference, args.budget_s, args.jobs, args.budget_steps or None)
     return 0
 
 

@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-seqs", type=int, default=None, help="records: engine sequences per step (default: the engine's)"
     )
     cal.add_argument("--budget-s", type=float, default=25.0, help="time budget of the fit in seconds")
+    cal.add_argument(
+        "--budget-steps",
+        type=int,
+        default=None,
+        help="bound the fit by simulated work (sequence-steps) instead of time: the same result on any machine",
+    )
     cal.add_argument("--json", action="store_true", help="print the fit report as JSON")
     add_service_commands(sub)
     return parser
@@ -1051,6 +1057,7 @@ def _calibrate(args: argparse.Namespace, catalog: Catalog) -> int:
             fit=fit,
             time_budget_s=args.budget_s,
             kernel_calibration=kernel_values,
+            work_budget_sequence_steps=args.budget_steps,
         )
         profile = result.profile
         lines = uc.report_lines(result)

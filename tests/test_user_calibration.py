@@ -72,6 +72,44 @@ def test_perturbed_constants_are_recovered_within_2_percent(catalog: Catalog) ->
     assert back.fit["residual_after"]["median_pct"] < 1.0
 
 
+def test_a_work_budget_gives_the_same_fit_whatever_the_clock(catalog: Catalog) -> None:
+    points = synthetic_points(catalog)
+    ticks = itertools.count()
+
+    def racing_clock() -> float:
+        # A machine so slow that any time budget is spent after one reading: a work budget does not look at it.
+        return float(next(ticks)) * 1000.0
+
+    results = [
+        fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", work_budget_sequence_steps=10**9, clock=c)
+        for c in (racing_clock, lambda: 0.0)
+    ]
+    first, second = (r.profile for r in results)
+    assert (first.memory_bandwidth_factor, first.compute_factor, first.engine_constants) == (
+        second.memory_bandwidth_factor,
+        second.compute_factor,
+        second.engine_constants,
+    )
+    assert first.memory_bandwidth_factor == pytest.approx(0.85, rel=0.02)
+    assert results[0].sequence_steps == results[1].sequence_steps > 0
+    assert results[0].evaluations == results[1].evaluations
+    assert not any("budget" in note for note in results[0].notes)
+    # The same racing clock with a time budget runs out at once; a small work budget stops where its steps run out.
+    timed = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", clock=racing_clock)
+    assert any("s budget" in note for note in timed.notes)
+    small = fit_profile(
+        points,
+        catalog=catalog,
+        gpu="h100-sxm",
+        engine="vllm",
+        work_budget_sequence_steps=results[0].sequence_steps // 4,
+    )
+    assert any("simulated sequence-steps" in note for note in small.notes)
+    assert small.sequence_steps < results[0].sequence_steps
+    with pytest.raises(CalibrationError, match="at least one sequence-step"):
+        fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", work_budget_sequence_steps=0)
+
+
 def test_degenerate_fits_are_refused(catalog: Catalog) -> None:
     points = synthetic_points(catalog)
     with pytest.raises(CalibrationError, match="no measured points"):
@@ -173,9 +211,11 @@ def test_cli_calibrate_writes_a_profile(tmp_path: Path, catalog: Catalog, capsys
                 }
             )
     out = tmp_path / "profile.yaml"
-    assert main(["calibrate", str(path), "-o", str(out), "--gpu", "h100-sxm", "--fit", "memory_bandwidth"]) == 0
+    fit_argv = ["calibrate", str(path), "-o", str(out), "--gpu", "h100-sxm", "--fit", "memory_bandwidth"]
+    assert main([*fit_argv, "--budget-steps", "1000000000"]) == 0
     captured = capsys.readouterr()
     assert "memory_bandwidth" in captured.out
+    assert " sequence-steps) in " in captured.out
     assert "wrote the profile" in captured.err
     profile = parse_profile(yaml.safe_load(out.read_text()))
     assert profile.gpu == "h100-sxm"
@@ -190,6 +230,7 @@ def test_cli_calibrate_writes_a_profile(tmp_path: Path, catalog: Catalog, capsys
         ["calibrate", str(records), "-o", str(out), "--gpu", "h100-sxm"],
         ["calibrate", str(tmp_path / "missing.csv"), "-o", str(out), "--gpu", "h100-sxm"],
         ["calibrate", str(records), "-o", str(out), "--gpu", "h100-sxm", "--model", "llama-3.1-8b"],
+        [*fit_argv, "--budget-steps", "0"],
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -784,6 +784,8 @@ class CalibrationResult:
     evaluations: int
     elapsed_s: float
     notes: tuple[str, ...] = ()
+    # Simulated work of the whole fit (one sequence in one engine step is one sequence-step).
+    sequence_steps: int = 0
 
 
 def _summary(errors: Mapping[str, list[float]]) -> ResidualSummary:
@@ -811,6 +813,16 @@ def predicted_metrics(estimate_result: Any) -> dict[str, float]:
 
 class _BudgetSpentError(Exception):
     """The fit ran out of its time budget."""
+
+
+@dataclass
+class _WorkMeter:
+    """Simulated work of a fit so far, in sequence-steps (one sequence in one engine step): a machine-free clock."""
+
+    sequence_steps: int = 0
+
+    def __call__(self) -> float:
+        return float(self.sequence_steps)
 
 
 def spread_order(points: Sequence[MeasuredPoint]) -> list[MeasuredPoint]:
@@ -849,6 +861,7 @@ class _Evaluator:
         base: Profile,
         names: Sequence[str],
         fit_mode: bool,
+        meter: _WorkMeter | None = None,
     ) -> None:
         self.points = list(points)
         self.catalog = catalog
@@ -858,6 +871,8 @@ class _Evaluator:
         self.cache: dict[bytes, tuple[FloatArray, list[dict[str, float]]]] = {}
         self.evaluations = 0
         self.point_seconds: list[float] = [0.0] * len(self.points)
+        self.point_sequence_steps: list[float] = [0.0] * len(self.points)
+        self.meter = meter if meter is not None else _WorkMeter()
 
     def profile_at(self, x: FloatArray) -> Profile:
         """The profile with the fitted names set from x."""
@@ -886,11 +901,16 @@ class _Evaluator:
                 catalog, _ = apply_profile(
                     self.catalog, profile, gpu=request.gpu, engine=request.engine, model=request.model
                 )
-                predicted = predicted_metrics(run_estimate(request, catalog=catalog).result)
+                result = run_estimate(request, catalog=catalog).result
+                predicted = predicted_metrics(result)
+                work = result.sequence_steps
             except PlanningError:
                 # A refused estimate counts as a miss by a factor of three on every metric.
                 predicted = {m: v * 3.0 for m, v in point.observed_ms.items()}
+                work = 1
             self.point_seconds[i] += time.perf_counter() - started
+            self.point_sequence_steps[i] += work
+            self.meter.sequence_steps += work
             predictions.append(predicted)
             for metric, observed in point.observed_ms.items():
                 value = predicted.get(metric, math.nan)
@@ -955,17 +975,29 @@ def fit_profile(
     kernel_calibration: Mapping[str, Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     pinned: Mapping[str, float] | None = None,
+    work_budget_sequence_steps: int | None = None,
 ) -> CalibrationResult:
     """Fit a profile on measured points; CalibrationError when the data cannot support the fit.
 
     ``fit`` names the parameters to fit (each must be identifiable, else the fit is refused); without it the
     identifiable ones among PARAMETERS are chosen and the others kept at their catalog values, and a factor the
     fit drives to its physical limit is held there (``pinned``) while the others are fitted again; with ``fit``
-    that is a refusal.
+    that is a refusal. With ``work_budget_sequence_steps`` the fit is bounded by simulated work instead of
+    ``time_budget_s``: the same points and steps on any machine, so its result is reproducible.
     """
     from scipy.optimize import least_squares  # type: ignore[import-untyped]
 
     started = clock()
+    meter = _WorkMeter()
+    budget_clock: Callable[[], float]
+    if work_budget_sequence_steps is not None:
+        if work_budget_sequence_steps < 1:
+            raise CalibrationError("the work budget must be at least one sequence-step")
+        budget, budget_clock = float(work_budget_sequence_steps), meter
+        budget_text = f"budget of {work_budget_sequence_steps} simulated sequence-steps"
+    else:
+        budget, budget_clock = time_budget_s, clock
+        budget_text = f"{time_budget_s:g} s budget"
     if not points:
         raise CalibrationError("no measured points to calibrate on")
     unknown = [n for n in fit or () if n not in PARAMETERS]
@@ -995,21 +1027,22 @@ def fit_profile(
     if len(selected) < len(points):
         notes.append(f"fitted on {len(selected)} of {len(points)} points (deterministic spread over groups)")
     priors = {n: _prior(n, catalog, engine_spec.name) for n in PARAMETERS}
-    evaluator = _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True)
+    evaluator = _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
     x0 = np.array([to_x(n, max(priors[n], 0.0)) for n in candidates])
     r0 = evaluator(x0)
-    # Keep as many points as the time budget allows for about (2p + 8) evaluations of the fit.
-    per_eval_budget_s = time_budget_s * 0.8 / (2 * len(candidates) + 8)
-    cumulative = np.cumsum(evaluator.point_seconds)
-    keep = max(1, int(np.searchsorted(cumulative, per_eval_budget_s, side="right")))
+    # Keep as many points as the budget allows for about (2p + 8) evaluations of the fit.
+    per_eval_budget = budget * 0.8 / (2 * len(candidates) + 8)
+    point_costs = evaluator.point_seconds if work_budget_sequence_steps is None else evaluator.point_sequence_steps
+    cumulative = np.cumsum(point_costs)
+    keep = max(1, int(np.searchsorted(cumulative, per_eval_budget, side="right")))
     if keep < len(selected):
-        notes.append(f"fitted on {keep} of {len(points)} points to stay within the {time_budget_s:g} s budget")
+        notes.append(f"fitted on {keep} of {len(points)} points to stay within the {budget_text}")
         selected = selected[:keep]
-        evaluator = _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True)
+        evaluator = _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
         r0 = evaluator(x0)
     m = r0.size
     # Identifiability at the prior: each parameter's effect, scaled to a meaningful change.
-    jacobian0 = _jacobian(evaluator, x0, candidates, upper_factor, clock=clock, deadline=math.inf)
+    jacobian0 = _jacobian(evaluator, x0, candidates, upper_factor, clock=budget_clock, deadline=math.inf)
     chosen: list[str] = []
     basis: list[FloatArray] = []
     for j, name in enumerate(candidates):
@@ -1043,7 +1076,7 @@ def fit_profile(
     lower = np.array([to_x(n, max(_bounds(n, upper_factor)[0], 1e-12)) for n in chosen])
     upper = np.array([to_x(n, _bounds(n, upper_factor)[1]) for n in chosen])
     start = np.clip(x0[idx], lower, upper)
-    deadline = started + time_budget_s
+    deadline = (0.0 if work_budget_sequence_steps is not None else started) + budget
     best: dict[str, Any] = {"cost": float(0.5 * r0 @ r0), "x": x0.copy()}
 
     def full(z: FloatArray) -> FloatArray:
@@ -1054,7 +1087,7 @@ def fit_profile(
     def fun(z: FloatArray) -> FloatArray:
         x = full(z)
         cached = x.round(9).tobytes() in evaluator.cache
-        if not cached and clock() > deadline:
+        if not cached and budget_clock() > deadline:
             raise _BudgetSpentError
         r = evaluator(x)
         cost = float(0.5 * r @ r)
@@ -1066,7 +1099,7 @@ def fit_profile(
         x = full(z)
         if np.allclose(x, x0):
             return jacobian0[:, idx]
-        return _jacobian(evaluator, x, candidates, upper_factor, clock=clock, deadline=deadline, only=idx)
+        return _jacobian(evaluator, x, candidates, upper_factor, clock=budget_clock, deadline=deadline, only=idx)
 
     stopped = False
     try:
@@ -1084,13 +1117,15 @@ def fit_profile(
         )
     except _BudgetSpentError:
         stopped = True
-        notes.append(f"stopped at the {time_budget_s:g} s budget with the best point found")
+        notes.append(f"stopped at the {budget_text} with the best point found")
     x_best = np.asarray(best["x"], dtype=np.float64)
     r_best = evaluator(x_best)
     # Uncertainty from the Jacobian at the solution when time allows, else the prior's.
-    if not stopped and clock() < deadline and not np.allclose(x_best, x0):
+    if not stopped and budget_clock() < deadline and not np.allclose(x_best, x0):
         try:
-            jacobian = _jacobian(evaluator, x_best, candidates, upper_factor, clock=clock, deadline=deadline, only=idx)
+            jacobian = _jacobian(
+                evaluator, x_best, candidates, upper_factor, clock=budget_clock, deadline=deadline, only=idx
+            )
         except _BudgetSpentError:
             jacobian = jacobian0[:, idx]
     else:
@@ -1106,19 +1141,21 @@ def fit_profile(
         sigma_x = math.sqrt(max(0.0, float(covariance[k, k])))
         sigma = value * sigma_x if PARAMETERS[name].kind == "factor" else sigma_x * PARAMETERS[name].unit_s
         near_upper = value >= hi * (1 - 1e-3)
-        if near_upper and not fit and PARAMETERS[name].kind == "factor" and clock() < deadline:
+        if near_upper and not fit and PARAMETERS[name].kind == "factor" and budget_clock() < deadline:
             # The measurements are faster than this resource allows: hold it at the datasheet peak and let the
             # other parameters account for the rest.
+            left = deadline - budget_clock()
             return fit_profile(
                 points,
                 catalog=catalog,
                 gpu=gpu,
                 engine=engine,
-                time_budget_s=max(1.0, deadline - clock()),
+                time_budget_s=max(1.0, left),
                 max_points=max_points,
                 kernel_calibration=kernel_calibration,
                 clock=clock,
                 pinned={**pinned, name: hi},
+                work_budget_sequence_steps=None if work_budget_sequence_steps is None else max(1, int(left)),
             )
         if near_upper:
             what = "datasheet peak" if PARAMETERS[name].kind == "factor" else "plausible range"
@@ -1155,6 +1192,7 @@ def fit_profile(
         evaluations=evaluator.evaluations,
         elapsed_s=elapsed_s,
         notes=tuple(notes),
+        sequence_steps=meter.sequence_steps,
     )
     return replace(result, profile=replace(profile, fit=fit_report(result)))
 
@@ -1195,6 +1233,7 @@ def fit_report(result: CalibrationResult) -> dict[str, Any]:
         "residual_after": result.after.as_dict(),
         "parameters": {v.name: v.as_dict() for v in result.values},
         "evaluations": result.evaluations,
+        "sequence_steps": result.sequence_steps,
         "elapsed_s": round(result.elapsed_s, 2),
         "notes": list(result.notes),
     }
@@ -1205,7 +1244,7 @@ def report_lines(result: CalibrationResult) -> list[str]:
     lines = [
         f"calibrated {result.profile.gpu} / {result.profile.engine} on {', '.join(result.profile.models)}: "
         f"{result.points_used} of {result.points_total} measured points, {result.evaluations} simulations of them "
-        f"in {result.elapsed_s:.1f} s",
+        f"({result.sequence_steps} sequence-steps) in {result.elapsed_s:.1f} s",
         f"{'parameter':26s} {'prior':>11s} {'fitted':>11s} {'± 1 sigma':>11s} {'bounds':>22s}  note",
     ]
     for v in result.values:
