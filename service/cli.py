@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-steps",
         type=int,
         default=None,
-        help="bound the fit by simulated work (sequence-steps) instead of time: the same result on any machine",
+        help="bound the fit by simulated work (sequence-steps) instead of time: the same result on any machine "
+        "(default: none, --budget-s applies)",
     )
     cal.add_argument("--json", action="store_true", help="print the fit report as JSON")
     add_service_commands(sub)
