@@ -3,6 +3,7 @@ every policy seeing the same state (see service/placement/replay.py); time place
 
 Usage: python -m bench.placement_replay [--seeds 0,1,2,3,4] [--rates 1,2,4] [--scenarios stated,degraded]
                                         [--duration-s 3600] [--servers 16] [--keep-alive-s 60] [--latency-calls N]
+                                        [--state-idle-rates]
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
     parser.add_argument("--servers", type=int, default=defaults.servers)
     parser.add_argument("--keep-alive-s", type=float, default=defaults.keep_alive_s)
+    parser.add_argument(
+        "--state-idle-rates",
+        action="store_true",
+        help="idle instances state their request rate and keep-alive, so the optimizer prices stopping them "
+        "(default: off)",
+    )
     parser.add_argument("--latency-calls", type=int, default=300, help="place() calls to time (0 to skip)")
     parser.add_argument(
         "--policies",
@@ -75,7 +82,13 @@ def main() -> None:
     policies = tuple(dict.fromkeys([Policy.SERVERLESSLLM, *(Policy(x) for x in args.policies.split(",") if x)]))
     catalog = default_catalog()
     print(f"Command: `{' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}`\n")
-    config = replace(defaults, servers=args.servers, duration_s=args.duration_s, keep_alive_s=args.keep_alive_s)
+    config = replace(
+        defaults,
+        servers=args.servers,
+        duration_s=args.duration_s,
+        keep_alive_s=args.keep_alive_s,
+        state_idle_rates=args.state_idle_rates,
+    )
     print(
         f"Cluster: {config.servers} servers x {config.gpus_per_server} {config.gpu_type}, DRAM "
         f"{config.dram_bytes / 1e9:.0f} GB, SSD {config.ssd_bytes / 1e12:.0f} TB at "
@@ -83,7 +96,8 @@ def main() -> None:
         f"network {'/'.join(f'{g:g}' for g in config.network_gbit_per_s)} Gbit/s per server. {config.checkpoints} "
         f"checkpoints of {len(REPLAY_MODELS)} catalog models (7-72B), Zipf {config.zipf_exponent}; Poisson requests "
         f"for {config.duration_s:g} s, up to {config.max_requests_per_instance} per instance, keep-alive "
-        f"{config.keep_alive_s:g} s; seeds {seeds}. Every column is the mean over the seeds.\n"
+        f"{config.keep_alive_s:g} s; seeds {seeds}; idle instances state their request rates: "
+        f"{'yes' if config.state_idle_rates else 'no'}. Every column is the mean over the seeds.\n"
     )
     started = time.perf_counter()
     for scenario in scenarios:

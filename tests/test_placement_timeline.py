@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from service.placement.prewarm import ModelDemand, PrewarmRequest, advise_prewar
 from service.placement.replay import Policy, ReplayConfig, Scenario, run_replay
 from service.planning.catalog import Catalog
 from service.planning.specs import DType
-from tests.test_placement import BIG, GB, SMALL, busy_holder_cluster, cluster, instance, server
+from tests.test_placement import BIG, GB, SMALL, busy_holder_cluster, cluster, instance, load_s, server
 
 NO_STAGING = EstimatorOptions(allow_staging=False)
 
@@ -275,3 +276,29 @@ def test_a_migration_is_charged_the_loader_time_it_takes_in_a_busy_cluster(catal
     # The ServerlessLLM-style ranking prices no harm at all.
     sllm = EstimatorOptions(harm_aware=False)
     assert place(busy, request, now_s=0.0, catalog=catalog, options=sllm).placements[0].harm_s == 0.0
+
+
+def test_a_stopped_idle_instance_is_charged_the_reload_its_next_request_would_need(catalog: Catalog) -> None:
+    c = cluster(
+        server("holder", busy=tuple(range(8)), dram=(BIG, SMALL)),
+        instances=[
+            instance("busy", SMALL, "holder", [0, 1, 2, 3], input_tokens=500, generated_tokens=20),
+            # Idle longest, but popular: a request within its last 10 s of keep-alive is likely.
+            instance("popular", SMALL, "holder", [4, 5], idle_since_s=50.0, keep_alive_s=60.0, requests_per_s=0.2),
+            instance("rare", SMALL, "holder", [6, 7], idle_since_s=90.0, keep_alive_s=60.0, requests_per_s=0.001),
+        ],
+    )
+    request = PlacementRequest(model=SMALL, tp=2)
+    best = place(c, request, now_s=100.0, catalog=catalog).placements[0]
+    assert best.option == "stop-idle"
+    assert best.stopped_instances == ["rare"]
+    _, _, reload_s = load_s(c, "holder", catalog, tp=2)
+    # 50 s of keep-alive left at 0.001 requests/s: a request comes with chance 1 - exp(-0.05).
+    assert best.harm_s == pytest.approx((1.0 - math.exp(-0.05)) * reload_s)
+    assert best.score_s == pytest.approx(best.startup_latency_s + best.harm_s)
+    # The ServerlessLLM-style ranking stops the longest idle and prices nothing.
+    sllm = place(c, request, now_s=100.0, catalog=catalog, options=EstimatorOptions(harm_aware=False)).placements[0]
+    assert sllm.stopped_instances == ["popular"]
+    assert sllm.harm_s == 0.0
+    # Past its keep-alive an instance costs nothing to stop.
+    assert place(c, request, now_s=200.0, catalog=catalog).placements[0].harm_s == 0.0

@@ -6,7 +6,8 @@ them: stopping instances that are only kept alive (idle), waiting for requests w
 known, one migration, or several. Each way frees the GPUs at some time F; the load then either starts once
 they are free (``max(queue, F) + transfer``) or, when the plan stages the checkpoint into host memory first
 (DRAM room permitting), overlaps them (``max(queue + staging, F) + host-to-GPU copy``). Options are compared
-on startup latency plus the harm to running work (the pause each migrated request sees at handover); the
+on startup latency plus the harm (the pause each migrated request sees at handover; for a stopped idle instance,
+the reload its next request would need within its keep-alive, when it states its request rate); the
 candidate reports the breakdown. None of these beats A's load on the same server, so the others are priced
 only while that lower bound can still enter the ranking.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated
@@ -138,7 +140,11 @@ class Candidate(_Out):
         default=None, description="the checkpoint is first read into host memory from this tier"
     )
     staging_s: float = Field(default=0.0, description="time of that read (behind the loading queue)")
-    harm_s: float = Field(default=0.0, description="pause the migrated requests see at handover, summed")
+    harm_s: float = Field(
+        default=0.0,
+        description="pause the migrated requests see at handover, summed, plus the expected reload the stopped idle "
+        "instances' next requests would need",
+    )
     score_s: float = Field(default=0.0, description="what the ranking compares: startup latency plus harm")
     stopped_instances: list[str] = Field(default_factory=list, description="idle instances stopped for the GPUs")
     awaited_instances: list[str] = Field(default_factory=list, description="instances whose requests finish first")
@@ -529,8 +535,11 @@ def _releases(
         priced = ctx.movable(view, inst=inst)
         if priced is not None:
             movable.append(priced)
-    # Idle instances go first (longest idle first): stopping them costs no running work anything.
-    idle.sort(key=lambda i: (i.idle_since_s or 0.0, i.id))
+    # Idle instances go first: stopping them costs no running work anything, only the next request that would
+    # have found them warm (least of that first, then longest idle first).
+    harm_aware = view.options.harm_aware
+    stop_harm_s = {i.id: _stop_harm_s(view, ctx, st, i) if harm_aware else 0.0 for i in idle}
+    idle.sort(key=lambda i: (stop_harm_s[i.id], i.idle_since_s or 0.0, i.id))
     ids = list(free)
     stopped: list[str] = []
     for inst in idle:
@@ -540,7 +549,8 @@ def _releases(
         ids.extend(inst.gpu_ids)
     view_stops = tuple(stopped)
     if len(ids) >= need.gpus:
-        return [_Release("stop-idle", 0.0, tuple(ids), stopped=view_stops)]
+        harm_s = sum(stop_harm_s[i] for i in view_stops)
+        return [_Release("stop-idle", 0.0, tuple(ids), stopped=view_stops, harm_s=harm_s)]
     short = need.gpus - len(ids)
     out: list[_Release] = []
     waitable.sort(key=lambda item: (item[0], item[1].id))
@@ -553,7 +563,6 @@ def _releases(
             out.append(_Release("wait", left_s, tuple(waited_ids), awaited=tuple(awaited)))
             break
     limit = view.options.max_migrations
-    harm_aware = view.options.harm_aware
     by_id = {m.instance.id: m for m in movable}
     # Only instances that some other server has room for can move (a full cluster prices no migration).
     movers = []
@@ -598,6 +607,24 @@ def _releases(
         what = "more than one migration" if limit is not None and limit < 2 else "other servers lack room"
         return f"needs {need.gpus} free {gpu_type} GPUs, has {len(free)}; freeing them needs {what}"
     return [replace(r, stopped=view_stops) for r in out]
+
+
+def _stop_harm_s(view: ClusterView, ctx: PlacementContext, st: ServerStatic, inst: RunningInstance) -> float:
+    """Expected startup latency that stopping an idle instance costs: the chance that a request for it arrives
+    before its keep-alive ends, times reloading it on its server (0 when the instance does not state its rate)."""
+    if inst.requests_per_s is None or inst.keep_alive_s is None or inst.idle_since_s is None:
+        return 0.0
+    left_s = inst.keep_alive_s - (view.now_s - inst.idle_since_s)
+    priced = ctx.movable(view, inst=inst)
+    if left_s <= 0 or inst.requests_per_s <= 0 or priced is None:
+        return 0.0
+    transfer_s, _ = view.transfer(
+        st.name,
+        checkpoint=priced.need.checkpoint,
+        checkpoint_bytes=priced.need.checkpoint_bytes,
+        shard_bytes=priced.need.shard_bytes,
+    )
+    return -math.expm1(-inst.requests_per_s * left_s) * transfer_s
 
 
 def _release_of(

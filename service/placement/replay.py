@@ -149,6 +149,8 @@ class ReplayConfig:
     prewarm_evict: bool = False
     # Share of servers whose SSD reads well below its datasheet rate in the degraded scenario.
     degraded_ssd_share: float = 0.25
+    # Idle instances state their request rate and keep-alive, so that the optimizer prices stopping them.
+    state_idle_rates: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,6 +454,11 @@ class _Simulation:
         self.feedback: list[ClusterEvent] = []
         self.learning = self._cluster(0.0, learned=Learned(), with_state=False)
         self.keep_alive_s: dict[int, float] = {}
+        # Requests seen so far per checkpoint, and the start-of-trace forecast (as past demand left the SSDs).
+        self.arrived = np.zeros(len(trace.checkpoints), dtype=np.int64)
+        holders = np.bincount([c for held in trace.initial_ssd for c in held], minlength=len(trace.checkpoints))
+        # Every checkpoint may be asked for: one holder's worth for those no SSD holds.
+        self.forecast_per_s = (holders + 1.0) / float((holders + 1.0).sum()) * config.rate_per_s
         sllm = policy in (Policy.SERVERLESSLLM, Policy.SERVERLESSLLM_PREWARM)
         self.options = SERVERLESSLLM_OPTIONS if sllm else EstimatorOptions()
 
@@ -608,6 +615,7 @@ class _Simulation:
     # Requests ---------------------------------------------------------------------------------------
 
     def arrive(self, request: int, time_s: float) -> None:
+        self.arrived[int(self.trace.checkpoint_index[request])] += 1
         if not self.serve(request, time_s):
             self.pending.append(request)
 
@@ -767,9 +775,14 @@ class _Simulation:
             active += 1 if start_s <= time_s < end_s else 0
         return t_in, generated, active
 
-    def running(self, inst: _Instance, time_s: float) -> RunningInstance:
+    def running(self, inst: _Instance, time_s: float, rates_per_s: np.ndarray | None = None) -> RunningInstance:
+        """The instance as the placer sees it; with the checkpoints' request rates, an idle one states its share
+        of its checkpoint's requests and its keep-alive."""
         ckpt = self.trace.checkpoints[inst.checkpoint]
         t_in, generated, active = self.tokens(inst, time_s)
+        rate_per_s = None
+        if rates_per_s is not None and inst.idle_since_s is not None:
+            rate_per_s = float(rates_per_s[inst.checkpoint]) / max(1, len(self.by_checkpoint[inst.checkpoint]))
         return RunningInstance(
             id=str(inst.id),
             model=ckpt.model.name,
@@ -781,6 +794,8 @@ class _Simulation:
             generated_tokens=generated,
             tokens_per_s=self.config.generated_tokens_per_s * active if active else None,
             idle_since_s=inst.idle_since_s,
+            keep_alive_s=inst.keep_alive_s if rate_per_s is not None else None,
+            requests_per_s=rate_per_s,
         )
 
     # What the placer sees ---------------------------------------------------------------------------
@@ -819,7 +834,8 @@ class _Simulation:
             )
         instances = []
         if with_state:
-            instances = [self.running(inst, time_s) for inst in self.instances.values() if inst.state == "warm"]
+            rates = self.rates_per_s(time_s) if config.state_idle_rates else None
+            instances = [self.running(inst, time_s, rates) for inst in self.instances.values() if inst.state == "warm"]
         return Cluster(
             servers=servers,
             instances=instances,
@@ -934,23 +950,18 @@ class _Simulation:
 
     # Prewarming -------------------------------------------------------------------------------------
 
-    def demand(self, time_s: float) -> list[ModelDemand]:
+    def rates_per_s(self, time_s: float) -> np.ndarray:
         """Request rates per checkpoint: a forecast from the cluster's state at the start (how many SSDs hold each
-        checkpoint, as past demand left them; the same for every policy), then blended with what arrived so far."""
-        trace = self.trace
-        holders = np.bincount([c for held in trace.initial_ssd for c in held], minlength=len(trace.checkpoints))
-        # Every checkpoint may be asked for: one holder's worth for those no SSD holds.
-        forecast = (holders + 1.0) / float((holders + 1.0).sum()) * self.config.rate_per_s
-        if time_s <= 0:
-            rates = forecast
-        else:
-            seen = trace.arrival_s <= time_s
-            counts = np.bincount(trace.checkpoint_index[seen], minlength=len(trace.checkpoints))
-            # Blend with the forecast so that an hour-old trace does not forget rare checkpoints.
-            rates = (counts + forecast * 60.0) / (time_s + 60.0)
+        checkpoint, as past demand left them; the same for every policy), then blended with what arrived so far
+        (so that an hour-old trace does not forget rare checkpoints)."""
+        return (self.arrived + self.forecast_per_s * 60.0) / (max(time_s, 0.0) + 60.0)
+
+    def demand(self, time_s: float) -> list[ModelDemand]:
+        """Request rates per checkpoint as the prewarming advice gets them."""
+        rates = self.rates_per_s(time_s)
         return [
             ModelDemand(model=c.model.name, checkpoint=c.name, tp=c.tp, rate_per_s=float(rate))
-            for c, rate in zip(trace.checkpoints, rates, strict=True)
+            for c, rate in zip(self.trace.checkpoints, rates, strict=True)
         ]
 
     def prewarm(self, time_s: float) -> None:
