@@ -28,6 +28,7 @@ from service.planning.moe_fit import (
     predict_moe_rows,
     prepare_alltoall_rows,
     prepare_moe_rows,
+    table_kernel,
 )
 from service.planning.specs import DType, GpuSpec
 
@@ -289,3 +290,18 @@ def test_fit_all_moe_runs_only_the_fitters_whose_tables_are_there(catalog: Catal
     assert cal.alltoall_latency_s == base.alltoall_latency_s
     assert cal.mla != base.mla
     assert fit_all_moe({}, gpu, base) == (base, [])
+
+
+def test_the_gpt_oss_mxfp4_kernel_is_told_apart_from_marlin(catalog: Catalog) -> None:
+    gpt_oss = "vllm_gptossmxfp4moe_triton_oaitritonmxfp4expertsmonolithic"
+    marlin = "vllm_compressedtensorsw4a4mxfp4moe_marlin_marlinexperts_situ_as_silu"
+    assert table_kernel("w4a16_mxfp4", gpt_oss) == "mxfp4_bf16"
+    assert table_kernel("w4a16_mxfp4", marlin) == "w4a16_mxfp4"
+    assert table_kernel("bf16", gpt_oss) == "bf16"
+    with_source = [*MOE[:-1], ("kernel_source", "U80"), MOE[-1]]
+    rows = _rows(with_source, [("w4a16_mxfp4", 2880, 2880, 4, 128, 1, 1, "balanced", 8, gpt_oss)])
+    gpu = catalog.gpu("h100-sxm")
+    assert prepare_moe_rows(rows, gpu).kernel.tolist() == ["mxfp4_bf16"]
+    # A table without the kernel column (a user's own) times the kernel its dtype names.
+    plain = _rows(MOE, [("w4a16_mxfp4", 2880, 2880, 4, 128, 1, 1, "balanced", 8)])
+    assert prepare_moe_rows(plain, gpu).kernel.tolist() == ["w4a16_mxfp4"]

@@ -45,7 +45,7 @@ def test_an_unknown_distribution_or_calibration_field_is_refused() -> None:
         ("h100-sxm", DType.BF16, "bf16"),
         ("h100-sxm", DType.FP8, "fp8_block"),
         ("h100-sxm", DType.FP4, "w4a16_mxfp4"),
-        ("h100-sxm", DType.MXFP4, "w4a16_mxfp4"),
+        ("h100-sxm", DType.MXFP4, "mxfp4_bf16"),
         ("h100-sxm", DType.INT4, "int4_wo"),
         ("b200", DType.FP4, "nvfp4"),
         ("b200", DType.MXFP4, "w4a8_mxfp4_mxfp8"),

@@ -324,6 +324,7 @@ KERNELS: dict[str, DType] = {
     "nvfp4": DType.FP4,
     "int4_wo": DType.BF16,
     "w4a16_mxfp4": DType.BF16,
+    "mxfp4_bf16": DType.BF16,
     "w4a8_mxfp4_mxfp8": DType.FP8,
 }
 
@@ -336,7 +337,10 @@ def expert_kernel(weight_dtype: DType, gpu: GpuSpec) -> str:
     if weight_dtype is DType.FP4:
         return "nvfp4" if gpu.runs_natively(DType.FP4) else "w4a16_mxfp4"
     if weight_dtype is DType.MXFP4:
-        return "w4a8_mxfp4_mxfp8" if gpu.runs_natively(DType.MXFP4) else "w4a16_mxfp4"
+        # MXFP4 checkpoints (gpt-oss) go through vLLM's own MXFP4 MoE method, not Marlin: on Hopper the OpenAI
+        # Triton matmul_ogs kernels with bf16 activations (quantization/mxfp4.py, Mxfp4MoeBackend; the H100
+        # table's `vllm_gptossmxfp4moe_triton_oaitritonmxfp4expertsmonolithic`).
+        return "w4a8_mxfp4_mxfp8" if gpu.runs_natively(DType.MXFP4) else "mxfp4_bf16"
     if weight_dtype is DType.INT4:
         return "int4_wo"
     return "bf16"

@@ -32,8 +32,22 @@ KERNEL_WEIGHT_DTYPES: dict[str, DType] = {
     "nvfp4": DType.FP4,
     "int4_wo": DType.INT4,
     "w4a16_mxfp4": DType.MXFP4,
+    "mxfp4_bf16": DType.MXFP4,
     "w4a8_mxfp4_mxfp8": DType.MXFP4,
 }
+# The tables file two kernels under dtype w4a16_mxfp4: Marlin (compressed-tensors MXFP4 checkpoints) and vLLM's
+# gpt-oss MXFP4 method (OpenAI Triton on H100, FlashInfer TRT-LLM mxfp4 x bf16 on B200), which run at different
+# speeds; the latter gets a kernel of its own.
+GPT_OSS_MXFP4_SOURCE = "gptossmxfp4"
+
+
+def table_kernel(dtype: str, kernel_source: str) -> str:
+    """The expert kernel a MoE table row timed."""
+    if dtype == "w4a16_mxfp4" and GPT_OSS_MXFP4_SOURCE in kernel_source:
+        return "mxfp4_bf16"
+    return dtype
+
+
 # (hidden, expert width, top-k, experts) of the tables' models whose experts are not gated: NVIDIA Nemotron-H
 # MoE models use squared-ReLU experts (up and down matrices only). Every other shape is a SwiGLU expert.
 NON_GATED_SHAPES: frozenset[tuple[int, int, int, int]] = frozenset(
@@ -116,7 +130,13 @@ class MoeRows:
 
 def prepare_moe_rows(columns: Columns, gpu: GpuSpec) -> MoeRows:
     """Routing keys and dtype facts per row of a fused-MoE table (columns as in h100_sxm_moe.csv)."""
-    names = np.asarray(columns["dtype"]).astype(str)
+    dtypes = np.asarray(columns["dtype"]).astype(str)
+    present = columns.dtype.names or () if isinstance(columns, np.ndarray) else tuple(columns)
+    # A table without the kernel column (a user's own) times the kernel its dtype names.
+    sources = (
+        np.asarray(columns["kernel_source"]).astype(str) if "kernel_source" in present else np.full(dtypes.size, "")
+    )
+    names = np.array([table_kernel(d, k) for d, k in zip(dtypes, sources, strict=True)])
     shape = zip(columns["hidden_size"], columns["inter_size"], columns["topk"], columns["num_experts"], strict=True)
     return MoeRows(
         tokens=columns["num_tokens"].astype(np.float64),
