@@ -5,7 +5,7 @@ Usage: python bench/kernel_accuracy.py [--reference DIR]
 For each GPU with reference tables (h100-sxm, b200) and each op kind: rows, then median / p90 absolute % error
 with the catalog calibration (calibration.yaml, as fitted by bench/calibrate.py), on the shapes the fit held out,
 and with the other GPU's calibration transferred (its constants, this GPU's datasheet peaks). MoE layer per expert
-kernel (moe_<dtype>), DeepEP all-to-all per backend and phase and the MLA block use moe_calibration.yaml; a
+kernel (moe_<kernel>), DeepEP all-to-all per backend and phase and the MLA block use moe_calibration.yaml; a
 transferred MoE kernel the other GPU never ran uses that GPU's bf16 constants (the planner's fallback too).
 """
 

@@ -231,8 +231,8 @@ def moe_kernel_errors(
     calibration: MoeCalibration,
     masks: Mapping[str, np.ndarray] | None = None,
 ) -> list[ErrorSummary]:
-    """Errors of the MoE layer per expert kernel (``moe_<dtype>``), all-to-all per backend and phase
-    (``alltoall_deepep_ll_dispatch``...) and MLA (``mla_prefill``, ``mla_decode``, ``mla_bmm``)."""
+    """Errors of the MoE layer per expert kernel (``moe_<kernel>``, see ``moe_fit.table_kernel``), all-to-all per
+    backend and phase (``alltoall_deepep_ll_dispatch``...) and MLA (``mla_prefill``, ``mla_decode``, ``mla_bmm``)."""
     from service.planning.mla_cost import MlaCalibration
     from service.planning.moe_fit import (
         ALLTOALL_MODES,

@@ -131,7 +131,7 @@ class MoeRows:
 def prepare_moe_rows(columns: Columns, gpu: GpuSpec) -> MoeRows:
     """Routing keys and dtype facts per row of a fused-MoE table (columns as in h100_sxm_moe.csv)."""
     dtypes = np.asarray(columns["dtype"]).astype(str)
-    present = columns.dtype.names or () if isinstance(columns, np.ndarray) else tuple(columns)
+    present = (columns.dtype.names or ()) if isinstance(columns, np.ndarray) else tuple(columns)
     # A table without the kernel column (a user's own) times the kernel its dtype names.
     sources = (
         np.asarray(columns["kernel_source"]).astype(str) if "kernel_source" in present else np.full(dtypes.size, "")
