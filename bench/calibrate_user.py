@@ -35,6 +35,7 @@ from service.catalog.loader import default_catalog
 from service.planning.estimate import run_estimate
 from service.planning.specs import PlanningError
 from service.planning.user_calibration import (
+    CalibrationError,
     catalog_model_name,
     fit_profile,
     points_from_benchmark_rows,
@@ -136,21 +137,29 @@ def e2e_split(reference: Path, budget_s: float, jobs: int, budget_steps: int | N
         points = points_from_benchmark_rows(train, gpu="h100-sxm", engine=engine, source=engine)
         points = [p for p in points if {"ttft_mean", "tpot_mean"} <= set(p.observed_ms)]
         started = time.perf_counter()
-        result = fit_profile(
-            points,
-            catalog=catalog,
-            gpu="h100-sxm",
-            engine=engine,
-            time_budget_s=budget_s,
-            work_budget_sequence_steps=budget_steps,
-        )
-        print(f"== {engine}: fitted in {time.perf_counter() - started:.1f} s")
-        for line in report_lines(result):
-            print("   " + line)
-        document = result.profile.as_document()
+        document: dict[str, Any] | None = None
+        try:
+            result = fit_profile(
+                points,
+                catalog=catalog,
+                gpu="h100-sxm",
+                engine=engine,
+                time_budget_s=budget_s,
+                work_budget_sequence_steps=budget_steps,
+            )
+        except CalibrationError as exc:
+            # A refused fit is an answer too (the CLI's exit 2): the held-out rows keep the catalog's constants.
+            print(f"== {engine}: fit refused after {time.perf_counter() - started:.1f} s: {exc}")
+        else:
+            print(f"== {engine}: fitted in {time.perf_counter() - started:.1f} s")
+            for line in report_lines(result):
+                print("   " + line)
+            document = result.profile.as_document()
         with multiprocessing.Pool(jobs) as pool:
             before = pool.map(functools.partial(_estimate, profile=None), held, chunksize=4)
-            after = pool.map(functools.partial(_estimate, profile=document), held, chunksize=4)
+            after = before
+            if document is not None:
+                after = pool.map(functools.partial(_estimate, profile=document), held, chunksize=4)
         errs: dict[str, list[float]] = defaultdict(list)
         for row, b, a in zip(held, before, after, strict=True):
             for when, value in (("before", b), ("after", a)):
@@ -163,7 +172,8 @@ def e2e_split(reference: Path, budget_s: float, jobs: int, budget_steps: int | N
             errs_before, errs_after = errs[f"{metric}_before"], errs[f"{metric}_after"]
             cells.append(f"{statistics.median(errs_before):9.1f} / {statistics.median(errs_after):6.1f}%")
             cells.append(f"{pct(errs_before, 90):9.1f} / {pct(errs_after, 90):6.1f}%")
-        table.append(f"{engine:10s} {len(points):10d} {len(held):8d} " + " ".join(f"{c:>22s}" for c in cells))
+        label = engine if document is not None else f"{engine}*"
+        table.append(f"{label:10s} {len(points):10d} {len(held):8d} " + " ".join(f"{c:>22s}" for c in cells))
     print()
     print(
         f"{'engine':10s} {'train rows':>10s} {'held-out':>8s} {'TPOT med before/after':>22s} "
@@ -171,6 +181,8 @@ def e2e_split(reference: Path, budget_s: float, jobs: int, budget_steps: int | N
     )
     for line in table:
         print(line)
+    if any("*" in line.split()[0] for line in table):
+        print("* fit refused (unphysical values needed): after = before, the catalog's constants")
 
 
 def main() -> int:
