@@ -226,3 +226,22 @@ def test_fleet_plan_respects_live_reservations(client: TestClient) -> None:
     (short,) = plan["result"]["shortfall"]
     assert (short["gpus_needed"], short["gpus_free"], short["gpus_short"]) == (8, 0, 8)
     assert plan["result"]["unmet"][0]["reason"].startswith("short of 8 h100-sxm GPUs: needs 8 (1 x 8-GPU tp8)")
+
+
+def test_an_idle_instance_states_its_rate_and_keep_alive(client: TestClient) -> None:
+    idle = {"id": "idle-8b", "model": "llama-3.1-8b", "server": "node-b", "gpu_ids": [7], "idle_since_s": 0.0}
+    base = copy.deepcopy(CLUSTER)
+    node_b = next(s for s in base["servers"] if s["name"] == "node-b")
+    next(g for g in node_b["gpus"] if g["id"] == 7)["busy"] = True
+    stated = copy.deepcopy(base)
+    stated["instances"].append({**idle, "requests_per_s": 0.2, "keep_alive_s": 60.0})
+    assert client.put("/v1/clusters/demo", json=stated).status_code == 200
+    stored = client.get("/v1/clusters/demo").json()["state"]["instances"]
+    kept = next(i for i in stored if i["id"] == "idle-8b")
+    assert (kept["requests_per_s"], kept["keep_alive_s"]) == (0.2, 60.0)
+    for field, value in (("requests_per_s", -1.0), ("keep_alive_s", -5.0), ("requests_per_s", "often")):
+        bad = copy.deepcopy(base)
+        bad["instances"].append({**idle, field: value})
+        assert field in assert_problem(client.put("/v1/clusters/demo", json=bad), 422)["detail"]
+    # Nothing stored is lost to a refused write.
+    assert client.get("/v1/clusters/demo").json()["version"] == 2

@@ -123,10 +123,10 @@ class RunningInstance(_Strict):
     idle_since_s: float | None = Field(
         default=None, description="kept alive with no request since (epoch s): stopping it frees its GPUs at once"
     )
-    keep_alive_s: Annotated[float, Field(ge=0.0)] | None = Field(
+    keep_alive_s: NonNegative | None = Field(
         default=None, description="how long an idle instance is kept alive before it stops by itself"
     )
-    requests_per_s: Annotated[float, Field(ge=0.0)] | None = Field(
+    requests_per_s: NonNegative | None = Field(
         default=None,
         description="recent rate of requests that would reach this instance (its checkpoint's, shared over its "
         "instances); with keep_alive_s it prices stopping it idle: the chance one arrives before its keep-alive "

@@ -145,6 +145,9 @@ class ReplayConfig:
     prewarm_copy_s_per_server: float = 120.0
     prewarm_min_keep_alive_s: float = 60.0
     prewarm_max_keep_alive_s: float = 60.0
+    # The advice's idle budget, as the idle GPU-seconds of a uniform keep-alive of this many seconds (None: the
+    # keep-alive itself).
+    prewarm_budget_keep_alive_s: float | None = None
     # Copies into free room only (see PrewarmRequest.evict).
     prewarm_evict: bool = False
     # Share of servers whose SSD reads well below its datasheet rate in the degraded scenario.
@@ -971,8 +974,12 @@ class _Simulation:
             PrewarmRequest(
                 models=self.demand(time_s),
                 max_copy_s_per_server=self.config.prewarm_copy_s_per_server,
-                default_keep_alive_s=self.config.keep_alive_s,
-                # The advice spends the idle GPU-seconds the default keep-alive would, not more.
+                # The advice spends the idle GPU-seconds the default keep-alive (or the stated budget) would.
+                default_keep_alive_s=(
+                    self.config.keep_alive_s
+                    if self.config.prewarm_budget_keep_alive_s is None
+                    else self.config.prewarm_budget_keep_alive_s
+                ),
                 max_keep_alive_s=self.config.prewarm_max_keep_alive_s,
                 min_keep_alive_s=min(self.config.keep_alive_s, self.config.prewarm_min_keep_alive_s),
                 evict=self.config.prewarm_evict,
