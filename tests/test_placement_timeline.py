@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -307,15 +308,7 @@ def test_a_stopped_idle_instance_is_charged_the_reload_its_next_request_would_ne
 def test_a_smaller_keep_alive_budget_keeps_fewer_gpus_idle(catalog: Catalog) -> None:
     config = ReplayConfig(seed=2, servers=6, checkpoints=24, rate_per_s=1.0, duration_s=600.0)
     full = run_replay(config, catalog=catalog, policies=(Policy.OURS_PREWARM,)).result(Policy.OURS_PREWARM)
-    tight = ReplayConfig(
-        seed=2,
-        servers=6,
-        checkpoints=24,
-        rate_per_s=1.0,
-        duration_s=600.0,
-        prewarm_budget_keep_alive_s=10.0,
-        prewarm_min_keep_alive_s=5.0,
-    )
+    tight = replace(config, prewarm_budget_keep_alive_s=10.0, prewarm_min_keep_alive_s=5.0)
     cut = run_replay(tight, catalog=catalog, policies=(Policy.OURS_PREWARM,)).result(Policy.OURS_PREWARM)
     # The advice shortens the keep-alive of the checkpoints whose idle time buys least: fewer GPU-seconds idle,
     # more cold starts.
