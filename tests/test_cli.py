@@ -50,6 +50,7 @@ def test_estimate_json_has_latency_stats(capsys: pytest.CaptureFixture[str]) -> 
         (["plan", "/no/such/spec.yaml"], "cannot read"),
         (["estimate", "--gpu", "h100-sxm"], "required"),
         (estimate_args("--concurrency", "2", "--client-start", "sometimes"), "invalid choice"),
+        (estimate_args("--rate", "1", "--moe-routing", "zipf"), "invalid choice"),
         (estimate_args("--rate", "1", "--speculative", "mtp:3"), "METHOD:DRAFT_TOKENS:ACCEPTANCE_LENGTH"),
         (estimate_args("--rate", "1", "--speculative", "mtp:1:2.5"), "at most draft tokens + 1"),
         (estimate_args("--rate", "1", "--speculative", "medusa:2:2"), "unknown speculative method"),
@@ -61,6 +62,17 @@ def test_bad_input_is_one_line_exit_2(args: list[str], needle: str, capsys: pyte
     assert needle in err
     assert err.count("\n") == 1
     assert "Traceback" not in err
+
+
+def test_a_stated_moe_routing_slows_a_wide_expert_parallel_prefill(capsys: pytest.CaptureFixture[str]) -> None:
+    wide_ep = ["--engine", "sglang", "--weight-dtype", "fp8", "--tp", "1", "--attention-dp", "8", "--moe-ep", "8"]
+    args = [*estimate_args(*wide_ep, "--concurrency", "8", model="qwen3-235b-a22b", isl="4096"), "--json"]
+    ttft_ms = {}
+    for routing in ("random", "power_law_1.01"):
+        assert main([*args, "--moe-routing", routing]) == 0
+        ttft_ms[routing] = json.loads(capsys.readouterr().out)["ttft_ms"]["mean"]
+    # The GPU that holds the hottest experts sets each MoE layer's time in prefill.
+    assert ttft_ms["power_law_1.01"] > 1.05 * ttft_ms["random"]
 
 
 def test_lengths_from_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

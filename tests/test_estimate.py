@@ -97,6 +97,10 @@ def test_a_trace_replays_at_its_own_rate_or_scaled() -> None:
         ({"kv_block_tokens": 0}, "KV block size must be between 1 and 1024 tokens (got 0)"),
         ({"kv_block_tokens": 2048}, "KV block size must be between 1 and 1024 tokens (got 2048)"),
         ({"router": "fastest"}, "unknown router 'fastest'; use one of round_robin, random, least_loaded"),
+        (
+            {"moe_routing": "zipf"},
+            "unknown MoE routing 'zipf'; use one of random, balanced, power_law_1.01, power_law_1.2",
+        ),
         ({"mode": Mode.DISAGGREGATED, "prefill_workers": 0}, "disaggregated serving needs at least one prefill"),
         ({"mode": Mode.DISAGGREGATED, "decode_workers": 0}, "disaggregated serving needs at least one prefill"),
     ],

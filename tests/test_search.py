@@ -322,3 +322,9 @@ def test_climbing_from_hi_brackets_the_goodput_where_doubling_and_bisection_did(
     assert candidate.goodput_rps <= threshold
     if hi <= threshold < hi * 1.125:
         assert len(probed) < probes
+
+
+def test_a_plan_specs_moe_routing_reaches_every_strategy(catalog: Catalog) -> None:
+    stated = _request(catalog, {**MOE_SPEC, "engine_settings": {"moe_routing": "power_law_1.2"}})
+    assert stated.knobs.moe_routing == "power_law_1.2"
+    assert _request(catalog, MOE_SPEC).knobs.moe_routing is None

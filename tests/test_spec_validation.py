@@ -111,6 +111,11 @@ REFUSED_BY_SCHEMA: list[tuple[str, dict[str, Any], str]] = [
         "strategy.engine_settings.speculative",
     ),
     (
+        "unknown MoE routing",
+        spec_with("engine_settings", {"moe_routing": "zipf"}),
+        "strategy.engine_settings.moe_routing",
+    ),
+    (
         "unknown drafter",
         spec_with("engine_settings", {"speculative": {"method": "medusa", "draft_tokens": 1, "acceptance_length": 1}}),
         "strategy.engine_settings.speculative.method",

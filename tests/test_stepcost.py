@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -28,7 +28,8 @@ from service.planning.kernels import (
     gemm_time_s,
     prefill_chunk_tiles,
 )
-from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
+from service.planning.moe_cost import RANDOM, SERVED_ROUTINGS, MoeCalibration, alltoall_time_s, moe_layer_time_s
+from service.planning.plan_spec import MoeRouting
 from service.planning.schedulers import Role
 from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError, SpeculativeDecoding
 from service.planning.stepcost import (
@@ -348,7 +349,7 @@ def test_tp2_step_splits_the_gemms() -> None:
     assert step.gemm_s == pytest.approx(4 * _dense_layer_gemms(3, 2) + _gemm(3, 500, 64), rel=1e-12)
 
 
-def _moe_ffn(m: float, layout: ParallelLayout) -> float:
+def _moe_ffn(m: float, layout: ParallelLayout, routing: str = RANDOM) -> float:
     """Router, shared expert and fused-MoE layer for m tokens per attention-DP rank, from the kernel functions."""
     experts = moe_layer_time_s(
         m * layout.attention_dp,  # every rank's tokens enter every MoE layer
@@ -360,7 +361,7 @@ def _moe_ffn(m: float, layout: ParallelLayout) -> float:
         weight_dtype=DType.BF16,
         gpu=GPU,
         calibration=MOE_CAL,
-        distribution=RANDOM,  # served routing: independent top-k picks
+        distribution=routing,  # served routing: independent top-k picks unless the deployment says otherwise
     )
     router = _gemm(m, 16, 64)
     shared = _gemm(m, 2 * 64 / layout.tp, 64) + _gemm(m, 64, 64 / layout.tp)
@@ -419,6 +420,34 @@ def test_attention_dp_with_ep_adds_all_to_all_and_moe_cost_at_dp_times_tokens() 
     mixed = cost.step(prefill_tokens=3, prefill_key_pairs=6, prefill_kv_tokens=3, decode_sequences=2)
     reduce5 = reduce  # 3 prefill + 2 decode tokens = 5 tokens again
     assert mixed.communication_s == pytest.approx(5 * reduce5 + 3 * _ep_exchange(5, layout, "normal"), rel=1e-12)
+
+
+def test_a_stated_moe_routing_prices_the_layer_at_the_busiest_gpus_load() -> None:
+    layout = make_layout(tp=1, attention_dp=4, moe_ep=4)
+    n = 200.0
+    random_cost = _cost(MOE, layout)
+    skewed_cost = ReplicaStepCost(
+        model=MOE,
+        gpu=GPU,
+        engine=ENGINE,
+        layout=layout,
+        weight_dtype=DType.BF16,
+        kv_dtype=DType.BF16,
+        calibration=CAL,
+        max_tokens=512,
+        moe_calibration=MOE_CAL,
+        moe_routing="power_law_1.01",
+    )
+    tokens = np.array([n])
+    skewed = float(skewed_cost._moe_ffn_gemms(tokens)[0])
+    assert skewed == pytest.approx(_moe_ffn(n, layout, "power_law_1.01"), rel=1e-12)
+    assert float(random_cost._moe_ffn_gemms(tokens)[0]) == pytest.approx(_moe_ffn(n, layout), rel=1e-12)
+    # 800 tokens x top-2 over 16 experts on 4 GPUs: the GPU holding the hottest expert carries more than its share.
+    assert skewed > _moe_ffn(n, layout)
+
+
+def test_served_routings_are_the_ones_the_plan_spec_accepts() -> None:
+    assert get_args(MoeRouting) == SERVED_ROUTINGS
 
 
 def test_moe_tp_under_ep_adds_an_all_reduce_over_the_expert_slices() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from service.planning.kernels import KernelCalibration
 from service.planning.memory import KV_BLOCK_TOKENS, MemoryPlan, plan_memory, require_fit
-from service.planning.moe_cost import MoeCalibration
+from service.planning.moe_cost import RANDOM, MoeCalibration
 from service.planning.simulator import (
     ROUTERS,
     InstanceConfig,
@@ -47,6 +47,8 @@ class KnobOverrides:
     prefix_caching: bool | None = None
     kv_block_tokens: int | None = None
     speculative: SpeculativeDecoding | None = None
+    # How the router spreads served tokens over the experts (moe_cost.SERVED_ROUTINGS); None: random.
+    moe_routing: str | None = None
 
     def knobs_for(self, engine: EngineSpec) -> SchedulerKnobs:
         """The effective scheduler knobs on ``engine``."""
@@ -169,6 +171,7 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         moe_calibration=deployment.moe_calibration,
         moe_weight_dtype=deployment.moe_weight_dtype,
         speculative=speculative,
+        moe_routing=deployment.knobs.moe_routing or RANDOM,
     )
     return BuiltInstance(InstanceConfig(role, cost, memory.kv_capacity_tokens, knobs), memory)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, Estimate, KnobOverrides, Mode, simulate_deployment
+from service.planning.moe_cost import SERVED_ROUTINGS
 from service.planning.profile import profiled_catalog
 from service.planning.simulator import ROUTERS
 from service.planning.specs import (
@@ -133,6 +134,8 @@ class EstimateRequest:
     prefix_caching: bool | None = None
     kv_block_tokens: int | None = None
     router: str = "round_robin"
+    # How the router spreads served tokens over the experts (moe_cost.SERVED_ROUTINGS; default random).
+    moe_routing: str | None = None
     # Speculative decoding with a one-layer drafter (MTP, EAGLE): decode steps verify drafts.
     speculative: SpeculativeDecoding | None = None
 
@@ -272,6 +275,7 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
         prefix_caching=request.prefix_caching,
         kv_block_tokens=request.kv_block_tokens,
         speculative=request.speculative,
+        moe_routing=request.moe_routing,
     )
     validate_engine_settings(knobs, request.router)
     if request.memory_fraction is not None and not 0.1 <= request.memory_fraction <= 1.0:
@@ -348,6 +352,8 @@ def validate_engine_settings(knobs: KnobOverrides, router: str) -> None:
         raise PlanningError(f"max model length must be at least 2 tokens (got {knobs.max_model_len})")
     if knobs.kv_block_tokens is not None and not 1 <= knobs.kv_block_tokens <= 1024:
         raise PlanningError(f"KV block size must be between 1 and 1024 tokens (got {knobs.kv_block_tokens})")
+    if knobs.moe_routing is not None and knobs.moe_routing not in SERVED_ROUTINGS:
+        raise PlanningError(f"unknown MoE routing {knobs.moe_routing!r}; use one of {', '.join(SERVED_ROUTINGS)}")
     if router not in ROUTERS:
         raise PlanningError(f"unknown router {router!r}; use one of {', '.join(ROUTERS)}")
     if knobs.speculative is not None:

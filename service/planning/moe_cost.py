@@ -22,6 +22,14 @@ BALANCED = "balanced"
 # Independent uniform routing: each token picks its top-k experts at random, as a served model's router does
 # without a tuned balance. Fewer experts are touched than under the tables' even spread at small batches.
 RANDOM = "random"
+# Routings a deployment may state for its served traffic: random (the default), balanced (an even spread, as an
+# expert-placement balancer such as EPLB aims for) or the kernel tables' two power-law skews.
+SERVED_ROUTINGS: tuple[str, ...] = (RANDOM, BALANCED, "power_law_1.01", "power_law_1.2")
+MOE_ROUTING_HELP = (
+    "how the router spreads served tokens over the experts: random (default; independent top-k picks), balanced "
+    "(an even spread, as an expert balancer such as EPLB aims for) or power_law_1.01 / power_law_1.2 (skewed; "
+    "under expert parallelism the busiest GPU sets the layer time)"
+)
 # N width (output columns) of one grouped-GEMM CTA tile.
 TILE_N = 128
 

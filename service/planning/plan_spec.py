@@ -12,6 +12,7 @@ from service.planning.catalog import Catalog
 from service.planning.deployment import KnobOverrides, Mode, admitted, min_request_tokens
 from service.planning.estimate import EstimateRequest, parse_dtype, require_supported, trace_workload
 from service.planning.hf_config import model_from_hf_config
+from service.planning.moe_cost import MOE_ROUTING_HELP
 from service.planning.profile import parse_profile, profiled_catalog
 from service.planning.search import (
     MAX_SEARCH_SPACE,
@@ -52,6 +53,8 @@ MAX_MODEL_LEN = 10_000_000
 MAX_KV_BLOCK_TOKENS = 1024
 MAX_SHARED_PREFIX_TOKENS = 1_048_576
 MAX_GPU_PRICE_PER_HOUR = 10_000.0
+# How the router spreads served tokens over a MoE model's experts (service/planning/moe_cost.py SERVED_ROUTINGS).
+MoeRouting = Literal["random", "balanced", "power_law_1.01", "power_law_1.2"]
 
 
 T = TypeVar("T")
@@ -177,6 +180,7 @@ class EngineSettingsSpec(BaseModel):
         default=None, ge=1, le=MAX_KV_BLOCK_TOKENS, description="tokens per KV block (16)"
     )
     router: Literal["round_robin", "random", "least_loaded"] = "round_robin"
+    moe_routing: MoeRouting | None = Field(default=None, description=MOE_ROUTING_HELP)
     speculative: SpeculativeSpec | None = None
 
 
@@ -323,6 +327,7 @@ class EstimateSpec(BaseModel):
     router: Literal["round_robin", "random", "least_loaded"] = Field(
         default="round_robin", description="how replicas (and attention-DP ranks) share the requests"
     )
+    moe_routing: MoeRouting | None = Field(default=None, description=MOE_ROUTING_HELP)
     # Requests replayed as recorded, inline: the server reads no files.
     trace: list[dict[str, int | float | str | None]] | None = Field(
         default=None,
@@ -530,6 +535,7 @@ def parse_plan_spec(
             max_model_len=spec.engine_settings.max_model_len,
             prefix_caching=spec.engine_settings.enable_prefix_caching,
             kv_block_tokens=spec.engine_settings.kv_block_size,
+            moe_routing=spec.engine_settings.moe_routing,
             speculative=None if spec.engine_settings.speculative is None else spec.engine_settings.speculative.domain(),
         ),
         router=spec.engine_settings.router,

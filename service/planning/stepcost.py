@@ -177,8 +177,10 @@ class ReplicaStepCost:
         moe_calibration: MoeCalibration | None = None,
         moe_weight_dtype: DType | None = None,
         speculative: SpeculativeDecoding | None = None,
+        moe_routing: str = RANDOM,
     ) -> None:
         validate_layout(model, layout)
+        self.moe_routing = moe_routing
         self.speculative = speculative
         self.model = model
         self.gpu = gpu
@@ -283,7 +285,7 @@ class ReplicaStepCost:
             gpu=self.gpu,
             calibration=self.moe_calibration,
             gated=self.model.ffn_gated,
-            distribution=RANDOM,
+            distribution=self.moe_routing,
         )
         router = self._gemm(m, moe.num_experts, self.model.hidden_size)
         shared: FloatArray = np.zeros_like(m)
