@@ -19,7 +19,7 @@ from service.cli_service import ServiceCliError, add_command, add_service_comman
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
 from service.planning.estimate import EstimateRequest, run_estimate
-from service.planning.moe_cost import MOE_ROUTING_HELP, SERVED_ROUTINGS
+from service.planning.moe_cost import MOE_BACKEND_HELP, MOE_BACKENDS, MOE_ROUTING_HELP, SERVED_ROUTINGS
 from service.planning.specs import PlanningError, SpeculativeDecoding, spec_kind
 from service.planning.workload import LengthDistribution
 
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"{MOE_ROUTING_HELP} (default: random)",
     )
+    est.add_argument(
+        "--moe-backend", choices=list(MOE_BACKENDS), default=None, help=f"{MOE_BACKEND_HELP} (default: auto)"
+    )
     est.add_argument("--gpu-price", type=float, default=None, help="USD per GPU-hour (default: the catalog's)")
     est.add_argument(
         "--profile", type=Path, default=None, help="calibration profile from `splan calibrate` (default: none)"
@@ -476,6 +479,7 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         speculative=None if args.speculative is None else _speculative(args.speculative),
         router=args.router,
         moe_routing=args.moe_routing,
+        moe_backend=args.moe_backend,
         concurrency=args.concurrency,
         rate=args.rate,
         arrival=args.arrival,

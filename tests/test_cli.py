@@ -51,6 +51,8 @@ def test_estimate_json_has_latency_stats(capsys: pytest.CaptureFixture[str]) -> 
         (["estimate", "--gpu", "h100-sxm"], "required"),
         (estimate_args("--concurrency", "2", "--client-start", "sometimes"), "invalid choice"),
         (estimate_args("--rate", "1", "--moe-routing", "zipf"), "invalid choice"),
+        (estimate_args("--rate", "1", "--moe-backend", "cutlass"), "invalid choice"),
+        (estimate_args("--rate", "1", "--moe-backend", "marlin", model="gpt-oss-120b"), "not bf16"),
         (estimate_args("--rate", "1", "--speculative", "mtp:3"), "METHOD:DRAFT_TOKENS:ACCEPTANCE_LENGTH"),
         (estimate_args("--rate", "1", "--speculative", "mtp:1:2.5"), "at most draft tokens + 1"),
         (estimate_args("--rate", "1", "--speculative", "medusa:2:2"), "unknown speculative method"),

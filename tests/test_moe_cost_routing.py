@@ -1,4 +1,5 @@
-"""MoE routing and kernel choice, hand-checked: balanced shares, expert kernels per dtype and GPU, one-rank EP."""
+"""MoE routing and kernel choice, hand-checked: balanced shares, expert kernels per dtype, GPU and backend,
+the expert-parallel fixed cost, one-rank EP."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from service.planning.moe_cost import (
     expected_destination_ranks,
     expert_kernel,
     local_pair_share,
+    moe_layer_time_s,
     routing_probabilities,
 )
-from service.planning.specs import DType
+from service.planning.specs import DType, PlanningError
 
 
 def test_balanced_routing_gives_every_expert_the_same_share() -> None:
@@ -40,21 +42,59 @@ def test_an_unknown_distribution_or_calibration_field_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("gpu", "dtype", "kernel"),
+    ("gpu", "dtype", "backend", "kernel"),
     [
-        ("h100-sxm", DType.BF16, "bf16"),
-        ("h100-sxm", DType.FP8, "fp8_block"),
-        ("h100-sxm", DType.FP4, "w4a16_mxfp4"),
-        ("h100-sxm", DType.MXFP4, "mxfp4_bf16"),
-        ("h100-sxm", DType.INT4, "int4_wo"),
-        ("b200", DType.FP4, "nvfp4"),
-        ("b200", DType.MXFP4, "w4a8_mxfp4_mxfp8"),
+        ("h100-sxm", DType.BF16, "auto", "bf16"),
+        ("h100-sxm", DType.FP8, "auto", "fp8_block"),
+        ("h100-sxm", DType.FP4, "auto", "w4a16_mxfp4"),
+        ("h100-sxm", DType.MXFP4, "auto", "mxfp4_bf16"),
+        ("h100-sxm", DType.INT4, "auto", "int4_wo"),
+        ("b200", DType.FP4, "auto", "nvfp4"),
+        ("b200", DType.MXFP4, "auto", "w4a8_mxfp4_mxfp8"),
+        # The Marlin backend runs 4-bit experts weight-only, on any GPU.
+        ("h100-sxm", DType.MXFP4, "marlin", "w4a16_mxfp4"),
+        ("h100-sxm", DType.FP4, "marlin", "w4a16_mxfp4"),
+        ("h100-sxm", DType.INT4, "marlin", "int4_wo"),
+        ("b200", DType.MXFP4, "marlin", "w4a16_mxfp4"),
     ],
 )
-def test_expert_kernels_follow_the_dtype_and_what_the_gpu_runs(
-    catalog: Catalog, gpu: str, dtype: DType, kernel: str
+def test_expert_kernels_follow_the_dtype_what_the_gpu_runs_and_the_backend(
+    catalog: Catalog, gpu: str, dtype: DType, backend: str, kernel: str
 ) -> None:
-    assert expert_kernel(dtype, catalog.gpu(gpu)) == kernel
+    assert expert_kernel(dtype, catalog.gpu(gpu), backend) == kernel
+
+
+def test_a_backend_that_cannot_run_the_experts_is_refused(catalog: Catalog) -> None:
+    gpu = catalog.gpu("h100-sxm")
+    with pytest.raises(PlanningError, match=r"runs 4-bit weight-only experts \(mxfp4, fp4, int4\), not fp8"):
+        expert_kernel(DType.FP8, gpu, "marlin")
+    with pytest.raises(PlanningError, match="unknown MoE backend 'cutlass'; use one of auto, marlin"):
+        expert_kernel(DType.MXFP4, gpu, "cutlass")
+
+
+def test_an_expert_parallel_layer_pays_its_kernels_extra_fixed_cost(catalog: Catalog) -> None:
+    gpu = catalog.gpu("h100-sxm")
+    plain = MoeCalibration()
+    with_ep = MoeCalibration(kernel_ep_fixed_s={"bf16": 2.5e-5})
+
+    def layer_s(cal: MoeCalibration, local_experts: int) -> float:
+        return float(
+            moe_layer_time_s(
+                64.0,
+                hidden_size=2048,
+                expert_width_per_gpu=768.0,
+                num_experts=128,
+                local_experts=local_experts,
+                topk=8,
+                weight_dtype=DType.BF16,
+                gpu=gpu,
+                calibration=cal,
+            )
+        )
+
+    # Split over 8 GPUs (16 local experts): exactly 25 us more; whole (128 local): unchanged.
+    assert layer_s(with_ep, 16) - layer_s(plain, 16) == pytest.approx(2.5e-5, rel=1e-9)
+    assert layer_s(with_ep, 128) == layer_s(plain, 128)
 
 
 def test_one_expert_parallel_rank_sends_nothing() -> None:

@@ -91,6 +91,12 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     ("unknown GPU", spec_with("gpu", "h999"), "gpu", "unknown GPU 'h999'"),
     ("unknown engine", spec_with("engine", "tgi"), "engine", "unknown engine 'tgi'"),
     ("dense model split by experts", spec_with("search.moe_ep", [2]), "search.moe_ep", "is dense"),
+    (
+        "Marlin for fp8 experts",
+        spec_with("engine_settings", {"moe_backend": "marlin"}, spec_with("model", "qwen3-30b-a3b")),
+        "engine_settings.moe_backend",
+        "runs 4-bit weight-only experts (mxfp4, fp4, int4), not bf16",
+    ),
     ("bad profile", spec_with("profile", {"factors": {"x": 1}}), "profile", ""),
     ("trace path over HTTP", spec_with("workload.trace", "/etc/passwd", NO_LENGTHS), "workload.trace", "read only"),
     ("model_config path over HTTP", spec_with("model_config", "/etc/passwd"), "model_config", "read only"),

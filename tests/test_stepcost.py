@@ -422,11 +422,9 @@ def test_attention_dp_with_ep_adds_all_to_all_and_moe_cost_at_dp_times_tokens() 
     assert mixed.communication_s == pytest.approx(5 * reduce5 + 3 * _ep_exchange(5, layout, "normal"), rel=1e-12)
 
 
-def test_a_stated_moe_routing_prices_the_layer_at_the_busiest_gpus_load() -> None:
-    layout = make_layout(tp=1, attention_dp=4, moe_ep=4)
-    n = 200.0
-    random_cost = _cost(MOE, layout)
-    skewed_cost = ReplicaStepCost(
+def _moe_cost(layout: ParallelLayout, **settings: Any) -> ReplicaStepCost:
+    """The tiny MoE model's step cost with deployment ``settings`` (routing, backend, expert dtype)."""
+    return ReplicaStepCost(
         model=MOE,
         gpu=GPU,
         engine=ENGINE,
@@ -436,14 +434,52 @@ def test_a_stated_moe_routing_prices_the_layer_at_the_busiest_gpus_load() -> Non
         calibration=CAL,
         max_tokens=512,
         moe_calibration=MOE_CAL,
-        moe_routing="power_law_1.01",
+        **settings,
     )
+
+
+def test_a_stated_moe_routing_prices_the_layer_at_the_busiest_gpus_load() -> None:
+    layout = make_layout(tp=1, attention_dp=4, moe_ep=4)
+    n = 200.0
+    random_cost = _cost(MOE, layout)
+    skewed_cost = _moe_cost(layout, moe_routing="power_law_1.01")
     tokens = np.array([n])
     skewed = float(skewed_cost._moe_ffn_gemms(tokens)[0])
     assert skewed == pytest.approx(_moe_ffn(n, layout, "power_law_1.01"), rel=1e-12)
     assert float(random_cost._moe_ffn_gemms(tokens)[0]) == pytest.approx(_moe_ffn(n, layout), rel=1e-12)
     # 800 tokens x top-2 over 16 experts on 4 GPUs: the GPU holding the hottest expert carries more than its share.
     assert skewed > _moe_ffn(n, layout)
+
+
+def test_a_forced_moe_backend_picks_the_kernel_every_moe_layer_is_priced_as() -> None:
+    layout = make_layout(tp=2)
+
+    def cost(backend: str, moe_dtype: DType) -> ReplicaStepCost:
+        return _moe_cost(layout, moe_weight_dtype=moe_dtype, moe_backend=backend)
+
+    # The test GPU has no fp4 tensor cores: MXFP4 experts run vLLM's Triton kernel unless Marlin is forced.
+    assert cost("auto", DType.MXFP4).moe_kernel == "mxfp4_bf16"
+    marlin = cost("marlin", DType.MXFP4)
+    assert marlin.moe_kernel == "w4a16_mxfp4"
+    tokens = np.array([40.0])
+    experts = moe_layer_time_s(
+        tokens,
+        hidden_size=64,
+        expert_width_per_gpu=32.0,
+        num_experts=16,
+        local_experts=16,
+        topk=2,
+        weight_dtype=DType.MXFP4,
+        gpu=GPU,
+        calibration=MOE_CAL,
+        distribution=RANDOM,
+        kernel="w4a16_mxfp4",
+    )
+    shared = _gemm(40, 2 * 64 / 2, 64) + _gemm(40, 64, 64 / 2)
+    assert float(marlin._moe_ffn_gemms(tokens)[0]) == pytest.approx(float(experts[0]) + _gemm(40, 16, 64) + shared)
+    with pytest.raises(PlanningError, match="not bf16"):
+        cost("marlin", DType.BF16)
+    assert _cost(DENSE, layout).moe_kernel is None
 
 
 def test_served_routings_are_the_ones_the_plan_spec_accepts() -> None:

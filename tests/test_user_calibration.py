@@ -25,6 +25,7 @@ from service.planning.user_calibration import (
     predicted_metrics,
     records_from_aiperf,
     records_from_vllm_bench,
+    row_moe_backend,
 )
 
 TRUTH = Profile(
@@ -191,6 +192,26 @@ def test_benchmark_rows_default_missing_columns() -> None:
     assert point.observed_ms == {"ttft_mean": 50.0}
     other_engine = [{**rows[0], "backend": "sglang"}]
     assert points_from_benchmark_rows(other_engine, gpu="h100-sxm", engine="vllm") == []
+
+
+def test_a_rows_moe_backend_is_its_column_or_what_its_benchmark_script_set() -> None:
+    inferencex = {
+        "model": "gpt-oss-120b",
+        "backend": "vllm",
+        "source_kind": "source_file",
+        "isl": "8192",
+        "osl": "1024",
+    }
+    # InferenceX's vLLM gpt-oss scripts for Hopper export VLLM_MXFP4_USE_MARLIN=1.
+    assert row_moe_backend(inferencex, "gpt-oss-120b") == "marlin"
+    assert row_moe_backend({**inferencex, "moe_backend": "auto"}, "gpt-oss-120b") == "auto"
+    assert row_moe_backend({**inferencex, "isl": "4000"}, "gpt-oss-120b") is None
+    assert row_moe_backend({**inferencex, "backend": "trtllm"}, "gpt-oss-120b") is None
+    assert row_moe_backend({**inferencex, "model": "MiniMax-M2.5"}, "minimax-m2.5") is None
+    (point,) = points_from_benchmark_rows(
+        [{**inferencex, "precision": "fp4", "tp_size": "2", "concurrency": "4", "ttft_ms": "265"}], gpu="h100-sxm"
+    )
+    assert point.request.moe_backend == "marlin"
 
 
 def test_cli_calibrate_writes_a_profile(tmp_path: Path, catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:

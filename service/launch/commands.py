@@ -9,6 +9,7 @@ from typing import Any
 
 from service.launch.engines import EngineData, engine_data
 from service.launch.plan import DECODE, MTP_CHECKPOINTS, PREFILL, SERVER, LaunchPlan, Pool
+from service.planning.moe_cost import MARLIN_BACKEND
 from service.planning.specs import SpeculativeDecoding
 
 # Commands are argv token lists. Values known only where a command runs are shell parameter expansions that
@@ -213,6 +214,11 @@ def _layout_notes(plan: LaunchPlan, pool: Pool, engine: str) -> list[str]:
             f"{where}: vLLM splits experts over all {layout.stage_gpus} GPUs of a stage with "
             f"--enable-expert-parallel; moe_tp {layout.moe_tp} x moe_ep {layout.moe_ep} is not expressible."
         )
+    if engine != "vllm" and plan.moe and plan.moe_backend == MARLIN_BACKEND and pool is plan.pools[0]:
+        notes.append(
+            f"The plan priced the experts as vLLM's Marlin kernels (moe_backend: marlin); {engine} runs its own MoE "
+            "kernels, so its latencies can differ from the plan's."
+        )
     if engine == "trtllm" and layout.attention_dp > 1 and layout.tp > 1:
         notes.append(
             f"{where}: TRT-LLM's enable_attention_dp runs attention with TP 1 on each of the {layout.stage_gpus} "
@@ -257,6 +263,9 @@ def _vllm_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
         opts.append(("--kv-transfer-config", VLLM_KV_TRANSFER))
         # Each DP rank listens on the base port + its index; the host must be reachable from the peer pool.
         env = (("VLLM_NIXL_SIDE_CHANNEL_HOST", "${THIS_HOST}"), ("VLLM_NIXL_SIDE_CHANNEL_PORT", "${SIDE_CHANNEL_PORT}"))
+    if plan.moe and plan.moe_backend == MARLIN_BACKEND:
+        # The plan priced the 4-bit experts as Marlin kernels; vLLM's MXFP4 method picks them only when told to.
+        env = (*env, ("VLLM_MXFP4_USE_MARLIN", "1"))
     # Every server drafts, prefill included: a decode worker's drafter continues from what the prefill side
     # computed for the prompt (draft KV, first draft tokens). The planner charges drafting to decode steps only.
     if plan.speculative is not None:

@@ -119,6 +119,8 @@ class LaunchPlan:
     pools: tuple[Pool, ...]
     # The spec's engine_settings.speculative: the drafter every server runs (None: no speculative decoding).
     speculative: SpeculativeDecoding | None = None
+    # The spec's engine_settings.moe_backend: MoE kernels the plan priced ("marlin"), None or "auto": the engine's.
+    moe_backend: str | None = None
 
     @property
     def draft_model_needed(self) -> bool:
@@ -248,6 +250,12 @@ def _model(spec: Mapping[str, Any], catalog: Catalog) -> tuple[str, str, bool]:
     raise LaunchError("the plan spec names neither model nor model_config")
 
 
+def _moe_backend(spec: Mapping[str, Any]) -> str | None:
+    settings = spec.get("engine_settings")
+    raw = settings.get("moe_backend") if isinstance(settings, Mapping) else None
+    return None if raw is None else str(raw)
+
+
 def _speculative(spec: Mapping[str, Any]) -> SpeculativeDecoding | None:
     settings = spec.get("engine_settings")
     raw = settings.get("speculative") if isinstance(settings, Mapping) else None
@@ -340,4 +348,5 @@ def read_plan(spec: Mapping[str, Any], result: Mapping[str, Any], rank: int, cat
         max_input_tokens=_max_input_tokens(spec),
         pools=tuple(pools),
         speculative=_speculative(spec),
+        moe_backend=_moe_backend(spec),
     )

@@ -12,7 +12,7 @@ import numpy as np
 
 from service.planning.kernels import KernelCalibration
 from service.planning.memory import KV_BLOCK_TOKENS, MemoryPlan, plan_memory, require_fit
-from service.planning.moe_cost import RANDOM, MoeCalibration
+from service.planning.moe_cost import AUTO_BACKEND, RANDOM, MoeCalibration
 from service.planning.simulator import (
     ROUTERS,
     InstanceConfig,
@@ -49,6 +49,8 @@ class KnobOverrides:
     speculative: SpeculativeDecoding | None = None
     # How the router spreads served tokens over the experts (moe_cost.SERVED_ROUTINGS); None: random.
     moe_routing: str | None = None
+    # MoE kernels the engine is told to run (moe_cost.MOE_BACKENDS); None: the engine's choice.
+    moe_backend: str | None = None
 
     def knobs_for(self, engine: EngineSpec) -> SchedulerKnobs:
         """The effective scheduler knobs on ``engine``."""
@@ -172,6 +174,7 @@ def build_instance(deployment: Deployment, layout: ParallelLayout, role: Role, *
         moe_weight_dtype=deployment.moe_weight_dtype,
         speculative=speculative,
         moe_routing=deployment.knobs.moe_routing or RANDOM,
+        moe_backend=deployment.knobs.moe_backend or AUTO_BACKEND,
     )
     return BuiltInstance(InstanceConfig(role, cost, memory.kv_capacity_tokens, knobs), memory)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, Estimate, KnobOverrides, Mode, simulate_deployment
-from service.planning.moe_cost import SERVED_ROUTINGS
+from service.planning.moe_cost import SERVED_ROUTINGS, expert_kernel
 from service.planning.profile import profiled_catalog
 from service.planning.simulator import ROUTERS
 from service.planning.specs import (
@@ -136,6 +136,8 @@ class EstimateRequest:
     router: str = "round_robin"
     # How the router spreads served tokens over the experts (moe_cost.SERVED_ROUTINGS; default random).
     moe_routing: str | None = None
+    # MoE kernels the engine is told to run (moe_cost.MOE_BACKENDS; default: the engine's choice).
+    moe_backend: str | None = None
     # Speculative decoding with a one-layer drafter (MTP, EAGLE): decode steps verify drafts.
     speculative: SpeculativeDecoding | None = None
 
@@ -276,6 +278,7 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
         kv_block_tokens=request.kv_block_tokens,
         speculative=request.speculative,
         moe_routing=request.moe_routing,
+        moe_backend=request.moe_backend,
     )
     validate_engine_settings(knobs, request.router)
     if request.memory_fraction is not None and not 0.1 <= request.memory_fraction <= 1.0:
@@ -293,6 +296,8 @@ def resolve_deployment(request: EstimateRequest, catalog: Catalog) -> Deployment
     )
     for dtype in {weight_dtype, moe_weight_dtype or weight_dtype}:
         require_supported(gpu, dtype)
+    if model.is_moe and request.moe_backend is not None:
+        expert_kernel(moe_weight_dtype or weight_dtype, gpu, request.moe_backend)
     base = Deployment(
         model=model,
         gpu=gpu,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from service.planning.kernels import FloatArray
-from service.planning.specs import DType, GpuSpec
+from service.planning.specs import DType, GpuSpec, PlanningError
 
 # Routing skew names as in the kernel tables: balanced (even) or power_law_<exponent> (skewed).
 BALANCED = "balanced"
@@ -29,6 +29,15 @@ MOE_ROUTING_HELP = (
     "how the router spreads served tokens over the experts: random (default; independent top-k picks), balanced "
     "(an even spread, as an expert balancer such as EPLB aims for) or power_law_1.01 / power_law_1.2 (skewed; "
     "under expert parallelism the busiest GPU sets the layer time)"
+)
+# MoE kernel backends a deployment may force: auto (what the engine picks for the weights and GPU) or marlin,
+# vLLM's weight-only Marlin kernels for 4-bit experts (`VLLM_MXFP4_USE_MARLIN=1`, `--moe-backend marlin`).
+AUTO_BACKEND = "auto"
+MARLIN_BACKEND = "marlin"
+MOE_BACKENDS: tuple[str, ...] = (AUTO_BACKEND, MARLIN_BACKEND)
+MOE_BACKEND_HELP = (
+    "MoE kernels: auto (default; what the engine picks for the expert dtype and GPU) or marlin (weight-only Marlin "
+    "kernels for 4-bit experts, as vLLM runs with VLLM_MXFP4_USE_MARLIN=1 or --moe-backend marlin)"
 )
 # N width (output columns) of one grouped-GEMM CTA tile.
 TILE_N = 128
@@ -53,6 +62,9 @@ class MoeCalibration:
     kernel_fixed_s: dict[str, float] = field(default_factory=dict)
     kernel_per_pair_s: dict[str, float] = field(default_factory=dict)
     kernel_routed_activation_passes: dict[str, float] = field(default_factory=dict)
+    # Extra fixed cost of a layer whose experts are split by expert parallelism (the expert map that drops the
+    # other GPUs' picks, a wider alignment); fitted where a kernel was timed both with and without it, else 0.
+    kernel_ep_fixed_s: dict[str, float] = field(default_factory=dict)
     # Per local token-expert pair: permute, un-permute and the weighted sum.
     per_pair_s: float = 2.0e-9
     # bf16 passes over the routed activations (tokens x top-k x hidden) of every token entering the layer:
@@ -95,6 +107,7 @@ class MoeCalibration:
             fixed_s=self.kernel_fixed_s.get(kernel, self.fixed_s),
             per_pair_s=self.kernel_per_pair_s.get(kernel, self.per_pair_s),
             routed_activation_passes=self.kernel_routed_activation_passes.get(kernel, self.routed_activation_passes),
+            ep_fixed_s=self.kernel_ep_fixed_s.get(kernel, 0.0),
         )
 
 
@@ -106,6 +119,7 @@ class KernelConstants:
     fixed_s: FloatArray | float
     per_pair_s: FloatArray | float
     routed_activation_passes: FloatArray | float
+    ep_fixed_s: FloatArray | float = 0.0
 
 
 def _power_law_exponent(distribution: str) -> float:
@@ -297,6 +311,7 @@ def moe_time_from_routing_s(
     topk: FloatArray | float,
     calibration: MoeCalibration,
     gated: bool | np.ndarray = True,
+    expert_parallel: bool | np.ndarray = False,
 ) -> FloatArray:
     """Fused-MoE layer time from its routing (vectorised over rows for fitting)."""
     c = calibration
@@ -319,7 +334,8 @@ def moe_time_from_routing_s(
     p = c.blend_power
     blended = (t_compute**p + t_memory**p) ** (1.0 / p)
     routed_bytes = k.routed_activation_passes * tokens * topk * h * 2.0
-    overhead = k.fixed_s + k.per_pair_s * routing.pairs + routed_bytes / hbm_bandwidth_bytes_per_s
+    ep_fixed = np.where(np.asarray(expert_parallel), k.ep_fixed_s, 0.0)
+    overhead = k.fixed_s + ep_fixed + k.per_pair_s * routing.pairs + routed_bytes / hbm_bandwidth_bytes_per_s
     out: FloatArray = np.where(tokens > 0, blended + overhead, 0.0)
     return out
 
@@ -337,8 +353,18 @@ KERNELS: dict[str, DType] = {
 }
 
 
-def expert_kernel(weight_dtype: DType, gpu: GpuSpec) -> str:
-    """The fused-MoE kernel engines run for ``weight_dtype`` experts on ``gpu``."""
+def expert_kernel(weight_dtype: DType, gpu: GpuSpec, backend: str = AUTO_BACKEND) -> str:
+    """The fused-MoE kernel engines run for ``weight_dtype`` experts on ``gpu`` (``backend`` may force Marlin)."""
+    if backend not in MOE_BACKENDS:
+        raise PlanningError(f"unknown MoE backend {backend!r}; use one of {', '.join(MOE_BACKENDS)}")
+    if backend == MARLIN_BACKEND:
+        if weight_dtype in (DType.MXFP4, DType.FP4):
+            return "w4a16_mxfp4"
+        if weight_dtype is DType.INT4:
+            return "int4_wo"
+        raise PlanningError(
+            f"the Marlin MoE backend runs 4-bit weight-only experts (mxfp4, fp4, int4), not {weight_dtype.value}"
+        )
     if weight_dtype is DType.FP8:
         # FP8 MoE checkpoints (DeepSeek, Qwen3, MiniMax) are block-scaled: the engines' block-fp8 path.
         return "fp8_block" if gpu.runs_natively(DType.FP8) else "int4_wo"
@@ -405,6 +431,7 @@ def moe_layer_time_s(
         topk=topk,
         calibration=calibration,
         gated=gated,
+        expert_parallel=local_experts < num_experts,
     )
 
 

@@ -189,21 +189,30 @@ def _predict(
         topk=rows.topk,
         calibration=calibration,
         gated=rows.gated,
+        expert_parallel=rows.ep > 1,
     )
 
 
 def fit_moe_kernel(rows: MoeRows, gpu: GpuSpec, kernel: str, base: MoeCalibration) -> MoeCalibration:
-    """Fit one expert kernel's efficiencies, fixed and per-pair costs, routed passes and M tile (log error)."""
-    start = np.log([0.5, 0.7, 3e-5, 1e-10, 1.0])
-    lower = np.log([0.02, 0.05, 1e-6, 1e-13, 0.01])
-    upper = np.log([1.0, 1.0, 1e-3, 1e-7, 50.0])
+    """Fit one expert kernel's efficiencies, fixed and per-pair costs, routed passes and M tile (log error).
+
+    The extra fixed cost of expert-parallel layers is fitted only where the kernel was timed both with and without
+    expert parallelism (else it stays 0: nothing tells it apart from the shared fixed cost).
+    """
+    both = bool(np.any(rows.ep > 1) and np.any(rows.ep == 1))
+    start = np.log([0.5, 0.7, 3e-5, 1e-10, 1.0, 1e-5])
+    lower = np.log([0.02, 0.05, 1e-6, 1e-13, 0.01, 1e-8])
+    upper = np.log([1.0, 1.0, 1e-3, 1e-7, 50.0, 1e-3])
+    if not both:
+        start, lower, upper = start[:5], lower[:5], upper[:5]
     best: tuple[float, float, FloatArray] | None = None
     for tile in TILE_CHOICES:
         rows.routing(tile)
 
         def residual(x: FloatArray, tile: float = tile) -> FloatArray:
             v = np.exp(x)
-            constants = KernelConstants(tile, float(v[2]), float(v[3]), float(v[4]))
+            ep_fixed = float(v[5]) if both else 0.0
+            constants = KernelConstants(tile, float(v[2]), float(v[3]), float(v[4]), ep_fixed)
             pred = _predict(rows, gpu, base, constants, float(v[0]), float(v[1]))
             out: FloatArray = np.log(pred / rows.measured_s)
             return out
@@ -222,6 +231,7 @@ def fit_moe_kernel(rows: MoeRows, gpu: GpuSpec, kernel: str, base: MoeCalibratio
         kernel_fixed_s={**base.kernel_fixed_s, kernel: float(v[2])},
         kernel_per_pair_s={**base.kernel_per_pair_s, kernel: float(v[3])},
         kernel_routed_activation_passes={**base.kernel_routed_activation_passes, kernel: float(v[4])},
+        kernel_ep_fixed_s={**base.kernel_ep_fixed_s, kernel: float(v[5]) if both else 0.0},
     )
 
 
@@ -350,6 +360,7 @@ def calibration_values(calibration: MoeCalibration) -> dict[str, Any]:
         "kernel_fixed_s",
         "kernel_per_pair_s",
         "kernel_routed_activation_passes",
+        "kernel_ep_fixed_s",
         "alltoall_latency_s",
         "alltoall_bandwidth_efficiency",
         "alltoall_per_token_s",

@@ -12,7 +12,7 @@ from service.planning.catalog import Catalog
 from service.planning.deployment import KnobOverrides, Mode, admitted, min_request_tokens
 from service.planning.estimate import EstimateRequest, parse_dtype, require_supported, trace_workload
 from service.planning.hf_config import model_from_hf_config
-from service.planning.moe_cost import MOE_ROUTING_HELP
+from service.planning.moe_cost import MOE_BACKEND_HELP, MOE_ROUTING_HELP, expert_kernel
 from service.planning.profile import parse_profile, profiled_catalog
 from service.planning.search import (
     MAX_SEARCH_SPACE,
@@ -55,6 +55,8 @@ MAX_SHARED_PREFIX_TOKENS = 1_048_576
 MAX_GPU_PRICE_PER_HOUR = 10_000.0
 # How the router spreads served tokens over a MoE model's experts (service/planning/moe_cost.py SERVED_ROUTINGS).
 MoeRouting = Literal["random", "balanced", "power_law_1.01", "power_law_1.2"]
+# MoE kernels a deployment may force (service/planning/moe_cost.py MOE_BACKENDS).
+MoeBackend = Literal["auto", "marlin"]
 
 
 T = TypeVar("T")
@@ -181,6 +183,7 @@ class EngineSettingsSpec(BaseModel):
     )
     router: Literal["round_robin", "random", "least_loaded"] = "round_robin"
     moe_routing: MoeRouting | None = Field(default=None, description=MOE_ROUTING_HELP)
+    moe_backend: MoeBackend | None = Field(default=None, description=MOE_BACKEND_HELP)
     speculative: SpeculativeSpec | None = None
 
 
@@ -328,6 +331,7 @@ class EstimateSpec(BaseModel):
         default="round_robin", description="how replicas (and attention-DP ranks) share the requests"
     )
     moe_routing: MoeRouting | None = Field(default=None, description=MOE_ROUTING_HELP)
+    moe_backend: MoeBackend | None = Field(default=None, description=MOE_BACKEND_HELP)
     # Requests replayed as recorded, inline: the server reads no files.
     trace: list[dict[str, int | float | str | None]] | None = Field(
         default=None,
@@ -497,6 +501,9 @@ def parse_plan_spec(
     engine = _at("engine", lambda: catalog.engine(spec.engine))
     weight = _at("weight_dtype", lambda: parse_dtype(spec.weight_dtype, allowed=WEIGHT_DTYPES, what="weight dtype"))
     _at("weight_dtype", lambda: require_supported(gpu, weight))
+    backend = spec.engine_settings.moe_backend
+    if model.is_moe and backend is not None:
+        _at("engine_settings.moe_backend", lambda: expert_kernel(weight, gpu, backend))
     if spec.kv_dtype is not None:
         kv = spec.kv_dtype
         _at("kv_dtype", lambda: parse_dtype(kv, allowed=KV_DTYPES, what="KV-cache dtype"))
@@ -536,6 +543,7 @@ def parse_plan_spec(
             prefix_caching=spec.engine_settings.enable_prefix_caching,
             kv_block_tokens=spec.engine_settings.kv_block_size,
             moe_routing=spec.engine_settings.moe_routing,
+            moe_backend=spec.engine_settings.moe_backend,
             speculative=None if spec.engine_settings.speculative is None else spec.engine_settings.speculative.domain(),
         ),
         router=spec.engine_settings.router,

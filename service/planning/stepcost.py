@@ -21,7 +21,14 @@ from service.planning.kernels import (
     tp_all_reduce_time_s,
 )
 from service.planning.mla_cost import MlaCalibration, mla_decode_time_s, mla_prefill_time_s
-from service.planning.moe_cost import RANDOM, MoeCalibration, alltoall_time_s, moe_layer_time_s
+from service.planning.moe_cost import (
+    AUTO_BACKEND,
+    RANDOM,
+    MoeCalibration,
+    alltoall_time_s,
+    expert_kernel,
+    moe_layer_time_s,
+)
 from service.planning.specs import DType, EngineSpec, GpuSpec, ModelSpec, PlanningError, SpeculativeDecoding
 
 # TP sizes vLLM's CustomAllreduce serves (vllm/distributed/device_communicators/custom_all_reduce.py
@@ -178,6 +185,7 @@ class ReplicaStepCost:
         moe_weight_dtype: DType | None = None,
         speculative: SpeculativeDecoding | None = None,
         moe_routing: str = RANDOM,
+        moe_backend: str = AUTO_BACKEND,
     ) -> None:
         validate_layout(model, layout)
         self.moe_routing = moe_routing
@@ -191,6 +199,7 @@ class ReplicaStepCost:
         self.calibration = calibration
         self.moe_calibration = moe_calibration or MoeCalibration()
         self.moe_weight_dtype = moe_weight_dtype or weight_dtype
+        self.moe_kernel = expert_kernel(self.moe_weight_dtype, gpu, moe_backend) if model.moe is not None else None
         self.max_tokens = max(1, max_tokens)
         tp = layout.tp
         self.layers_per_stage = math.ceil(model.num_layers / layout.pp)
@@ -286,6 +295,7 @@ class ReplicaStepCost:
             calibration=self.moe_calibration,
             gated=self.model.ffn_gated,
             distribution=self.moe_routing,
+            kernel=self.moe_kernel,
         )
         router = self._gemm(m, moe.num_experts, self.model.hidden_size)
         shared: FloatArray = np.zeros_like(m)

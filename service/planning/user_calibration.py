@@ -20,6 +20,7 @@ import numpy.typing as npt
 from service.planning.catalog import Catalog
 from service.planning.deployment import Mode
 from service.planning.estimate import EstimateRequest, run_estimate
+from service.planning.moe_cost import MARLIN_BACKEND
 from service.planning.profile import (
     ENGINE_CONSTANTS,
     FACTOR_NAMES,
@@ -164,10 +165,27 @@ def _pool(row: Mapping[str, Any], prefix: str) -> dict[str, int | None]:
     }
 
 
+def inferencex_row(row: Mapping[str, Any]) -> bool:
+    """Whether a reference row is an InferenceX sweep point (a dated CSV export in one of its shapes)."""
+    isl, osl = round(float(_get(row, "isl"))), round(float(_get(row, "osl")))
+    return _get(row, "source_kind") == "source_file" and (isl, osl) in INFERENCEX_SHAPES
+
+
+def row_moe_backend(row: Mapping[str, Any], model: str) -> str | None:
+    """The MoE kernels a run forced: its `moe_backend` column, or what its public benchmark script sets."""
+    if _get(row, "moe_backend"):
+        return _get(row, "moe_backend")
+    if model.startswith("gpt-oss") and _get(row, "backend") == "vllm" and inferencex_row(row):
+        # InferenceX's vLLM gpt-oss scripts for Hopper export VLLM_MXFP4_USE_MARLIN=1 (SemiAnalysisAI/InferenceX
+        # benchmarks/gptoss_fp4_h100.sh at 1fc5d73, gptoss_fp4_h200.sh at 16cd955): Marlin, not vLLM's Triton default.
+        return MARLIN_BACKEND
+    return None
+
+
 def client_lengths(row: Mapping[str, Any]) -> tuple[str, str, int | None]:
     """(isl, osl, requests per client) as the row's benchmark client drew them."""
     isl, osl = round(float(_get(row, "isl"))), round(float(_get(row, "osl")))
-    if _get(row, "source_kind") == "source_file" and (isl, osl) in INFERENCEX_SHAPES:
+    if inferencex_row(row):
 
         def ranged(tokens: int) -> str:
             return f"uniform:{int(tokens * INFERENCEX_RANGE_RATIO)}:{tokens}"
@@ -261,6 +279,7 @@ def request_for_benchmark_row(
         "requests_per_client": requests_per_client,
         "max_batched_tokens": _int(_get(row, "max_num_batched_tokens", "max_batched_tokens")) or None,
         "max_sequences": _int(_get(row, "max_num_seqs", "max_seqs")) or None,
+        "moe_backend": row_moe_backend(row, name),
         **(defaults or {}),
     }
     rate = float(_get(row, *_RATE_COLUMNS) or 0.0)
