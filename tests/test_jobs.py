@@ -204,7 +204,7 @@ def test_cancel_reaches_a_running_search_within_a_second(
     runner.join(timeout=30)
     stopped_after_s = time.monotonic() - canceled_at
     assert outcome == ["aborted"]
-    # One heartbeat (0.5 s) to notice, then the simulation stops at its next checkpoint (every 2,048 steps).
+    # One heartbeat (0.5 s) to notice, then the simulation stops at its next checkpoint (every 256 steps).
     assert db_settings.plan_heartbeat_s == 0.5
     assert stopped_after_s < 1.0
     assert _get(sessions, plan_id).status == PlanStatus.CANCELED

@@ -42,8 +42,10 @@ MAX_SEQUENCE_STEPS = 200_000_000
 # What one engine step costs the simulator beyond its sequences, in sequence-steps (profiled: ~40 us a step,
 # ~0.7 us a sequence).
 STEP_SEQUENCE_EQUIVALENT = 40
-# Engine steps between two calls of a simulation's checkpoint (cancel, time limit): ~2,000 steps take under 0.1 s.
-CHECKPOINT_EVERY_STEPS = 2048
+# Engine steps between two calls of a simulation's checkpoint (cancel, time limit): 256 steps take a few ms, and
+# tens of ms on a loaded machine under coverage, while a call costs well under a microsecond. At 2,048 a cancel on
+# CI took 1.2 s (0.5 s heartbeat + the rest of the steps), against the 1 s the service promises.
+CHECKPOINT_EVERY_STEPS = 256
 # How the entry instances share arriving requests (open loop) or issued ones (closed loop).
 ROUTERS = ("round_robin", "random", "least_loaded")
 
