@@ -72,9 +72,21 @@ def test_a_stated_moe_routing_slows_a_wide_expert_parallel_prefill(capsys: pytes
     ttft_ms = {}
     for routing in ("random", "power_law_1.01"):
         assert main([*args, "--moe-routing", routing]) == 0
-        ttft_ms[routing] = json.loads(capsys.readouterr().out)["ttft_ms"]["mean"]
+        out = json.loads(capsys.readouterr().out)
+        assert (out["moe_routing"], out["moe_kernel"]) == (routing, "fp8_block")
+        ttft_ms[routing] = out["ttft_ms"]["mean"]
     # The GPU that holds the hottest experts sets each MoE layer's time in prefill.
     assert ttft_ms["power_law_1.01"] > 1.05 * ttft_ms["random"]
+
+
+def test_the_output_names_the_moe_kernel_it_priced(capsys: pytest.CaptureFixture[str]) -> None:
+    gpt_oss = estimate_args("--moe-weight-dtype", "mxfp4", "--rate", "1", model="gpt-oss-120b")
+    for backend, kernel in (("auto", "mxfp4_bf16"), ("marlin", "w4a16_mxfp4")):
+        assert main([*gpt_oss, "--moe-backend", backend, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["moe_kernel"] == kernel
+    assert main([*estimate_args(), "--json"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert (dense["moe_kernel"], dense["moe_routing"]) == (None, None)
 
 
 def test_lengths_from_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

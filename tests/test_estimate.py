@@ -101,6 +101,7 @@ def test_a_trace_replays_at_its_own_rate_or_scaled() -> None:
             {"moe_routing": "zipf"},
             "unknown MoE routing 'zipf'; use one of random, balanced, power_law_1.01, power_law_1.2",
         ),
+        ({"moe_backend": "cutlass"}, "unknown MoE backend 'cutlass'; use one of auto, marlin"),
         ({"mode": Mode.DISAGGREGATED, "prefill_workers": 0}, "disaggregated serving needs at least one prefill"),
         ({"mode": Mode.DISAGGREGATED, "decode_workers": 0}, "disaggregated serving needs at least one prefill"),
     ],

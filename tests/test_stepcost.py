@@ -28,8 +28,15 @@ from service.planning.kernels import (
     gemm_time_s,
     prefill_chunk_tiles,
 )
-from service.planning.moe_cost import RANDOM, SERVED_ROUTINGS, MoeCalibration, alltoall_time_s, moe_layer_time_s
-from service.planning.plan_spec import MoeRouting
+from service.planning.moe_cost import (
+    MOE_BACKENDS,
+    RANDOM,
+    SERVED_ROUTINGS,
+    MoeCalibration,
+    alltoall_time_s,
+    moe_layer_time_s,
+)
+from service.planning.plan_spec import MoeBackend, MoeRouting
 from service.planning.schedulers import Role
 from service.planning.specs import DType, EngineSpec, ModelSpec, PlanningError, SpeculativeDecoding
 from service.planning.stepcost import (
@@ -482,8 +489,9 @@ def test_a_forced_moe_backend_picks_the_kernel_every_moe_layer_is_priced_as() ->
     assert _cost(DENSE, layout).moe_kernel is None
 
 
-def test_served_routings_are_the_ones_the_plan_spec_accepts() -> None:
+def test_served_routings_and_backends_are_the_ones_the_plan_spec_accepts() -> None:
     assert get_args(MoeRouting) == SERVED_ROUTINGS
+    assert get_args(MoeBackend) == MOE_BACKENDS
 
 
 def test_moe_tp_under_ep_adds_an_all_reduce_over_the_expert_slices() -> None:

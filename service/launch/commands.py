@@ -214,11 +214,6 @@ def _layout_notes(plan: LaunchPlan, pool: Pool, engine: str) -> list[str]:
             f"{where}: vLLM splits experts over all {layout.stage_gpus} GPUs of a stage with "
             f"--enable-expert-parallel; moe_tp {layout.moe_tp} x moe_ep {layout.moe_ep} is not expressible."
         )
-    if engine != "vllm" and plan.moe and plan.moe_backend == MARLIN_BACKEND and pool is plan.pools[0]:
-        notes.append(
-            f"The plan priced the experts as vLLM's Marlin kernels (moe_backend: marlin); {engine} runs its own MoE "
-            "kernels, so its latencies can differ from the plan's."
-        )
     if engine == "trtllm" and layout.attention_dp > 1 and layout.tp > 1:
         notes.append(
             f"{where}: TRT-LLM's enable_attention_dp runs attention with TP 1 on each of the {layout.stage_gpus} "
@@ -529,6 +524,11 @@ def engine_launch(plan: LaunchPlan, engine: str) -> EngineLaunch:
     for pool in plan.pools:
         notes += _layout_notes(plan, pool, engine)
     notes += _speculative_notes(plan, engine)
+    if engine != "vllm" and plan.moe and plan.moe_backend == MARLIN_BACKEND:
+        notes.append(
+            f"The plan priced the experts as vLLM's Marlin kernels (moe_backend: marlin); {engine} runs its own MoE "
+            "kernels, so its latencies can differ from the plan's."
+        )
     if engine != plan.plan_engine:
         notes.append(
             f"The plan simulated {plan.plan_engine}; these {engine} commands apply its layout, token budgets and "

@@ -12,7 +12,7 @@ import numpy as np
 
 from service.planning.kernels import KernelCalibration
 from service.planning.memory import KV_BLOCK_TOKENS, MemoryPlan, plan_memory, require_fit
-from service.planning.moe_cost import AUTO_BACKEND, RANDOM, MoeCalibration
+from service.planning.moe_cost import AUTO_BACKEND, RANDOM, MoeCalibration, expert_kernel
 from service.planning.simulator import (
     ROUTERS,
     InstanceConfig,
@@ -103,6 +103,16 @@ class Deployment:
         if self.mode is Mode.COLLOCATED:
             return self.layout.gpus * self.replicas
         return self.prefill_layout.gpus * self.prefill_workers + self.decode_layout.gpus * self.decode_workers
+
+    def describe_moe(self) -> dict[str, str | None]:
+        """How the experts are priced: weight dtype, kernel and served routing (all None for a dense model)."""
+        if not self.model.is_moe:
+            return {"moe_weight_dtype": None, "moe_kernel": None, "moe_routing": None}
+        return {
+            "moe_weight_dtype": self.expert_dtype.value,
+            "moe_kernel": expert_kernel(self.expert_dtype, self.gpu, self.knobs.moe_backend or AUTO_BACKEND),
+            "moe_routing": self.knobs.moe_routing or RANDOM,
+        }
 
     def describe_layout(self) -> dict[str, Any]:
         """The parallel layout as a plain mapping."""
@@ -221,7 +231,7 @@ class Estimate:
             "engine": self.deployment.engine.name,
             "mode": self.deployment.mode.value,
             "weight_dtype": self.deployment.weight_dtype.value,
-            "moe_weight_dtype": self.deployment.expert_dtype.value if self.deployment.model.is_moe else None,
+            **self.deployment.describe_moe(),
             "kv_dtype": self.deployment.kv_dtype.value,
             "layout": self.deployment.describe_layout(),
             "gpus": self.deployment.gpus,

@@ -9,7 +9,7 @@ from typing import Any
 
 from service.planning.catalog import Catalog
 from service.planning.deployment import Deployment, Estimate, KnobOverrides, Mode, simulate_deployment
-from service.planning.moe_cost import SERVED_ROUTINGS, expert_kernel
+from service.planning.moe_cost import MOE_BACKENDS, SERVED_ROUTINGS, expert_kernel
 from service.planning.profile import profiled_catalog
 from service.planning.simulator import ROUTERS
 from service.planning.specs import (
@@ -357,6 +357,8 @@ def validate_engine_settings(knobs: KnobOverrides, router: str) -> None:
         raise PlanningError(f"max model length must be at least 2 tokens (got {knobs.max_model_len})")
     if knobs.kv_block_tokens is not None and not 1 <= knobs.kv_block_tokens <= 1024:
         raise PlanningError(f"KV block size must be between 1 and 1024 tokens (got {knobs.kv_block_tokens})")
+    if knobs.moe_backend is not None and knobs.moe_backend not in MOE_BACKENDS:
+        raise PlanningError(f"unknown MoE backend {knobs.moe_backend!r}; use one of {', '.join(MOE_BACKENDS)}")
     if knobs.moe_routing is not None and knobs.moe_routing not in SERVED_ROUTINGS:
         raise PlanningError(f"unknown MoE routing {knobs.moe_routing!r}; use one of {', '.join(SERVED_ROUTINGS)}")
     if router not in ROUTERS:

@@ -444,7 +444,7 @@ def _strategy_dict(candidate: Candidate, workload: Workload) -> dict[str, Any]:
         "layout": deployment.describe_layout(),
         "engine": deployment.engine.name,
         "weight_dtype": deployment.weight_dtype.value,
-        "moe_weight_dtype": deployment.expert_dtype.value if deployment.model.is_moe else None,
+        **deployment.describe_moe(),
         "kv_dtype": deployment.kv_dtype.value,
         "max_batched_tokens": deployment.knobs.max_batched_tokens or deployment.engine.max_num_batched_tokens,
         "max_sequences": deployment.knobs.max_sequences or deployment.engine.max_num_seqs,
