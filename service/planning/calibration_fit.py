@@ -40,6 +40,11 @@ SHAPE_KEYS: dict[str, tuple[str, ...]] = {
     "mla_generation": ("num_heads",),
     "mla_bmm": ("num_heads",),
 }
+# Weight of the pull of every fitted parameter toward the middle of its log-range, per square root of the rows
+# fitted: (PRIOR_WEIGHT x distance as a fraction of the range)^2 counts as much as that many rows' squared log error.
+PRIOR_WEIGHT = 1e-2
+# Finite-difference step of the fits, relative to each log-parameter.
+DIFF_STEP = 1e-2
 # Rows a fit samples at most per group (deterministic stride), to keep calibration fast.
 MAX_FIT_ROWS = 20000
 
@@ -99,20 +104,42 @@ def fit_params(
     predict: Callable[[KernelCalibration], FloatArray],
     measured: FloatArray,
     base: KernelCalibration,
+    *,
+    range_starts: tuple[float, ...] = (),
 ) -> KernelCalibration:
-    """Least squares on log(predicted/measured) over log-scaled parameters, started from ``base``."""
+    """Least squares on log(predicted/measured) over log-scaled parameters, started from ``base`` and from each
+    fraction in ``range_starts`` of every parameter's log-range; the lowest cost wins."""
     low = np.log([p.low for p in params])
     high = np.log([p.high for p in params])
-    x0 = np.clip(np.log([max(_get(base, p), 1e-30) for p in params]), low + 1e-9, high - 1e-9)
+    middle = 0.5 * (low + high)
+    prior_scale = PRIOR_WEIGHT * np.sqrt(measured.size) / (high - low)
 
     def residual(x: FloatArray) -> FloatArray:
         pred = predict(apply_values(base, params, np.exp(x)))
-        out: FloatArray = np.log(np.maximum(pred, 1e-12) / measured)
+        data: FloatArray = np.log(np.maximum(pred, 1e-12) / measured)
+        # A weak pull toward the middle of each parameter's log-range makes the optimum unique where the table
+        # does not determine a parameter, so the fit lands on the same values from any start.
+        out: FloatArray = np.concatenate([data, prior_scale * (x - middle)])
         return out
 
-    # soft_l1 keeps a few noisy rows (throttled or eager-launched timings) from pulling the median.
-    result = least_squares(residual, x0, bounds=(low, high), loss="soft_l1", f_scale=0.05, max_nfev=400)
-    return apply_values(base, params, np.exp(result.x))
+    starts = [np.log([max(_get(base, p), 1e-30) for p in params])]
+    starts += [low + fraction * (high - low) for fraction in range_starts]
+    best_x, best_cost = starts[0], np.inf
+    for x0 in starts:
+        # soft_l1 keeps a few noisy rows (throttled or eager-launched timings) from pulling the median; a step of
+        # 1% of each log-parameter sees through the kinks of the max() and ceil() terms of the models.
+        result = least_squares(
+            residual,
+            np.clip(x0, low + 1e-9, high - 1e-9),
+            bounds=(low, high),
+            loss="soft_l1",
+            f_scale=0.05,
+            max_nfev=400,
+            diff_step=DIFF_STEP,
+        )
+        if result.cost < best_cost:
+            best_x, best_cost = result.x, result.cost
+    return apply_values(base, params, np.exp(best_x))
 
 
 def _subsample(rows: np.ndarray) -> np.ndarray:
@@ -134,13 +161,20 @@ def _values(cal: KernelCalibration, params: list[Param]) -> dict[str, Any]:
 
 
 def _fit_table(
-    table: str, rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration, params: list[Param]
+    table: str,
+    rows: np.ndarray,
+    gpu: GpuSpec,
+    base: KernelCalibration,
+    params: list[Param],
+    range_starts: tuple[float, ...] = (),
 ) -> tuple[KernelCalibration, dict[str, Any]]:
     rows = _subsample(rows)
     if rows.size == 0:
         return base, {}
     predictor = PREDICTORS[table]
-    cal = fit_params(params, lambda c: predictor(rows, gpu=gpu, calibration=c), measured_s(rows), base)
+    cal = fit_params(
+        params, lambda c: predictor(rows, gpu=gpu, calibration=c), measured_s(rows), base, range_starts=range_starts
+    )
     return cal, _values(cal, params)
 
 
@@ -246,7 +280,8 @@ def fit_attention_generation(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibra
     ]
     # The CTA terms are off (zero) by default: start them inside their bounds (geometric middle).
     start = apply_values(base, params, np.array([_start(base, p) for p in params]))
-    return _fit_table("attention_generation", rows, gpu, start, params)[1]
+    # Its max() of stream and MMA costs has more than one basin: start from three more points of the ranges too.
+    return _fit_table("attention_generation", rows, gpu, start, params, range_starts=(0.25, 0.5, 0.75))[1]
 
 
 def _start(cal: KernelCalibration, p: Param) -> float:

@@ -67,6 +67,10 @@ MOE_MODELS = frozenset({"deepseek-r1", "deepseek-v3", "minimax-m2.5", "qwen3-235
 INFERENCEX_SHAPES = frozenset({(1024, 1024), (1024, 8192), (8192, 1024)})
 INFERENCEX_RANGE_RATIO = 0.8
 INFERENCEX_REQUESTS_PER_CLIENT = 10
+# First day InferenceX's vLLM gpt-oss scripts for Hopper exported VLLM_MXFP4_USE_MARLIN=1 (SemiAnalysisAI/InferenceX
+# 4e52ed4c6, 2026-01-02, with the move to vLLM 0.13.0; still set in benchmarks/single_node/gptoss_fp4_h100.sh at
+# cec542a9a, 2026-03-27). Its 2025 scripts (af4ccd03f, 25506e87c, 4e135fd3f) left vLLM's own kernel choice.
+INFERENCEX_MARLIN_SINCE = "2026-01-02"
 # Measured metric -> the column names that carry it (first present wins), all milliseconds.
 OBSERVED_COLUMNS: dict[str, tuple[str, ...]] = {
     "ttft_mean": ("ttft_ms", "ttft_mean_ms", "mean_ttft_ms"),
@@ -176,9 +180,11 @@ def row_moe_backend(row: Mapping[str, Any], model: str) -> str | None:
     if _get(row, "moe_backend"):
         return _get(row, "moe_backend")
     if model.startswith("gpt-oss") and _get(row, "backend") == "vllm" and inferencex_row(row):
-        # InferenceX's vLLM gpt-oss scripts for Hopper export VLLM_MXFP4_USE_MARLIN=1 (SemiAnalysisAI/InferenceX
-        # benchmarks/gptoss_fp4_h100.sh at 1fc5d73, gptoss_fp4_h200.sh at 16cd955): Marlin, not vLLM's Triton default.
-        return MARLIN_BACKEND
+        # InferenceX's vLLM gpt-oss scripts for Hopper export VLLM_MXFP4_USE_MARLIN=1 from INFERENCEX_MARLIN_SINCE on:
+        # Marlin, not vLLM's Triton default. An undated row is taken to be from a current script.
+        measured = _get(row, "measured_date")
+        if not measured or measured >= INFERENCEX_MARLIN_SINCE:
+            return MARLIN_BACKEND
     return None
 
 
@@ -1160,7 +1166,12 @@ def fit_profile(
         sigma_x = math.sqrt(max(0.0, float(covariance[k, k])))
         sigma = value * sigma_x if PARAMETERS[name].kind == "factor" else sigma_x * PARAMETERS[name].unit_s
         near_upper = value >= hi * (1 - 1e-3)
-        if near_upper and not fit and PARAMETERS[name].kind == "factor" and budget_clock() < deadline:
+        if near_upper and not fit and PARAMETERS[name].kind == "factor" and budget_clock() >= deadline:
+            # No budget left to fit the others again: they were fitted beside this factor at its limit already.
+            pinned[name] = hi
+            notes.append(f"{name} held at its physical limit with the others as fitted beside it (budget spent)")
+            continue
+        if near_upper and not fit and PARAMETERS[name].kind == "factor":
             # The measurements are faster than this resource allows: hold it at the datasheet peak and let the
             # other parameters account for the rest.
             left = deadline - budget_clock()
