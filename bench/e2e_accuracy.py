@@ -16,6 +16,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from service.catalog.loader import default_catalog
 from service.planning.estimate import EstimateRequest, run_estimate
@@ -55,6 +58,19 @@ def model_for(row: dict[str, str]) -> str:
 def request_for_row(row: dict[str, str], *, client_start: str = "benchmark") -> EstimateRequest:
     """The estimate request that reproduces one measured run (the mapping `splan calibrate` uses for such rows)."""
     return request_for_benchmark_row(row, gpu="h100-sxm", model=model_for(row), client_start=client_start)
+
+
+def apply_corrections(rows: list[dict[str, str]], doc: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
+    """Rows with each correction's columns set where all its ``match`` columns agree; and how many changed."""
+    out, changed = [], 0
+    for row in rows:
+        fixed = dict(row)
+        for entry in doc.get("corrections", []):
+            if all(str(row.get(k, "")) == str(v) for k, v in entry["match"].items()):
+                fixed.update({k: str(v) for k, v in entry["set"].items()})
+        changed += fixed != row
+        out.append(fixed)
+    return out, changed
 
 
 def ape(predicted: float, actual: float) -> float:
@@ -119,8 +135,18 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--client-start", choices=["benchmark", "burst", "staggered"], default="benchmark")
     parser.add_argument("--model", default=None, help="only rows of this catalog model")
+    parser.add_argument(
+        "--corrections",
+        type=Path,
+        default=None,
+        help="a YAML of layout corrections with sources (bench/data/reference_corrections.yaml); default: none, "
+        "every row as recorded",
+    )
     args = parser.parse_args()
     rows = list(csv.DictReader((args.reference / "e2e_h100_sxm.csv").open()))
+    if args.corrections:
+        rows, corrected = apply_corrections(rows, yaml.safe_load(args.corrections.read_text(encoding="utf-8")))
+        print(f"{corrected} rows corrected by {args.corrections}")
     if args.model:
         rows = [r for r in rows if model_for(r) == args.model]
     if args.limit:

@@ -67,10 +67,6 @@ MOE_MODELS = frozenset({"deepseek-r1", "deepseek-v3", "minimax-m2.5", "qwen3-235
 INFERENCEX_SHAPES = frozenset({(1024, 1024), (1024, 8192), (8192, 1024)})
 INFERENCEX_RANGE_RATIO = 0.8
 INFERENCEX_REQUESTS_PER_CLIENT = 10
-# First day InferenceX's vLLM gpt-oss scripts for Hopper exported VLLM_MXFP4_USE_MARLIN=1 (SemiAnalysisAI/InferenceX
-# 4e52ed4c6, 2026-01-02, with the move to vLLM 0.13.0; still set in benchmarks/single_node/gptoss_fp4_h100.sh at
-# cec542a9a, 2026-03-27). Its 2025 scripts (af4ccd03f, 25506e87c, 4e135fd3f) left vLLM's own kernel choice.
-INFERENCEX_MARLIN_SINCE = "2026-01-02"
 # Measured metric -> the column names that carry it (first present wins), all milliseconds.
 OBSERVED_COLUMNS: dict[str, tuple[str, ...]] = {
     "ttft_mean": ("ttft_ms", "ttft_mean_ms", "mean_ttft_ms"),
@@ -180,11 +176,11 @@ def row_moe_backend(row: Mapping[str, Any], model: str) -> str | None:
     if _get(row, "moe_backend"):
         return _get(row, "moe_backend")
     if model.startswith("gpt-oss") and _get(row, "backend") == "vllm" and inferencex_row(row):
-        # InferenceX's vLLM gpt-oss scripts for Hopper export VLLM_MXFP4_USE_MARLIN=1 from INFERENCEX_MARLIN_SINCE on:
-        # Marlin, not vLLM's Triton default. An undated row is taken to be from a current script.
-        measured = _get(row, "measured_date")
-        if not measured or measured >= INFERENCEX_MARLIN_SINCE:
-            return MARLIN_BACKEND
+        # InferenceX's vLLM gpt-oss scripts for Hopper export VLLM_MXFP4_USE_MARLIN=1 since SemiAnalysisAI/InferenceX
+        # 4e52ed4c6 (2026-01-02; still in benchmarks/single_node/gptoss_fp4_h100.sh at cec542a9a, 2026-03-27). Its
+        # 2025 sweeps ran vLLM 0.10.2, which fell back to Marlin where triton_kernels was not installed (it became a
+        # dependency with vllm-project/vllm #27370, opened 2025-10-22). Marlin, not today's Triton default.
+        return MARLIN_BACKEND
     return None
 
 
