@@ -137,6 +137,8 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 62,
         "num_key_value_heads": 8,
         "num_local_experts": 256,
+        "qk_norm_type": "per_layer",
+        "use_qk_norm": True,
         "shared_intermediate_size": 0,
         "tie_word_embeddings": False,
         "vocab_size": 200064,
@@ -215,6 +217,7 @@ def test_catalog_entry_matches_its_config_json(catalog: Catalog, name: str) -> N
         "hf_id",
         "moe",
         "mla",
+        "qk_norm_across_heads",
     ):
         assert getattr(entry, field) == getattr(from_config, field), field
 

@@ -121,6 +121,17 @@ def test_opt_uses_ffn_dim_relu_and_tied_head() -> None:
     assert spec.hf_id == "facebook/opt-13b"
 
 
+def test_only_a_per_layer_qk_norm_spans_the_heads() -> None:
+    def spec(**keys: Any) -> bool:
+        return model_from_hf_config({**LLAMA_31_8B, **keys}, name="m").qk_norm_across_heads
+
+    # MiniMax-M2: one RMSNorm over every head's q (and k) elements; Qwen3-style norms are per head.
+    assert spec(use_qk_norm=True, qk_norm_type="per_layer") is True
+    assert spec(use_qk_norm=True, qk_norm_type="per_head") is False
+    assert spec(use_qk_norm=False, qk_norm_type="per_layer") is False
+    assert spec() is False
+
+
 def test_text_config_is_read_for_multimodal_wrappers() -> None:
     wrapped = {"architectures": ["SomeVisionForConditionalGeneration"], "text_config": dict(LLAMA_31_8B)}
     assert model_from_hf_config(wrapped, name="x") == model_from_hf_config(LLAMA_31_8B, name="x")

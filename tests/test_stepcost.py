@@ -319,6 +319,19 @@ def test_tp2_communication_is_two_all_reduces_per_layer() -> None:
         assert moe.communication_s == pytest.approx(2 * 4 * one, rel=1e-12)
 
 
+def test_a_qk_norm_across_heads_adds_one_variance_all_reduce_per_layer() -> None:
+    across = replace(DENSE, qk_norm_across_heads=True)
+    for tokens in (1, 7, 300):
+        one = collective_time_s("all_reduce", tokens * 64 * 2.0, 2, link_bandwidth_bytes_per_s=1.0e11, calibration=CAL)
+        # Two fp32 variances (q and k) per token, summed over the TP group in each of the 4 layers.
+        variances = collective_time_s("all_reduce", tokens * 8.0, 2, link_bandwidth_bytes_per_s=1.0e11, calibration=CAL)
+        step = _cost(across, make_layout(tp=2)).step(decode_sequences=tokens, decode_context_tokens=tokens)
+        assert step.communication_s == pytest.approx(2 * 4 * one + 4 * variances, rel=1e-12)
+        # Without TP there is nothing to reduce.
+        alone = _cost(across, make_layout(tp=1)).step(decode_sequences=tokens, decode_context_tokens=tokens)
+        assert alone.communication_s == 0
+
+
 def test_tp_all_reduce_inside_a_node_runs_the_engines_own_kernel() -> None:
     custom_engine = replace(ENGINE, custom_all_reduce=True)
     for tokens in (1, 7, 300):

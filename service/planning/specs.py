@@ -91,6 +91,9 @@ class ModelSpec:
     # Sliding-window attention: window in tokens and the share of layers that use it (gpt-oss: 128, 0.5).
     sliding_window_tokens: int = 0
     sliding_window_layer_fraction: float = 0.0
+    # QK-norm over the whole q and k projections rather than per head (MiniMax-M2 `qk_norm_type: per_layer`): under
+    # attention TP every layer all-reduces each token's q and k variances across the TP group.
+    qk_norm_across_heads: bool = False
     hf_id: str = ""
     moe: MoESpec | None = None
     mla: MLASpec | None = None

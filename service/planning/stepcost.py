@@ -541,23 +541,29 @@ class ReplicaStepCost:
             "all_reduce", message_bytes, gpus, link_bandwidth_bytes_per_s=bandwidth, calibration=self.calibration
         )
 
+    def _tp_all_reduce(self, message_bytes: float) -> float:
+        """One all-reduce over the attention TP group, with the engine's own kernels where it has them."""
+        if self.layout.tp <= 1:
+            return 0.0
+        if self.tp_custom_all_reduce:
+            return tp_all_reduce_time_s(
+                message_bytes,
+                self.layout.tp,
+                link_bandwidth_bytes_per_s=self.link_bandwidth,
+                calibration=self.calibration,
+            )
+        return self._all_reduce(message_bytes, self.layout.tp, self.link_bandwidth)
+
     def _layer_communication(self, tokens: int, *, decode_only: bool) -> float:
         """Collectives of one pipeline stage's layers for ``tokens`` tokens per attention-DP rank."""
         layout, hidden = self.layout, self.model.hidden_size
         activation_bytes = tokens * hidden * 2.0
         # Row-parallel attention output (and dense FFN) end in an all-reduce over the attention TP group.
-        if layout.tp <= 1:
-            tp_reduce = 0.0
-        elif self.tp_custom_all_reduce:
-            tp_reduce = tp_all_reduce_time_s(
-                activation_bytes,
-                layout.tp,
-                link_bandwidth_bytes_per_s=self.link_bandwidth,
-                calibration=self.calibration,
-            )
-        else:
-            tp_reduce = self._all_reduce(activation_bytes, layout.tp, self.link_bandwidth)
+        tp_reduce = self._tp_all_reduce(activation_bytes)
         total = tp_reduce * self.layers_per_stage + tp_reduce * self.dense_layers
+        if self.model.qk_norm_across_heads:
+            # The q and k variances of every token (two fp32 values), summed over the TP shards of the heads.
+            total += self._tp_all_reduce(tokens * 2.0 * 4.0) * self.layers_per_stage
         if self.moe_layers == 0:
             return total
         if layout.attention_dp == 1:
