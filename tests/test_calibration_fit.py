@@ -148,6 +148,8 @@ def test_fit_all_recovers_the_timings_of_the_calibration_that_made_them(
         assert worst_pct < min(2.0, before[table] / 3.0), (table, before[table], worst_pct)
     # Every table fitted something, and all_reduce's own constants are the shared collective ones.
     assert {"gemm_launch_s", "attention_launch_s", "attention_decode_launch_s"} <= set(values)
+    # Whether the prefill kernel packs GQA groups is read off the timings (FA3 on H100 does, B200's kernel does not).
+    assert values["attention_prefill_pack_gqa"] is truth.attention_prefill_pack_gqa is (gpu_name == "h100-sxm")
     assert "custom_all_reduce_bus_efficiency" in values
     kinds = values["collective_kind_bus_efficiency"]
     assert set(kinds) == {"all_reduce", "all_gather"}

@@ -261,7 +261,22 @@ def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibratio
         Param("attention_prefill_bandwidth_efficiency", 0.05, 1.0),
         Param("attention_launch_s", 1e-6, 1e-4),
     ]
-    return _fit_table("attention_context", rows, gpu, base, params)[1]
+    # Whether the kernel packs a KV head's query heads into one tile is the kernel's choice (FA3 on Hopper does for
+    # GQA; the B200 table's time follows the query heads, not the KV heads): fit both and keep the closer.
+    fits = []
+    for pack in (True, False):
+        cal, values = _fit_table("attention_context", rows, gpu, replace(base, attention_prefill_pack_gqa=pack), params)
+        fits.append(
+            (_fit_cost("attention_context", rows, gpu, cal), not pack, {**values, "attention_prefill_pack_gqa": pack})
+        )
+    return min(fits)[2]
+
+
+def _fit_cost(table: str, rows: np.ndarray, gpu: GpuSpec, cal: KernelCalibration) -> float:
+    """The fits' robust loss (soft-L1 of the log error, as fit_params minimises it) of a calibration on a table."""
+    rows = _subsample(rows)
+    error = np.log(np.maximum(PREDICTORS[table](rows, gpu=gpu, calibration=cal), 1e-12) / measured_s(rows))
+    return float(np.mean(2.0 * (np.sqrt(1.0 + (error / 0.05) ** 2) - 1.0)))
 
 
 def fit_attention_generation(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
