@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.planning.calibration_fit import fit_all
+from service.planning.calibration_fit import fit_all, fit_all_moe
 from service.planning.catalog import Catalog
 from service.planning.kernel_accuracy import kernel_errors, moe_kernel_errors
 from service.planning.kernels import (
@@ -24,6 +24,8 @@ from service.planning.kernels import (
     prefill_tile_shape,
     tp_all_reduce_time_s,
 )
+from service.planning.moe_cost import MoeCalibration
+from service.planning.moe_fit import calibration_values
 from service.planning.specs import DType, GpuSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +156,27 @@ def test_the_kernel_fit_reproduces_the_committed_constants_under_rounding_noise(
             assert value is expected, name
         else:
             assert value == pytest.approx(expected, rel=1e-4), name
+
+
+def test_the_moe_fit_reproduces_the_committed_h100_constants_under_rounding_noise(
+    catalog: Catalog, kernel_reference_dir: Path
+) -> None:
+    from bench.calibrate import load_tables
+
+    # The H100 has every MoE table (layer, DeepEP all-to-all, MLA), so every MoE fitter runs on it.
+    tables = load_tables(kernel_reference_dir, PREFIXES["h100-sxm"])
+    rng = np.random.default_rng(7)
+    for rows in tables.values():
+        rows["latency_ms"] *= 1.0 + 1e-12 * rng.standard_normal(rows.size)
+    gpu = catalog.gpu("h100-sxm")
+    fitted, ran = fit_all_moe(tables, gpu, MoeCalibration())
+    assert ran == ["moe", "moe_alltoall", "mla"]
+    committed = calibration_values(catalog.moe_calibration_for(gpu))
+    for name, value in calibration_values(fitted).items():
+        assert value == pytest.approx(committed[name], rel=1e-4), name
+    committed_mla = catalog.moe_calibration_for(gpu).mla
+    for name, value in fitted.mla.items():
+        assert value == pytest.approx(committed_mla[name], rel=1e-4), f"mla.{name}"
 
 
 def _gpu(**overrides: object) -> GpuSpec:
