@@ -60,12 +60,12 @@ def request_for_row(row: dict[str, str], *, client_start: str = "benchmark") -> 
     return request_for_benchmark_row(row, gpu="h100-sxm", model=model_for(row), client_start=client_start)
 
 
-def apply_corrections(rows: list[dict[str, str]], doc: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
+def apply_corrections(rows: list[dict[str, str]], doc: dict[str, Any] | None) -> tuple[list[dict[str, str]], int]:
     """Rows with each correction's columns set where all its ``match`` columns agree; and how many changed."""
     out, changed = [], 0
     for row in rows:
         fixed = dict(row)
-        for entry in doc.get("corrections", []):
+        for entry in (doc or {}).get("corrections", []):
             if all(str(row.get(k, "")) == str(v) for k, v in entry["match"].items()):
                 fixed.update({k: str(v) for k, v in entry["set"].items()})
         changed += fixed != row
@@ -184,7 +184,8 @@ def main() -> int:
     if args.out:
         with args.out.open("w", newline="") as handle:
             extra = ["pred_ttft_ms", "pred_tpot_ms", "ttft_ape", "tpot_ape", "refused"]
-            writer = csv.DictWriter(handle, fieldnames=[*rows[0].keys(), *extra])
+            columns = list(dict.fromkeys(column for row in rows for column in row))
+            writer = csv.DictWriter(handle, fieldnames=[*columns, *extra])
             writer.writeheader()
             for r in results:
                 row_out = dict(r["row"])  # type: ignore[call-overload]

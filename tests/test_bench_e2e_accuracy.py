@@ -23,6 +23,8 @@ def test_a_correction_sets_its_columns_only_where_every_match_column_agrees() ->
     assert changed == 1
     assert [r["moe_ep_size"] for r in fixed] == ["4", "16", "16"]
     assert rows[0]["moe_ep_size"] == "16"
+    # An empty corrections file changes nothing.
+    assert apply_corrections(rows, None) == (rows, 0)
 
 
 def test_the_committed_corrections_give_consistent_layouts_with_a_source(reference_dir: Path) -> None:

@@ -68,6 +68,11 @@ def test_a_catalog_directory_must_exist_and_hold_mappings(tmp_path: Path) -> Non
             "calibration: unknown calibration field 'gemm_launch_secs'",
         ),
         (
+            "calibration",
+            {"ada": {"attention_prefill_pack_gqa": "false"}},
+            "calibration: calibration field 'attention_prefill_pack_gqa' must be true or false, not 'false'",
+        ),
+        (
             "gemm_dispatch",
             {"ada": [{"kernel": "wide", "tile_m": 128, "tile_width": 128}]},
             "calibration: gemm dispatch rule {'kernel': 'wide', 'tile_m': 128, 'tile_width': 128}: unknown keys "

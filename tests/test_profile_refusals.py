@@ -31,6 +31,11 @@ DOC: dict[str, Any] = {"kind": PROFILE_KIND, "gpu": "h100-sxm", "engine": "vllm"
             {"kernel_calibration": ["gemm_launch_s"]},
             "invalid profile: kernel_calibration must be a mapping of calibration fields",
         ),
+        (
+            {"kernel_calibration": {"attention_prefill_pack_gqa": "no"}},
+            "invalid profile: kernel_calibration: calibration field 'attention_prefill_pack_gqa' must be true or "
+            "false, not 'no'",
+        ),
     ],
 )
 def test_a_malformed_profile_is_refused(change: dict[str, Any], message: str) -> None:

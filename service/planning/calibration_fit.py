@@ -41,10 +41,12 @@ SHAPE_KEYS: dict[str, tuple[str, ...]] = {
     "mla_bmm": ("num_heads",),
 }
 # Weight of the pull of every fitted parameter toward the middle of its log-range, per square root of the rows
-# fitted: (PRIOR_WEIGHT x distance as a fraction of the range)^2 counts as much as that many rows' squared log error.
+# fitted. It enters the robust loss like a row's log error, so it only decides where the rows do not.
 PRIOR_WEIGHT = 1e-2
-# Finite-difference step of the fits, relative to each log-parameter.
-DIFF_STEP = 1e-2
+# Finite-difference step of the fits in log-parameter space: each parameter moves by 1%, whatever its units.
+LOG_STEP = 1e-2
+# Scale of the soft-L1 loss on log errors: rows off by more than about 5% count linearly, not quadratically.
+LOSS_SCALE = 0.05
 # Rows a fit samples at most per group (deterministic stride), to keep calibration fast.
 MAX_FIT_ROWS = 20000
 
@@ -107,8 +109,8 @@ def fit_params(
     *,
     range_starts: tuple[float, ...] = (),
 ) -> KernelCalibration:
-    """Least squares on log(predicted/measured) over log-scaled parameters, started from ``base`` and from each
-    fraction in ``range_starts`` of every parameter's log-range; the lowest cost wins."""
+    """Least squares on log(predicted/measured) over log-scaled parameters from ``base`` and from each fraction in
+    ``range_starts`` of every log-range; the lowest cost wins."""
     low = np.log([p.low for p in params])
     high = np.log([p.high for p in params])
     middle = 0.5 * (low + high)
@@ -122,24 +124,40 @@ def fit_params(
         out: FloatArray = np.concatenate([data, prior_scale * (x - middle)])
         return out
 
+    def jacobian(x: FloatArray) -> FloatArray:
+        # Forward differences of LOG_STEP in every log-parameter (backward at an upper bound): a step that sees
+        # through the kinks of the models' max() and ceil() terms, the same for every parameter whatever its units.
+        at_x = residual(x)
+        out = np.empty((at_x.size, x.size))
+        for j in range(x.size):
+            step = LOG_STEP if x[j] + LOG_STEP <= high[j] else -LOG_STEP
+            moved = x.copy()
+            moved[j] += step
+            out[:, j] = (residual(moved) - at_x) / step
+        return out
+
     starts = [np.log([max(_get(base, p), 1e-30) for p in params])]
     starts += [low + fraction * (high - low) for fraction in range_starts]
     best_x, best_cost = starts[0], np.inf
     for x0 in starts:
-        # soft_l1 keeps a few noisy rows (throttled or eager-launched timings) from pulling the median; a step of
-        # 1% of each log-parameter sees through the kinks of the max() and ceil() terms of the models.
+        # soft_l1 keeps a few noisy rows (throttled or eager-launched timings) from pulling the median.
         result = least_squares(
             residual,
             np.clip(x0, low + 1e-9, high - 1e-9),
+            jac=jacobian,
             bounds=(low, high),
             loss="soft_l1",
-            f_scale=0.05,
+            f_scale=LOSS_SCALE,
             max_nfev=400,
-            diff_step=DIFF_STEP,
         )
         if result.cost < best_cost:
             best_x, best_cost = result.x, result.cost
     return apply_values(base, params, np.exp(best_x))
+
+
+def soft_l1_loss(log_error: FloatArray) -> float:
+    """Mean soft-L1 loss of log errors at LOSS_SCALE, the loss the fits minimise (before the prior)."""
+    return float(np.mean(2.0 * (np.sqrt(1.0 + (log_error / LOSS_SCALE) ** 2) - 1.0)))
 
 
 def _subsample(rows: np.ndarray) -> np.ndarray:
@@ -273,10 +291,9 @@ def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibratio
 
 
 def _fit_cost(table: str, rows: np.ndarray, gpu: GpuSpec, cal: KernelCalibration) -> float:
-    """The fits' robust loss (soft-L1 of the log error, as fit_params minimises it) of a calibration on a table."""
+    """The soft-L1 loss of a calibration's log errors on a table's fitted rows."""
     rows = _subsample(rows)
-    error = np.log(np.maximum(PREDICTORS[table](rows, gpu=gpu, calibration=cal), 1e-12) / measured_s(rows))
-    return float(np.mean(2.0 * (np.sqrt(1.0 + (error / 0.05) ** 2) - 1.0)))
+    return soft_l1_loss(np.log(np.maximum(PREDICTORS[table](rows, gpu=gpu, calibration=cal), 1e-12) / measured_s(rows)))
 
 
 def fit_attention_generation(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:

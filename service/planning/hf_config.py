@@ -68,7 +68,7 @@ def model_from_hf_config(config: Mapping[str, Any], *, name: str) -> ModelSpec:
     max_positions = _optional_int(cfg, "max_position_embeddings")
     if max_positions is not None:
         extra["max_position_embeddings"] = max_positions
-    if _optional_bool(cfg, "use_qk_norm", False) and cfg.get("qk_norm_type") == "per_layer":
+    if cfg.get("qk_norm_type") == "per_layer" and _optional_bool(cfg, "use_qk_norm", False):
         extra["qk_norm_across_heads"] = True
 
     return ModelSpec(

@@ -171,6 +171,10 @@ class KernelCalibration:
                 raise ValueError(f"unknown calibration field {key!r}")
             if key == "gemm_fp8_dispatch":
                 value = {str(arch): _tile_rules(rules) for arch, rules in value.items()}
+            elif isinstance(getattr(self, key), bool):
+                # A YAML string such as "false" would read as true.
+                if not isinstance(value, bool):
+                    raise ValueError(f"calibration field {key!r} must be true or false, not {value!r}")
             elif isinstance(value, dict):
                 dtype_keyed = any(isinstance(k, DType) for k in getattr(self, key))
                 value = {(DType(k) if dtype_keyed else str(k)): float(v) for k, v in value.items()}

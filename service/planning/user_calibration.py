@@ -1156,34 +1156,39 @@ def fit_profile(
     covariance = np.linalg.pinv(jacobian.T @ jacobian) * s2
     values: list[FittedValue] = []
     fitted_values: dict[str, float] = {}
+    held_at_limit: dict[str, float] = {}
     for k, name in enumerate(chosen):
         value = from_x(name, float(x_best[candidates.index(name)]))
         lo, hi = _bounds(name, upper_factor)
         sigma_x = math.sqrt(max(0.0, float(covariance[k, k])))
         sigma = value * sigma_x if PARAMETERS[name].kind == "factor" else sigma_x * PARAMETERS[name].unit_s
         near_upper = value >= hi * (1 - 1e-3)
-        if near_upper and not fit and PARAMETERS[name].kind == "factor" and budget_clock() >= deadline:
-            # No budget left to fit the others again: they were fitted beside this factor at its limit already.
-            pinned[name] = hi
-            notes.append(f"{name} held at its physical limit with the others as fitted beside it (budget spent)")
-            continue
         if near_upper and not fit and PARAMETERS[name].kind == "factor":
-            # The measurements are faster than this resource allows: hold it at the datasheet peak and let the
-            # other parameters account for the rest.
-            left = deadline - budget_clock()
-            return fit_profile(
-                points,
-                catalog=catalog,
-                gpu=gpu,
-                engine=engine,
-                time_budget_s=max(1.0, left),
-                max_points=max_points,
-                kernel_calibration=kernel_calibration,
-                clock=clock,
-                pinned={**pinned, name: hi},
-                work_budget_sequence_steps=None if work_budget_sequence_steps is None else max(1, int(left)),
-            )
-        if near_upper:
+            if budget_clock() < deadline:
+                # The measurements are faster than this resource allows: hold it at the datasheet peak and let
+                # the other parameters account for the rest.
+                left = deadline - budget_clock()
+                return fit_profile(
+                    points,
+                    catalog=catalog,
+                    gpu=gpu,
+                    engine=engine,
+                    time_budget_s=max(1.0, left),
+                    max_points=max_points,
+                    kernel_calibration=kernel_calibration,
+                    clock=clock,
+                    pinned={**pinned, name: hi},
+                    work_budget_sequence_steps=None if work_budget_sequence_steps is None else max(1, int(left)),
+                )
+            if not held_at_limit:
+                # No budget left to fit the others again with it held: they stay as fitted beside it. Only the
+                # first is held; a refit might bring the others back inside their limits, so they are reported as
+                # the fit left them.
+                held_at_limit[name] = hi
+                pinned[name] = hi
+                notes.append(f"{name} held at its physical limit with the others as fitted beside it (budget spent)")
+                continue
+        elif near_upper:
             what = "datasheet peak" if PARAMETERS[name].kind == "factor" else "plausible range"
             raise CalibrationError(
                 f"the measurements need {name} at or beyond {hi:.4g} (its physical limit: the {what}); "
@@ -1205,6 +1210,9 @@ def fit_profile(
         lo, hi = _bounds(name, upper_factor)
         values.append(FittedValue(name, priors[name], priors[name], lo, hi, math.nan, False, reason))
     before = _summary(evaluator.errors_pct(x0))
+    # The residual of the profile as written: a factor held at its limit sits exactly on it.
+    for name, limit in held_at_limit.items():
+        x_best[candidates.index(name)] = to_x(name, limit)
     after = _summary(evaluator.errors_pct(x_best))
     profile = profile_with(base, fitted_values)
     elapsed_s = clock() - started
