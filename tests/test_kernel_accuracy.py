@@ -12,7 +12,12 @@ import pytest
 
 from service.planning.calibration_fit import fit_all, fit_all_moe
 from service.planning.catalog import Catalog
-from service.planning.kernel_accuracy import kernel_errors, moe_kernel_errors
+from service.planning.kernel_accuracy import (
+    kernel_errors,
+    moe_kernel_errors,
+    predict_attention_context,
+    predict_attention_generation,
+)
 from service.planning.kernels import (
     GemmTileRule,
     KernelCalibration,
@@ -50,7 +55,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "gemm_fp8": (10.0, 41.0),
         "gemm_fp8_block": (11.0, 36.0),
         "gemm_nvfp4": (11.0, 29.0),
-        "attention_prefill": (14.0, 43.0),
+        "attention_prefill": (11.0, 36.0),
         "attention_decode": (10.0, 31.0),
         "all_gather": (12.0, 39.0),
         "all_reduce": (12.0, 30.0),
@@ -337,6 +342,24 @@ def test_collective_time_exact() -> None:
     assert tp_all_reduce_time_s(big, 4, link_bandwidth_bytes_per_s=400e9, calibration=c) == collective_time_s(
         "all_reduce", big, 4, link_bandwidth_bytes_per_s=400e9, calibration=c
     )
+
+
+def test_a_one_token_context_row_is_priced_as_the_decode_kernel_runs_it() -> None:
+    columns = [
+        ("batch_size", "i8"),
+        ("input_len", "i8"),
+        ("num_heads", "i8"),
+        ("num_key_value_heads", "i8"),
+        ("head_dim", "i8"),
+        ("kv_cache_dtype", "U8"),
+        ("past_kv_len", "i8"),
+    ]
+    rows = np.array([(64, 1, 32, 8, 128, "bf16", 0), (64, 16, 32, 8, 128, "bf16", 0)], dtype=columns)
+    c, gpu = KernelCalibration(), _gpu()
+    context = predict_attention_context(rows, gpu=gpu, calibration=c)
+    decode = predict_attention_generation(rows, gpu=gpu, calibration=c)
+    assert context[0] == decode[0]
+    assert context[1] != decode[1]
 
 
 def test_attention_exact() -> None:

@@ -256,6 +256,30 @@ def test_decode_step_of_one_sequence_is_the_sum_of_its_parts() -> None:
     assert step.total_s == pytest.approx(gpu_s + cpu_s, rel=1e-12, abs=1e-12)
 
 
+def test_one_token_prefill_chunks_run_the_decode_attention_kernel() -> None:
+    cost = _cost(DENSE, ParallelLayout())
+    # Three prompts whose cached prefixes leave one token each, over 300, 500 and 200 tokens of context.
+    chunks = cost.step(prefill_tokens=3, prefill_kv_tokens=1000.0, prefill_sequences=3, prefill_chunks=3)
+    decodes = cost.step(decode_sequences=3, decode_context_tokens=1000.0)
+    assert chunks.attention_s == pytest.approx(decodes.attention_s, rel=1e-12)
+    assert chunks.attention_s == pytest.approx(
+        4
+        * attention_decode_time_s(
+            sequences=3,
+            context_tokens=1000.0,
+            kv_bytes_per_token=128.0,
+            kv_dtype=DType.BF16,
+            flops=4.0 * 8 * 16 * 1000.0,
+            gpu=GPU,
+            calibration=CAL,
+        ),
+        rel=1e-12,
+    )
+    # Two-token chunks are prefills: the prefill kernel prices them.
+    longer = cost.step(prefill_tokens=6, prefill_kv_tokens=1000.0, prefill_sequences=3, prefill_chunks=3)
+    assert longer.attention_s != pytest.approx(decodes.attention_s, rel=1e-3)
+
+
 def test_overlap_scheduling_hides_cpu_behind_gpu_plus_the_gap() -> None:
     overlapped = replace(ENGINE, overlap_scheduling=True, step_gap_s=3.0e-6)
     step = _cost(DENSE, ParallelLayout(), overlapped).step(decode_sequences=1, decode_context_tokens=10)

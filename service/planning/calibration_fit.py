@@ -279,6 +279,8 @@ def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibratio
         Param("attention_prefill_bandwidth_efficiency", 0.05, 1.0),
         Param("attention_launch_s", 1e-6, 1e-4),
     ]
+    # One-token rows time the decode kernel (the engines dispatch them there); its own fit prices them.
+    rows = rows[rows["input_len"] > 1]
     # Whether the kernel packs a KV head's query heads into one tile is the kernel's choice (FA3 on Hopper does for
     # GQA; the B200 table's time follows the query heads, not the KV heads): fit both and keep the closer.
     fits = []

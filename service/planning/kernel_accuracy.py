@@ -84,7 +84,17 @@ def predict_gemm(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibrati
 
 
 def predict_attention_context(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
-    """Predicted prefill attention times; rows as in h100_sxm_attention_context.csv."""
+    """Predicted prefill attention times; rows as in h100_sxm_attention_context.csv (one-token queries run the
+    decode kernel, as the engines dispatch them)."""
+    prefill = _predict_prefill(rows, gpu=gpu, calibration=calibration)
+    one_token = _f(rows, "input_len") <= 1
+    if not one_token.any():
+        return prefill
+    out: FloatArray = np.where(one_token, predict_attention_generation(rows, gpu=gpu, calibration=calibration), prefill)
+    return out
+
+
+def _predict_prefill(rows: np.ndarray, *, gpu: GpuSpec, calibration: KernelCalibration) -> FloatArray:
     b, s, past = _f(rows, "batch_size"), _f(rows, "input_len"), _f(rows, "past_kv_len")
     heads, kv_heads, head_dim = _f(rows, "num_heads"), _f(rows, "num_key_value_heads"), _f(rows, "head_dim")
     fp8 = rows["kv_cache_dtype"] == "fp8"

@@ -451,6 +451,20 @@ class ReplicaStepCost:
                 decode_sequences * queries,
                 decode_context_tokens * queries,
             )
+        elif prefill_tokens > 0 and prefill_tokens == max(1, prefill_chunks or prefill_sequences):
+            # Every chunk is one token (a prompt whose cached prefix leaves only its last token): the engines run
+            # one-token queries through their decode kernels, over each chunk's context.
+            attention += layers_total * attention_decode_time_s(
+                sequences=prefill_tokens,
+                context_tokens=prefill_kv_tokens,
+                kv_bytes_per_token=self.kv_bytes_per_token_layer,
+                kv_dtype=self.kv_dtype,
+                flops=self._decode_attention_flops(prefill_kv_tokens),
+                gpu=gpu,
+                calibration=c,
+                kv_heads=self.kv_heads_per_gpu,
+                head_dim=self._attention_head_dim(),
+            )
         elif prefill_tokens > 0:
             if prefill_tiles is None:
                 chunks = max(1, prefill_chunks or prefill_sequences)
