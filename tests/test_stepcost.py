@@ -229,15 +229,7 @@ def test_decode_step_of_one_sequence_is_the_sum_of_its_parts() -> None:
     gemm = 4 * _dense_layer_gemms(1, 1)
     lm_head = _gemm(1, 1000, 64)
     # 4 layers x decode attention over 1000 tokens of 4 x 2 x 2 x 16 x 2 B / 4 layers = 128 B per token-layer
-    attention = 4 * attention_decode_time_s(
-        sequences=1,
-        context_tokens=ctx,
-        kv_bytes_per_token=128.0,
-        kv_dtype=DType.BF16,
-        flops=4.0 * 8 * 16 * ctx,
-        gpu=GPU,
-        calibration=CAL,
-    )
+    attention = 4 * _decode_attention_s(1, ctx)
     # Memory-bound: 1000 x 128 B / (1 TB/s x 0.85) beats 4 x 8 x 16 x 1000 FLOP / (1 PFLOP/s x 0.6).
     assert attention == pytest.approx(4 * (1.0e-5 + 1.0e5 / 1.0e12 + 128_000 / 0.85e12), rel=1e-12)
     # 1 token x (10 x 64 + 3 x 128) x 2 B = 2_048 B per layer in 5 kernels
@@ -262,22 +254,33 @@ def test_one_token_prefill_chunks_run_the_decode_attention_kernel() -> None:
     chunks = cost.step(prefill_tokens=3, prefill_kv_tokens=1000.0, prefill_sequences=3, prefill_chunks=3)
     decodes = cost.step(decode_sequences=3, decode_context_tokens=1000.0)
     assert chunks.attention_s == pytest.approx(decodes.attention_s, rel=1e-12)
-    assert chunks.attention_s == pytest.approx(
-        4
-        * attention_decode_time_s(
-            sequences=3,
-            context_tokens=1000.0,
-            kv_bytes_per_token=128.0,
-            kv_dtype=DType.BF16,
-            flops=4.0 * 8 * 16 * 1000.0,
-            gpu=GPU,
-            calibration=CAL,
-        ),
-        rel=1e-12,
+    assert chunks.attention_s == pytest.approx(4 * _decode_attention_s(3, 1000.0), rel=1e-12)
+    # Beside decoding sequences they join the same decode launch: one kernel over five sequences, not two.
+    mixed = cost.step(
+        prefill_tokens=3,
+        prefill_kv_tokens=1000.0,
+        prefill_sequences=3,
+        prefill_chunks=3,
+        decode_sequences=2,
+        decode_context_tokens=600.0,
     )
+    assert mixed.attention_s == pytest.approx(4 * _decode_attention_s(5, 1600.0), rel=1e-12)
     # Two-token chunks are prefills: the prefill kernel prices them.
     longer = cost.step(prefill_tokens=6, prefill_kv_tokens=1000.0, prefill_sequences=3, prefill_chunks=3)
     assert longer.attention_s != pytest.approx(decodes.attention_s, rel=1e-3)
+
+
+def _decode_attention_s(sequences: int, context_tokens: float) -> float:
+    """One DENSE layer's decode attention on one GPU: 128 KV bytes per token-layer, 8 heads of 16."""
+    return attention_decode_time_s(
+        sequences=sequences,
+        context_tokens=context_tokens,
+        kv_bytes_per_token=128.0,
+        kv_dtype=DType.BF16,
+        flops=4.0 * 8 * 16 * context_tokens,
+        gpu=GPU,
+        calibration=CAL,
+    )
 
 
 def test_overlap_scheduling_hides_cpu_behind_gpu_plus_the_gap() -> None:

@@ -116,12 +116,21 @@ def fit_params(
     middle = 0.5 * (low + high)
     prior_scale = PRIOR_WEIGHT * np.sqrt(measured.size) / (high - low)
 
+    last: dict[bytes, FloatArray] = {}
+
     def residual(x: FloatArray) -> FloatArray:
+        # least_squares asks for the Jacobian at the point it has just evaluated: keep that one evaluation.
+        key = x.tobytes()
+        if key in last:
+            # A copy: least_squares rescales the residuals it is given in place for the robust loss.
+            return last[key].copy()
         pred = predict(apply_values(base, params, np.exp(x)))
         data: FloatArray = np.log(np.maximum(pred, 1e-12) / measured)
         # A weak pull toward the middle of each parameter's log-range makes the optimum unique where the table
         # does not determine a parameter, so the fit lands on the same values from any start.
         out: FloatArray = np.concatenate([data, prior_scale * (x - middle)])
+        last.clear()
+        last[key] = out.copy()
         return out
 
     def jacobian(x: FloatArray) -> FloatArray:
@@ -281,6 +290,8 @@ def fit_attention_context(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibratio
     ]
     # One-token rows time the decode kernel (the engines dispatch them there); its own fit prices them.
     rows = rows[rows["input_len"] > 1]
+    if rows.size == 0:
+        return {}
     # Whether the kernel packs a KV head's query heads into one tile is the kernel's choice (FA3 on Hopper does for
     # GQA; the B200 table's time follows the query heads, not the KV heads): fit both and keep the closer.
     fits = []

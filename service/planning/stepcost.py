@@ -442,6 +442,9 @@ class ReplicaStepCost:
         model, c, gpu = self.model, self.calibration, self.gpu
         layers_total = self.layers_per_stage * pp
         attention = 0.0
+        # Prefill chunks of one token each (prompts whose cached prefix leaves only the last token): the engines run
+        # one-token queries in the decode kernel's launch, beside the decoding sequences.
+        one_token_chunks = model.mla is None and 0 < prefill_tokens == max(1, prefill_chunks or prefill_sequences)
         if model.mla is not None:
             # Verify queries count as decode rows of the absorbed MLA block at their sequence's context.
             attention = layers_total * self._mla_attention_s(
@@ -451,21 +454,7 @@ class ReplicaStepCost:
                 decode_sequences * queries,
                 decode_context_tokens * queries,
             )
-        elif prefill_tokens > 0 and prefill_tokens == max(1, prefill_chunks or prefill_sequences):
-            # Every chunk is one token (a prompt whose cached prefix leaves only its last token): the engines run
-            # one-token queries through their decode kernels, over each chunk's context.
-            attention += layers_total * attention_decode_time_s(
-                sequences=prefill_tokens,
-                context_tokens=prefill_kv_tokens,
-                kv_bytes_per_token=self.kv_bytes_per_token_layer,
-                kv_dtype=self.kv_dtype,
-                flops=self._decode_attention_flops(prefill_kv_tokens),
-                gpu=gpu,
-                calibration=c,
-                kv_heads=self.kv_heads_per_gpu,
-                head_dim=self._attention_head_dim(),
-            )
-        elif prefill_tokens > 0:
+        elif prefill_tokens > 0 and not one_token_chunks:
             if prefill_tiles is None:
                 chunks = max(1, prefill_chunks or prefill_sequences)
                 new = prefill_tokens / chunks
@@ -489,14 +478,17 @@ class ReplicaStepCost:
                 gpu=gpu,
                 calibration=c,
             )
-        if decode_sequences > 0 and model.mla is None:
+        decoded = decode_sequences + (prefill_tokens if one_token_chunks else 0)
+        if decoded > 0 and model.mla is None:
+            one_token_context = prefill_kv_tokens if one_token_chunks else 0.0
             attention += layers_total * attention_decode_time_s(
-                sequences=decode_sequences,
-                context_tokens=decode_context_tokens,
+                sequences=decoded,
+                context_tokens=decode_context_tokens + one_token_context,
                 kv_bytes_per_token=self.kv_bytes_per_token_layer,
                 kv_dtype=self.kv_dtype,
                 # The verify queries of a sequence share one read of its KV.
-                flops=self._decode_attention_flops(decode_context_tokens) * queries,
+                flops=self._decode_attention_flops(decode_context_tokens) * queries
+                + self._decode_attention_flops(one_token_context),
                 gpu=gpu,
                 calibration=c,
                 kv_heads=self.kv_heads_per_gpu,
