@@ -1,6 +1,7 @@
 """Calibrate from measurements as a user would (`splan calibrate`'s code path), then predict what was held out.
 
 Usage: python -m bench.calibrate_user [--reference DIR] [--part peer|e2e|both] [--fraction 0.2] [--jobs J]
+    [--models llama-2-70b,...]
 
 peer: the peer suite's vLLM runs on H100 (../shared/reference/peer_suite). Per model, the load stages in run order
 (experiment timestamp, then stage); the first ceil(fraction x stages) calibrate one profile for that model, the
@@ -51,7 +52,14 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):6.1f}" if values else "     –"
 
 
-def peer_suite(reference: Path, fraction: float, budget_s: float, seeds: int, budget_steps: int | None) -> None:
+def peer_suite(
+    reference: Path,
+    fraction: float,
+    budget_s: float,
+    seeds: int,
+    budget_steps: int | None,
+    models: frozenset[str] = frozenset(),
+) -> None:
     """Calibrate per model on its first stages, print per-stage predictions and the error table."""
     runs = [r for r in csv.DictReader((reference / "peer_suite" / "vllm_h100_runs.csv").open()) if int(r["stage"]) >= 0]
     by_model: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -63,6 +71,8 @@ def peer_suite(reference: Path, fraction: float, budget_s: float, seeds: int, bu
     header = f"{'stage':50s} {'rate':>5s} " + " ".join(f"{m:>21s}" for m in PEER_METRICS)
     lines = [header, " " * 57 + " ".join(f"{'meas / before / after':>21s}" for _ in PEER_METRICS)]
     for model, stages in by_model.items():
+        if models and model not in models:
+            continue
         count = max(1, math.ceil(fraction * len(stages)))
         train, test = stages[:count], stages[count:]
         points = points_from_benchmark_rows([peer_row(r) for r in train], gpu="h100-sxm", engine="vllm", source=model)
@@ -202,9 +212,11 @@ def main() -> int:
     )
     parser.add_argument("--jobs", type=int, default=1, help="processes for the held-out e2e estimates")
     parser.add_argument("--seeds", type=int, default=3, help="arrival draws averaged per predicted peer stage")
+    parser.add_argument("--models", default="", help="comma-separated catalog models of the peer part (default: all)")
     args = parser.parse_args()
     if args.part in ("peer", "both"):
-        peer_suite(args.reference, args.fraction, args.budget_s, args.seeds, args.budget_steps or None)
+        models = frozenset(m for m in args.models.split(",") if m)
+        peer_suite(args.reference, args.fraction, args.budget_s, args.seeds, args.budget_steps or None, models)
     if args.part in ("e2e", "both"):
         e2e_split(args.reference, args.budget_s, args.jobs, args.budget_steps or None)
     return 0

@@ -68,6 +68,8 @@ def peer_row(run: Mapping[str, str]) -> dict[str, str]:
         "osl": str(output_tokens(run)),
         "max_num_batched_tokens": run["max_num_batched_tokens"],
         "max_num_seqs": run["max_num_seqs"],
+        # Stages after the first run on the same server, which served the same prompts in the stage before.
+        "prefix_cache_warm": "1" if int(run["stage"]) > 0 else "0",
         "ttft_ms": run["ttft_mean_ms"],
         "ttft_p90_ms": run["ttft_p90_ms"],
         "ttft_p99_ms": run["ttft_p99_ms"],

@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the requests that start with the shared prefix",
     )
     est.add_argument(
+        "--prefix-cache-warm",
+        action="store_true",
+        help="the prefix cache starts holding every shared prefix, as on a server that served this traffic before "
+        "(default: a fresh server, whose first request of each prefix prefills it whole)",
+    )
+    est.add_argument(
         "--arrival",
         choices=["poisson", "gamma", "constant"],
         default=None,
@@ -472,6 +478,7 @@ def _estimate(args: argparse.Namespace, catalog: Catalog) -> int:
         time_scale=args.time_scale,
         shared_prefix_tokens=args.shared_prefix_tokens,
         prefix_hit_rate=args.prefix_hit_rate,
+        prefix_cache_warm=args.prefix_cache_warm,
         memory_fraction=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         prefix_caching=args.enable_prefix_caching,

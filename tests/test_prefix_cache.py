@@ -59,6 +59,43 @@ def test_a_second_request_sharing_a_1024_token_prefix_prefills_only_the_rest(cat
     assert on.as_dict()["prefix_cache"]["hit_rate"] == pytest.approx(1024 / 3072)
 
 
+def test_a_warm_cache_serves_the_first_request_of_a_group_too(catalog: Catalog) -> None:
+    # The two requests of the test above, on a server that has served this prefix before.
+    rows = [
+        {"arrival_s": 0, "input_tokens": 1536, "output_tokens": 2, "prefix_id": "sys", "prefix_tokens": 1024},
+        {"arrival_s": 10, "input_tokens": 1536, "output_tokens": 2, "prefix_id": "sys", "prefix_tokens": 1024},
+    ]
+    warm = run_estimate(_request(trace=rows, prefix_cache_warm=True), catalog=catalog)
+    cold = run_estimate(_request(trace=rows), catalog=catalog)
+    assert warm.result.prefix_hit_tokens == 2048
+    assert warm.result.ttft_s.tolist() == pytest.approx([cold.result.ttft_s[1]] * 2, rel=1e-9)
+    # Without caching there is nothing to be warm.
+    off = run_estimate(_request(trace=rows, prefix_caching=False, prefix_cache_warm=True), catalog=catalog)
+    assert off.result.prefix_hit_tokens == 0
+    # Sampled requests with a shared system prompt: only the first request changes.
+    base = {"isl": 2048, "osl": 8, "rate": 0.1, "requests": 4, "arrival": "constant", "shared_prefix_tokens": 1536}
+    sampled = [run_estimate(_request(prefix_cache_warm=w, **base), catalog=catalog).result.ttft_s for w in (0, 1)]
+    assert sampled[1][0] < 0.5 * sampled[0][0]
+    assert sampled[1][1:].tolist() == pytest.approx(sampled[0][1:].tolist(), rel=1e-9)
+
+
+def test_a_warm_start_caches_each_group_prefix_in_first_use_order_up_to_the_pool() -> None:
+    plan = PrefixPlan(
+        np.array([2, -1, 0, 2, 1], dtype=np.int64),
+        np.array([40, 0, 20, 40, 70], dtype=np.int64),
+        np.array([40, 0, 20, 40, 70], dtype=np.int64),
+        warm=True,
+    )
+    assert plan.warm_prefix_tokens() == [(2, 40), (0, 20), (1, 70)]
+    assert plan.take(np.array([0, 4])).warm
+    cache = PrefixCache(capacity_blocks=5, block_tokens=16)
+    # Full blocks only: 2 of group 2, 1 of group 0, then group 1 until the pool is full (2 of its 4).
+    assert cache.warm(plan.warm_prefix_tokens()) == 5
+    key = PrefixCache.key
+    assert list(cache.idle) == [key(2, 0), key(2, 1), key(0, 0), key(1, 0), key(1, 1)]
+    assert cache.acquire(2, 3) == [key(2, 0), key(2, 1)]
+
+
 def test_a_full_hit_still_recomputes_the_last_token_block(catalog: Catalog) -> None:
     rows = [{"arrival_s": 10.0 * i, "input_tokens": 1024, "output_tokens": 2, "prefix_id": "p"} for i in range(2)]
     est = run_estimate(_request(trace=rows), catalog=catalog)
@@ -98,7 +135,9 @@ def test_lru_evicts_the_least_recently_freed_block() -> None:
     assert not cache.add_idle(7)
 
 
-def _simulation_sample(groups: list[int], inputs: list[int], prefix: int, gap_s: float) -> RequestSample:
+def _simulation_sample(
+    groups: list[int], inputs: list[int], prefix: int, gap_s: float, warm: bool = False
+) -> RequestSample:
     n = len(inputs)
     tokens = np.minimum(np.asarray(inputs, dtype=np.int64), prefix)
     group = np.asarray(groups, dtype=np.int64)
@@ -106,7 +145,7 @@ def _simulation_sample(groups: list[int], inputs: list[int], prefix: int, gap_s:
         np.asarray(inputs, dtype=np.int64),
         np.full(n, 40, dtype=np.int64),
         np.arange(n, dtype=np.float64) * gap_s,
-        PrefixPlan(group, np.where(group >= 0, tokens, 0), np.where(group >= 0, tokens, 0)),
+        PrefixPlan(group, np.where(group >= 0, tokens, 0), np.where(group >= 0, tokens, 0), warm),
     )
 
 
@@ -116,15 +155,20 @@ def _simulation_sample(groups: list[int], inputs: list[int], prefix: int, gap_s:
     prefix=st.integers(16, 3000),
     capacity_blocks=st.integers(200, 600),
     gap_s=st.sampled_from([0.0, 0.01, 0.2]),
+    warm=st.booleans(),
 )
 def test_the_cache_never_holds_more_than_the_kv_pool(
-    catalog: Catalog, groups: list[int], prefix: int, capacity_blocks: int, gap_s: float
+    catalog: Catalog, groups: list[int], prefix: int, capacity_blocks: int, gap_s: float, warm: bool
 ) -> None:
     config = replace(_config(catalog), kv_capacity_tokens=capacity_blocks * 16)
     inputs = [min(3000, 200 + 97 * i % 2800) for i in range(len(groups))]
     sim = _Simulation(
-        [config], [], None, _simulation_sample(groups, inputs, prefix, gap_s), ArrivalKind.POISSON, 1.0, 0
+        [config], [], None, _simulation_sample(groups, inputs, prefix, gap_s, warm), ArrivalKind.POISSON, 1.0, 0
     )
+    if warm and any(g >= 0 for g in groups):
+        cache = sim.entry[0].prefix_cache
+        assert cache is not None
+        assert 0 < cache.cached_blocks <= cache.capacity_blocks
     checks = 0
     grow, release = SimInstance.grow_kv, SimInstance.release
 

@@ -8,17 +8,22 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from service.cli import main
+from service.planning import user_calibration as uc
 from service.planning.catalog import Catalog
 from service.planning.estimate import EstimateRequest, run_estimate
 from service.planning.profile import Profile, apply_profile, parse_profile
 from service.planning.user_calibration import (
+    PRIOR_FACTOR_LOG_SIGMA,
+    RESIDUAL_SCALE,
     CalibrationError,
     MeasuredPoint,
     RequestRecord,
+    _Evaluator,
     fit_profile,
     point_from_records,
     points_from_benchmark_rows,
@@ -71,6 +76,69 @@ def test_perturbed_constants_are_recovered_within_2_percent(catalog: Catalog) ->
     back = parse_profile(yaml.safe_load(yaml.safe_dump(profile.as_document())))
     assert back.models == ("llama-3.1-8b",)
     assert back.fit["residual_after"]["median_pct"] < 1.0
+
+
+def test_the_api_latency_is_added_to_the_simulated_metrics_not_simulated(catalog: Catalog) -> None:
+    points = synthetic_points(catalog)[:2]
+    evaluator = _Evaluator(
+        points,
+        catalog=catalog,
+        base=Profile(gpu="h100-sxm", engine="vllm"),
+        names=["memory_bandwidth", "request_overhead_s"],
+        fit_mode=False,
+    )
+    # ln(0.85) and 0.05 s (the fit variable of request_overhead_s is in units of 10 ms).
+    _, predictions = evaluator.evaluate(np.array([np.log(0.85), 5.0]))
+    _, other = evaluator.evaluate(np.array([np.log(0.85), 1.0]))
+    assert evaluator.evaluations == 1  # the second vector differs in the API latency only: no simulation
+    assert evaluator.is_free(np.array([np.log(0.85), 3.0]))
+    assert not evaluator.is_free(np.array([np.log(0.9), 5.0]))
+    truth = replace(TRUTH, compute_factor=1.0)
+    adjusted, _ = apply_profile(catalog, truth, gpu="h100-sxm", engine="vllm", model="llama-3.1-8b")
+    for point, predicted, moved in zip(points, predictions, other, strict=True):
+        direct = predicted_metrics(run_estimate(point.request, catalog=adjusted).result)
+        assert predicted == pytest.approx(direct, rel=1e-9)
+        assert moved["ttft_p99"] == pytest.approx(direct["ttft_p99"] - 40.0, rel=1e-9)
+        assert moved["tpot_mean"] == direct["tpot_mean"]
+
+
+def test_the_prior_pulls_a_factor_toward_the_catalog(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One long-prompt run whose TTFT is 30% slower than the catalog predicts, fitted with compute alone.
+    (point,) = synthetic_points(catalog, Profile(gpu="h100-sxm", engine="vllm"))[-1:]
+    predicted = predicted_metrics(run_estimate(point.request, catalog=catalog).result)
+    slow = replace(point, observed_ms={m: predicted[m] * 1.3 for m in ("ttft_mean", "ttft_p90")})
+
+    def fitted_compute() -> tuple[float, float, float]:
+        result = fit_profile([slow], catalog=catalog, gpu="h100-sxm", engine="vllm", fit=["compute"])
+        (value,) = (v for v in result.values if v.name == "compute")
+        return value.value, value.sigma, result.after.median_pct
+
+    with_prior, sigma, residual = fitted_compute()
+    monkeypatch.setattr(uc, "PRIOR_FACTOR_LOG_SIGMA", 1e6)
+    without, _, exact = fitted_compute()
+    # Without the prior the run is matched; with it the factor stays nearer 1 and some error is left.
+    assert exact < 0.5 < residual
+    assert without < with_prior < 1.0
+    # The posterior of a factor is never wider than its prior (a quarter in log space).
+    assert sigma <= with_prior * PRIOR_FACTOR_LOG_SIGMA
+    assert RESIDUAL_SCALE == 0.05
+
+
+def test_a_fit_that_converges_with_budget_left_goes_on_with_more_points(catalog: Catalog) -> None:
+    points = synthetic_points(catalog)
+    # This budget affords the first point only for a whole fit; fitting one parameter converges early, and what is
+    # left affords two more iterations on all six (the parameters stay those chosen on the first point).
+    small = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", work_budget_sequence_steps=100_000)
+    more = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", work_budget_sequence_steps=150_000)
+    assert (small.points_used, more.points_used) == (1, 6)
+    assert more.notes == (
+        "fitted on 1 of 6 points to stay within the budget of 150000 simulated sequence-steps",
+        "then refitted from that solution on 6 of 6 points with the budget left",
+    )
+    assert [v.name for v in more.values if v.fitted] == ["memory_bandwidth"]
+    assert more.profile.memory_bandwidth_factor != small.profile.memory_bandwidth_factor
+    assert more.after.median_pct < more.before.median_pct
+    assert more.evaluations > small.evaluations
 
 
 def test_a_work_budget_gives_the_same_fit_whatever_the_clock(catalog: Catalog) -> None:
@@ -309,3 +377,7 @@ def test_rows_with_a_prompt_set_replay_it_warm(catalog: Catalog) -> None:
     # Only the first round of 12 prompts is prefilled whole; 37 of each later prompt's full blocks come cached.
     assert warm.prefix_hit_tokens == (300 - 12) * 37 * 16
     assert warm.ttft.p50 < 0.8 * cold.ttft.p50
+    # A later stage on the same server (`prefix_cache_warm`): the first round finds its prompts cached too.
+    (later,) = points_from_benchmark_rows([{**row, "prefix_cache_warm": "true"}], gpu="h100-sxm", engine="vllm")
+    assert later.request.prefix_cache_warm
+    assert run_estimate(later.request, catalog=catalog).result.prefix_hit_tokens == 300 * 37 * 16

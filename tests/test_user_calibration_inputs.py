@@ -113,6 +113,7 @@ def test_a_malformed_cycled_prompt_trace_is_refused(kwargs: dict[str, Any], mess
         ({**ROW, "model": ""}, "a benchmark row needs a model (a `model` column or --model)"),
         ({**ROW, "osl": ""}, "a benchmark row needs the column 'osl'"),
         ({**ROW, "concurrency": "0"}, "a benchmark row needs a load: a `concurrency` or a `rate` (req/s) column"),
+        ({**ROW, "prefix_cache_warm": "maybe"}, "column 'prefix_cache_warm' must be true or false (got 'maybe')"),
     ],
 )
 def test_a_benchmark_row_without_a_model_lengths_or_load_is_refused(row: dict[str, str], message: str) -> None:

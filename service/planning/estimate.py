@@ -129,6 +129,8 @@ class EstimateRequest:
     # Sampled requests: a shared prefix of this many tokens at the start of a prefix_hit_rate share of them.
     shared_prefix_tokens: int = 0
     prefix_hit_rate: float = 1.0
+    # The prefix cache starts holding every shared prefix (the server served this traffic before).
+    prefix_cache_warm: bool = False
     # Engine settings: longest request accepted, automatic prefix caching, tokens per KV block, replica router.
     max_model_len: int | None = None
     prefix_caching: bool | None = None
@@ -157,7 +159,13 @@ def as_trace(value: Trace | Sequence[Mapping[str, Any]]) -> Trace:
 
 
 def trace_workload(
-    trace: Trace, *, rate: float | None, time_scale: float | None, seed: int = 0, arrival: str | None = None
+    trace: Trace,
+    *,
+    rate: float | None,
+    time_scale: float | None,
+    seed: int = 0,
+    arrival: str | None = None,
+    prefix_cache_warm: bool = False,
 ) -> Workload:
     """A workload replaying ``trace`` at its recorded times x ``time_scale``, or rescaled to mean ``rate``."""
     if rate is not None and time_scale is not None:
@@ -176,6 +184,7 @@ def trace_workload(
         num_requests=trace.size,
         seed=seed,
         trace=trace,
+        prefix_cache_warm=prefix_cache_warm,
     )
     workload.validate()
     return workload
@@ -196,6 +205,7 @@ def resolve_workload(request: EstimateRequest) -> Workload:
             time_scale=request.time_scale,
             seed=request.seed,
             arrival=request.arrival,
+            prefix_cache_warm=request.prefix_cache_warm,
         )
     if request.time_scale is not None:
         raise PlanningError("a time scale applies to a trace only")
@@ -250,6 +260,7 @@ def resolve_workload(request: EstimateRequest) -> Workload:
         profiled_rounds=profiled_rounds,
         shared_prefix_tokens=request.shared_prefix_tokens,
         prefix_hit_rate=request.prefix_hit_rate,
+        prefix_cache_warm=request.prefix_cache_warm,
     )
     workload.validate()
     return workload

@@ -74,6 +74,13 @@ SharedPrefixTokens = Annotated[
 PrefixHitRate = Annotated[
     float, Field(ge=0, le=1, description="share of the requests that start with the shared prefix")
 ]
+PrefixCacheWarm = Annotated[
+    bool,
+    Field(
+        description="the prefix cache starts holding every shared prefix, as on a server that served this traffic "
+        "before (a benchmark's later stage, a long-running deployment); default: a fresh server"
+    ),
+]
 
 
 class SpecFieldError(PlanningError):
@@ -121,6 +128,7 @@ class WorkloadSpec(BaseModel):
     time_scale: TimeScale = None
     shared_prefix_tokens: SharedPrefixTokens = 0
     prefix_hit_rate: PrefixHitRate = 1.0
+    prefix_cache_warm: PrefixCacheWarm = False
 
     @field_validator("isl", "osl")
     @classmethod
@@ -343,6 +351,7 @@ class EstimateSpec(BaseModel):
     time_scale: TimeScale = None
     shared_prefix_tokens: SharedPrefixTokens = 0
     prefix_hit_rate: PrefixHitRate = 1.0
+    prefix_cache_warm: PrefixCacheWarm = False
     profile: dict[str, Any] | None = Field(
         default=None,
         description="calibration profile written by `splan calibrate` (the mapping itself; the server reads no files)",
@@ -377,7 +386,9 @@ def _workload(wl: WorkloadSpec, requests: int, base_dir: Path | None) -> Workloa
             trace = read_trace(path if path.is_absolute() else base_dir / path)
         else:
             trace = trace_from_records(wl.trace, source="workload.trace")
-        return trace_workload(trace, rate=wl.rate, time_scale=wl.time_scale, seed=wl.seed)
+        return trace_workload(
+            trace, rate=wl.rate, time_scale=wl.time_scale, seed=wl.seed, prefix_cache_warm=wl.prefix_cache_warm
+        )
     arrival = ArrivalKind(wl.arrival)
     # WorkloadSpec checked that sampled workloads have both lengths.
     assert wl.isl is not None
@@ -394,6 +405,7 @@ def _workload(wl: WorkloadSpec, requests: int, base_dir: Path | None) -> Workloa
         closed_loop_staggered=wl.client_start == "staggered",
         shared_prefix_tokens=wl.shared_prefix_tokens,
         prefix_hit_rate=wl.prefix_hit_rate,
+        prefix_cache_warm=wl.prefix_cache_warm,
     )
 
 

@@ -96,6 +96,17 @@ class PrefixCache:
         self.idle[key] = None
         return True
 
+    def warm(self, prefixes: list[tuple[int, int]]) -> int:
+        """Start holding each (group, tokens) prefix's full blocks idle, the first given the first to evict; returns
+        the blocks cached (no more than the cache holds)."""
+        added = 0
+        for group, tokens in prefixes:
+            for index in range(tokens // self.block_tokens):
+                if self.cached_blocks >= self.capacity_blocks:
+                    return added
+                added += self.add_idle(self.key(group, index))
+        return added
+
     def evict(self, blocks: int) -> int:
         """Drop up to ``blocks`` idle blocks, least recently freed first; returns how many went."""
         idle = self.idle

@@ -263,6 +263,8 @@ class _Simulation:
                 if knobs.prefix_caching:
                     capacity = inst.config.kv_capacity_tokens // knobs.kv_block_tokens
                     inst.prefix_cache = PrefixCache(capacity, knobs.kv_block_tokens)
+                    if self.prefixes.warm:
+                        inst.prefix_cache.warm(self.prefixes.warm_prefix_tokens())
 
     def scheduler_for(
         self, inst: SimInstance, sample: RequestSample, arrival: ArrivalKind, concurrency: int

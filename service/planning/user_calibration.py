@@ -7,6 +7,7 @@ memory-bandwidth fractions, collective bandwidth, the engine's CPU costs) to mat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -108,6 +109,16 @@ def _get(row: Mapping[str, Any], *names: str) -> str:
         if value is not None and str(value).strip() not in ("", "nan", "None"):
             return str(value).strip()
     return ""
+
+
+def _flag(value: str, column: str) -> bool:
+    """A yes/no cell: 1/0, true/false, yes/no (empty: no)."""
+    text = value.strip().lower()
+    if text in ("", "0", "false", "no"):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise PlanningError(f"column {column!r} must be true or false (got {value!r})")
 
 
 def _int(value: str) -> int:
@@ -282,6 +293,8 @@ def request_for_benchmark_row(
         "max_batched_tokens": _int(_get(row, "max_num_batched_tokens", "max_batched_tokens")) or None,
         "max_sequences": _int(_get(row, "max_num_seqs", "max_seqs")) or None,
         "moe_backend": row_moe_backend(row, name),
+        # A run on a server that had served the same prompts before (a benchmark's later stage) finds them cached.
+        "prefix_cache_warm": _flag(_get(row, "prefix_cache_warm"), "prefix_cache_warm"),
         **(defaults or {}),
     }
     rate = float(_get(row, *_RATE_COLUMNS) or 0.0)
@@ -403,7 +416,8 @@ def points_from_benchmark_rows(
         concurrency = request.concurrency or 0
         fit_requests: int | None = max(32, 4 * concurrency) if concurrency else min(request.requests or 600, 300)
         if request.trace is not None:
-            # A replayed run keeps its own requests: fewer would change which prompts find a warm cache.
+            # A replayed run keeps its own requests: fewer would change which prompts find a warm cache, and cut
+            # short the queue a loaded stage builds.
             fit_requests = None
         group = f"{request.model}/{request.engine}/{request.mode.value}"
         points.append(MeasuredPoint(request, observed, f"{source}:{i + 1}", group=group, fit_requests=fit_requests))
@@ -742,6 +756,15 @@ MIN_SENSITIVITY = 0.005
 MIN_INDEPENDENCE = 0.15
 DEFAULT_TIME_BUDGET_S = 25.0
 DEFAULT_MAX_POINTS = 48
+# Noise of a measured metric in log space (about 5%): the soft-L1 loss treats larger residuals as outliers.
+RESIDUAL_SCALE = 0.05
+# How far a calibrated efficiency is believed off before any measurement (log space): a quarter either way. The
+# prior is one residual row per fitted parameter, so a run or two cannot drag a factor far with an unmodelled tail
+# while many runs outweigh it.
+PRIOR_FACTOR_LOG_SIGMA = 0.25
+# A fitted value this close to a bound (relative) sits on it: a fit stopped by its budget or pulled by the prior
+# comes to rest a hair inside.
+LIMIT_TOLERANCE = 5e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -871,8 +894,17 @@ def spread_order(points: Sequence[MeasuredPoint]) -> list[MeasuredPoint]:
     return out
 
 
+# Metrics the API latency (request_overhead_s) adds to as a constant: the simulator adds it to every request's TTFT
+# and E2E after the run, and nothing else moves.
+ADDITIVE_PARAMETERS = frozenset(("request_overhead_s",))
+OVERHEAD_METRICS = frozenset(("ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "e2e_mean", "e2e_p50", "e2e_p90"))
+
+
 class _Evaluator:
-    """Simulates the measured points under a parameter vector; caches by vector."""
+    """Simulates the measured points under a parameter vector; caches by vector.
+
+    The API latency is added to the simulated metrics rather than simulated: a change of it alone costs nothing.
+    """
 
     def __init__(
         self,
@@ -890,6 +922,9 @@ class _Evaluator:
         self.names = list(names)
         self.fit_mode = fit_mode
         self.cache: dict[bytes, tuple[FloatArray, list[dict[str, float]]]] = {}
+        # Simulated metrics (None: the estimate was refused) by vector with the API latency at 0.
+        self.simulated: dict[bytes, list[dict[str, float] | None]] = {}
+        self.additive = self.names.index("request_overhead_s") if "request_overhead_s" in self.names else None
         self.evaluations = 0
         self.point_seconds: list[float] = [0.0] * len(self.points)
         self.point_sequence_steps: list[float] = [0.0] * len(self.points)
@@ -907,17 +942,57 @@ class _Evaluator:
 
     def evaluate(self, x: FloatArray) -> tuple[FloatArray, list[dict[str, float]]]:
         """Weighted log errors and the predicted metrics of every point."""
-        key = np.asarray(x, dtype=np.float64).round(9).tobytes()
+        x = np.asarray(x, dtype=np.float64)
+        key = x.round(9).tobytes()
         if key in self.cache:
             return self.cache[key]
-        profile = self.profile_at(x)
+        overhead_ms = 0.0
+        simulated_x = x
+        if self.additive is not None:
+            overhead_ms = from_x("request_overhead_s", float(x[self.additive])) * 1e3
+            simulated_x = x.copy()
+            simulated_x[self.additive] = 0.0
         residuals: list[float] = []
         predictions: list[dict[str, float]] = []
+        for point, simulated in zip(self.points, self._simulate(simulated_x), strict=True):
+            if simulated is None:
+                # A refused estimate counts as a miss by a factor of three on every metric.
+                predicted = {m: v * 3.0 for m, v in point.observed_ms.items()}
+            else:
+                predicted = {m: v + overhead_ms if m in OVERHEAD_METRICS else v for m, v in simulated.items()}
+            predictions.append(predicted)
+            for metric, observed in point.observed_ms.items():
+                value = predicted.get(metric, math.nan)
+                error = math.log(max(value, 1e-6) / observed) if math.isfinite(value) else math.log(3.0)
+                residuals.append(METRIC_WEIGHTS.get(metric, 0.5) * error)
+        out = (np.array(residuals, dtype=np.float64), predictions)
+        self.cache[key] = out
+        return out
+
+    def is_free(self, x: FloatArray) -> bool:
+        """Whether evaluating x needs no simulation (it or its simulated part was evaluated)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.round(9).tobytes() in self.cache:
+            return True
+        if self.additive is None:
+            return False
+        simulated_x = x.copy()
+        simulated_x[self.additive] = 0.0
+        return simulated_x.round(9).tobytes() in self.simulated
+
+    def _simulate(self, x: FloatArray) -> list[dict[str, float] | None]:
+        """Every point's simulated metrics at x (None where the estimate is refused); cached by vector."""
+        key = x.round(9).tobytes()
+        if key in self.simulated:
+            return self.simulated[key]
+        profile = self.profile_at(x)
+        out: list[dict[str, float] | None] = []
         for i, point in enumerate(self.points):
             started = time.perf_counter()
             request = point.request
             if self.fit_mode and point.fit_requests is not None:
                 request = replace(request, requests=point.fit_requests)
+            predicted: dict[str, float] | None
             try:
                 catalog, _ = apply_profile(
                     self.catalog, profile, gpu=request.gpu, engine=request.engine, model=request.model
@@ -926,20 +1001,13 @@ class _Evaluator:
                 predicted = predicted_metrics(result)
                 work = result.sequence_steps
             except PlanningError:
-                # A refused estimate counts as a miss by a factor of three on every metric.
-                predicted = {m: v * 3.0 for m, v in point.observed_ms.items()}
-                work = 1
+                predicted, work = None, 1
             self.point_seconds[i] += time.perf_counter() - started
             self.point_sequence_steps[i] += work
             self.meter.sequence_steps += work
-            predictions.append(predicted)
-            for metric, observed in point.observed_ms.items():
-                value = predicted.get(metric, math.nan)
-                error = math.log(max(value, 1e-6) / observed) if math.isfinite(value) else math.log(3.0)
-                residuals.append(METRIC_WEIGHTS.get(metric, 0.5) * error)
+            out.append(predicted)
         self.evaluations += 1
-        out = (np.array(residuals, dtype=np.float64), predictions)
-        self.cache[key] = out
+        self.simulated[key] = out
         return out
 
     def errors_pct(self, x: FloatArray) -> dict[str, list[float]]:
@@ -982,6 +1050,15 @@ def _prior(name: str, catalog: Catalog, engine: str) -> float:
     if PARAMETERS[name].kind == "factor":
         return 1.0
     return float(getattr(catalog.engine(engine), name))
+
+
+def prior_sigma_x(name: str, prior: float) -> float:
+    """One standard deviation of the prior belief in a parameter, in its fit variable."""
+    p = PARAMETERS[name]
+    if p.kind == "factor":
+        return PRIOR_FACTOR_LOG_SIGMA
+    # An engine constant is known to its own size (another version may differ by as much), at least a meaningful step.
+    return max(prior / p.unit_s, p.meaningful)
 
 
 def fit_profile(
@@ -1051,11 +1128,17 @@ def fit_profile(
     evaluator = _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
     x0 = np.array([to_x(n, max(priors[n], 0.0)) for n in candidates])
     r0 = evaluator(x0)
-    # Keep as many points as the budget allows for about (2p + 8) evaluations of the fit.
-    per_eval_budget = budget * 0.8 / (2 * len(candidates) + 8)
+    # Keep as many points as the budget allows for about (2p + 8) simulations of the fit (p: the parameters that
+    # need one; the API latency is added, not simulated).
+    simulated_candidates = sum(1 for n in candidates if n not in ADDITIVE_PARAMETERS)
+    per_eval_budget = budget * 0.8 / (2 * simulated_candidates + 8)
     point_costs = evaluator.point_seconds if work_budget_sequence_steps is None else evaluator.point_sequence_steps
     cumulative = np.cumsum(point_costs)
     keep = max(1, int(np.searchsorted(cumulative, per_eval_budget, side="right")))
+    # What one simulation of each point costs, and the evaluator that has every selected point at the prior: a fit
+    # that converges with budget left is continued on more of them.
+    one_simulation_costs = list(point_costs)
+    all_selected, all_evaluator = selected, evaluator
     if keep < len(selected):
         notes.append(f"fitted on {keep} of {len(points)} points to stay within the {budget_text}")
         selected = selected[:keep]
@@ -1098,62 +1181,96 @@ def fit_profile(
     upper = np.array([to_x(n, _bounds(n, upper_factor)[1]) for n in chosen])
     start = np.clip(x0[idx], lower, upper)
     deadline = (0.0 if work_budget_sequence_steps is not None else started) + budget
-    best: dict[str, Any] = {"cost": float(0.5 * r0 @ r0), "x": x0.copy()}
+    # The prior as residual rows in the units of a measured metric's noise: each moves as one more measurement would.
+    prior_weights = np.array([RESIDUAL_SCALE / prior_sigma_x(n, priors[n]) for n in chosen])
+    prior_x = x0[idx]
 
-    def full(z: FloatArray) -> FloatArray:
-        x = fixed_x.copy()
-        x[idx] = z
-        return x
+    def with_prior(r: FloatArray, z: FloatArray) -> FloatArray:
+        return np.concatenate([r, prior_weights * (z - prior_x)])
+
+    best: dict[str, Any] = {"cost": _soft_l1_cost(with_prior(r0, prior_x)), "x": x0.copy()}
 
     def fun(z: FloatArray) -> FloatArray:
-        x = full(z)
-        cached = x.round(9).tobytes() in evaluator.cache
-        if not cached and budget_clock() > deadline:
+        x = full_x(fixed_x, idx, z)
+        if not evaluator.is_free(x) and budget_clock() > deadline:
             raise _BudgetSpentError
-        r = evaluator(x)
-        cost = float(0.5 * r @ r)
+        r = with_prior(evaluator(x), z)
+        cost = _soft_l1_cost(r)
         if cost < best["cost"]:
             best.update(cost=cost, x=x.copy())
         return r
 
+    # The last Jacobian computed on the current points (at x0 the identifiability check's).
+    last_jacobian: dict[str, Any] = {"x": x0.copy(), "J": jacobian0[:, idx]}
+
+    def data_jac(z: FloatArray) -> FloatArray:
+        x = full_x(fixed_x, idx, z)
+        if np.allclose(x, last_jacobian["x"]):
+            return np.asarray(last_jacobian["J"])
+        computed = _jacobian(evaluator, x, candidates, upper_factor, clock=budget_clock, deadline=deadline, only=idx)
+        last_jacobian.update(x=x.copy(), J=computed)
+        return computed
+
     def jac(z: FloatArray) -> FloatArray:
-        x = full(z)
-        if np.allclose(x, x0):
-            return jacobian0[:, idx]
-        return _jacobian(evaluator, x, candidates, upper_factor, clock=budget_clock, deadline=deadline, only=idx)
+        return np.vstack([data_jac(z), np.diag(prior_weights)])
 
     stopped = False
-    try:
-        least_squares(
-            fun,
-            start,
-            jac=jac,
-            bounds=(lower, upper),
-            loss="soft_l1",
-            f_scale=0.05,
-            x_scale=1.0,
-            xtol=1e-3,
-            ftol=1e-4,
-            max_nfev=40,
+    simulated_chosen = sum(1 for n in chosen if n not in ADDITIVE_PARAMETERS)
+    # Simulations run by evaluators of fewer points before the last (the full one's first ran before the cut).
+    earlier_simulations = 0
+    while True:
+        try:
+            least_squares(
+                fun,
+                start,
+                jac=jac,
+                bounds=(lower, upper),
+                loss="soft_l1",
+                f_scale=RESIDUAL_SCALE,
+                x_scale=1.0,
+                xtol=1e-3,
+                ftol=1e-4,
+                max_nfev=40,
+            )
+        except _BudgetSpentError:
+            stopped = True
+            notes.append(f"stopped at the {budget_text} with the best point found")
+            break
+        # Converged with budget left: go on from here with as many more points as about two more iterations allow.
+        more = affordable_points(one_simulation_costs, deadline - budget_clock(), simulated_chosen)
+        if more <= len(selected):
+            break
+        notes.append(f"then refitted from that solution on {more} of {len(points)} points with the budget left")
+        earlier_simulations += evaluator.evaluations
+        selected = all_selected[:more]
+        evaluator = (
+            all_evaluator
+            if more == len(all_selected)
+            else _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
         )
-    except _BudgetSpentError:
-        stopped = True
-        notes.append(f"stopped at the {budget_text} with the best point found")
+        x_here = np.asarray(best["x"], dtype=np.float64)
+        start = np.clip(x_here[idx], lower, upper)
+        r_here = evaluator(x_here)
+        m = r_here.size
+        best.update(cost=_soft_l1_cost(with_prior(r_here, x_here[idx])), x=x_here.copy())
+        last_jacobian.update(x=np.full_like(x0, np.nan), J=np.zeros((m, len(idx))))
     x_best = np.asarray(best["x"], dtype=np.float64)
     r_best = evaluator(x_best)
-    # Uncertainty from the Jacobian at the solution when time allows, else the prior's.
-    if not stopped and budget_clock() < deadline and not np.allclose(x_best, x0):
-        try:
+    # Uncertainty from the Jacobian at the solution when time allows, else the last one on these points (none: the
+    # prior's alone).
+    jacobian = np.asarray(last_jacobian["J"])
+    if jacobian.shape[0] != r_best.size:
+        jacobian = np.zeros((r_best.size, len(idx)))
+    if not stopped and budget_clock() < deadline and not np.allclose(x_best, last_jacobian["x"]):
+        with contextlib.suppress(_BudgetSpentError):
             jacobian = _jacobian(
                 evaluator, x_best, candidates, upper_factor, clock=budget_clock, deadline=deadline, only=idx
             )
-        except _BudgetSpentError:
-            jacobian = jacobian0[:, idx]
-    else:
-        jacobian = jacobian0[:, idx]
     dof = max(1, m - len(chosen))
     s2 = float(r_best @ r_best) / dof
-    covariance = np.linalg.pinv(jacobian.T @ jacobian) * s2
+    # Posterior spread: the data's curvature and the prior's (scaled to the residuals' variance).
+    prior_information = np.diag(prior_weights**2) * s2 / RESIDUAL_SCALE**2
+    covariance = np.linalg.pinv(jacobian.T @ jacobian + prior_information) * s2
     values: list[FittedValue] = []
     fitted_values: dict[str, float] = {}
     held_at_limit: dict[str, float] = {}
@@ -1162,7 +1279,7 @@ def fit_profile(
         lo, hi = _bounds(name, upper_factor)
         sigma_x = math.sqrt(max(0.0, float(covariance[k, k])))
         sigma = value * sigma_x if PARAMETERS[name].kind == "factor" else sigma_x * PARAMETERS[name].unit_s
-        near_upper = value >= hi * (1 - 1e-3)
+        near_upper = value >= hi * (1 - LIMIT_TOLERANCE)
         if near_upper and not fit and PARAMETERS[name].kind == "factor":
             if budget_clock() < deadline:
                 # The measurements are faster than this resource allows: hold it at the datasheet peak and let
@@ -1194,7 +1311,7 @@ def fit_profile(
                 f"the measurements need {name} at or beyond {hi:.4g} (its physical limit: the {what}); "
                 "check the GPU, the dtype, the model and the layout the measurements were taken with"
             )
-        if PARAMETERS[name].kind == "factor" and value <= lo * (1 + 1e-3):
+        if PARAMETERS[name].kind == "factor" and value <= lo * (1 + LIMIT_TOLERANCE):
             raise CalibrationError(
                 f"the measurements need {name} at or below {lo:g} of the calibrated efficiency: "
                 "far slower than this GPU can be; check the GPU, the dtype, the model and the layout"
@@ -1223,12 +1340,31 @@ def fit_profile(
         after=after,
         points_total=len(points),
         points_used=len(selected),
-        evaluations=evaluator.evaluations,
+        evaluations=earlier_simulations + evaluator.evaluations,
         elapsed_s=elapsed_s,
         notes=tuple(notes),
         sequence_steps=meter.sequence_steps,
     )
     return replace(result, profile=replace(profile, fit=fit_report(result)))
+
+
+def affordable_points(costs: Sequence[float], remaining: float, simulated_parameters: int) -> int:
+    """Leading points (of one simulation each ``costs``) that ``remaining`` budget can fit about two iterations on."""
+    simulations = 2 * (simulated_parameters + 1) + 1
+    return int(np.searchsorted(np.cumsum(costs), 0.9 * remaining / simulations, side="right"))
+
+
+def full_x(fixed_x: FloatArray, idx: Sequence[int], z: FloatArray) -> FloatArray:
+    """Every parameter's fit variable: ``fixed_x`` with the fitted ones (at ``idx``) set from ``z``."""
+    x = fixed_x.copy()
+    x[list(idx)] = z
+    return x
+
+
+def _soft_l1_cost(r: FloatArray) -> float:
+    """The cost least_squares minimises with loss soft_l1 and f_scale RESIDUAL_SCALE."""
+    z = (r / RESIDUAL_SCALE) ** 2
+    return float(RESIDUAL_SCALE**2 * np.sum(np.sqrt(1.0 + z) - 1.0))
 
 
 def _jacobian(
@@ -1246,14 +1382,14 @@ def _jacobian(
     columns = list(only) if only is not None else list(range(len(names)))
     out = np.zeros((base.size, len(columns)))
     for k, j in enumerate(columns):
-        if clock() > deadline:
-            raise _BudgetSpentError
         name = names[j]
         step = PARAMETERS[name].step
         if x[j] + step > to_x(name, _bounds(name, upper_factor)[1]):
             step = -step
         moved = x.copy()
         moved[j] += step
+        if not evaluator.is_free(moved) and clock() > deadline:
+            raise _BudgetSpentError
         out[:, k] = (evaluator(moved) - base) / step
     return out
 

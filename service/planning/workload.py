@@ -189,6 +189,9 @@ class Workload:
     # Leading prompt tokens shared by a share (prefix_hit_rate) of the sampled requests: a system prompt.
     shared_prefix_tokens: int = 0
     prefix_hit_rate: float = 1.0
+    # The prefix cache starts warm: every shared prefix cached, as on a server that served this traffic before
+    # (a benchmark's later stage, a long-running deployment). Off: the run starts on a cold server.
+    prefix_cache_warm: bool = False
     # Work budget in sequence-steps (one sequence in one engine step): a simulation stops there and says so.
     max_sequence_steps: int = 200_000_000
 
@@ -236,10 +239,21 @@ class PrefixPlan:
     shared_tokens: IntArray
     # Leading context tokens this request leaves in the cache for later requests of its group.
     cacheable_tokens: IntArray
+    # The cache starts holding each group's shared prefix, as on a server that served this traffic before.
+    warm: bool = False
 
     def take(self, index: npt.NDArray[np.int64] | slice) -> PrefixPlan:
         """The plan of the requests at ``index``."""
-        return PrefixPlan(self.group[index], self.shared_tokens[index], self.cacheable_tokens[index])
+        return PrefixPlan(self.group[index], self.shared_tokens[index], self.cacheable_tokens[index], self.warm)
+
+    def warm_prefix_tokens(self) -> list[tuple[int, int]]:
+        """(group, tokens) a warm cache starts with: each group's shared prefix, groups in order of first use."""
+        groups, first = np.unique(self.group, return_index=True)
+        return [
+            (int(g), int(self.shared_tokens[i]))
+            for g, i in sorted(zip(groups, first, strict=True), key=lambda t: t[1])
+            if g >= 0
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +319,7 @@ class RequestSample:
         if self.prefixes is not None:
             p = self.prefixes
             prefixes = PrefixPlan(
-                np.tile(p.group, times), np.tile(p.shared_tokens, times), np.tile(p.cacheable_tokens, times)
+                np.tile(p.group, times), np.tile(p.shared_tokens, times), np.tile(p.cacheable_tokens, times), p.warm
             )
         return RequestSample(
             np.tile(self.input_tokens, times),
@@ -321,7 +335,9 @@ def sample_requests(workload: Workload) -> RequestSample:
     if workload.trace is not None:
         trace = workload.trace
         plan = (
-            PrefixPlan(trace.prefix_group, trace.shared_tokens, trace.cacheable_tokens) if trace.has_prefixes else None
+            PrefixPlan(trace.prefix_group, trace.shared_tokens, trace.cacheable_tokens, workload.prefix_cache_warm)
+            if trace.has_prefixes
+            else None
         )
         # Unit-rate offsets: arrivals_at(rate) replays the recorded times scaled by the trace's rate / rate.
         return RequestSample(trace.input_tokens, trace.output_tokens, trace.arrival_s * trace.rate_per_s, plan)
@@ -354,4 +370,4 @@ def _shared_prefix_plan(workload: Workload, inputs: IntArray) -> PrefixPlan | No
     carries = rng.random(inputs.size) < workload.prefix_hit_rate
     tokens = np.where(carries, np.minimum(inputs, workload.shared_prefix_tokens), 0).astype(np.int64)
     group = np.where(carries, 0, -1).astype(np.int64)
-    return PrefixPlan(group, tokens, tokens.copy())
+    return PrefixPlan(group, tokens, tokens.copy(), workload.prefix_cache_warm)
