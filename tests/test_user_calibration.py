@@ -24,12 +24,14 @@ from service.planning.user_calibration import (
     MeasuredPoint,
     RequestRecord,
     _Evaluator,
+    fit_cost,
     fit_profile,
     point_from_records,
     points_from_benchmark_rows,
     predicted_metrics,
     records_from_aiperf,
     records_from_vllm_bench,
+    robust_loss,
     row_moe_backend,
 )
 
@@ -122,6 +124,18 @@ def test_the_prior_pulls_a_factor_toward_the_catalog(catalog: Catalog, monkeypat
     # The posterior of a factor is never wider than its prior (a quarter in log space).
     assert sigma <= with_prior * PRIOR_FACTOR_LOG_SIGMA
     assert RESIDUAL_SCALE == 0.05
+
+
+def test_measured_residuals_are_soft_l1_and_the_prior_rows_plain_squares() -> None:
+    z = np.array([0.0, 3.0, 8.0, 0.0, 9.0])
+    rho = robust_loss(2)(z)
+    # soft-L1 on the first three: 2(sqrt(1 + z) - 1) = 0, 2, 4; its slope 1/sqrt(1 + z) = 1, 1/2, 1/3.
+    assert rho[0].tolist() == pytest.approx([0.0, 2.0, 4.0, 0.0, 9.0])
+    assert rho[1].tolist() == pytest.approx([1.0, 0.5, 1 / 3, 1.0, 1.0])
+    assert rho[2].tolist() == pytest.approx([-0.5, -0.0625, -0.5 / 27, 0.0, 0.0])
+    # In residual units (f_scale 0.05): a measured residual of 0.15 costs 0.5 x 0.05^2 x 2(sqrt(10) - 1), a prior row
+    # of 0.15 costs 0.15^2 / 2 however large.
+    assert fit_cost(np.array([0.15, 0.15]), 1) == pytest.approx(0.0025 * (np.sqrt(10.0) - 1.0) + 0.01125)
 
 
 def test_a_fit_that_converges_with_budget_left_goes_on_with_more_points(catalog: Catalog) -> None:

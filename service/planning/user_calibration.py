@@ -1188,14 +1188,14 @@ def fit_profile(
     def with_prior(r: FloatArray, z: FloatArray) -> FloatArray:
         return np.concatenate([r, prior_weights * (z - prior_x)])
 
-    best: dict[str, Any] = {"cost": _soft_l1_cost(with_prior(r0, prior_x)), "x": x0.copy()}
+    best: dict[str, Any] = {"cost": fit_cost(with_prior(r0, prior_x), len(chosen)), "x": x0.copy()}
 
     def fun(z: FloatArray) -> FloatArray:
         x = full_x(fixed_x, idx, z)
         if not evaluator.is_free(x) and budget_clock() > deadline:
             raise _BudgetSpentError
         r = with_prior(evaluator(x), z)
-        cost = _soft_l1_cost(r)
+        cost = fit_cost(r, len(chosen))
         if cost < best["cost"]:
             best.update(cost=cost, x=x.copy())
         return r
@@ -1225,7 +1225,7 @@ def fit_profile(
                 start,
                 jac=jac,
                 bounds=(lower, upper),
-                loss="soft_l1",
+                loss=robust_loss(len(chosen)),
                 f_scale=RESIDUAL_SCALE,
                 x_scale=1.0,
                 xtol=1e-3,
@@ -1252,7 +1252,7 @@ def fit_profile(
         start = np.clip(x_here[idx], lower, upper)
         r_here = evaluator(x_here)
         m = r_here.size
-        best.update(cost=_soft_l1_cost(with_prior(r_here, x_here[idx])), x=x_here.copy())
+        best.update(cost=fit_cost(with_prior(r_here, x_here[idx]), len(chosen)), x=x_here.copy())
         last_jacobian.update(x=np.full_like(x0, np.nan), J=np.zeros((m, len(idx))))
     x_best = np.asarray(best["x"], dtype=np.float64)
     r_best = evaluator(x_best)
@@ -1361,10 +1361,29 @@ def full_x(fixed_x: FloatArray, idx: Sequence[int], z: FloatArray) -> FloatArray
     return x
 
 
-def _soft_l1_cost(r: FloatArray) -> float:
-    """The cost least_squares minimises with loss soft_l1 and f_scale RESIDUAL_SCALE."""
-    z = (r / RESIDUAL_SCALE) ** 2
-    return float(RESIDUAL_SCALE**2 * np.sum(np.sqrt(1.0 + z) - 1.0))
+def robust_loss(prior_rows: int) -> Callable[[FloatArray], FloatArray]:
+    """least_squares' loss: soft-L1 on the measured residuals (outliers), plain squares on the last ``prior_rows``
+    (a Gaussian prior, whose pull grows with the distance however far the data drag)."""
+
+    def rho(z: FloatArray) -> FloatArray:
+        out = np.empty((3, z.size))
+        data = 1.0 + z[: z.size - prior_rows]
+        measured = slice(0, z.size - prior_rows)
+        out[0, measured] = 2.0 * (np.sqrt(data) - 1.0)
+        out[1, measured] = data**-0.5
+        out[2, measured] = -0.5 * data**-1.5
+        prior = slice(z.size - prior_rows, z.size)
+        out[0, prior] = z[prior]
+        out[1, prior] = 1.0
+        out[2, prior] = 0.0
+        return out
+
+    return rho
+
+
+def fit_cost(r: FloatArray, prior_rows: int) -> float:
+    """The cost least_squares minimises with ``robust_loss(prior_rows)`` and f_scale RESIDUAL_SCALE."""
+    return float(0.5 * RESIDUAL_SCALE**2 * np.sum(robust_loss(prior_rows)((r / RESIDUAL_SCALE) ** 2)[0]))
 
 
 def _jacobian(
