@@ -1236,9 +1236,15 @@ def fit_profile(
             stopped = True
             notes.append(f"stopped at the {budget_text} with the best point found")
             break
-        # Converged with budget left: go on from here with as many more points as about two more iterations allow.
+        # Converged with budget left: go on from here with as many more points as about two more iterations allow,
+        # unless a factor sits at its limit (the budget then goes to fitting the rest with it held there).
+        x_here = np.asarray(best["x"], dtype=np.float64)
+        at_limit = not fit and any(
+            PARAMETERS[n].kind == "factor" and x_here[candidates.index(n)] >= hi - abs(math.log1p(-LIMIT_TOLERANCE))
+            for n, hi in zip(chosen, upper, strict=True)
+        )
         more = affordable_points(one_simulation_costs, deadline - budget_clock(), simulated_chosen)
-        if more <= len(selected):
+        if at_limit or more <= len(selected):
             break
         notes.append(f"then refitted from that solution on {more} of {len(points)} points with the budget left")
         earlier_simulations += evaluator.evaluations
@@ -1248,7 +1254,6 @@ def fit_profile(
             if more == len(all_selected)
             else _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
         )
-        x_here = np.asarray(best["x"], dtype=np.float64)
         start = np.clip(x_here[idx], lower, upper)
         r_here = evaluator(x_here)
         m = r_here.size
