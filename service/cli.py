@@ -378,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--max-seqs", type=int, default=None, help="records: engine sequences per step (default: the engine's)"
     )
-    cal.add_argument("--budget-s", type=float, default=25.0, help="time budget of the fit in seconds")
+    cal.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="time budget of the fit in seconds (default 20; reading, reporting and the simulation under way when "
+        "it runs out come on top)",
+    )
     cal.add_argument(
         "--budget-steps",
         type=int,
@@ -1075,7 +1081,7 @@ def _calibrate(args: argparse.Namespace, catalog: Catalog) -> int:
             gpu=gpu,
             engine=engine,
             fit=fit,
-            time_budget_s=args.budget_s,
+            time_budget_s=uc.DEFAULT_TIME_BUDGET_S if args.budget_s is None else args.budget_s,
             kernel_calibration=kernel_values,
             work_budget_sequence_steps=args.budget_steps,
         )

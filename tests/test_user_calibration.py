@@ -7,6 +7,7 @@ import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,18 +142,34 @@ def test_measured_residuals_are_soft_l1_and_the_prior_rows_plain_squares() -> No
 def test_a_fit_that_converges_with_budget_left_goes_on_with_more_points(catalog: Catalog) -> None:
     points = synthetic_points(catalog)
     # This budget affords the first point only for a whole fit; fitting one parameter converges early, and what is
-    # left affords two more iterations on all six (the parameters stay those chosen on the first point).
+    # left affords about two more iterations on four (the parameters stay those chosen on the first point).
     small = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", work_budget_sequence_steps=100_000)
     more = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", work_budget_sequence_steps=150_000)
-    assert (small.points_used, more.points_used) == (1, 6)
+    assert (small.points_used, more.points_used) == (1, 4)
     assert more.notes == (
         "fitted on 1 of 6 points to stay within the budget of 150000 simulated sequence-steps",
-        "then refitted from that solution on 6 of 6 points with the budget left",
+        "then refitted from that solution on 4 of 6 points with the budget left",
     )
     assert [v.name for v in more.values if v.fitted] == ["memory_bandwidth"]
     assert more.profile.memory_bandwidth_factor != small.profile.memory_bandwidth_factor
     assert more.after.median_pct < more.before.median_pct
     assert more.evaluations > small.evaluations
+
+
+def test_known_point_costs_spare_the_simulation_of_every_point(catalog: Catalog) -> None:
+    points = synthetic_points(catalog)
+    probe = _Evaluator(
+        points, catalog=catalog, base=Profile(gpu="h100-sxm", engine="vllm"), names=["compute"], fit_mode=True
+    )
+    probe(np.zeros(1))
+    costs = probe.point_sequence_steps
+    kwargs: dict[str, Any] = {"catalog": catalog, "gpu": "h100-sxm", "engine": "vllm"}
+    measured = fit_profile(points, work_budget_sequence_steps=100_000, **kwargs)
+    given = fit_profile(points, work_budget_sequence_steps=100_000, point_costs=costs, **kwargs)
+    # The same point kept and the same fit; the first simulation of all six points is what the given costs spare.
+    assert (measured.points_used, measured.notes) == (given.points_used, given.notes)
+    assert replace(measured.profile, fit={}) == replace(given.profile, fit={})
+    assert measured.sequence_steps - given.sequence_steps == sum(costs)
 
 
 def test_a_work_budget_gives_the_same_fit_whatever_the_clock(catalog: Catalog) -> None:

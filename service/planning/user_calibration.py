@@ -754,7 +754,9 @@ PRIORITY = tuple(PARAMETERS)
 MIN_SENSITIVITY = 0.005
 # The part of a parameter's effect not explained by parameters already chosen (sine of the angle) must exceed this.
 MIN_INDEPENDENCE = 0.15
-DEFAULT_TIME_BUDGET_S = 25.0
+# The fit's own budget: with start-up, reading the rows, the report and the simulation under way at the deadline,
+# a calibration on 1,000 rows ends within 30 s.
+DEFAULT_TIME_BUDGET_S = 20.0
 DEFAULT_MAX_POINTS = 48
 # Noise of a measured metric in log space (about 5%): the soft-L1 loss treats larger residuals as outliers.
 RESIDUAL_SCALE = 0.05
@@ -1074,6 +1076,7 @@ def fit_profile(
     clock: Callable[[], float] = time.perf_counter,
     pinned: Mapping[str, float] | None = None,
     work_budget_sequence_steps: int | None = None,
+    point_costs: Sequence[float] | None = None,
 ) -> CalibrationResult:
     """Fit a profile on measured points; CalibrationError when the data cannot support the fit.
 
@@ -1081,7 +1084,9 @@ def fit_profile(
     identifiable ones among PARAMETERS are chosen and the others kept at their catalog values, and a factor the
     fit drives to its physical limit is held there (``pinned``) while the others are fitted again; with ``fit``
     that is a refusal. With ``work_budget_sequence_steps`` the fit is bounded by simulated work instead of
-    ``time_budget_s``: the same points and steps on any machine, so its result is reproducible.
+    ``time_budget_s``: the same points and steps on any machine, so its result is reproducible. ``point_costs``
+    is what one simulation of each point cost (in the fit's spread order) when a caller measured it already: the
+    refit with a factor held does not simulate every point again to learn it.
     """
     from scipy.optimize import least_squares  # type: ignore[import-untyped]
 
@@ -1127,23 +1132,26 @@ def fit_profile(
     priors = {n: _prior(n, catalog, engine_spec.name) for n in PARAMETERS}
     evaluator = _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
     x0 = np.array([to_x(n, max(priors[n], 0.0)) for n in candidates])
-    r0 = evaluator(x0)
+    all_evaluator: _Evaluator | None = None
+    if point_costs is None:
+        # What one simulation of each point costs, measured on them all at the prior (kept: a fit that converges
+        # with budget left goes on with more of them).
+        evaluator(x0)
+        measured = evaluator.point_seconds if work_budget_sequence_steps is None else evaluator.point_sequence_steps
+        point_costs, all_evaluator = list(measured), evaluator
+    one_simulation_costs = list(point_costs[: len(selected)])
     # Keep as many points as the budget allows for about (2p + 8) simulations of the fit (p: the parameters that
     # need one; the API latency is added, not simulated).
     simulated_candidates = sum(1 for n in candidates if n not in ADDITIVE_PARAMETERS)
     per_eval_budget = budget * 0.8 / (2 * simulated_candidates + 8)
-    point_costs = evaluator.point_seconds if work_budget_sequence_steps is None else evaluator.point_sequence_steps
-    cumulative = np.cumsum(point_costs)
+    cumulative = np.cumsum(one_simulation_costs)
     keep = max(1, int(np.searchsorted(cumulative, per_eval_budget, side="right")))
-    # What one simulation of each point costs, and the evaluator that has every selected point at the prior: a fit
-    # that converges with budget left is continued on more of them.
-    one_simulation_costs = list(point_costs)
-    all_selected, all_evaluator = selected, evaluator
+    all_selected = selected
     if keep < len(selected):
         notes.append(f"fitted on {keep} of {len(points)} points to stay within the {budget_text}")
         selected = selected[:keep]
         evaluator = _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
-        r0 = evaluator(x0)
+    r0 = evaluator(x0)
     m = r0.size
     # Identifiability at the prior: each parameter's effect, scaled to a meaningful change.
     jacobian0 = _jacobian(evaluator, x0, candidates, upper_factor, clock=budget_clock, deadline=math.inf)
@@ -1251,7 +1259,7 @@ def fit_profile(
         selected = all_selected[:more]
         evaluator = (
             all_evaluator
-            if more == len(all_selected)
+            if more == len(all_selected) and all_evaluator is not None
             else _Evaluator(selected, catalog=catalog, base=base, names=candidates, fit_mode=True, meter=meter)
         )
         start = np.clip(x_here[idx], lower, upper)
@@ -1301,6 +1309,7 @@ def fit_profile(
                     clock=clock,
                     pinned={**pinned, name: hi},
                     work_budget_sequence_steps=None if work_budget_sequence_steps is None else max(1, int(left)),
+                    point_costs=one_simulation_costs,
                 )
             if not held_at_limit:
                 # No budget left to fit the others again with it held: they stay as fitted beside it. Only the
@@ -1355,7 +1364,8 @@ def fit_profile(
 
 def affordable_points(costs: Sequence[float], remaining: float, simulated_parameters: int) -> int:
     """Leading points (of one simulation each ``costs``) that ``remaining`` budget can fit about two iterations on."""
-    simulations = 2 * (simulated_parameters + 1) + 1
+    # Two Jacobians and steps, the first residual, and the prior's once more for the report (a new evaluator).
+    simulations = 2 * (simulated_parameters + 1) + 2
     return int(np.searchsorted(np.cumsum(costs), 0.9 * remaining / simulations, side="right"))
 
 
