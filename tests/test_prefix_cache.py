@@ -88,12 +88,18 @@ def test_a_warm_start_caches_each_group_prefix_in_first_use_order_up_to_the_pool
     )
     assert plan.warm_prefix_tokens() == [(2, 40), (0, 20), (1, 70)]
     assert plan.take(np.array([0, 4])).warm
+    # A group's longest shared prefix, whichever request has it.
+    longer = PrefixPlan(plan.group, np.array([40, 0, 20, 60, 70]), plan.cacheable_tokens, warm=True)
+    assert longer.warm_prefix_tokens() == [(2, 60), (0, 20), (1, 70)]
     cache = PrefixCache(capacity_blocks=5, block_tokens=16)
-    # Full blocks only: 2 of group 2, 1 of group 0, then group 1 until the pool is full (2 of its 4).
+    # Full blocks only: 2 of group 2, 1 of group 0, then group 1's leading 2 of its 4 while the pool has room; each
+    # group tail first, so evicting never strands a group's later blocks without its first.
     assert cache.warm(plan.warm_prefix_tokens()) == 5
     key = PrefixCache.key
-    assert list(cache.idle) == [key(2, 0), key(2, 1), key(0, 0), key(1, 0), key(1, 1)]
-    assert cache.acquire(2, 3) == [key(2, 0), key(2, 1)]
+    assert list(cache.idle) == [key(2, 1), key(2, 0), key(0, 0), key(1, 1), key(1, 0)]
+    assert cache.evict(1) == 1
+    assert cache.acquire(2, 3) == [key(2, 0)]
+    assert cache.acquire(1, 4) == [key(1, 0), key(1, 1)]
 
 
 def test_a_full_hit_still_recomputes_the_last_token_block(catalog: Catalog) -> None:

@@ -97,13 +97,13 @@ class PrefixCache:
         return True
 
     def warm(self, prefixes: list[tuple[int, int]]) -> int:
-        """Start holding each (group, tokens) prefix's full blocks idle, the first given the first to evict; returns
-        the blocks cached (no more than the cache holds)."""
+        """Hold each (group, tokens) prefix's leading full blocks idle while the cache has room; returns how many."""
+        # The first prefix given is the first to evict, each tail first (as freed blocks are): an eviction never
+        # leaves a prefix without its leading block.
         added = 0
         for group, tokens in prefixes:
-            for index in range(tokens // self.block_tokens):
-                if self.cached_blocks >= self.capacity_blocks:
-                    return added
+            room = self.capacity_blocks - self.cached_blocks
+            for index in reversed(range(min(tokens // self.block_tokens, room))):
                 added += self.add_idle(self.key(group, index))
         return added
 

@@ -1224,8 +1224,8 @@ def fit_profile(
 
     stopped = False
     simulated_chosen = sum(1 for n in chosen if n not in ADDITIVE_PARAMETERS)
-    # Simulations run by evaluators of fewer points before the last (the full one's first ran before the cut).
-    earlier_simulations = 0
+    # Every evaluator that simulated (the probe of all points at the prior among them), for the report's count.
+    evaluators = [e for e in (all_evaluator, evaluator) if e is not None]
     while True:
         try:
             least_squares(
@@ -1255,7 +1255,6 @@ def fit_profile(
         if at_limit or more <= len(selected):
             break
         notes.append(f"then refitted from that solution on {more} of {len(points)} points with the budget left")
-        earlier_simulations += evaluator.evaluations
         selected = all_selected[:more]
         evaluator = (
             all_evaluator
@@ -1266,7 +1265,12 @@ def fit_profile(
         r_here = evaluator(x_here)
         m = r_here.size
         best.update(cost=fit_cost(with_prior(r_here, x_here[idx]), len(chosen)), x=x_here.copy())
-        last_jacobian.update(x=np.full_like(x0, np.nan), J=np.zeros((m, len(idx))))
+        evaluators.append(evaluator)
+        # Until a Jacobian on the new points: the last one, the new points' rows (after the old ones) unknown.
+        previous = np.asarray(last_jacobian["J"])
+        last_jacobian.update(
+            x=np.full_like(x0, np.nan), J=np.vstack([previous, np.zeros((m - previous.shape[0], len(idx)))])
+        )
     x_best = np.asarray(best["x"], dtype=np.float64)
     r_best = evaluator(x_best)
     # Uncertainty from the Jacobian at the solution when time allows, else the last one on these points (none: the
@@ -1354,7 +1358,7 @@ def fit_profile(
         after=after,
         points_total=len(points),
         points_used=len(selected),
-        evaluations=earlier_simulations + evaluator.evaluations,
+        evaluations=sum(e.evaluations for e in {id(e): e for e in evaluators}.values()),
         elapsed_s=elapsed_s,
         notes=tuple(notes),
         sequence_steps=meter.sequence_steps,

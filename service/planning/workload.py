@@ -247,13 +247,12 @@ class PrefixPlan:
         return PrefixPlan(self.group[index], self.shared_tokens[index], self.cacheable_tokens[index], self.warm)
 
     def warm_prefix_tokens(self) -> list[tuple[int, int]]:
-        """(group, tokens) a warm cache starts with: each group's shared prefix, groups in order of first use."""
-        groups, first = np.unique(self.group, return_index=True)
-        return [
-            (int(g), int(self.shared_tokens[i]))
-            for g, i in sorted(zip(groups, first, strict=True), key=lambda t: t[1])
-            if g >= 0
-        ]
+        """(group, tokens) a warm cache starts with: each group's longest shared prefix, groups in first-use order."""
+        grouped = self.group >= 0
+        groups, first, inverse = np.unique(self.group[grouped], return_index=True, return_inverse=True)
+        longest = np.zeros(groups.size, dtype=np.int64)
+        np.maximum.at(longest, inverse, self.shared_tokens[grouped])
+        return [(int(groups[k]), int(longest[k])) for k in np.argsort(first, kind="stable")]
 
 
 @dataclass(frozen=True, slots=True)
