@@ -1302,7 +1302,7 @@ def fit_profile(
                 # The measurements are faster than this resource allows: hold it at the datasheet peak and let
                 # the other parameters account for the rest.
                 left = deadline - budget_clock()
-                return fit_profile(
+                refit = fit_profile(
                     points,
                     catalog=catalog,
                     gpu=gpu,
@@ -1315,6 +1315,14 @@ def fit_profile(
                     work_budget_sequence_steps=None if work_budget_sequence_steps is None else max(1, int(left)),
                     point_costs=one_simulation_costs,
                 )
+                # The report counts the whole calibration: this fit's simulations and time with the refit's.
+                whole = replace(
+                    refit,
+                    evaluations=refit.evaluations + sum(e.evaluations for e in {id(e): e for e in evaluators}.values()),
+                    sequence_steps=refit.sequence_steps + meter.sequence_steps,
+                    elapsed_s=clock() - started,
+                )
+                return replace(whole, profile=replace(whole.profile, fit=fit_report(whole)))
             if not held_at_limit:
                 # No budget left to fit the others again with it held: they stay as fitted beside it. Only the
                 # first is held; a refit might bring the others back inside their limits, so they are reported as
