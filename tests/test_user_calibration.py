@@ -252,10 +252,8 @@ def test_a_factor_at_its_limit_is_held_there_when_no_budget_is_left_to_refit(cat
     assert compute.value == spent.profile.compute_factor
     assert spent.after.median_pct < spent.before.median_pct
     # The report of a refit with the factor held counts the whole calibration: the first fit's work and the refit's.
-    held = next(v for v in full.values if v.name == "memory_bandwidth")
-    refit_only = fit_profile(
-        points, catalog=catalog, gpu="h100-sxm", engine="vllm", pinned={"memory_bandwidth": held.value}
-    )
+    limit = next(v.value for v in full.values if v.name == "memory_bandwidth")
+    refit_only = fit_profile(points, catalog=catalog, gpu="h100-sxm", engine="vllm", pinned={"memory_bandwidth": limit})
     assert full.sequence_steps > refit_only.sequence_steps
     assert full.evaluations > refit_only.evaluations
     assert full.profile.fit["sequence_steps"] == full.sequence_steps
