@@ -75,6 +75,25 @@ def test_plan_over_http_runs_on_the_celery_worker(production: tuple[str, dict[st
         assert 'splan_plans{status="succeeded"}' in metrics
 
 
+def test_a_plan_on_a_warm_prefix_cache_runs_on_the_worker_and_a_bad_flag_is_refused_at_the_door(
+    production: tuple[str, dict[str, str]],
+) -> None:
+    base_url, _ = production
+    workload = {**SPEC["workload"], "isl": 2048, "shared_prefix_tokens": 1536, "prefix_cache_warm": True}
+    spec = {**SPEC, "workload": workload}
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        bad = {**spec, "workload": {**workload, "prefix_cache_warm": "maybe"}}
+        refused = client.post("/v1/plans", json=bad, headers={"Idempotency-Key": uuid.uuid4().hex})
+        assert refused.status_code == 422
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "prefix_cache_warm" in refused.text
+        response = client.post("/v1/plans", json=spec, headers={"Idempotency-Key": uuid.uuid4().hex})
+        assert response.status_code == 202
+        plan = wait_final(client, response.json()["id"])
+        assert plan["status"] == "succeeded", plan
+        assert plan["result"]["strategies"][0]["goodput_rps"] > 0
+
+
 def test_cli_submit_wait_and_status(production: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     base_url, env = production
     spec_file = tmp_path / "spec.yaml"

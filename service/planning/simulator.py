@@ -258,13 +258,14 @@ class _Simulation:
         self.request_overhead_s = self.entry[0].config.knobs.request_overhead_s if self.entry else 0.0
         self.prefixes = sample.prefixes
         if self.prefixes is not None:
+            # Every replica of a server that served this traffic before holds the same prefixes.
+            warm_prefixes = self.prefixes.warm_prefix_tokens() if self.prefixes.warm else []
             for inst in self.entry:
                 knobs = inst.config.knobs
                 if knobs.prefix_caching:
                     capacity = inst.config.kv_capacity_tokens // knobs.kv_block_tokens
                     inst.prefix_cache = PrefixCache(capacity, knobs.kv_block_tokens)
-                    if self.prefixes.warm:
-                        inst.prefix_cache.warm(self.prefixes.warm_prefix_tokens())
+                    inst.prefix_cache.warm(warm_prefixes)
 
     def scheduler_for(
         self, inst: SimInstance, sample: RequestSample, arrival: ArrivalKind, concurrency: int

@@ -1318,7 +1318,7 @@ def fit_profile(
                 # The report counts the whole calibration: this fit's simulations and time with the refit's.
                 whole = replace(
                     refit,
-                    evaluations=refit.evaluations + sum(e.evaluations for e in {id(e): e for e in evaluators}.values()),
+                    evaluations=refit.evaluations + simulations_run(evaluators),
                     sequence_steps=refit.sequence_steps + meter.sequence_steps,
                     elapsed_s=clock() - started,
                 )
@@ -1366,12 +1366,17 @@ def fit_profile(
         after=after,
         points_total=len(points),
         points_used=len(selected),
-        evaluations=sum(e.evaluations for e in {id(e): e for e in evaluators}.values()),
+        evaluations=simulations_run(evaluators),
         elapsed_s=elapsed_s,
         notes=tuple(notes),
         sequence_steps=meter.sequence_steps,
     )
     return replace(result, profile=replace(profile, fit=fit_report(result)))
+
+
+def simulations_run(evaluators: Sequence[_Evaluator]) -> int:
+    """Simulations the distinct evaluators among ``evaluators`` ran."""
+    return sum(e.evaluations for e in {id(e): e for e in evaluators}.values())
 
 
 def affordable_points(costs: Sequence[float], remaining: float, simulated_parameters: int) -> int:
