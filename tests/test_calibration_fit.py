@@ -102,7 +102,9 @@ def _kernel_tables(gpu: GpuSpec, truth: KernelCalibration, gemm_dtypes: tuple[st
     context = [
         (b, s, h, kv, 128, d, p) for b, s, (h, kv), d, p in grid((1, 4), (128, 8192), heads, ("bf16", "fp8"), (0, 2048))
     ]
-    decode = [(b, 1, h, kv, 128, d, p) for b, (h, kv), d, p in grid((1, 64, 256), heads, ("bf16", "fp8"), (128, 16384))]
+    decode = [
+        (b, 1, h, kv, 128, d, p) for b, (h, kv), d, p in grid((1, 64, 256), heads, ("bf16", "fp8"), (128, 2048, 16384))
+    ]
     nccl = [
         (op, "half", g, e) for op, g, e in grid(("all_reduce", "all_gather"), (2, 4, 8), (256, 65536, 1 << 20, 1 << 26))
     ]

@@ -21,6 +21,7 @@ from tests.specs_for_tests import gpu_spec
 GPU = gpu_spec()
 CAL = KernelCalibration(
     attention_decode_launch_s=1.0e-5,
+    attention_decode_memory_ramp_s=1.0e-6,
     attention_decode_per_sequence_bytes=1.0e5,
     attention_decode_bandwidth_efficiency={DType.BF16: 0.5, DType.FP8: 0.5},
     attention_decode_compute_efficiency=0.5,
@@ -52,19 +53,22 @@ def test_decode_of_one_long_sequence_is_bound_by_its_split_ctas() -> None:
     # 1 sequence of 64k keys: 8 KV heads x 1 m-block (4 rows <= tile_m 64) = 8 CTAs before splitting;
     # 8 x 65536 / 128 = 4096 key tiles, capped at 2 x 100 CTA slots that stream at once.
     # Per key: stream 512 B x 0.5 x 100 / 1e12 = 25.6 ns; MMA 4 x 64 x 128 x 2 x 100 / 1e15 = 6.5536 ns.
-    # CTA chain 65536 x 8 x 25.6 ns / 200 = 67.108864 us; the whole-GPU KV stream binds:
-    # 65536 x 4096 B / (1e12 x 0.5) = 536.870912 us.
-    expected = 1.0e-5 + 1.0e5 / 1e12 + 2.0e-6 * 1.0 + 65536 * 4096 / 0.5e12
+    # CTA chain 65536 x 8 x 25.6 ns / 200 = 67.108864 us plus one 2 us prologue; the whole-GPU KV stream binds:
+    # 65536 x 4096 B / (1e12 x 0.5) = 536.870912 us plus its 1 us ramp.
+    expected = 1.0e-5 + 1.0e5 / 1e12 + 1.0e-6 + 65536 * 4096 / 0.5e12
     assert _decode(1, 65536) == pytest.approx(expected, rel=1e-12)
 
 
 def test_decode_of_short_contexts_is_bound_by_the_cta_chain() -> None:
     # 4 sequences of 256 keys (1024 in all): 4 x 8 = 32 CTAs; key tiles 8 x 1024 / 128 = 64 stream at once.
-    # CTA chain: 1024 x 8 x 25.6 ns / 64 = 3.2768 us; KV stream 1024 x 4096 / 0.5e12 = 8.388608 us binds.
-    # fp8 cache: 256 B per key per head streams in 12.8 ns, MMA 3 x 6.5536 = 19.6608 ns binds the chain:
-    # 1024 x 8 x 19.6608 ns / 64 = 2.5165824 us, below the fp8 stream 1024 x 2048 / 0.5e12 = 4.194304 us.
-    assert _decode(4, 1024) == pytest.approx(1.0e-5 + 4 * 1.0e5 / 1e12 + 2.0e-6 + 1024 * 4096 / 0.5e12, rel=1e-12)
-    # With a fast HBM (100 TB/s) the chain binds: stream 8.4e-8 s < chain; per-sequence bytes 4e5 / 1e14.
+    # CTA chain: 1024 x 8 x 25.6 ns / 64 = 3.2768 us + 2 us prologue; KV stream 1024 x 4096 / 0.5e12 = 8.388608 us
+    # + 1 us ramp binds. fp8 cache: 256 B per key per head streams in 12.8 ns, MMA 3 x 6.5536 = 19.6608 ns binds the
+    # chain: 1024 x 8 x 19.6608 ns / 64 = 2.5165824 us + 2 us, below the fp8 stream 4.194304 us + 1 us.
+    assert _decode(4, 1024) == pytest.approx(1.0e-5 + 4 * 1.0e5 / 1e12 + 1.0e-6 + 1024 * 4096 / 0.5e12, rel=1e-12)
+    assert _decode(4, 1024, DType.FP8) == pytest.approx(
+        1.0e-5 + 4 * 1.0e5 / 1e12 + 1.0e-6 + 1024 * 2048 / 0.5e12, rel=1e-12
+    )
+    # With a fast HBM (100 TB/s) the chain binds: stream 8.4e-8 s + 1 us < chain; per-sequence bytes 4e5 / 1e14.
     fast = gpu_spec(hbm_bandwidth_bytes_per_s=1.0e14)
     got = attention_decode_time_s(
         sequences=4,
@@ -87,6 +91,14 @@ def test_many_sequences_queue_their_ctas() -> None:
     # chain 100 x 8 x 25.6 ns / 6.25 = 3.2768 us beats the KV stream 100 x 4096 / 0.5e12 = 0.8192 us.
     t = _decode(100, 100.0)
     assert t == pytest.approx(1.0e-5 + 100 * 1.0e5 / 1e12 + 4 * 2.0e-6 + 100 * 8 * 25.6e-9 / 6.25, rel=1e-12)
+
+
+def test_thousands_of_ctas_hide_their_prologues_under_the_kv_stream() -> None:
+    # 2000 sequences x 8 KV heads = 16,000 CTAs: 80 waves of 2 us prologues (160 us) and a chain of
+    # 4,096,000 x 8 x 25.6 ns / 200 = 4.194304 ms, while the KV stream takes 4,096,000 x 4096 / 0.5e12 =
+    # 33.554432 ms: one roof binds, and the prologues run while the other SMs stream.
+    t = _decode(2000, 2000 * 2048.0)
+    assert t == pytest.approx(1.0e-5 + 2000 * 1.0e5 / 1e12 + 1.0e-6 + 2000 * 2048 * 4096 / 0.5e12, rel=1e-12)
 
 
 def test_without_head_shape_heads_are_taken_128_wide() -> None:

@@ -310,13 +310,14 @@ def _fit_cost(table: str, rows: np.ndarray, gpu: GpuSpec, cal: KernelCalibration
 
 
 def fit_attention_generation(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[str, Any]:
-    """Decode attention: achieved KV bandwidth per KV dtype, per-sequence bytes, launch floor and the split-KV
-    CTA terms (fixed cost, per-key stream and MMA costs, fp8 MMA factor, CTAs per SM)."""
+    """Decode attention: achieved KV bandwidth per KV dtype, the stream's ramp, per-sequence bytes, launch floor and
+    the split-KV CTA terms (fixed cost, per-key stream and MMA costs, fp8 MMA factor, CTAs per SM)."""
     params = [
         Param("attention_decode_bandwidth_efficiency", 0.1, 1.0, DType.BF16),
         Param("attention_decode_bandwidth_efficiency", 0.1, 1.0, DType.FP8),
         Param("attention_decode_per_sequence_bytes", 1e2, 1e7),
         Param("attention_decode_launch_s", 1e-6, 1e-4),
+        Param("attention_decode_memory_ramp_s", 1e-8, 1e-4),
         Param("attention_decode_cta_fixed_s", 1e-8, 1e-4),
         Param("attention_decode_cta_stream_cost", 1e-2, 10.0),
         Param("attention_decode_cta_mma_cost", 0.5, 20.0),

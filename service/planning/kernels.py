@@ -125,12 +125,18 @@ class KernelCalibration:
     )
     attention_decode_per_sequence_bytes: float = 1.3e5
     attention_decode_launch_s: float = 1.2e-5
+    # The KV stream's fill and drain (first loads in flight, the last CTAs' tail), paid once per kernel on top of
+    # its bytes at the achieved bandwidth.
+    attention_decode_memory_ramp_s: float = 0.0
     # Decode attention as split-KV ("flash decoding") kernels run it (FA3 hopper/heuristics.h num_splits_heuristic,
     # FlashInfer TRT-LLM multi-CTA KV): one CTA per (sequence, KV head, m-block of packed GQA query rows), its KV
     # split over more CTAs until the SMs are busy. A CTA walks its keys in tiles of tile_n and per key pays the larger
     # of streaming its K/V bytes (cost x the per-SM share of HBM bandwidth: a lone CTA cannot pull its share) and
     # the tile_m-row MMAs over them (cost x the per-SM bf16 peak; x the fp8 factor with an fp8 cache); CTAs beyond
-    # ctas_per_sm per SM queue, each with a fixed prologue/epilogue. Zero costs (the defaults) turn these terms off.
+    # ctas_per_sm per SM queue, each with a fixed prologue/epilogue. That chain and the whole-GPU KV stream are two
+    # roofs, not a sum: while one SM runs a prologue the others stream, so with thousands of CTAs (a large batch x
+    # KV heads) the prologues hide under the stream (the H100 table: 15-28% over-predicted when they were added).
+    # Zero costs (the defaults) turn these terms off.
     attention_decode_cta_fixed_s: float = 0.0
     attention_decode_cta_stream_cost: float = 0.0
     attention_decode_cta_mma_cost: float = 0.0
@@ -425,7 +431,9 @@ def attention_decode_times_s(
     c = calibration
     bandwidth = gpu.hbm_bandwidth_bytes_per_s
     sms = float(gpu.num_sms)
-    t_memory = context_tokens * kv_bytes_per_token / (bandwidth * bandwidth_efficiency)
+    t_memory = (
+        context_tokens * kv_bytes_per_token / (bandwidth * bandwidth_efficiency) + c.attention_decode_memory_ramp_s
+    )
     t_compute = flops / (gpu.peak_for(DType.BF16) * c.attention_decode_compute_efficiency)
     per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
     tile_m = _by_head_dim(c.attention_decode_tile_m, head_dim)
@@ -445,7 +453,7 @@ def attention_decode_times_s(
     t_ctas = keys * kv_heads * m_blocks * np.maximum(stream_s, mma_s) / parallel
     ctas = sequences * kv_heads * m_blocks
     t_fixed = c.attention_decode_cta_fixed_s * np.maximum(1.0, ctas / slots)
-    t_kernel = t_fixed + np.maximum(np.maximum(t_memory, t_compute), t_ctas)
+    t_kernel = np.maximum(np.maximum(t_memory, t_compute), t_ctas + t_fixed)
     out: FloatArray = np.where(sequences > 0, c.attention_decode_launch_s + per_sequence + t_kernel, 0.0)
     return out
 
@@ -476,7 +484,7 @@ def attention_decode_time_s(
     bandwidth = gpu.hbm_bandwidth_bytes_per_s
     sms = float(gpu.num_sms)
     peak = gpu.peak_for(DType.BF16)
-    t_memory = context_tokens * kv_bytes_per_token / (bandwidth * eff)
+    t_memory = context_tokens * kv_bytes_per_token / (bandwidth * eff) + c.attention_decode_memory_ramp_s
     t_compute = flops / (peak * c.attention_decode_compute_efficiency)
     per_sequence = c.attention_decode_per_sequence_bytes * sequences / bandwidth
     tile_m = _head_dim_entry(c.attention_decode_tile_m, dim)
@@ -490,7 +498,7 @@ def attention_decode_time_s(
     mma_s = 4.0 * tile_m * dim * c.attention_decode_cta_mma_cost * fp8_factor * sms / peak
     t_ctas = keys * heads * m_blocks * max(stream_s, mma_s) / parallel
     t_fixed = c.attention_decode_cta_fixed_s * max(1.0, sequences * heads * m_blocks / slots)
-    return c.attention_decode_launch_s + per_sequence + t_fixed + max(t_memory, t_compute, t_ctas)
+    return c.attention_decode_launch_s + per_sequence + max(t_memory, t_compute, t_ctas + t_fixed)
 
 
 def _head_dim_entry(table: dict[str, float], head_dim: float) -> float:
