@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,12 @@ from bench.calibrate import GPUS, default_reference_dir, load_tables
 from service.catalog.loader import default_catalog
 from service.planning.kernel_accuracy import measured_s, predict_attention_generation
 
-BYTES_EDGES = (0.0, 1e6, 1e7, 5e7, 1e8, 2e8, 4e8, 1e9, 1e11)
-CTA_EDGES = (0, 64, 256, 1024, 2048, 1 << 30)
+BYTES_EDGES = (0.0, 1e6, 1e7, 5e7, 1e8, 2e8, 4e8, 1e9, math.inf)
+CTA_EDGES = (0.0, 64.0, 256.0, 1024.0, 2048.0, math.inf)
 
 
 def _label(lo: float, hi: float, unit: str) -> str:
-    return f"{lo:g}-{hi:g}{unit}" if hi < 1 << 30 else f">{lo:g}{unit}"
+    return f">{lo:g}{unit}" if math.isinf(hi) else f"{lo:g}-{hi:g}{unit}"
 
 
 def bins(rows: np.ndarray, ratio: np.ndarray) -> dict[str, list[list[tuple[float, int]]]]:

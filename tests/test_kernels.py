@@ -49,7 +49,7 @@ def _decode(sequences: float, context: float, kv_dtype: DType = DType.BF16) -> f
     )
 
 
-def test_decode_of_one_long_sequence_is_bound_by_its_split_ctas() -> None:
+def test_one_long_sequence_splits_its_ctas_and_is_bound_by_the_kv_stream() -> None:
     # 1 sequence of 64k keys: 8 KV heads x 1 m-block (4 rows <= tile_m 64) = 8 CTAs before splitting;
     # 8 x 65536 / 128 = 4096 key tiles, capped at 2 x 100 CTA slots that stream at once.
     # Per key: stream 512 B x 0.5 x 100 / 1e12 = 25.6 ns; MMA 4 x 64 x 128 x 2 x 100 / 1e15 = 6.5536 ns.
@@ -59,7 +59,7 @@ def test_decode_of_one_long_sequence_is_bound_by_its_split_ctas() -> None:
     assert _decode(1, 65536) == pytest.approx(expected, rel=1e-12)
 
 
-def test_decode_of_short_contexts_is_bound_by_the_cta_chain() -> None:
+def test_short_contexts_are_bound_by_the_kv_stream_until_hbm_is_fast() -> None:
     # 4 sequences of 256 keys (1024 in all): 4 x 8 = 32 CTAs; key tiles 8 x 1024 / 128 = 64 stream at once.
     # CTA chain: 1024 x 8 x 25.6 ns / 64 = 3.2768 us + 2 us prologue; KV stream 1024 x 4096 / 0.5e12 = 8.388608 us
     # + 1 us ramp binds. fp8 cache: 256 B per key per head streams in 12.8 ns, MMA 3 x 6.5536 = 19.6608 ns binds the

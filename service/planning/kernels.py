@@ -135,7 +135,7 @@ class KernelCalibration:
     # the tile_m-row MMAs over them (cost x the per-SM bf16 peak; x the fp8 factor with an fp8 cache); CTAs beyond
     # ctas_per_sm per SM queue, each with a fixed prologue/epilogue. That chain and the whole-GPU KV stream are two
     # roofs, not a sum: while one SM runs a prologue the others stream, so with thousands of CTAs (a large batch x
-    # KV heads) the prologues hide under the stream (the H100 table: 15-28% over-predicted when they were added).
+    # KV heads) the prologues hide under the stream (the H100 table: 9-28% over-predicted when they were added).
     # Zero costs (the defaults) turn these terms off.
     attention_decode_cta_fixed_s: float = 0.0
     attention_decode_cta_stream_cost: float = 0.0
