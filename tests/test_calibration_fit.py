@@ -309,3 +309,29 @@ def test_the_gpt_oss_mxfp4_kernel_is_told_apart_from_marlin(catalog: Catalog) ->
     # A table without the kernel column (a user's own) times the kernel its dtype names.
     plain = _rows(MOE, [("w4a16_mxfp4", 2880, 2880, 4, 128, 1, 1, "balanced", 8)])
     assert prepare_moe_rows(plain, gpu).kernel.tolist() == ["w4a16_mxfp4"]
+
+
+def test_a_moe_kernel_timed_on_held_out_shapes_only_is_fitted_on_all_of_them() -> None:
+    # CRC32 buckets (of 1000): 7168|2048|8|384 -> 97 and 4096|2048|8|128 -> 74 are held out at 20%, 2048|768|8|128
+    # -> 320 is not. bf16 keeps a training shape, so its held-out shape stays held out; the int4 Marlin kernel has
+    # only the held-out shape, so none of its rows is.
+    rows = np.array(
+        [
+            ("bf16", 4096, 2048, 8, 128, "vllm_unquantizedfusedmoe_triton"),
+            ("bf16", 2048, 768, 8, 128, "vllm_unquantizedfusedmoe_triton"),
+            ("int4_wo", 7168, 2048, 8, 384, "vllm_compressedtensorswna16marlinmoe_marlin"),
+            ("int4_wo", 7168, 2048, 8, 384, "vllm_compressedtensorswna16marlinmoe_marlin"),
+        ],
+        dtype=[
+            ("dtype", "U16"),
+            ("hidden_size", "i8"),
+            ("inter_size", "i8"),
+            ("topk", "i8"),
+            ("num_experts", "i8"),
+            ("kernel_source", "U64"),
+        ],
+    )
+    assert holdout_mask("moe", rows).tolist() == [True, False, False, False]
+    # Without a kernel_source column the dtype names the kernel.
+    plain = rows[["dtype", "hidden_size", "inter_size", "topk", "num_experts"]]
+    assert holdout_mask("moe", plain).tolist() == [True, False, False, False]

@@ -22,6 +22,7 @@ from service.planning.moe_fit import (
     mla_values,
     prepare_alltoall_rows,
     prepare_moe_rows,
+    table_kernel,
 )
 from service.planning.specs import DType, GpuSpec
 
@@ -71,13 +72,24 @@ class Fitter:
 
 
 def holdout_mask(table: str, rows: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
-    """True for rows whose shape is held out of fitting (CRC32 of the shape, so it is the same everywhere)."""
+    """True for rows whose shape is held out of fitting (CRC32 of the shape, so it is the same everywhere).
+
+    A MoE expert kernel whose every shape falls in the held-out share keeps them all for fitting: held out, it would
+    run on the bf16 kernel's constants (the int4 Marlin kernel, timed on one model's shape, was)."""
     keys = SHAPE_KEYS.get(table, ())
     if not keys or rows.size == 0:
         return np.zeros(rows.size, dtype=bool)
     labels = ["|".join(str(rows[k][i]) for k in keys) for i in range(rows.size)]
     buckets = np.array([zlib.crc32(label.encode()) % 1000 for label in labels])
     held: np.ndarray = buckets < fraction * 1000
+    if table == "moe":
+        names = rows.dtype.names or ()
+        sources = rows["kernel_source"] if "kernel_source" in names else np.full(rows.size, "")
+        kernels = np.array([table_kernel(str(d), str(s)) for d, s in zip(rows["dtype"], sources, strict=True)])
+        for kernel in np.unique(kernels):
+            of_kernel = kernels == kernel
+            if held[of_kernel].all():
+                held = held & ~of_kernel
     return held
 
 
