@@ -41,6 +41,11 @@ MOE_BACKEND_HELP = (
 )
 # N width (output columns) of one grouped-GEMM CTA tile.
 TILE_N = 128
+# Marlin's MoE picks its M block per call (vLLM fused_marlin_moe.py; SGLang's Marlin runner the same): the first of
+# these under which the blocks would be less than 90% full (tokens x top-k / local experts / block < 0.9), else the
+# last. Its layer time steps with that block, not with a fixed tile.
+MARLIN_BLOCK_TOKENS: tuple[float, ...] = (8.0, 16.0, 32.0, 48.0, 64.0)
+MARLIN_KERNELS: frozenset[str] = frozenset({"int4_wo", "w4a16_mxfp4"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,7 @@ class MoeCalibration:
 class KernelConstants:
     """The per-kernel constants of the fused-MoE layer (scalars, or per-row arrays when fitting)."""
 
-    tile_tokens: float
+    tile_tokens: FloatArray | float
     fixed_s: FloatArray | float
     per_pair_s: FloatArray | float
     routed_activation_passes: FloatArray | float
@@ -202,18 +207,31 @@ class Routing:
     tiles: FloatArray
 
 
-def routing_summary(loads: FloatArray, tile_tokens: float) -> Routing:
+def marlin_block_tokens(
+    tokens: FloatArray | float, *, topk: FloatArray | float, local_experts: FloatArray | float
+) -> FloatArray:
+    """Marlin's M block for ``tokens`` entering the layer (per row)."""
+    density = np.asarray(tokens, dtype=np.float64) * topk / np.maximum(local_experts, 1.0)
+    out: FloatArray = np.full(density.shape, MARLIN_BLOCK_TOKENS[-1])
+    for block in reversed(MARLIN_BLOCK_TOKENS):
+        out = np.where(density / block < 0.9, block, out)
+    return out
+
+
+def routing_summary(loads: FloatArray, tile_tokens: FloatArray | float) -> Routing:
     """Touched experts, pairs and M tiles from per-expert loads (last axis).
 
     A load below one is the chance the expert gets its single token; otherwise its GEMM runs ceil(load / tile)
     M tiles.
     """
     touched = np.minimum(loads, 1.0)
-    tiles = np.where(loads < 1.0, loads, np.ceil(loads / tile_tokens - 1e-9))
+    tile = np.asarray(tile_tokens, dtype=np.float64)
+    tile = tile[..., None] if tile.ndim else tile
+    tiles = np.where(loads < 1.0, loads, np.ceil(loads / tile - 1e-9))
     return Routing(touched.sum(axis=-1), loads.sum(axis=-1), tiles.sum(axis=-1))
 
 
-def _random_summary(n: FloatArray, num_experts: int, topk: int, local: int, tile_tokens: float) -> Routing:
+def _random_summary(n: FloatArray, num_experts: int, topk: int, local: int, tile_tokens: FloatArray | float) -> Routing:
     """Routing of independent uniform top-k picks: an expert's load is Binomial(n, topk / experts)."""
     p = topk / num_experts
     hit = 1.0 - np.power(1.0 - p, n)
@@ -224,7 +242,9 @@ def _random_summary(n: FloatArray, num_experts: int, topk: int, local: int, tile
     return Routing(hit * local, mean * local, tiles * local)
 
 
-def _balanced_summary(n: FloatArray, num_experts: int, topk: int, local: int, tile_tokens: float) -> Routing:
+def _balanced_summary(
+    n: FloatArray, num_experts: int, topk: int, local: int, tile_tokens: FloatArray | float
+) -> Routing:
     per_expert = n * topk / num_experts
     touched = np.minimum(per_expert, 1.0)
     tiles = np.where(per_expert < 1.0, per_expert, np.ceil(per_expert / tile_tokens - 1e-9))
@@ -237,7 +257,7 @@ def moe_routing_summary(
     num_experts: int,
     local_experts: int,
     topk: int,
-    tile_tokens: float,
+    tile_tokens: FloatArray | float,
     distribution: str = BALANCED,
 ) -> Routing:
     """Routing summary of the busiest GPU for ``tokens`` entering the layer."""
@@ -407,6 +427,10 @@ def moe_layer_time_s(
     n = np.asarray(tokens, dtype=np.float64)
     name = kernel or expert_kernel(weight_dtype, gpu)
     constants = calibration.kernel_constants(name)
+    if name in MARLIN_KERNELS:
+        constants = replace(
+            constants, tile_tokens=marlin_block_tokens(n, topk=topk, local_experts=float(local_experts))
+        )
     routing = moe_routing_summary(
         n,
         num_experts=num_experts,

@@ -14,11 +14,13 @@ from service.planning.kernels import FloatArray
 from service.planning.mla_cost import MlaCalibration, mla_bmm_time_s, mla_decode_time_s, mla_prefill_time_s
 from service.planning.moe_cost import (
     KERNELS,
+    MARLIN_KERNELS,
     KernelConstants,
     MoeCalibration,
     Routing,
     alltoall_time_s,
     kernel_efficiencies,
+    marlin_block_tokens,
     moe_routing_summary,
     moe_time_from_routing_s,
 )
@@ -80,7 +82,7 @@ class MoeRows:
     kernel: np.ndarray
     peak: FloatArray
     measured_s: FloatArray
-    _routing: dict[float, Routing] = field(default_factory=dict)
+    _routing: dict[float | None, Routing] = field(default_factory=dict)
 
     def subset(self, sel: np.ndarray) -> MoeRows:
         """The selected rows (routing recomputed on demand)."""
@@ -104,9 +106,15 @@ class MoeRows:
             }
         )
 
-    def routing(self, tile_tokens: float) -> Routing:
-        """Routing summary of every row for one M tile (computed once per group of routing keys)."""
+    def marlin_tiles(self) -> FloatArray:
+        """Marlin's M block of every row (it picks one per call from the tokens per local expert)."""
+        return marlin_block_tokens(self.tokens, topk=self.topk, local_experts=self.experts // self.ep)
+
+    def routing(self, tile_tokens: float | None) -> Routing:
+        """Routing summary of every row for one M tile, or Marlin's per-call block (None); computed once per group
+        of routing keys."""
         if tile_tokens not in self._routing:
+            row_tiles: FloatArray | float = self.marlin_tiles() if tile_tokens is None else tile_tokens
             size = self.tokens.size
             touched, pairs, tiles = np.empty(size), np.empty(size), np.empty(size)
             groups: dict[tuple[int, int, int, str], list[int]] = {}
@@ -120,7 +128,7 @@ class MoeRows:
                     num_experts=experts,
                     local_experts=experts // ep,
                     topk=topk,
-                    tile_tokens=tile_tokens,
+                    tile_tokens=row_tiles[sel] if isinstance(row_tiles, np.ndarray) else row_tiles,
                     distribution=distribution,
                 )
                 touched[sel], pairs[sel], tiles[sel] = r.touched, r.pairs, r.tiles
@@ -162,6 +170,8 @@ def predict_moe_rows(rows: MoeRows, gpu: GpuSpec, calibration: MoeCalibration) -
         part = rows.subset(sel) if not sel.all() else rows
         constants = calibration.kernel_constants(str(kernel))
         compute, bandwidth = kernel_efficiencies(str(kernel), calibration)
+        if kernel in MARLIN_KERNELS:
+            constants = replace(constants, tile_tokens=part.marlin_tiles())
         out[sel] = _predict(part, gpu, calibration, constants, compute, bandwidth)
     return out
 
@@ -174,9 +184,10 @@ def _predict(
     compute: float,
     bandwidth: float,
 ) -> FloatArray:
+    tile = constants.tile_tokens
     return moe_time_from_routing_s(
         rows.tokens,
-        rows.routing(constants.tile_tokens),
+        rows.routing(float(tile) if np.ndim(tile) == 0 else None),
         hidden_size=rows.hidden,
         expert_width_per_gpu=rows.width,
         weight_bytes_per_element=rows.weight_bytes,
@@ -205,14 +216,17 @@ def fit_moe_kernel(rows: MoeRows, gpu: GpuSpec, kernel: str, base: MoeCalibratio
     upper = np.log([1.0, 1.0, 1e-3, 1e-7, 50.0, 1e-3])
     if not both:
         start, lower, upper = start[:5], lower[:5], upper[:5]
-    best: tuple[float, float, FloatArray] | None = None
-    for tile in TILE_CHOICES:
+    best: tuple[float, float | None, FloatArray] | None = None
+    # Marlin picks its block per call (MARLIN_BLOCK_TOKENS): nothing to choose; the other kernels' tile is fitted.
+    marlin = kernel in MARLIN_KERNELS
+    for tile in (None,) if marlin else TILE_CHOICES:
         rows.routing(tile)
+        row_tile: FloatArray | float = rows.marlin_tiles() if tile is None else tile
 
-        def residual(x: FloatArray, tile: float = tile) -> FloatArray:
+        def residual(x: FloatArray, row_tile: FloatArray | float = row_tile) -> FloatArray:
             v = np.exp(x)
             ep_fixed = float(v[5]) if both else 0.0
-            constants = KernelConstants(tile, float(v[2]), float(v[3]), float(v[4]), ep_fixed)
+            constants = KernelConstants(row_tile, float(v[2]), float(v[3]), float(v[4]), ep_fixed)
             pred = _predict(rows, gpu, base, constants, float(v[0]), float(v[1]))
             out: FloatArray = np.log(pred / rows.measured_s)
             return out
@@ -227,7 +241,7 @@ def fit_moe_kernel(rows: MoeRows, gpu: GpuSpec, kernel: str, base: MoeCalibratio
         base,
         compute_efficiency={**base.compute_efficiency, kernel: float(v[0])},
         bandwidth_efficiency={**base.bandwidth_efficiency, kernel: float(v[1])},
-        kernel_tile_tokens={**base.kernel_tile_tokens, kernel: tile},
+        kernel_tile_tokens=base.kernel_tile_tokens if tile is None else {**base.kernel_tile_tokens, kernel: tile},
         kernel_fixed_s={**base.kernel_fixed_s, kernel: float(v[2])},
         kernel_per_pair_s={**base.kernel_per_pair_s, kernel: float(v[3])},
         kernel_routed_activation_passes={**base.kernel_routed_activation_passes, kernel: float(v[4])},
@@ -244,7 +258,7 @@ def fit_moe(rows: MoeRows, gpu: GpuSpec, base: MoeCalibration) -> MoeCalibration
         k = cal.kernel_constants("bf16")
         cal = replace(
             cal,
-            tile_tokens=k.tile_tokens,
+            tile_tokens=float(k.tile_tokens),
             fixed_s=float(k.fixed_s),
             per_pair_s=float(k.per_pair_s),
             routed_activation_passes=float(k.routed_activation_passes),
