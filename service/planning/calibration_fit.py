@@ -72,10 +72,11 @@ class Fitter:
 
 
 def holdout_mask(table: str, rows: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
-    """True for rows whose shape is held out of fitting (CRC32 of the shape, so it is the same everywhere).
+    """True for rows whose shape is held out of fitting (CRC32 of the shape, so it is the same on any machine).
 
     A MoE expert kernel whose every shape falls in the held-out share keeps them all for fitting: held out, it would
-    run on the bf16 kernel's constants (the int4 Marlin kernel, timed on one model's shape, was)."""
+    run on the bf16 kernel's constants (the int4 Marlin kernel, timed on one model's shape, was). So for the MoE
+    table a row's fate also depends on its kernel's other rows, and such a kernel has no held-out figure."""
     keys = SHAPE_KEYS.get(table, ())
     if not keys or rows.size == 0:
         return np.zeros(rows.size, dtype=bool)

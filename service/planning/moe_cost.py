@@ -43,7 +43,8 @@ MOE_BACKEND_HELP = (
 TILE_N = 128
 # Marlin's MoE picks its M block per call (vLLM fused_marlin_moe.py; SGLang's Marlin runner the same): the first of
 # these under which the blocks would be less than 90% full (tokens x top-k / local experts / block < 0.9), else the
-# last. Its layer time steps with that block, not with a fixed tile.
+# last. Its layer time steps with that block, not with a fixed tile, so a `kernel_tile_tokens` entry for a Marlin
+# kernel is not used.
 MARLIN_BLOCK_TOKENS: tuple[float, ...] = (8.0, 16.0, 32.0, 48.0, 64.0)
 MARLIN_KERNELS: frozenset[str] = frozenset({"int4_wo", "w4a16_mxfp4"})
 

@@ -170,9 +170,7 @@ def predict_moe_rows(rows: MoeRows, gpu: GpuSpec, calibration: MoeCalibration) -
         part = rows.subset(sel) if not sel.all() else rows
         constants = calibration.kernel_constants(str(kernel))
         compute, bandwidth = kernel_efficiencies(str(kernel), calibration)
-        if kernel in MARLIN_KERNELS:
-            constants = replace(constants, tile_tokens=part.marlin_tiles())
-        out[sel] = _predict(part, gpu, calibration, constants, compute, bandwidth)
+        out[sel] = _predict(part, gpu, calibration, constants, compute, bandwidth, marlin=kernel in MARLIN_KERNELS)
     return out
 
 
@@ -183,11 +181,18 @@ def _predict(
     constants: KernelConstants,
     compute: float,
     bandwidth: float,
+    *,
+    marlin: bool,
 ) -> FloatArray:
-    tile = constants.tile_tokens
+    # One M tile per row for both the routing and the FLOPs: Marlin's per-call block, else the kernel's fitted tile.
+    if marlin:
+        constants = replace(constants, tile_tokens=rows.marlin_tiles())
+        routing = rows.routing(None)
+    else:
+        routing = rows.routing(float(constants.tile_tokens))
     return moe_time_from_routing_s(
         rows.tokens,
-        rows.routing(float(tile) if np.ndim(tile) == 0 else None),
+        routing,
         hidden_size=rows.hidden,
         expert_width_per_gpu=rows.width,
         weight_bytes_per_element=rows.weight_bytes,
@@ -221,13 +226,13 @@ def fit_moe_kernel(rows: MoeRows, gpu: GpuSpec, kernel: str, base: MoeCalibratio
     marlin = kernel in MARLIN_KERNELS
     for tile in (None,) if marlin else TILE_CHOICES:
         rows.routing(tile)
-        row_tile: FloatArray | float = rows.marlin_tiles() if tile is None else tile
 
-        def residual(x: FloatArray, row_tile: FloatArray | float = row_tile) -> FloatArray:
+        def residual(x: FloatArray, tile: float | None = tile) -> FloatArray:
             v = np.exp(x)
             ep_fixed = float(v[5]) if both else 0.0
-            constants = KernelConstants(row_tile, float(v[2]), float(v[3]), float(v[4]), ep_fixed)
-            pred = _predict(rows, gpu, base, constants, float(v[0]), float(v[1]))
+            # Marlin's tile is set per row inside _predict; 0 stands for it here and is never used.
+            constants = KernelConstants(tile or 0.0, float(v[2]), float(v[3]), float(v[4]), ep_fixed)
+            pred = _predict(rows, gpu, base, constants, float(v[0]), float(v[1]), marlin=tile is None)
             out: FloatArray = np.log(pred / rows.measured_s)
             return out
 
