@@ -60,6 +60,16 @@ def bins(rows: np.ndarray, ratio: np.ndarray) -> dict[str, list[list[tuple[float
     return out
 
 
+def decode_overrides(path: Path, gpu: str) -> dict[str, Any]:
+    """The decode-attention constants a calibration.yaml gives one GPU (its `default`, then its own key)."""
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    default = doc.get("default") or {} if isinstance(doc, dict) else None
+    own = doc.get(gpu) or {} if isinstance(doc, dict) else None
+    if not isinstance(default, dict) or not isinstance(own, dict):
+        raise ValueError("not a calibration file: expected a mapping with `default` and per-GPU sections")
+    return {k: v for k, v in {**default, **own}.items() if k.startswith("attention_decode")}
+
+
 def main() -> int:
     """Print the binned ratio tables for one GPU."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,10 +81,11 @@ def main() -> int:
     gpu = catalog.gpu(args.gpu)
     calibration = catalog.calibration_for(gpu)
     if args.calibration is not None:
-        doc: dict[str, Any] = yaml.safe_load(args.calibration.read_text())
-        merged = {**doc.get("default", {}), **doc.get(args.gpu, {})}
-        overrides = {k: v for k, v in merged.items() if k.startswith("attention_decode")}
-        calibration = calibration.with_overrides(overrides)
+        try:
+            calibration = calibration.with_overrides(decode_overrides(args.calibration, args.gpu))
+        except (OSError, yaml.YAMLError, ValueError) as err:
+            print(f"decode_attention_bins: {args.calibration}: {err}".splitlines()[0], file=sys.stderr)
+            return 2
     rows = load_tables(args.reference, GPUS[args.gpu]).get("attention_generation")
     if rows is None:
         print(f"no attention_generation table for {args.gpu}", file=sys.stderr)

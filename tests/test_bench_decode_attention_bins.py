@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from bench.decode_attention_bins import BYTES_EDGES, CTA_EDGES, bins
+from bench.decode_attention_bins import BYTES_EDGES, CTA_EDGES, bins, decode_overrides
 
 DTYPE = [
     ("batch_size", "f8"),
@@ -38,3 +40,22 @@ def test_rows_fall_in_their_bytes_and_cta_cells_with_the_median_ratio() -> None:
     filled = [(d, i, j) for d, g in grid.items() for i, line in enumerate(g) for j, (_, n) in enumerate(line) if n]
     assert sorted(filled) == [("bf16", len(BYTES_EDGES) - 2, 3), ("fp8", 0, 0)]
     assert math.isnan(grid["bf16"][0][0][0])
+
+
+def test_a_calibration_file_gives_its_decode_constants_the_gpu_section_over_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "calibration.yaml"
+    path.write_text(
+        "default:\n  attention_decode_launch_s: 1.0e-5\n  attention_decode_memory_ramp_s: 2.0e-6\n  gemm_launch_s: 1\n"
+        "b200:\n  attention_decode_launch_s: 3.0e-5\n"
+    )
+    assert decode_overrides(path, "b200") == {
+        "attention_decode_launch_s": 3.0e-5,
+        "attention_decode_memory_ramp_s": 2.0e-6,
+    }
+    assert decode_overrides(path, "h100-sxm") == {
+        "attention_decode_launch_s": 1.0e-5,
+        "attention_decode_memory_ramp_s": 2.0e-6,
+    }
+    path.write_text("- 1\n")
+    with pytest.raises(ValueError, match="not a calibration file"):
+        decode_overrides(path, "b200")
