@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     args = parser.parse_args()
     catalog = load_catalog()
-    base = KernelCalibration(gemm_fp8_dispatch=catalog.calibration.gemm_fp8_dispatch)
+    base = KernelCalibration(gemm_dispatch=catalog.calibration.gemm_dispatch)
     tables = {gpu: load_tables(args.reference, prefix) for gpu, prefix in GPUS.items()}
     fitted = {gpu: fit_all(tables[gpu], catalog.gpu(gpu), base) for gpu in GPUS}
 
@@ -76,7 +76,7 @@ def main() -> None:
         spec = catalog.gpu(gpu)
         own = base.with_overrides(fitted[gpu])
         transferred = base.with_overrides(fitted[other])
-        masks = {t: holdout_mask(t, rows) for t, rows in tables[gpu].items()}
+        masks = {t: holdout_mask(t, rows, architecture=spec.architecture) for t, rows in tables[gpu].items()}
         held = _by_kind(kernel_errors(tables[gpu], gpu=spec, calibration=own, masks=masks))
         every = kernel_errors(tables[gpu], gpu=spec, calibration=own)
         moved = _by_kind(kernel_errors(tables[gpu], gpu=spec, calibration=transferred))
@@ -90,7 +90,7 @@ def main() -> None:
         other = next(g for g in GPUS if g != gpu)
         spec = catalog.gpu(gpu)
         own_moe = moe_fitted[gpu][0]
-        masks = {t: holdout_mask(t, rows) for t, rows in tables[gpu].items()}
+        masks = {t: holdout_mask(t, rows, architecture=spec.architecture) for t, rows in tables[gpu].items()}
         held = _by_kind(moe_kernel_errors(tables[gpu], gpu=spec, calibration=own_moe, masks=masks))
         moved = _by_kind(moe_kernel_errors(tables[gpu], gpu=spec, calibration=moe_fitted[other][0]))
         other_kernels = set(moe_fitted[other][0].kernel_fixed_s)
@@ -156,8 +156,8 @@ def write_moe_calibration(path: Path, fitted: dict[str, tuple[MoeCalibration, li
         "# from the kernel tables in ../shared/reference: h100-sxm from h100_sxm_moe.csv, h100_sxm_moe_alltoall.csv\n"
         "# and h100_sxm_mla_*.csv; b200 from b200_sxm_moe.csv (20% of shapes held out by CRC32 of the shape, see\n"
         "# service/planning/calibration_fit.py). `default` applies to every other GPU: the H100 fit plus the kernels\n"
-        "# only the B200 runs (nvfp4, w4a8_mxfp4_mxfp8). Models: service/planning/moe_cost.py and mla_cost.py\n"
-        "# (`mla`: MlaCalibration fields). Do not edit fitted values by hand.\n"
+        "# only the B200 runs (nvfp4, w4a8_mxfp4_mxfp8, the *_cutlass kernels). Models: service/planning/moe_cost.py\n"
+        "# and mla_cost.py (`mla`: MlaCalibration fields). Do not edit fitted values by hand.\n"
     )
     sections = {"default": default, **values}
     body = yaml.safe_dump(_rounded(sections), sort_keys=True, default_flow_style=False)

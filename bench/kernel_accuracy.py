@@ -23,7 +23,8 @@ from bench.calibrate import GPUS, default_reference_dir, load_tables
 from service.catalog.loader import default_catalog
 from service.planning.calibration_fit import holdout_mask
 from service.planning.kernel_accuracy import PREDICTORS, ErrorSummary, kernel_errors, measured_s, moe_kernel_errors
-from service.planning.kernels import dispatch_kernels
+from service.planning.kernels import dispatch_kernels, dispatch_key
+from service.planning.specs import DType
 
 
 def _cell(s: ErrorSummary | None) -> str:
@@ -46,7 +47,7 @@ def main() -> None:
         gpu = catalog.gpu(gpu_name)
         own = catalog.calibration_for(gpu)
         moved = catalog.calibration_for(catalog.gpu(other))
-        masks = {t: holdout_mask(t, rows) for t, rows in tables.items()}
+        masks = {t: holdout_mask(t, rows, architecture=gpu.architecture) for t, rows in tables.items()}
         held = {s.kind: s for s in kernel_errors(tables, gpu=gpu, calibration=own, masks=masks)}
         transferred = {s.kind: s for s in kernel_errors(tables, gpu=gpu, calibration=moved)}
         rows = kernel_errors(tables, gpu=gpu, calibration=own)
@@ -61,24 +62,25 @@ def main() -> None:
                 f"{gpu_name:9s} {s.kind:28s} {s.rows:6d} {s.median_pct:6.1f}% {s.p90_pct:6.1f}% "
                 f"{_cell(held.get(s.kind)):>20s} {_cell(transferred.get(s.kind)):>19s}  {other}"
             )
-    print(f"\n{'gpu':9s} {'fp8 GEMM kernel (gemm_dispatch.yaml)':52s} {'rows':>6s} {'median':>7s} {'p90':>7s}")
+    print(f"\n{'gpu':9s} {'scaled GEMM kernel (gemm_dispatch.yaml)':52s} {'rows':>6s} {'median':>7s} {'p90':>7s}")
     for gpu_name, prefix in GPUS.items():
         gemm = load_tables(ref, prefix).get("gemm")
         if gemm is None:
             continue
         gpu = catalog.gpu(gpu_name)
         own = catalog.calibration_for(gpu)
-        rules = own.gemm_fp8_dispatch.get(gpu.architecture, ())
-        fp8 = gemm[gemm["dtype"] == "fp8"]
-        if not rules or fp8.size == 0:
-            continue
-        error_pct = np.abs(PREDICTORS["gemm"](fp8, gpu=gpu, calibration=own) / measured_s(fp8) - 1.0) * 100.0
-        kernels, chosen = dispatch_kernels(rules, *(fp8[c].astype(np.float64) for c in ("m", "n", "k")))
-        for index in sorted(set(chosen.tolist())):
-            sel = error_pct[chosen == index]
-            rule = rules[index]
-            label = f"{kernels[index]} ({rule.tile_m:.0f}x{rule.tile_n:.0f}, m<={rule.m_max:g}, n<={rule.n_max:g})"
-            print(f"{gpu_name:9s} {label:52s} {sel.size:6d} {np.median(sel):6.1f}% {np.percentile(sel, 90):6.1f}%")
+        for table_dtype, dtype in (("fp8", DType.FP8), ("nvfp4", DType.FP4)):
+            rules = own.gemm_dispatch.get(dispatch_key(gpu.architecture, dtype), ())
+            part = gemm[gemm["dtype"] == table_dtype]
+            if not rules or part.size == 0:
+                continue
+            error_pct = np.abs(PREDICTORS["gemm"](part, gpu=gpu, calibration=own) / measured_s(part) - 1.0) * 100.0
+            kernels, chosen = dispatch_kernels(rules, *(part[c].astype(np.float64) for c in ("m", "n", "k")))
+            for index in sorted(set(chosen.tolist())):
+                sel = error_pct[chosen == index]
+                rule = rules[index]
+                label = f"{kernels[index]} ({rule.tile_m:.0f}x{rule.tile_n:.0f}, m<={rule.m_max:g}, n<={rule.n_max:g})"
+                print(f"{gpu_name:9s} {label:52s} {sel.size:6d} {np.median(sel):6.1f}% {np.percentile(sel, 90):6.1f}%")
 
 
 if __name__ == "__main__":

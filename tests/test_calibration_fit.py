@@ -96,7 +96,8 @@ def _kernel_tables(gpu: GpuSpec, truth: KernelCalibration, gemm_dtypes: tuple[st
     """One small table of each kernel kind, timed by ``truth``."""
     grid = itertools.product
     gemm = _rows(
-        GEMM, [(d, m, n, k) for d, m, n, k in grid(gemm_dtypes, (1, 16, 128, 1024, 8192), (1024, 14336), (1024, 8192))]
+        GEMM,
+        [(d, m, n, k) for d, m, n, k in grid(gemm_dtypes, (1, 16, 128, 1024, 8192), (1024, 4096, 14336), (1024, 8192))],
     )
     heads = ((32, 8), (64, 8))
     context = [
@@ -138,7 +139,7 @@ def test_fit_all_recovers_the_timings_of_the_calibration_that_made_them(
     gpu = catalog.gpu(gpu_name)
     truth = catalog.calibration_for(gpu)
     # The dispatch table is a fact of the engine, not a fitted constant: the fit starts from it (as bench/calibrate.py).
-    base = KernelCalibration(gemm_fp8_dispatch=truth.gemm_fp8_dispatch)
+    base = KernelCalibration(gemm_dispatch=truth.gemm_dispatch)
     tables = _kernel_tables(gpu, truth, gemm_dtypes)
     before = _worst_error_pct(tables, gpu, base)
     # Held-out shapes are left out of the fit and still predicted: the model is the one that made the timings.
@@ -309,6 +310,29 @@ def test_the_gpt_oss_mxfp4_kernel_is_told_apart_from_marlin(catalog: Catalog) ->
     # A table without the kernel column (a user's own) times the kernel its dtype names.
     plain = _rows(MOE, [("w4a16_mxfp4", 2880, 2880, 4, 128, 1, 1, "balanced", 8)])
     assert prepare_moe_rows(plain, gpu).kernel.tolist() == ["w4a16_mxfp4"]
+
+
+def test_flashinfer_cutlass_moe_rows_are_a_kernel_of_their_own_on_blackwell(catalog: Catalog) -> None:
+    cutlass = "vllm_compressedtensorsw4a4nvfp4moe_flashinfer_cutlass_flashinferexperts"
+    trtllm = "vllm_compressedtensorsw4a4nvfp4moe_flashinfer_trtllm_trtllmnvfp4expertsmonolithic"
+    assert table_kernel("nvfp4", cutlass, "blackwell") == "nvfp4_cutlass"
+    assert table_kernel("nvfp4", trtllm, "blackwell") == "nvfp4"
+    # On Hopper FlashInfer's CUTLASS MoE is the fp8 kernel the dtype names (the engines' choice there).
+    hopper_fp8 = "vllm_modeloptfp8moe_flashinfer_cutlass_flashinferexperts"
+    assert table_kernel("fp8", hopper_fp8, "hopper") == table_kernel("fp8", hopper_fp8) == "fp8"
+    assert table_kernel("fp8", hopper_fp8, "blackwell") == "fp8_cutlass"
+    with_source = [*MOE[:-1], ("kernel_source", "U80"), MOE[-1]]
+    rows = _rows(with_source, [("nvfp4", 6144, 3072, 4, 128, 1, 1, "balanced", 8, cutlass)])
+    assert prepare_moe_rows(rows, catalog.gpu("b200")).kernel.tolist() == ["nvfp4_cutlass"]
+    # A shape held out at 20% (7168|2048|8|384: CRC32 bucket 97 of 1000) that is the CUTLASS kernel's only one is
+    # trained on; without the architecture the rows count as nvfp4's, whose other shape keeps it held out.
+    shape = [("dtype", "U16"), ("hidden_size", "i8"), ("inter_size", "i8"), ("topk", "i8"), ("num_experts", "i8")]
+    table = np.array(
+        [("nvfp4", 7168, 2048, 8, 384, cutlass), ("nvfp4", 2048, 768, 8, 128, trtllm)],
+        dtype=[*shape, ("kernel_source", "U80")],
+    )
+    assert holdout_mask("moe", table, architecture="blackwell").tolist() == [False, False]
+    assert holdout_mask("moe", table).tolist() == [True, False]
 
 
 def test_a_moe_kernel_timed_on_held_out_shapes_only_is_fitted_on_all_of_them() -> None:

@@ -95,11 +95,11 @@ def test_a_user_dispatch_table_gives_its_architecture_the_tiled_fp8_gemm(tmp_pat
     (tmp_path / "calibration.yaml").write_text(yaml.safe_dump({"ada": {"gemm_tiled_efficiency": {"ada_default": 0.4}}}))
     built_in, extended = load_catalog(), load_catalog((tmp_path,))
     gpu = built_in.gpu("l40s")
-    rule = extended.calibration_for(gpu).gemm_fp8_dispatch["ada"][0]
+    rule = extended.calibration_for(gpu).gemm_dispatch["ada"][0]
     assert (rule.kernel, rule.tile_m, rule.tile_n, rule.cluster_m, rule.m_max) == ("ada_default", 128, 128, 1, math.inf)
     # The built-in hopper and blackwell tables are still there; the L40S fp8 GEMM now takes the tiled model.
-    assert {"hopper", "blackwell", "ada"} <= set(extended.calibration_for(gpu).gemm_fp8_dispatch)
-    assert "ada" not in built_in.calibration_for(gpu).gemm_fp8_dispatch
+    assert {"hopper", "blackwell", "ada"} <= set(extended.calibration_for(gpu).gemm_dispatch)
+    assert "ada" not in built_in.calibration_for(gpu).gemm_dispatch
 
     def time_s(catalog: Any) -> float:
         cal = catalog.calibration_for(gpu)

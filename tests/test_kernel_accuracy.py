@@ -24,6 +24,7 @@ from service.planning.kernels import (
     attention_decode_time_s,
     attention_prefill_time_s,
     collective_time_s,
+    dispatch_key,
     gemm_time_s,
     prefill_chunk_tiles,
     prefill_tile_shape,
@@ -52,9 +53,9 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     },
     "b200": {
         "gemm_bf16": (8.0, 34.0),
-        "gemm_fp8": (10.0, 41.0),
+        "gemm_fp8": (8.0, 39.0),
         "gemm_fp8_block": (11.0, 36.0),
-        "gemm_nvfp4": (11.0, 29.0),
+        "gemm_nvfp4": (9.0, 23.0),
         "attention_prefill": (11.0, 36.0),
         "attention_decode": (10.0, 31.0),
         "all_gather": (12.0, 39.0),
@@ -82,14 +83,17 @@ MOE_BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "mla_bmm": (10.5, 38.0),
     },
     "b200": {
-        "moe_bf16": (12.5, 35.0),
-        "moe_fp8": (11.5, 38.0),
+        "moe_bf16": (10.0, 28.0),
+        "moe_bf16_cutlass": (10.5, 50.0),
+        "moe_fp8": (10.5, 31.0),
+        "moe_fp8_cutlass": (9.5, 29.0),
         "moe_fp8_block": (12.5, 33.0),
         "moe_int4_wo": (9.5, 23.0),
-        "moe_mxfp4_bf16": (10.0, 26.0),
-        "moe_nvfp4": (14.0, 43.0),
+        "moe_mxfp4_bf16": (8.0, 24.0),
+        "moe_nvfp4": (12.5, 36.0),
+        "moe_nvfp4_cutlass": (9.0, 24.0),
         "moe_w4a16_mxfp4": (10.5, 37.0),
-        "moe_w4a8_mxfp4_mxfp8": (17.5, 37.0),
+        "moe_w4a8_mxfp4_mxfp8": (14.0, 29.0),
     },
 }
 PREFIXES = {"h100-sxm": "h100_sxm", "b200": "b200_sxm"}
@@ -155,7 +159,7 @@ def test_the_kernel_fit_reproduces_the_committed_constants_under_rounding_noise(
     # bench/calibrate.py writes anywhere.
     tables = _with_rounding_noise(load_tables(kernel_reference_dir, PREFIXES[gpu_name]))
     gpu = catalog.gpu(gpu_name)
-    fitted = fit_all(tables, gpu, KernelCalibration(gemm_fp8_dispatch=catalog.calibration.gemm_fp8_dispatch))
+    fitted = fit_all(tables, gpu, KernelCalibration(gemm_dispatch=catalog.calibration.gemm_dispatch))
     committed = catalog.calibration_for(gpu)
     assert {"attention_decode_cta_stream_cost", "gemm_launch_s", "attention_prefill_pack_gqa"} <= set(fitted)
     for name, value in fitted.items():
@@ -224,7 +228,10 @@ def test_gemm_time_exact_bf16() -> None:
 
 
 def test_gemm_time_exact_fp8_and_block_scaled() -> None:
-    c = KernelCalibration()
+    # An unfused quantisation path (7 bytes per element) and a block-scaled kernel with its own per-tile k overhead.
+    c = KernelCalibration().with_overrides(
+        {"gemm_quant_bytes_per_element": {"fp8": 7.0}, "gemm_block_scaled_k_overhead_elems": 64.0}
+    )
     gpu = _gpu()
     m, n, k = 300.0, 512.0, 1024.0
     # ceil(300/128)=3 x 4 = 12 tiles: split-k min(floor(100/12)=8, floor(1024/256)=4) = 4 -> 48 CTAs; m padded to 384.
@@ -232,19 +239,20 @@ def test_gemm_time_exact_fp8_and_block_scaled() -> None:
     t_memory = (1024 * 512 * 1 + 300 * 1024 * 1 + 300 * 512 * 2) / (2e12 * c.gemm_bandwidth_efficiency)
     p = c.gemm_blend_power
 
-    def compute(eff: float) -> float:
-        k_over = c.gemm_k_overhead_elems[DType.FP8]
+    def compute(eff: float, k_over: float) -> float:
         return float(2 * 384 * 512 * (1024 + k_over) / (2e15 * eff * occupancy**c.gemm_occupancy_power))
 
-    roof = (compute(c.gemm_peak_efficiency[DType.FP8]) ** p + t_memory**p) ** (1 / p)
+    roof = (compute(c.gemm_peak_efficiency[DType.FP8], c.gemm_k_overhead_elems[DType.FP8]) ** p + t_memory**p) ** (
+        1 / p
+    )
     quant = (
         c.gemm_quant_launch_s[DType.FP8]
         + c.gemm_quant_per_row_s[DType.FP8] * 300
-        + 300 * 1024 * 3 / (2e12 * c.gemm_bandwidth_efficiency)
+        + 300 * 1024 * 7 / (2e12 * c.gemm_bandwidth_efficiency)
     )
     got = float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP8, calibration=c))
     assert got == pytest.approx(roof + c.gemm_launch_s + quant, rel=1e-12)
-    block_roof = (compute(c.gemm_block_scaled_efficiency) ** p + t_memory**p) ** (1 / p)
+    block_roof = (compute(c.gemm_block_scaled_efficiency, 64.0) ** p + t_memory**p) ** (1 / p)
     got_block = float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP8, calibration=c, block_scaled=True))
     assert got_block == pytest.approx(block_roof + c.gemm_launch_s + c.gemm_block_scaled_launch_s, rel=1e-12)
 
@@ -254,7 +262,7 @@ def test_fp8_gemm_time_exact_under_a_dispatch_table() -> None:
         GemmTileRule(kernel="small", m_max=64, tile_m=16, tile_n=64, cluster_m=2),
         GemmTileRule(kernel="big", tile_m=128, tile_n=128, cluster_m=2),
     )
-    c = KernelCalibration(gemm_fp8_dispatch={"hopper": rules}, gemm_tiled_efficiency={"big": 0.5})
+    c = KernelCalibration(gemm_dispatch={"hopper": rules}, gemm_tiled_efficiency={"big": 0.5})
     gpu = _gpu(architecture="hopper")
     p, q = c.gemm_tiled_blend_power, c.gemm_tiled_wave_power
     feed_per_sm = 2e12 * c.gemm_tiled_feed_bandwidth_factor / 100
@@ -291,6 +299,44 @@ def test_fp8_gemm_time_exact_under_a_dispatch_table() -> None:
         assert float(
             gemm_time_s(m, 512.0, 1024.0, gpu=gpu, weight_dtype=DType.FP8, calibration=c, block_scaled=True)
         ) == float(gemm_time_s(m, 512.0, 1024.0, gpu=gpu, weight_dtype=DType.FP8, calibration=plain, block_scaled=True))
+
+
+def test_native_fp4_gemm_takes_its_own_dispatch_table() -> None:
+    fp4_rules = (GemmTileRule(kernel="fp4_tile", tile_m=128, tile_n=128),)
+    fp8_rules = (GemmTileRule(kernel="fp8_tile", tile_m=64, tile_n=64),)
+    c = KernelCalibration(
+        gemm_dispatch={"blackwell": fp8_rules, "blackwell/fp4": fp4_rules},
+        gemm_tiled_efficiency={"fp4_tile": 0.4, "fp8_tile": 0.9},
+    )
+    peaks = {DType.BF16: 1e15, DType.FP8: 2e15, DType.FP4: 4e15}
+    gpu = _gpu(architecture="blackwell", peak_flops_per_s=peaks)
+    p, q = c.gemm_tiled_blend_power, c.gemm_tiled_wave_power
+    bandwidth = 2e12 * c.gemm_tiled_bandwidth_efficiency
+    m, n, k = 300.0, 512.0, 1024.0
+    # ceil(300/128) = 3 x 4 = 12 one-SM blocks on 100 SMs: one partial wave of 0.12.
+    waves = 1**q * 0.12 ** (1 - q)
+    t_mma = 2 * 128 * 128 * k / (4e15 / 100 * 0.4)
+    t_feed = (128 + 128) * k * 0.5625 / (2e12 * c.gemm_tiled_feed_bandwidth_factor / 100)
+    t_compute = waves * (t_mma**p + t_feed**p) ** (1 / p)
+    t_memory = ((m * k + n * k) * 0.5625 + m * n * 2) / bandwidth
+    quant = c.gemm_quant_launch_s[DType.FP4] + c.gemm_quant_per_row_s[DType.FP4] * m + m * k * 2.5 / bandwidth
+    expected = (t_compute**p + t_memory**p) ** (1 / p) + c.gemm_launch_s + quant
+    got = float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP4, calibration=c))
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert dispatch_key("blackwell", DType.FP4) == "blackwell/fp4"
+    assert dispatch_key("blackwell", DType.INT8) == dispatch_key("blackwell", DType.FP8) == "blackwell"
+    # fp8 on the same GPU keeps its own table; fp4 dequantised on a GPU without fp4 tensor cores takes none.
+    no_fp4_table = KernelCalibration(
+        gemm_dispatch={"blackwell": fp8_rules}, gemm_tiled_efficiency=c.gemm_tiled_efficiency
+    )
+    assert float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP8, calibration=c)) == float(
+        gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP8, calibration=no_fp4_table)
+    )
+    assert float(gemm_time_s(m, n, k, gpu=gpu, weight_dtype=DType.FP4, calibration=no_fp4_table)) != got
+    hopper_like = _gpu(architecture="blackwell")
+    assert float(gemm_time_s(m, n, k, gpu=hopper_like, weight_dtype=DType.FP4, calibration=c)) == float(
+        gemm_time_s(m, n, k, gpu=hopper_like, weight_dtype=DType.FP4, calibration=no_fp4_table)
+    )
 
 
 def test_fp4_is_weight_only_without_fp4_tensor_cores() -> None:

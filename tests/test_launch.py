@@ -564,19 +564,35 @@ def after(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-def test_a_marlin_plan_tells_vllm_to_run_marlin_and_notes_it_elsewhere(catalog: Catalog) -> None:
+def _gpt_oss_bundles(catalog: Catalog, moe_backend: str) -> tuple[dict[str, str], str]:
+    """gpt-oss-120b's bundle with ``moe_backend`` and, joined, the bundle without it."""
     layout = {"tp": 2, "pp": 1, "attention_dp": 1, "moe_tp": 2, "moe_ep": 1, "replicas": 1}
     result = {"strategies": [strategy(layout, weight="bf16", experts="mxfp4")]}
-    marlin = {**spec_for("gpt-oss-120b"), "engine_settings": {"moe_backend": "marlin"}}
-    bundle = launch_bundle(marlin, result, catalog=catalog)
+    spec = {**spec_for("gpt-oss-120b"), "engine_settings": {"moe_backend": moe_backend}}
+    default = launch_bundle(spec_for("gpt-oss-120b"), result, catalog=catalog)
+    return launch_bundle(spec, result, catalog=catalog), "".join(default.values())
+
+
+def test_a_marlin_plan_tells_vllm_to_run_marlin_and_notes_it_elsewhere(catalog: Catalog) -> None:
+    bundle, default = _gpt_oss_bundles(catalog, "marlin")
     assert 'export VLLM_MXFP4_USE_MARLIN="1"' in bundle["vllm/serve.sh"]
     assert "VLLM_MXFP4_USE_MARLIN" in bundle["k8s/vllm.yaml"]
     assert "VLLM_MXFP4_USE_MARLIN" not in bundle["sglang/serve.sh"] + bundle["trtllm/serve.sh"]
     for engine in ("sglang", "trtllm"):
         assert f"Marlin kernels (moe_backend: marlin); {engine} runs its own MoE kernels" in bundle["README.md"]
     assert all_problems(bundle) == []
-    default = launch_bundle(spec_for("gpt-oss-120b"), result, catalog=catalog)
-    assert "VLLM_MXFP4_USE_MARLIN" not in "".join(default.values())
+    assert "VLLM_MXFP4_USE_MARLIN" not in default
+
+
+def test_a_flashinfer_cutlass_plan_sets_each_engines_moe_backend(catalog: Catalog) -> None:
+    bundle, default = _gpt_oss_bundles(catalog, "flashinfer_cutlass")
+    assert 'export VLLM_FLASHINFER_MOE_BACKEND="throughput"' in bundle["vllm/serve.sh"]
+    assert "VLLM_FLASHINFER_MOE_BACKEND" in bundle["k8s/vllm.yaml"]
+    assert "--moe-runner-backend flashinfer_cutlass" in bundle["sglang/serve.sh"]
+    assert "moe_config.backend" in bundle["README.md"]
+    assert all_problems(bundle) == []
+    assert "VLLM_FLASHINFER_MOE_BACKEND" not in default
+    assert "--moe-runner-backend" not in default
 
 
 def test_mtp_plan_emits_speculative_decoding_per_engine(catalog: Catalog) -> None:

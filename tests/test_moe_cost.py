@@ -19,6 +19,7 @@ from service.planning.moe_cost import (
     marlin_block_tokens,
     moe_layer_time_s,
     moe_routing_summary,
+    padded_expert_shape,
 )
 from service.planning.specs import DType, GpuSpec
 from tests.specs_for_tests import gpu_spec
@@ -251,3 +252,33 @@ def test_a_marlin_layer_steps_with_its_block() -> None:
     assert layer_s(320.0) == pytest.approx(384 * (32 * 2 * 8 * 128 * 7168 + 56 * 2 * 8 * 128 * 2048) / 1e15, rel=1e-9)
     assert layer_s(384.0) == pytest.approx(2.0 * layer_s(320.0), rel=1e-9)
     assert layer_s(4096.0) == pytest.approx(2.0 * layer_s(3072.0), rel=1e-9)
+
+
+def test_flashinfer_mxfp4_experts_on_blackwell_run_padded_to_256() -> None:
+    # vLLM pads each expert to multiples of 256 for FlashInfer's TRT-LLM MXFP4 kernels on Blackwell: a 3072-wide
+    # expert split 32 ways (96 columns) with hidden 2880 runs as 256 x 3072, the same layer as one given that shape.
+    assert padded_expert_shape("w4a8_mxfp4_mxfp8", "blackwell", 2880.0, 96.0) == (3072.0, 256.0)
+    assert padded_expert_shape("mxfp4_bf16", "blackwell", 3072.0, 1536.0) == (3072.0, 1536.0)
+    assert padded_expert_shape("mxfp4_bf16", "hopper", 2880.0, 96.0) == (2880.0, 96.0)
+    assert padded_expert_shape("nvfp4", "blackwell", 2880.0, 96.0) == (2880.0, 96.0)
+    peaks = {DType.BF16: 1.0e15, DType.FP8: 2.0e15, DType.FP4: 4.0e15, DType.MXFP4: 4.0e15}
+    calibration = MoeCalibration()
+
+    def layer_s(architecture: str, hidden: int, width: float) -> float:
+        return float(
+            moe_layer_time_s(
+                512.0,
+                hidden_size=hidden,
+                expert_width_per_gpu=width,
+                num_experts=128,
+                local_experts=128,
+                topk=4,
+                weight_dtype=DType.MXFP4,
+                gpu=gpu_spec(architecture=architecture, peak_flops_per_s=peaks),
+                calibration=calibration,
+                kernel="w4a8_mxfp4_mxfp8",
+            )
+        )
+
+    assert layer_s("blackwell", 2880, 96.0) == layer_s("blackwell", 3072, 256.0)
+    assert layer_s("hopper", 2880, 96.0) < layer_s("hopper", 3072, 256.0)

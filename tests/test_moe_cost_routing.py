@@ -56,6 +56,9 @@ def test_an_unknown_distribution_or_calibration_field_is_refused() -> None:
         ("h100-sxm", DType.FP4, "marlin", "w4a16_mxfp4"),
         ("h100-sxm", DType.INT4, "marlin", "int4_wo"),
         ("b200", DType.MXFP4, "marlin", "w4a16_mxfp4"),
+        # FlashInfer's CUTLASS fused MoE, where Blackwell's default is its TRT-LLM kernels.
+        ("b200", DType.BF16, "flashinfer_cutlass", "bf16_cutlass"),
+        ("b200", DType.FP4, "flashinfer_cutlass", "nvfp4_cutlass"),
     ],
 )
 def test_expert_kernels_follow_the_dtype_what_the_gpu_runs_and_the_backend(
@@ -70,6 +73,11 @@ def test_a_backend_that_cannot_run_the_experts_is_refused(catalog: Catalog) -> N
         expert_kernel(DType.FP8, gpu, "marlin")
     with pytest.raises(PlanningError, match="unknown MoE backend 'cutlass'; use one of auto, marlin"):
         expert_kernel(DType.MXFP4, gpu, "cutlass")
+    # The CUTLASS backend is priced where the B200 table timed it: bf16 and fp4 experts on Blackwell.
+    with pytest.raises(PlanningError, match=r"not bf16 experts on h100-sxm \(hopper\); use auto"):
+        expert_kernel(DType.BF16, gpu, "flashinfer_cutlass")
+    with pytest.raises(PlanningError, match=r"not fp8 experts on b200 \(blackwell\); use auto"):
+        expert_kernel(DType.FP8, catalog.gpu("b200"), "flashinfer_cutlass")
 
 
 def test_an_expert_parallel_layer_pays_its_kernels_extra_fixed_cost(catalog: Catalog) -> None:

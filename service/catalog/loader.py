@@ -202,7 +202,7 @@ def load_catalog(extra_dirs: tuple[Path, ...] = ()) -> Catalog:
     calibration_raw = raw["calibration"]
     default_fields = calibration_raw.get("default", {}) or {}
     try:
-        dispatch = {"gemm_fp8_dispatch": raw["gemm_dispatch"]} if raw["gemm_dispatch"] else {}
+        dispatch = {"gemm_dispatch": raw["gemm_dispatch"]} if raw["gemm_dispatch"] else {}
         base = KernelCalibration().with_overrides({**dispatch, **default_fields})
         per_gpu = {
             name: base.with_overrides(values or {}) for name, values in calibration_raw.items() if name != "default"

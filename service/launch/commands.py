@@ -9,7 +9,7 @@ from typing import Any
 
 from service.launch.engines import EngineData, engine_data
 from service.launch.plan import DECODE, MTP_CHECKPOINTS, PREFILL, SERVER, LaunchPlan, Pool
-from service.planning.moe_cost import MARLIN_BACKEND
+from service.planning.moe_cost import FLASHINFER_CUTLASS_BACKEND, MARLIN_BACKEND
 from service.planning.specs import SpeculativeDecoding
 
 # Commands are argv token lists. Values known only where a command runs are shell parameter expansions that
@@ -261,6 +261,9 @@ def _vllm_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
     if plan.moe and plan.moe_backend == MARLIN_BACKEND:
         # The plan priced the 4-bit experts as Marlin kernels; vLLM's MXFP4 method picks them only when told to.
         env = (*env, ("VLLM_MXFP4_USE_MARLIN", "1"))
+    if plan.moe and plan.moe_backend == FLASHINFER_CUTLASS_BACKEND:
+        # FlashInfer's "throughput" MoE backend is its CUTLASS fused MoE ("latency" is its TRT-LLM kernels).
+        env = (*env, ("VLLM_FLASHINFER_MOE_BACKEND", "throughput"))
     # Every server drafts, prefill included: a decode worker's drafter continues from what the prefill side
     # computed for the prompt (draft KV, first draft tokens). The planner charges drafting to decode steps only.
     if plan.speculative is not None:
@@ -334,6 +337,8 @@ def _sglang_server(plan: LaunchPlan, pool: Pool) -> ServerCommands:
         ]
     quant, _ = _quantization(plan, "sglang")
     opts += quant
+    if plan.moe and plan.moe_backend == FLASHINFER_CUTLASS_BACKEND:
+        opts.append(("--moe-runner-backend", "flashinfer_cutlass"))
     if plan.kv_dtype == "fp8":
         opts.append(("--kv-cache-dtype", "fp8_e4m3"))
     opts += [
@@ -524,6 +529,11 @@ def engine_launch(plan: LaunchPlan, engine: str) -> EngineLaunch:
     for pool in plan.pools:
         notes += _layout_notes(plan, pool, engine)
     notes += _speculative_notes(plan, engine)
+    if engine == "trtllm" and plan.moe and plan.moe_backend == FLASHINFER_CUTLASS_BACKEND:
+        notes.append(
+            "The plan priced the experts as FlashInfer's CUTLASS fused MoE (moe_backend: flashinfer_cutlass); "
+            "TRT-LLM picks its MoE kernels with moe_config.backend (CUTLASS or TRTLLM), not set by this bundle."
+        )
     if engine != "vllm" and plan.moe and plan.moe_backend == MARLIN_BACKEND:
         notes.append(
             f"The plan priced the experts as vLLM's Marlin kernels (moe_backend: marlin); {engine} runs its own MoE "

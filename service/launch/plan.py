@@ -119,7 +119,8 @@ class LaunchPlan:
     pools: tuple[Pool, ...]
     # The spec's engine_settings.speculative: the drafter every server runs (None: no speculative decoding).
     speculative: SpeculativeDecoding | None = None
-    # The spec's engine_settings.moe_backend: MoE kernels the plan priced ("marlin"), None or "auto": the engine's.
+    # The spec's engine_settings.moe_backend: MoE kernels the plan priced ("marlin", "flashinfer_cutlass"), None or
+    # "auto": the engine's.
     moe_backend: str | None = None
 
     @property

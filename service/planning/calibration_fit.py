@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import least_squares  # type: ignore[import-untyped]
 
 from service.planning.kernel_accuracy import PREDICTORS, measured_s, usable_rows
-from service.planning.kernels import FloatArray, GemmTileRule, KernelCalibration, dispatch_kernels
+from service.planning.kernels import FloatArray, GemmTileRule, KernelCalibration, dispatch_kernels, dispatch_key
 from service.planning.mla_cost import MlaCalibration
 from service.planning.moe_cost import MoeCalibration
 from service.planning.moe_fit import (
@@ -71,7 +71,9 @@ class Fitter:
     fit: Callable[[np.ndarray, GpuSpec, KernelCalibration], dict[str, Any]]
 
 
-def holdout_mask(table: str, rows: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
+def holdout_mask(
+    table: str, rows: np.ndarray, fraction: float = HOLDOUT_FRACTION, *, architecture: str = ""
+) -> np.ndarray:
     """True for rows whose shape is held out of fitting (CRC32 of the shape, so it is the same on any machine).
 
     A MoE expert kernel whose every shape falls in the held-out share keeps them all for fitting: held out, it would
@@ -86,7 +88,9 @@ def holdout_mask(table: str, rows: np.ndarray, fraction: float = HOLDOUT_FRACTIO
     if table == "moe":
         names = rows.dtype.names or ()
         sources = rows["kernel_source"] if "kernel_source" in names else np.full(rows.size, "")
-        kernels = np.array([table_kernel(str(d), str(s)) for d, s in zip(rows["dtype"], sources, strict=True)])
+        kernels = np.array(
+            [table_kernel(str(d), str(s), architecture) for d, s in zip(rows["dtype"], sources, strict=True)]
+        )
         for kernel in np.unique(kernels):
             of_kernel = kernels == kernel
             if held[of_kernel].all():
@@ -233,33 +237,41 @@ def fit_gemm(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[st
     ]
     cal, values = _fit_table("gemm", bf16, gpu, cal, shared)
     out.update(values)
-    rules = cal.gemm_fp8_dispatch.get(gpu.architecture, ())
+    tiled_shared_fitted = False
     for name, dtype in (("fp8", DType.FP8), ("nvfp4", DType.FP4)):
         sel = rows[rows["dtype"] == name]
         if sel.size == 0:
             continue
+        key = dispatch_key(gpu.architecture, dtype)
+        rules = cal.gemm_dispatch.get(key, ())
         quantisation = [
             Param("gemm_quant_launch_s", 1e-7, 5e-5, dtype),
             Param("gemm_quant_per_row_s", 1e-11, 1e-7, dtype),
+            Param("gemm_quant_bytes_per_element", 2.0 + dtype.bytes_per_element, 32.0, dtype),
         ]
         roofline = [
             Param("gemm_peak_efficiency", 0.1, 1.0, dtype),
             Param("gemm_k_overhead_elems", 1.0, 4096.0, dtype),
         ]
-        if dtype is DType.FP8 and rules:
+        if rules:
             tiled = [Param("gemm_tiled_efficiency", 0.05, 1.0, kernel) for kernel in _kernels_used(rules, sel)]
-            tiled += [
-                Param("gemm_tiled_feed_bandwidth_factor", 0.5, 30.0),
-                Param("gemm_tiled_wave_power", 0.01, 1.0),
-                Param("gemm_tiled_blend_power", 1.0, 20.0),
-                Param("gemm_tiled_bandwidth_efficiency", 0.2, 1.0),
-            ]
+            if not tiled_shared_fitted:
+                # The first tiled dtype (fp8 where the table has it) fits the GPU's L2 feed, wave and blend
+                # constants; the other dtype's kernels on the same GPU share them.
+                tiled_shared_fitted = True
+                tiled += [
+                    Param("gemm_tiled_feed_bandwidth_factor", 0.5, 30.0),
+                    Param("gemm_tiled_wave_power", 0.01, 1.0),
+                    Param("gemm_tiled_blend_power", 1.0, 20.0),
+                    Param("gemm_tiled_bandwidth_efficiency", 0.2, 1.0),
+                ]
             cal, values = _fit_table("gemm", sel, gpu, cal, tiled + quantisation)
             out.update(values)
             # The plain roofline stays the fallback for architectures without a dispatch table: fitted on the
             # same rows with the same activation-quantisation costs.
-            untiled, values = _fit_table("gemm", sel, gpu, replace(cal, gemm_fp8_dispatch={}), roofline)
-            cal = replace(untiled, gemm_fp8_dispatch=cal.gemm_fp8_dispatch)
+            untiled_dispatch = {k: v for k, v in cal.gemm_dispatch.items() if k != key}
+            untiled, values = _fit_table("gemm", sel, gpu, replace(cal, gemm_dispatch=untiled_dispatch), roofline)
+            cal = replace(untiled, gemm_dispatch=cal.gemm_dispatch)
         else:
             cal, values = _fit_table("gemm", sel, gpu, cal, roofline + quantisation)
         out.update(values)
@@ -270,13 +282,18 @@ def fit_gemm(rows: np.ndarray, gpu: GpuSpec, base: KernelCalibration) -> dict[st
             "gemm_k_overhead_elems",
             "gemm_quant_launch_s",
             "gemm_quant_per_row_s",
+            "gemm_quant_bytes_per_element",
         ):
             mapping = dict(getattr(cal, field_name))
             mapping[DType.INT8] = mapping[DType.FP8]
             out[field_name] = {str(k): float(v) for k, v in mapping.items()}
     block = rows[rows["dtype"] == "fp8_block"]
     if block.size:
-        params = [Param("gemm_block_scaled_efficiency", 0.1, 1.0), Param("gemm_block_scaled_launch_s", 1e-7, 1e-3)]
+        params = [
+            Param("gemm_block_scaled_efficiency", 0.1, 1.0),
+            Param("gemm_block_scaled_launch_s", 1e-7, 1e-3),
+            Param("gemm_block_scaled_k_overhead_elems", 1.0, 4096.0),
+        ]
         cal, values = _fit_table("gemm", block, gpu, cal, params)
         out.update(values)
     return out
@@ -411,7 +428,7 @@ def fit_all(
         if rows is None or rows.size == 0:
             continue
         if holdout:
-            rows = rows[~holdout_mask(fitter.table, rows)]
+            rows = rows[~holdout_mask(fitter.table, rows, architecture=gpu.architecture)]
         fitted = fitter.fit(rows, gpu, cal)
         values.update(fitted)
         cal = cal.with_overrides(fitted)
@@ -471,7 +488,7 @@ def fit_all_moe(
         if not present:
             continue
         if holdout:
-            present = {t: rows[~holdout_mask(t, rows)] for t, rows in present.items()}
+            present = {t: rows[~holdout_mask(t, rows, architecture=gpu.architecture)] for t, rows in present.items()}
         cal = fitter.fit(present, gpu, cal)
         ran.append(fitter.name)
     return cal, ran

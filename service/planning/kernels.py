@@ -78,13 +78,20 @@ class KernelCalibration:
     gemm_quant_per_row_s: dict[DType, float] = field(
         default_factory=lambda: {DType.FP8: 6.4e-9, DType.INT8: 6.4e-9, DType.FP4: 0.4e-9}
     )
-    # Per-tensor scaled GEMMs (fp8/int8) on an architecture with a dispatch table (catalog gemm_dispatch.yaml: the
-    # engine's CUTLASS kernel per shape, first matching rule wins) run persistent tiles: a cluster of
+    # Bytes the quantisation path moves per activation element: a fused one-pass kernel reads the bf16 value and
+    # writes the quantised one (2 + 1 for fp8); an unfused path (scale, clamp and cast as separate element-wise
+    # kernels, as an engine's native fallback runs it) moves several times that.
+    gemm_quant_bytes_per_element: dict[DType, float] = field(
+        default_factory=lambda: {DType.FP8: 3.0, DType.INT8: 3.0, DType.FP4: 2.5}
+    )
+    # Per-tensor scaled GEMMs (fp8/int8) and native fp4 GEMMs on an architecture with a dispatch table (catalog
+    # gemm_dispatch.yaml, keyed by architecture for fp8/int8 and ``<architecture>/fp4`` for fp4: the engine's kernel
+    # per shape, first matching rule wins) run persistent tiles: a cluster of
     # cluster_m x cluster_n SMs takes a block of tiles, blocks are dealt in waves over the SMs (a partial wave costs
     # ``waves**wave_power x (blocks / slots)**(1 - wave_power)`` of a full one). A tile streams its k loop from L2
     # at ``feed_bandwidth_factor`` x HBM bandwidth shared by the SMs (multicast across the cluster) against its
     # MMAs at the per-SM peak x the kernel's efficiency; HBM bytes at the tiled bandwidth efficiency.
-    gemm_fp8_dispatch: dict[str, tuple[GemmTileRule, ...]] = field(default_factory=dict)
+    gemm_dispatch: dict[str, tuple[GemmTileRule, ...]] = field(default_factory=dict)
     gemm_tiled_efficiency: dict[str, float] = field(default_factory=dict)
     gemm_tiled_feed_bandwidth_factor: float = 3.4
     gemm_tiled_wave_power: float = 0.9
@@ -94,6 +101,7 @@ class KernelCalibration:
     # fixed cost (the reference B200 table timed it eagerly, so it carries the host launch path).
     gemm_block_scaled_efficiency: float = 0.75
     gemm_block_scaled_launch_s: float = 2.0e-5
+    gemm_block_scaled_k_overhead_elems: float = 0.0
     # Weight-only 4-bit GEMMs dequantize in the kernel: their compute roof is the bf16 roof times this.
     weight_only_compute_factor: float = 0.6
     # Prefill attention as FlashAttention-3 runs it (hopper/tile_size.h, heuristics.h): query tiles of tile_m rows
@@ -175,7 +183,7 @@ class KernelCalibration:
         for key, value in overrides.items():
             if key not in known:
                 raise ValueError(f"unknown calibration field {key!r}")
-            if key == "gemm_fp8_dispatch":
+            if key == "gemm_dispatch":
                 value = {str(arch): _tile_rules(rules) for arch, rules in value.items()}
             elif isinstance(getattr(self, key), bool):
                 # A YAML string such as "false" would read as true.
@@ -220,6 +228,11 @@ def _dispatch(
 
     kernels = [r.kernel for r in rules]
     return column("tile_m"), column("tile_n"), column("cluster_m"), column("cluster_n"), kernels, chosen
+
+
+def dispatch_key(architecture: str, math_dtype: DType) -> str:
+    """The gemm_dispatch.yaml key of a scaled GEMM's rules: the architecture for fp8/int8, ``<arch>/fp4`` for fp4."""
+    return architecture if math_dtype in (DType.FP8, DType.INT8) else f"{architecture}/{math_dtype.value}"
 
 
 def dispatch_kernels(
@@ -280,8 +293,8 @@ def gemm_time_s(
     weight_only = weight_dtype in FOUR_BIT_DTYPES and not gpu.runs_natively(weight_dtype)
     math_dtype = DType.BF16 if weight_only else weight_dtype
     scaled = math_dtype is not DType.BF16
-    rules = c.gemm_fp8_dispatch.get(gpu.architecture, ())
-    if rules and not block_scaled and math_dtype in (DType.FP8, DType.INT8):
+    rules = c.gemm_dispatch.get(dispatch_key(gpu.architecture, math_dtype), ()) if not block_scaled else ()
+    if rules and scaled:
         m_b, n_b, k_b = np.broadcast_arrays(m_arr, n_arr, k_arr)
         tiled_bandwidth = gpu.hbm_bandwidth_bytes_per_s * c.gemm_tiled_bandwidth_efficiency
         tiled = tiled_gemm_time_s(m_b, n_b, k_b, gpu=gpu, math_dtype=math_dtype, rules=rules, calibration=c)
@@ -295,7 +308,10 @@ def gemm_time_s(
         eff = c.gemm_peak_efficiency.get(math_dtype, c.gemm_peak_efficiency[DType.BF16])
     if weight_only:
         eff *= c.weight_only_compute_factor
-    k_overhead = c.gemm_k_overhead_elems.get(math_dtype, c.gemm_k_overhead_elems[DType.BF16])
+    if block_scaled:
+        k_overhead = c.gemm_block_scaled_k_overhead_elems
+    else:
+        k_overhead = c.gemm_k_overhead_elems.get(math_dtype, c.gemm_k_overhead_elems[DType.BF16])
     sms = float(gpu.num_sms)
     tile_m = c.gemm_weight_only_tile_m if weight_only else c.gemm_tile_m
     m_tiles = np.ceil(m_arr / tile_m)
@@ -327,7 +343,8 @@ def _quantisation_time_s(
     """The activation-quantisation kernel before a scaled GEMM: launch, per-row scale, bf16 in and quantised out."""
     launch = c.gemm_quant_launch_s.get(math_dtype, 0.0)
     per_row = c.gemm_quant_per_row_s.get(math_dtype, 0.0) * m
-    out: FloatArray = launch + per_row + m * k * (2.0 + math_dtype.bytes_per_element) / bandwidth_bytes_per_s
+    per_element = c.gemm_quant_bytes_per_element.get(math_dtype, 2.0 + math_dtype.bytes_per_element)
+    out: FloatArray = launch + per_row + m * k * per_element / bandwidth_bytes_per_s
     return out
 
 

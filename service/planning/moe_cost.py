@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.planning.kernels import FloatArray
+from service.planning.kernels import FloatArray, Num
 from service.planning.specs import DType, GpuSpec, PlanningError
 
 # Routing skew names as in the kernel tables: balanced (even) or power_law_<exponent> (skewed).
@@ -30,17 +30,34 @@ MOE_ROUTING_HELP = (
     "(an even spread, as an expert balancer such as EPLB aims for) or power_law_1.01 / power_law_1.2 (skewed; "
     "under expert parallelism the busiest GPU sets the layer time)"
 )
-# MoE kernel backends a deployment may force: auto (what the engine picks for the weights and GPU) or marlin,
-# vLLM's weight-only Marlin kernels for 4-bit experts (`VLLM_MXFP4_USE_MARLIN=1`, `--moe-backend marlin`).
+# MoE kernel backends a deployment may force: auto (what the engine picks for the weights and GPU), marlin,
+# vLLM's weight-only Marlin kernels for 4-bit experts (`VLLM_MXFP4_USE_MARLIN=1`, `--moe-backend marlin`), or
+# flashinfer_cutlass, FlashInfer's CUTLASS fused MoE on Blackwell where auto runs FlashInfer's TRT-LLM kernels
+# (vLLM `VLLM_FLASHINFER_MOE_BACKEND=throughput`; the B200 table times both: priced with the TRT-LLM kernels'
+# constants, its CUTLASS rows read 31-49% fast).
 AUTO_BACKEND = "auto"
 MARLIN_BACKEND = "marlin"
-MOE_BACKENDS: tuple[str, ...] = (AUTO_BACKEND, MARLIN_BACKEND)
+FLASHINFER_CUTLASS_BACKEND = "flashinfer_cutlass"
+MOE_BACKENDS: tuple[str, ...] = (AUTO_BACKEND, MARLIN_BACKEND, FLASHINFER_CUTLASS_BACKEND)
 MOE_BACKEND_HELP = (
-    "MoE kernels: auto (default; what the engine picks for the expert dtype and GPU) or marlin (weight-only Marlin "
-    "kernels for 4-bit experts, as vLLM runs with VLLM_MXFP4_USE_MARLIN=1 or --moe-backend marlin)"
+    "MoE kernels: auto (default; what the engine picks for the expert dtype and GPU), marlin (weight-only Marlin "
+    "kernels for 4-bit experts, as vLLM runs with VLLM_MXFP4_USE_MARLIN=1 or --moe-backend marlin) or "
+    "flashinfer_cutlass (FlashInfer's CUTLASS fused MoE for bf16 or fp4 experts on Blackwell, as vLLM runs with "
+    "VLLM_FLASHINFER_MOE_BACKEND=throughput; auto there is FlashInfer's TRT-LLM kernels)"
 )
+# On Blackwell the engines' default fused MoE for these expert kernels is FlashInfer's TRT-LLM kernels; its CUTLASS
+# fused MoE is a kernel of its own (named here), fitted on the B200 table's rows that ran it.
+BLACKWELL_CUTLASS_KERNELS: dict[str, str] = {"bf16": "bf16_cutlass", "fp8": "fp8_cutlass", "nvfp4": "nvfp4_cutlass"}
 # N width (output columns) of one grouped-GEMM CTA tile.
 TILE_N = 128
+# Expert kernels whose weights the engine pads on an architecture, and the multiple: vLLM's MXFP4 MoE method rounds
+# each expert's intermediate size per partition and the hidden size up to 256 for FlashInfer's TRT-LLM MXFP4 kernels
+# on Blackwell (quantization/mxfp4.py create_weights; SGLang's sm100 FlashInfer path the same), and the kernels run
+# the padded shapes: a 3072-wide expert split 32 ways computes 256 columns, not 96.
+PADDED_EXPERT_KERNELS: dict[tuple[str, str], float] = {
+    ("w4a8_mxfp4_mxfp8", "blackwell"): 256.0,
+    ("mxfp4_bf16", "blackwell"): 256.0,
+}
 # Marlin's MoE picks its M block per call (vLLM fused_marlin_moe.py; SGLang's Marlin runner the same): the first of
 # these under which the blocks would be less than 90% full (tokens x top-k / local experts / block < 0.9), else the
 # last. Its layer time steps with that block, not with a fixed tile, so a `kernel_tile_tokens` entry for a Marlin
@@ -371,6 +388,9 @@ KERNELS: dict[str, DType] = {
     "w4a16_mxfp4": DType.BF16,
     "mxfp4_bf16": DType.BF16,
     "w4a8_mxfp4_mxfp8": DType.FP8,
+    "bf16_cutlass": DType.BF16,
+    "fp8_cutlass": DType.FP8,
+    "nvfp4_cutlass": DType.FP4,
 }
 
 
@@ -386,6 +406,14 @@ def expert_kernel(weight_dtype: DType, gpu: GpuSpec, backend: str = AUTO_BACKEND
         raise PlanningError(
             f"the Marlin MoE backend runs 4-bit weight-only experts (mxfp4, fp4, int4), not {weight_dtype.value}"
         )
+    if backend == FLASHINFER_CUTLASS_BACKEND:
+        engine_default = expert_kernel(weight_dtype, gpu)
+        if gpu.architecture != "blackwell" or engine_default not in BLACKWELL_CUTLASS_KERNELS:
+            raise PlanningError(
+                "the flashinfer_cutlass MoE backend is priced for bf16 and fp4 experts on Blackwell GPUs (the B200 "
+                f"kernel table), not {weight_dtype.value} experts on {gpu.name} ({gpu.architecture}); use auto"
+            )
+        return BLACKWELL_CUTLASS_KERNELS[engine_default]
     if weight_dtype is DType.FP8:
         # FP8 MoE checkpoints (DeepSeek, Qwen3, MiniMax) are block-scaled: the engines' block-fp8 path.
         return "fp8_block" if gpu.runs_natively(DType.FP8) else "int4_wo"
@@ -399,6 +427,14 @@ def expert_kernel(weight_dtype: DType, gpu: GpuSpec, backend: str = AUTO_BACKEND
     if weight_dtype is DType.INT4:
         return "int4_wo"
     return "bf16"
+
+
+def padded_expert_shape(kernel: str, architecture: str, hidden_size: Num, expert_width: Num) -> tuple[Num, Num]:
+    """(hidden size, expert width per GPU) as the kernel runs them: padded where the engine pads the weights."""
+    multiple = PADDED_EXPERT_KERNELS.get((kernel, architecture))
+    if multiple is None:
+        return hidden_size, expert_width
+    return np.ceil(hidden_size / multiple) * multiple, np.ceil(expert_width / multiple) * multiple
 
 
 def kernel_efficiencies(kernel: str, calibration: MoeCalibration) -> tuple[float, float]:
@@ -441,11 +477,12 @@ def moe_layer_time_s(
         distribution=distribution,
     )
     compute_eff, bandwidth_eff = kernel_efficiencies(name, calibration)
+    hidden, width = padded_expert_shape(name, gpu.architecture, float(hidden_size), float(expert_width_per_gpu))
     return moe_time_from_routing_s(
         n,
         routing,
-        hidden_size=hidden_size,
-        expert_width_per_gpu=expert_width_per_gpu,
+        hidden_size=hidden,
+        expert_width_per_gpu=width,
         weight_bytes_per_element=weight_dtype.bytes_per_element,
         peak_flops_per_s=gpu.peak_for(KERNELS[name]),
         compute_efficiency=compute_eff,

@@ -13,6 +13,7 @@ from scipy.optimize import least_squares  # type: ignore[import-untyped]
 from service.planning.kernels import FloatArray
 from service.planning.mla_cost import MlaCalibration, mla_bmm_time_s, mla_decode_time_s, mla_prefill_time_s
 from service.planning.moe_cost import (
+    BLACKWELL_CUTLASS_KERNELS,
     KERNELS,
     MARLIN_KERNELS,
     KernelConstants,
@@ -23,6 +24,7 @@ from service.planning.moe_cost import (
     marlin_block_tokens,
     moe_routing_summary,
     moe_time_from_routing_s,
+    padded_expert_shape,
 )
 from service.planning.specs import DType, GpuSpec
 
@@ -36,6 +38,9 @@ KERNEL_WEIGHT_DTYPES: dict[str, DType] = {
     "w4a16_mxfp4": DType.MXFP4,
     "mxfp4_bf16": DType.MXFP4,
     "w4a8_mxfp4_mxfp8": DType.MXFP4,
+    "bf16_cutlass": DType.BF16,
+    "fp8_cutlass": DType.FP8,
+    "nvfp4_cutlass": DType.FP4,
 }
 # The tables file two kernels under dtype w4a16_mxfp4: Marlin (compressed-tensors MXFP4 checkpoints) and vLLM's
 # gpt-oss MXFP4 method (OpenAI Triton on H100, FlashInfer TRT-LLM mxfp4 x bf16 on B200), which run at different
@@ -43,10 +48,17 @@ KERNEL_WEIGHT_DTYPES: dict[str, DType] = {
 GPT_OSS_MXFP4_SOURCE = "gptossmxfp4"
 
 
-def table_kernel(dtype: str, kernel_source: str) -> str:
-    """The expert kernel a MoE table row timed."""
+# The source of FlashInfer's CUTLASS fused MoE; on Blackwell it is not the engines' default kernel (see
+# moe_cost.BLACKWELL_CUTLASS_KERNELS), on Hopper it is the fp8 kernel the table's dtype names.
+FLASHINFER_CUTLASS_SOURCE = "flashinfer_cutlass"
+
+
+def table_kernel(dtype: str, kernel_source: str, architecture: str = "") -> str:
+    """The expert kernel a MoE table row timed (on a GPU of ``architecture``)."""
     if dtype == "w4a16_mxfp4" and GPT_OSS_MXFP4_SOURCE in kernel_source:
         return "mxfp4_bf16"
+    if architecture == "blackwell" and FLASHINFER_CUTLASS_SOURCE in kernel_source:
+        return BLACKWELL_CUTLASS_KERNELS.get(dtype, dtype)
     return dtype
 
 
@@ -144,16 +156,21 @@ def prepare_moe_rows(columns: Columns, gpu: GpuSpec) -> MoeRows:
     sources = (
         np.asarray(columns["kernel_source"]).astype(str) if "kernel_source" in present else np.full(dtypes.size, "")
     )
-    names = np.array([table_kernel(d, k) for d, k in zip(dtypes, sources, strict=True)])
+    names = np.array([table_kernel(d, k, gpu.architecture) for d, k in zip(dtypes, sources, strict=True)])
     shape = zip(columns["hidden_size"], columns["inter_size"], columns["topk"], columns["num_experts"], strict=True)
+    hidden = columns["hidden_size"].astype(np.float64)
+    width = columns["inter_size"].astype(np.float64) / columns["moe_tp_size"].astype(np.float64)
+    for name in np.unique(names):
+        sel = names == name
+        hidden[sel], width[sel] = padded_expert_shape(str(name), gpu.architecture, hidden[sel], width[sel])
     return MoeRows(
         tokens=columns["num_tokens"].astype(np.float64),
         experts=columns["num_experts"].astype(np.int64),
         ep=columns["moe_ep_size"].astype(np.int64),
         topk=columns["topk"].astype(np.float64),
         distribution=np.asarray(columns["distribution"]).astype(str),
-        hidden=columns["hidden_size"].astype(np.float64),
-        width=columns["inter_size"].astype(np.float64) / columns["moe_tp_size"].astype(np.float64),
+        hidden=hidden,
+        width=width,
         gated=np.array([(int(h), int(w), int(k), int(e)) not in NON_GATED_SHAPES for h, w, k, e in shape]),
         weight_bytes=np.array([KERNEL_WEIGHT_DTYPES[n].bytes_per_element for n in names]),
         kernel=names,

@@ -56,7 +56,7 @@ MAX_GPU_PRICE_PER_HOUR = 10_000.0
 # How the router spreads served tokens over a MoE model's experts (service/planning/moe_cost.py SERVED_ROUTINGS).
 MoeRouting = Literal["random", "balanced", "power_law_1.01", "power_law_1.2"]
 # MoE kernels a deployment may force (service/planning/moe_cost.py MOE_BACKENDS).
-MoeBackend = Literal["auto", "marlin"]
+MoeBackend = Literal["auto", "marlin", "flashinfer_cutlass"]
 
 
 T = TypeVar("T")
